@@ -1,0 +1,178 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+``twistd aoe``: the command line of the AoE target and the service it builds.
+
+Options are checked here, in ``Options``, so that every bad value stops
+``twistd`` with one line naming the option; backends are opened in
+``makeService``, before ``twistd`` drops privileges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import frozen
+from twisted.application import service
+from twisted.python import usage
+
+from aoe_twisted.wire import BROADCAST_MAJOR, BROADCAST_MINOR, MAX_CONFIG_STRING, parse_mac
+
+__all__ = ["Options", "TargetSpec", "makeService"]
+
+_MAX_BUFFER_COUNT = 0xFFFF
+
+
+@frozen
+class TargetSpec:
+    """One target the command line asks for: its address and its ``SCHEME:SPEC`` backend."""
+
+    shelf: int
+    slot: int
+    backend: str
+
+
+def _int_in(option: str, text: str, low: int, high: int) -> int:
+    """Parse ``text`` as an integer in ``[low, high]``, or fail naming ``option``."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise usage.UsageError(f"--{option}: not a number: {text!r}") from None
+    if not low <= value <= high:
+        raise usage.UsageError(f"--{option}: must be {low}..{high}, not {value}")
+    return value
+
+
+def parse_target(text: str) -> TargetSpec:
+    """Parse ``SHELF.SLOT=SCHEME:SPEC`` as given to ``--target``."""
+    address, sep, backend = text.partition("=")
+    shelf, dot, slot = address.partition(".")
+    if not sep or not dot or not backend:
+        raise usage.UsageError(f"--target: expected SHELF.SLOT=SCHEME:SPEC, not {text!r}")
+    return TargetSpec(
+        _int_in("target shelf", shelf, 0, BROADCAST_MAJOR - 1),
+        _int_in("target slot", slot, 0, BROADCAST_MINOR - 1),
+        backend,
+    )
+
+
+class Options(usage.Options):
+    """The options of ``twistd aoe``."""
+
+    synopsis = "[options] --iface IFACE (--backend SCHEME:SPEC | --target S.N=SCHEME:SPEC ...)"
+    longdesc = (
+        "Export disks as ATA over Ethernet (AoEr11) targets on one Ethernet "
+        "interface. Needs CAP_NET_RAW. Example: "
+        "twistd -n aoe --iface eth0 --backend file:disk.img"
+    )
+
+    optFlags = [
+        ["read-only", "r", "Export every target read-only: writes are refused with ATA ABRT."],
+        ["help-backends", None, "List the installed backend schemes and exit."],
+    ]
+    optParameters = [
+        ["iface", "i", None, "The Ethernet interface to serve on (required)."],
+        ["backend", "b", None, "The disk of the target SHELF.SLOT, as SCHEME:SPEC "
+         "(e.g. file:disk.img, memory:64M, block:/dev/sdb)."],
+        ["shelf", "s", "0", "The shelf (major) address of --backend, 0..65534."],
+        ["slot", "l", "0", "The slot (minor) address of --backend, 0..254."],
+        ["config-string", "c", None, "The initial config string of every target "
+         "(at most 1024 bytes)."],
+        ["buffer-count", None, "16", "Requests each target accepts in flight (1..65535), "
+         "advertised in config replies."],
+        ["max-sectors", None, None, "Cap the sectors per ATA command below what the MTU allows "
+         "(1..255)."],
+    ]
+    compData = usage.Completions(
+        optActions={"iface": usage.CompleteNetInterfaces()},
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["masks"] = []
+        self["targets"] = []
+
+    def opt_mask(self, mac: str) -> None:
+        """Allow only this MAC address (repeatable): starts the target with a MAC mask list."""
+        try:
+            self["masks"].append(parse_mac(mac))
+        except ValueError as e:
+            raise usage.UsageError(f"--mask: {e}") from None
+
+    def opt_target(self, text: str) -> None:
+        """Serve another target, as SHELF.SLOT=SCHEME:SPEC (repeatable)."""
+        self["targets"].append(parse_target(text))
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, turning any usage error into a one-line exit naming the option."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd aoe: {e}") from None
+
+    def postOptions(self) -> None:
+        """Check and convert the options, and gather the targets to serve."""
+        if self["help-backends"]:
+            from aoe_twisted.backendspec import backends_help
+
+            print(backends_help())
+            raise SystemExit(0)
+        if not self["iface"]:
+            raise usage.UsageError("--iface: required (the Ethernet interface to serve on)")
+        self["shelf"] = _int_in("shelf", self["shelf"], 0, BROADCAST_MAJOR - 1)
+        self["slot"] = _int_in("slot", self["slot"], 0, BROADCAST_MINOR - 1)
+        self["buffer-count"] = _int_in("buffer-count", self["buffer-count"], 1, _MAX_BUFFER_COUNT)
+        if self["max-sectors"] is not None:
+            self["max-sectors"] = _int_in("max-sectors", self["max-sectors"], 1, 255)
+        config = self["config-string"]
+        if config is not None:
+            encoded = config.encode("utf-8", "surrogateescape")
+            if len(encoded) > MAX_CONFIG_STRING:
+                raise usage.UsageError(
+                    f"--config-string: {len(encoded)} bytes, at most {MAX_CONFIG_STRING}"
+                )
+            self["config-string"] = encoded
+        targets: list[TargetSpec] = list(self["targets"])
+        if self["backend"]:
+            targets.insert(0, TargetSpec(self["shelf"], self["slot"], self["backend"]))
+        if not targets:
+            raise usage.UsageError("--backend: required (or one or more --target)")
+        seen: set[tuple[int, int]] = set()
+        for spec in targets:
+            address = (spec.shelf, spec.slot)
+            if address in seen:
+                raise usage.UsageError(f"--target: e{spec.shelf}.{spec.slot} is given twice")
+            seen.add(address)
+        self["targets"] = targets
+
+
+def makeService(options: Options | dict[str, Any]) -> service.IService:
+    """Open every target's backend and return the service that serves them."""
+    from aoe_twisted.acl import MemoryACLStore
+    from aoe_twisted.backendspec import open_backend
+    from aoe_twisted.errors import BackendSpecError
+    from aoe_twisted.server import AoEService
+    from aoe_twisted.target import Target
+
+    targets = []
+    try:
+        for spec in options["targets"]:
+            backend = open_backend(spec.backend, read_only=bool(options["read-only"]))
+            acl = MemoryACLStore()
+            if options["config-string"]:
+                acl.set_config_string(options["config-string"])
+            if options["masks"]:
+                acl.set_mask_list(tuple(options["masks"]))
+            targets.append(
+                Target(
+                    spec.shelf,
+                    spec.slot,
+                    backend,
+                    acl=acl,
+                    buffer_count=options["buffer-count"],
+                )
+            )
+    except BackendSpecError as e:
+        for target in targets:
+            target.backend.close()
+        raise SystemExit(f"twistd aoe: --backend {spec.backend}: {e}") from None
+    return AoEService(options["iface"], targets, max_sectors=options["max-sectors"])
