@@ -112,9 +112,9 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         """Check and convert the options, and gather the targets to serve."""
         if self["help-backends"]:
-            from aoe_twisted.backendspec import backends_help
+            from aoe_twisted.backendspec import format_backend_help
 
-            print(backends_help())
+            print(format_backend_help())
             raise SystemExit(0)
         if not self["iface"]:
             raise usage.UsageError("--iface: required (the Ethernet interface to serve on)")

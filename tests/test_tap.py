@@ -1,0 +1,154 @@
+# -*- test-case-name: tests.test_tap -*-
+"""Tests for ``twistd aoe``'s options, plugin registration and service construction."""
+
+from __future__ import annotations
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin, getPlugins
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from aoe_twisted.tap import Options, TargetSpec, makeService
+
+
+def parse(*argv: str) -> Options:
+    """Parse ``argv`` as ``twistd aoe`` would."""
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    """``Options`` turns a command line into targets, or one line naming the bad option."""
+
+    def assertExitNames(self, argv: list[str], option: str) -> str:
+        """Parsing ``argv`` exits with a one-line message that names ``option``."""
+        with self.assertRaises(SystemExit) as caught:
+            parse(*argv)
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith("twistd aoe: "), message)
+        self.assertIn(option, message)
+        return message
+
+    def test_defaults(self) -> None:
+        """With only --iface and --backend the target is e0.0 with buffer count 16."""
+        options = parse("--iface", "eth0", "--backend", "memory:1M")
+        self.assertEqual(options["targets"], [TargetSpec(0, 0, "memory:1M")])
+        self.assertEqual(options["buffer-count"], 16)
+        self.assertIsNone(options["max-sectors"])
+        self.assertFalse(options["read-only"])
+        self.assertEqual(options["masks"], [])
+
+    def test_shelf_slot(self) -> None:
+        """--shelf and --slot address the --backend target."""
+        options = parse("-i", "eth0", "-b", "file:x.img", "--shelf", "7", "--slot", "3")
+        self.assertEqual(options["targets"], [TargetSpec(7, 3, "file:x.img")])
+
+    def test_several_targets(self) -> None:
+        """--target repeats, after the --backend target, each with its own address."""
+        options = parse(
+            "-i", "eth0", "-b", "memory:1M",
+            "--target", "1.2=memory:2M", "--target", "0x10.0=file:/tmp/d.img",
+        )
+        self.assertEqual(
+            options["targets"],
+            [
+                TargetSpec(0, 0, "memory:1M"),
+                TargetSpec(1, 2, "memory:2M"),
+                TargetSpec(16, 0, "file:/tmp/d.img"),
+            ],
+        )
+
+    def test_targets_without_backend(self) -> None:
+        """--target alone is enough; no e0.0 is added."""
+        options = parse("-i", "eth0", "--target", "3.4=memory:1M")
+        self.assertEqual(options["targets"], [TargetSpec(3, 4, "memory:1M")])
+
+    def test_masks(self) -> None:
+        """--mask repeats and accepts MACs with or without separators."""
+        options = parse(
+            "-i", "eth0", "-b", "memory:1M", "--mask", "52:54:00:ae:00:01", "--mask", "525400ae0002"
+        )
+        self.assertEqual(
+            options["masks"], [bytes.fromhex("525400ae0001"), bytes.fromhex("525400ae0002")]
+        )
+
+    def test_config_string(self) -> None:
+        """--config-string becomes bytes."""
+        options = parse("-i", "eth0", "-b", "memory:1M", "--config-string", "hello")
+        self.assertEqual(options["config-string"], b"hello")
+
+    def test_bad_values_name_the_option(self) -> None:
+        """Every bad value exits with one line that names the option."""
+        base = ["-i", "eth0", "-b", "memory:1M"]
+        cases = [
+            (["-b", "memory:1M"], "--iface"),
+            (["-i", "eth0"], "--backend"),
+            ([*base, "--shelf", "x"], "--shelf"),
+            ([*base, "--shelf", "65535"], "--shelf"),
+            ([*base, "--slot", "255"], "--slot"),
+            ([*base, "--slot", "-1"], "--slot"),
+            ([*base, "--buffer-count", "0"], "--buffer-count"),
+            ([*base, "--max-sectors", "256"], "--max-sectors"),
+            ([*base, "--mask", "zz:zz"], "--mask"),
+            ([*base, "--config-string", "x" * 1025], "--config-string"),
+            ([*base, "--target", "1.2"], "--target"),
+            ([*base, "--target", "1=memory:1M"], "--target"),
+            ([*base, "--target", "0.0=memory:1M"], "--target"),
+            ([*base, "--target", "1.255=memory:1M"], "--target"),
+            ([*base, "--bogus"], "bogus"),
+        ]
+        for argv, option in cases:
+            with self.subTest(argv=argv):
+                self.assertExitNames(argv, option)
+
+
+class PluginTests(SynchronousTestCase):
+    """The ``aoe`` twistd plugin is installed and declares the tap module."""
+
+    def test_found(self) -> None:
+        """getPlugins(IServiceMaker) yields exactly one plugin named 'aoe'."""
+        makers = [m for m in getPlugins(IServiceMaker) if m.tapname == "aoe"]
+        self.assertEqual(len(makers), 1)
+        verifyObject(IServiceMaker, makers[0])
+        verifyObject(IPlugin, makers[0])
+        self.assertIs(makers[0].options, Options)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """``makeService`` opens the backends or exits with one line naming the bad one."""
+
+    def test_bad_backend_exits(self) -> None:
+        """An unknown scheme exits with a line naming the --backend value."""
+        options = parse("-i", "eth0", "-b", "nosuch:thing")
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options)
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertIn("--backend nosuch:thing", message)
+
+    def test_missing_file_exits(self) -> None:
+        """A file: backend whose file is missing exits naming the path."""
+        path = self.mktemp()
+        options = parse("-i", "eth0", "-b", f"file:{path}")
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options)
+        self.assertIn(path, str(caught.exception.code))
+
+    def test_builds_targets(self) -> None:
+        """Each target gets its address, buffer count, config string and mask list."""
+        options = parse(
+            "-i", "eth0", "-b", "memory:1M", "--target", "2.3=memory:2M",
+            "--buffer-count", "32", "--config-string", "cfg", "--mask", "02:00:00:00:00:01",
+            "--read-only",
+        )
+        service = makeService(options)
+        targets = service.targets
+        self.assertEqual([(t.shelf, t.slot) for t in targets], [(0, 0), (2, 3)])
+        self.assertEqual([t.backend.size for t in targets], [1 << 20, 2 << 20])
+        for target in targets:
+            self.assertEqual(target.buffer_count, 32)
+            self.assertTrue(target.backend.read_only)
+            self.assertEqual(target.acl.config_string, b"cfg")
+            self.assertEqual(target.acl.mask_list, (bytes.fromhex("020000000001"),))
