@@ -1,0 +1,68 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+The ``IBackendFactory`` plugins for the built-in backends.
+
+``twisted/plugins/aoe_twisted_backends.py`` instantiates these, so this module
+is imported whenever Twisted scans for plugins: it imports nothing heavier
+than the interfaces, and each ``open`` imports its backend module.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from aoe_twisted.interfaces import IBackendFactory
+
+if TYPE_CHECKING:
+    from aoe_twisted.interfaces import IBlockBackend
+
+__all__ = ["BlockDeviceBackendFactory", "FileBackendFactory", "MemoryBackendFactory"]
+
+
+@implementer(IBackendFactory, IPlugin)
+class MemoryBackendFactory:
+    """Opens ``memory:SIZE``, e.g. ``memory:64M``."""
+
+    scheme = "memory"
+    spec_format = "SIZE"
+    description = "a disk in RAM, zeros at start, lost at exit; SIZE e.g. 64M, 2G, 1048576"
+
+    def open(self, spec: str, read_only: bool = False) -> IBlockBackend:
+        """Return a zero-filled ``MemoryBackend`` of the size ``spec`` names."""
+        from aoe_twisted.backends.memory import MemoryBackend
+        from aoe_twisted.units import parse_size
+
+        return MemoryBackend(parse_size(spec), read_only=read_only)
+
+
+@implementer(IBackendFactory, IPlugin)
+class FileBackendFactory:
+    """Opens ``file:PATH``, e.g. ``file:/srv/aoe/disk0.img``."""
+
+    scheme = "file"
+    spec_format = "PATH"
+    description = "a disk image in a regular file, a whole multiple of 512 bytes long"
+
+    def open(self, spec: str, read_only: bool = False) -> IBlockBackend:
+        """Return a ``FileBackend`` on the file at ``spec``."""
+        from aoe_twisted.backends.file import FileBackend
+
+        return FileBackend.open(spec, read_only=read_only)
+
+
+@implementer(IBackendFactory, IPlugin)
+class BlockDeviceBackendFactory:
+    """Opens ``block:/dev/XXX``, e.g. ``block:/dev/vg0/aoe0``."""
+
+    scheme = "block"
+    spec_format = "/dev/XXX"
+    description = "a block device (disk, partition, LVM volume, loop device)"
+
+    def open(self, spec: str, read_only: bool = False) -> IBlockBackend:
+        """Return a ``BlockDeviceBackend`` on the device at ``spec``."""
+        from aoe_twisted.backends.block import BlockDeviceBackend
+
+        return BlockDeviceBackend.open(spec, read_only=read_only)

@@ -1,0 +1,41 @@
+# -*- test-case-name: tests.test_backends -*-
+"""``file:PATH``: a disk image in a regular file."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import ClassVar
+
+from attrs import define
+from zope.interface import implementer
+
+from aoe_twisted.backends._fd import FDBackend
+from aoe_twisted.interfaces import IBlockBackend
+
+__all__ = ["FileBackend"]
+
+
+@implementer(IBlockBackend)
+@define
+class FileBackend(FDBackend):
+    """
+    A regular file served as a disk; its size is the file's size.
+
+    Open it with ``FileBackend.open(path, read_only=False)``.  Writes reach
+    the page cache when ``write`` returns; ``flush`` is ``fsync``.
+    """
+
+    kind: ClassVar[str] = "file"
+
+    @classmethod
+    def _check_type(cls, path: str, mode: int) -> str | None:
+        if stat.S_ISREG(mode):
+            return None
+        if stat.S_ISBLK(mode):
+            return f"not a regular file (serve it with block:{path})"
+        return "not a regular file"
+
+    @classmethod
+    def _measure(cls, fd: int) -> int:
+        return os.fstat(fd).st_size

@@ -1,0 +1,66 @@
+# -*- test-case-name: tests.test_backends -*-
+"""``memory:SIZE``: a disk held in a ``bytearray``, lost when the target stops."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from attrs import define, field
+from zope.interface import implementer
+
+from aoe_twisted.backends._range import check_range
+from aoe_twisted.errors import BackendSpecError
+from aoe_twisted.interfaces import IBlockBackend
+from aoe_twisted.units import check_disk_size
+
+__all__ = ["MemoryBackend"]
+
+
+@implementer(IBlockBackend)
+@define
+class MemoryBackend:
+    """
+    A disk of ``size`` bytes in memory, all zeros at first.
+
+    Reads copy once (into the returned ``bytes``); writes copy straight into
+    the buffer through a ``memoryview``.
+    """
+
+    size: int = field()
+    read_only: bool = False
+    _view: memoryview = field(init=False, repr=False)
+
+    @size.validator
+    def _check_size(self, attribute: object, size: int) -> None:
+        check_disk_size(size, "memory disk")
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            buffer = bytearray(self.size)
+        except MemoryError:
+            raise BackendSpecError(f"memory disk: cannot allocate {self.size} bytes") from None
+        self._view = memoryview(buffer)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes from byte ``offset``."""
+        check_range(offset, length, self.size)
+        return self._view[offset : offset + length].tobytes()
+
+    def write(self, offset: int, data: bytes) -> None:
+        """
+        Store ``data`` at byte ``offset``.
+
+        @raise OSError: ``EROFS`` if the disk is read-only.
+        """
+        if self.read_only:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), "memory disk")
+        check_range(offset, len(data), self.size)
+        self._view[offset : offset + len(data)] = data
+
+    def flush(self) -> None:
+        """Do nothing: memory is as durable as this disk gets."""
+
+    def close(self) -> None:
+        """Release the buffer; reads and writes fail afterwards."""
+        self._view.release()

@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+``--backend SCHEME:SPEC``: find the backend plugins and open the one named.
+
+Modeled on ``twisted.cred.strcred``: every installed ``IBackendFactory``
+plugin owns one scheme, and the text after the first colon is handed to its
+``open``.  ``package`` arguments default to ``twisted.plugins``; tests pass
+another plugin package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+
+from twisted.plugin import getPlugins
+
+from aoe_twisted.errors import BackendSpecError, UnknownBackendScheme
+from aoe_twisted.interfaces import IBackendFactory, IBlockBackend
+
+__all__ = ["find_backend_factories", "format_backend_help", "open_backend"]
+
+
+def find_backend_factories(package: ModuleType | None = None) -> dict[str, IBackendFactory]:
+    """
+    Return every installed backend plugin, keyed by its scheme.
+
+    @param package: the plugin package to scan; ``None`` means
+        ``twisted.plugins``.  If two plugins claim one scheme, one of them wins.
+    """
+    return {factory.scheme: factory for factory in getPlugins(IBackendFactory, package)}
+
+
+def open_backend(
+    description: str, read_only: bool = False, package: ModuleType | None = None
+) -> IBlockBackend:
+    """
+    Open the backend that ``description`` (``SCHEME:SPEC``) names.
+
+    The scheme is the text before the first colon, the spec everything after
+    it, so ``file:/srv/a:b.img`` opens the file ``/srv/a:b.img``.
+
+    @param read_only: open the disk so that it refuses writes.
+    @param package: passed to ``find_backend_factories``.
+    @raise UnknownBackendScheme: if no plugin has the scheme; the message
+        lists the installed schemes.
+    @raise BackendSpecError: if ``description`` is not ``SCHEME:SPEC`` or the
+        plugin cannot open the spec.
+    """
+    scheme, colon, spec = description.partition(":")
+    if not (scheme and colon):
+        raise BackendSpecError(
+            f"backend {description!r} is not of the form SCHEME:SPEC, e.g. file:disk.img"
+        )
+    if not spec:
+        raise BackendSpecError(
+            f"backend {description!r} has nothing after the colon; expected SCHEME:SPEC, "
+            "e.g. file:disk.img"
+        )
+    factories = find_backend_factories(package)
+    try:
+        factory = factories[scheme]
+    except KeyError:
+        installed = ", ".join(sorted(factories)) or "none"
+        raise UnknownBackendScheme(
+            f"unknown backend scheme {scheme!r} in {description!r}; installed schemes: {installed}"
+        ) from None
+    return factory.open(spec, read_only=read_only)
+
+
+def format_backend_help(factories: Mapping[str, IBackendFactory] | None = None) -> str:
+    """
+    Return the ``--help-backends`` text: one ``scheme:FORMAT  description`` line per scheme.
+
+    Lines are sorted by scheme, descriptions aligned, and there is no
+    trailing newline.
+
+    @param factories: the plugins to describe; ``None`` means
+        ``find_backend_factories()``.
+    """
+    if factories is None:
+        factories = find_backend_factories()
+    usages = {scheme: f"{scheme}:{factory.spec_format}" for scheme, factory in factories.items()}
+    width = max(map(len, usages.values()), default=0)
+    return "\n".join(
+        f"{usages[scheme]:<{width}}  {factories[scheme].description}"
+        for scheme in sorted(factories)
+    )

@@ -1,0 +1,652 @@
+"""
+Tests for the disk backends, size parsing and ``--backend`` plugin discovery.
+
+One contract suite (``_BackendContractMixin``) runs over every built-in
+``IBlockBackend``: memory, a file image and a real block device (a loop
+device, when the tests run as root).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.trial.reporter import TestResult
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+import twisted
+import twisted.plugins
+from aoe_twisted.backends.block import BlockDeviceBackend
+from aoe_twisted.backends.file import FileBackend
+from aoe_twisted.backends.memory import MemoryBackend
+from aoe_twisted.backendspec import find_backend_factories, format_backend_help, open_backend
+from aoe_twisted.errors import BackendSpecError, UnknownBackendScheme
+from aoe_twisted.interfaces import IBackendFactory, IBlockBackend
+from aoe_twisted.units import SECTOR_SIZE, parse_size
+from tests.plugintools import TEST_PLUGINS, use_test_plugins
+
+if TYPE_CHECKING:
+    _TestCaseBase = SynchronousTestCase
+else:
+    _TestCaseBase = object
+
+SIZE = 256 * SECTOR_SIZE
+"""The size of every disk the contract tests make: 128 KiB."""
+
+LAST = SIZE - SECTOR_SIZE
+"""The byte offset of the last sector."""
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _sector(fill: int) -> bytes:
+    """Return one sector of recognisable, non-zero bytes."""
+    return bytes((fill + i) % 251 + 1 for i in range(SECTOR_SIZE))
+
+
+def _make_image(case: SynchronousTestCase, size: int = SIZE) -> str:
+    """Create a zero-filled image file of ``size`` bytes in the test's temp directory."""
+    path = case.mktemp()
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _losetup(case: SynchronousTestCase, image: str, *options: str) -> str:
+    """
+    Attach ``image`` to a free loop device until ``case`` ends; return the device.
+
+    @raise SkipTest: if we are not root or ``losetup`` is missing or fails.
+    """
+    if os.geteuid() != 0:
+        raise SkipTest("loop devices need root: run the tests as root to test block devices")
+    losetup = shutil.which("losetup") or shutil.which("/usr/sbin/losetup")
+    if losetup is None:
+        raise SkipTest("losetup (util-linux) is not installed")
+    result = subprocess.run(
+        [losetup, *options, "--find", "--show", image],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SkipTest(f"losetup could not attach a loop device: {result.stderr.strip()}")
+    device = result.stdout.strip()
+    case.addCleanup(subprocess.run, [losetup, "--detach", device], check=False)
+    return device
+
+
+class _BackendContractMixin(_TestCaseBase):
+    """
+    The ``IBlockBackend`` behaviour every backend shares.
+
+    Subclasses implement ``make_backend``, which returns a disk of ``SIZE``
+    bytes, all zeros unless a test wrote to it earlier.
+    """
+
+    def make_backend(self, read_only: bool = False) -> IBlockBackend:
+        """Open a backend of ``SIZE`` bytes; see the class docstring."""
+        raise NotImplementedError
+
+    def backend(self, read_only: bool = False) -> IBlockBackend:
+        """Return ``make_backend(read_only)``, closed when the test ends."""
+        backend = self.make_backend(read_only)
+        self.addCleanup(backend.close)
+        return backend
+
+    def test_provides_interface(self) -> None:
+        """The backend, read-write or read-only, provides ``IBlockBackend``."""
+        self.assertTrue(verifyObject(IBlockBackend, self.backend()))
+        self.assertTrue(verifyObject(IBlockBackend, self.backend(read_only=True)))
+
+    def test_size(self) -> None:
+        """``size`` is the disk's size in bytes."""
+        self.assertEqual(self.backend().size, SIZE)
+
+    def test_read_only_attribute(self) -> None:
+        """``read_only`` says whether the backend was opened read-only."""
+        self.assertIs(self.backend().read_only, False)
+        self.assertIs(self.backend(read_only=True).read_only, True)
+
+    def test_new_disk_reads_zeros(self) -> None:
+        """A new disk reads as zeros, first sector to last."""
+        backend = self.backend()
+        self.assertEqual(backend.read(0, SECTOR_SIZE), bytes(SECTOR_SIZE))
+        self.assertEqual(backend.read(LAST, SECTOR_SIZE), bytes(SECTOR_SIZE))
+        self.assertEqual(backend.read(0, SIZE), bytes(SIZE))
+
+    def test_round_trip_first_sector(self) -> None:
+        """What is written to the first sector reads back, and the next sector is untouched."""
+        backend = self.backend()
+        backend.write(0, _sector(1))
+        self.assertEqual(backend.read(0, SECTOR_SIZE), _sector(1))
+        self.assertEqual(backend.read(SECTOR_SIZE, SECTOR_SIZE), bytes(SECTOR_SIZE))
+
+    def test_round_trip_last_sector(self) -> None:
+        """What is written to the last sector reads back, and the disk does not grow."""
+        backend = self.backend()
+        backend.write(LAST, _sector(2))
+        self.assertEqual(backend.read(LAST, SECTOR_SIZE), _sector(2))
+        self.assertEqual(backend.read(LAST - SECTOR_SIZE, SECTOR_SIZE), bytes(SECTOR_SIZE))
+        self.assertEqual(backend.size, SIZE)
+
+    def test_round_trip_many_sectors(self) -> None:
+        """A write of several sectors reads back whole and sector by sector."""
+        backend = self.backend()
+        data = b"".join(_sector(n) for n in range(8))
+        backend.write(4 * SECTOR_SIZE, data)
+        self.assertEqual(backend.read(4 * SECTOR_SIZE, len(data)), data)
+        self.assertEqual(backend.read(6 * SECTOR_SIZE, SECTOR_SIZE), _sector(2))
+
+    def test_round_trip_unaligned(self) -> None:
+        """Offsets are bytes: a write that straddles a sector boundary changes only its bytes."""
+        backend = self.backend()
+        backend.write(300, b"\xaa" * 700)
+        self.assertEqual(
+            backend.read(0, 2 * SECTOR_SIZE),
+            bytes(300) + b"\xaa" * 700 + bytes(2 * SECTOR_SIZE - 1000),
+        )
+
+    def test_write_accepts_bytes_like(self) -> None:
+        """``write`` takes a ``memoryview`` or ``bytearray`` as well as ``bytes``."""
+        backend = self.backend()
+        backend.write(0, memoryview(_sector(3)))
+        backend.write(SECTOR_SIZE, bytearray(_sector(4)))
+        self.assertEqual(backend.read(0, 2 * SECTOR_SIZE), _sector(3) + _sector(4))
+
+    # Every backend class runs this one method; sharing its example database
+    # between them is harmless, so the differing-executors check is moot.
+    @settings(
+        max_examples=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.differing_executors],
+    )
+    @given(
+        writes=st.lists(
+            st.tuples(st.integers(0, SIZE), st.binary(max_size=3 * SECTOR_SIZE)), max_size=8
+        )
+    )
+    def test_matches_model(self, writes: list[tuple[int, bytes]]) -> None:
+        """Any in-range writes read back as the same writes applied to a ``bytearray``."""
+        backend = self.make_backend()
+        try:
+            model = bytearray(backend.read(0, SIZE))
+            for offset, data in writes:
+                data = data[: SIZE - offset]
+                backend.write(offset, data)
+                model[offset : offset + len(data)] = data
+            self.assertEqual(backend.read(0, SIZE), bytes(model))
+        finally:
+            backend.close()
+
+    def test_zero_length(self) -> None:
+        """Reading or writing nothing, even at the very end, is allowed."""
+        backend = self.backend()
+        self.assertEqual(backend.read(SIZE, 0), b"")
+        backend.write(SIZE, b"")
+
+    def test_read_outside_refused(self) -> None:
+        """A read that leaves the disk raises ``ValueError`` (the core never asks for one)."""
+        backend = self.backend()
+        self.assertRaises(ValueError, backend.read, LAST, 2 * SECTOR_SIZE)
+        self.assertRaises(ValueError, backend.read, SIZE, 1)
+        self.assertRaises(ValueError, backend.read, -1, 1)
+
+    def test_write_outside_refused(self) -> None:
+        """A write that leaves the disk raises ``ValueError`` and does not grow the disk."""
+        backend = self.backend()
+        self.assertRaises(ValueError, backend.write, LAST, bytes(2 * SECTOR_SIZE))
+        self.assertRaises(ValueError, backend.write, -SECTOR_SIZE, _sector(5))
+        self.assertEqual(backend.size, SIZE)
+        self.assertEqual(backend.read(LAST, SECTOR_SIZE), bytes(SECTOR_SIZE))
+
+    def test_read_only_refuses_writes(self) -> None:
+        """A read-only backend raises ``OSError(EROFS)`` on write and its data is unchanged."""
+        backend = self.backend(read_only=True)
+        error = self.assertRaises(OSError, backend.write, 0, _sector(6))
+        self.assertEqual(error.errno, errno.EROFS)
+        self.assertEqual(backend.read(0, SECTOR_SIZE), bytes(SECTOR_SIZE))
+
+    def test_flush(self) -> None:
+        """``flush`` after writes succeeds and the data still reads back."""
+        backend = self.backend()
+        backend.write(LAST, _sector(7))
+        self.assertIsNone(backend.flush())
+        self.assertEqual(backend.read(LAST, SECTOR_SIZE), _sector(7))
+
+    def test_flush_read_only(self) -> None:
+        """``flush`` on a read-only backend succeeds."""
+        self.assertIsNone(self.backend(read_only=True).flush())
+
+    def test_close_twice(self) -> None:
+        """``close`` may safely be called more than once."""
+        backend = self.make_backend()
+        backend.close()
+        backend.close()
+
+
+class _PersistentBackendMixin(_BackendContractMixin):
+    """Backends on storage: what one opening writes, the next one reads."""
+
+    def test_persists_across_reopen(self) -> None:
+        """Writes reach the disk: a backend opened later (read-only) reads them."""
+        backend = self.make_backend()
+        backend.write(0, _sector(8))
+        backend.write(LAST, _sector(9))
+        backend.flush()
+        backend.close()
+        reopened = self.backend(read_only=True)
+        self.assertEqual(reopened.read(0, SECTOR_SIZE), _sector(8))
+        self.assertEqual(reopened.read(LAST, SECTOR_SIZE), _sector(9))
+
+
+class MemoryBackendTests(_BackendContractMixin, SynchronousTestCase):
+    """The contract, for ``MemoryBackend``."""
+
+    def make_backend(self, read_only: bool = False) -> IBlockBackend:
+        return MemoryBackend(SIZE, read_only=read_only)
+
+    def test_size_must_be_whole_sectors(self) -> None:
+        """A size that is not a positive multiple of 512 raises ``BackendSpecError``."""
+        for size in (0, -512, 1000):
+            self.assertRaises(BackendSpecError, MemoryBackend, size)
+
+    def test_closed(self) -> None:
+        """After ``close`` the memory is released and reads fail."""
+        backend = self.make_backend()
+        backend.close()
+        self.assertRaises(ValueError, backend.read, 0, SECTOR_SIZE)
+
+
+class FileBackendTests(_PersistentBackendMixin, SynchronousTestCase):
+    """The contract, for ``FileBackend`` on an image file."""
+
+    def setUp(self) -> None:
+        self.path = _make_image(self)
+
+    def make_backend(self, read_only: bool = False) -> IBlockBackend:
+        return FileBackend.open(self.path, read_only=read_only)
+
+    def test_writes_reach_the_file(self) -> None:
+        """A flushed write is in the image file at the same offset."""
+        backend = self.backend()
+        backend.write(LAST, _sector(10))
+        backend.flush()
+        with open(self.path, "rb") as f:
+            f.seek(LAST)
+            self.assertEqual(f.read(), _sector(10))
+
+    def test_closed(self) -> None:
+        """After ``close`` the descriptor is gone and reads raise ``OSError``."""
+        backend = self.make_backend()
+        backend.close()
+        self.assertRaises(OSError, backend.read, 0, SECTOR_SIZE)
+
+
+class BlockDeviceBackendTests(_PersistentBackendMixin, SynchronousTestCase):
+    """The contract, for ``BlockDeviceBackend`` on a loop device (root only)."""
+
+    def setUp(self) -> None:
+        self.image = _make_image(self)
+        self.device = _losetup(self, self.image)
+
+    def make_backend(self, read_only: bool = False) -> IBlockBackend:
+        return BlockDeviceBackend.open(self.device, read_only=read_only)
+
+    def test_flush_reaches_backing_file(self) -> None:
+        """After ``flush`` a write to the device is in the loop device's backing file."""
+        backend = self.backend()
+        backend.write(LAST, _sector(11))
+        backend.flush()
+        with open(self.image, "rb") as f:
+            f.seek(LAST)
+            self.assertEqual(f.read(), _sector(11))
+
+    def test_kernel_read_only_device(self) -> None:
+        """
+        Opening a device the kernel holds read-only for writing fails with a
+        one-line error naming the device and suggesting ``--read-only``;
+        opening it read-only works.
+        """
+        device = _losetup(self, _make_image(self), "--read-only")
+        error = self.assertRaises(BackendSpecError, BlockDeviceBackend.open, device)
+        self.assertIn(device, str(error))
+        self.assertIn("--read-only", str(error))
+        self.assertNotIn("\n", str(error))
+        backend = BlockDeviceBackend.open(device, read_only=True)
+        self.addCleanup(backend.close)
+        self.assertEqual(backend.read(0, SECTOR_SIZE), bytes(SECTOR_SIZE))
+
+    def test_file_scheme_refuses_device(self) -> None:
+        """``file:`` on a block device is refused, pointing at ``block:``."""
+        error = self.assertRaises(BackendSpecError, open_backend, "file:" + self.device)
+        self.assertIn(f"block:{self.device}", str(error))
+
+
+class ParseSizeTests(SynchronousTestCase):
+    """``parse_size`` turns ``memory:SIZE`` sizes into bytes."""
+
+    def test_valid(self) -> None:
+        """Plain bytes and K/M/G/T (KiB/MiB/... too, any case) are powers of 1024."""
+        table = [
+            ("512", 512),
+            ("1048576", 1 << 20),
+            ("0512", 512),
+            ("1k", 1 << 10),
+            ("1K", 1 << 10),
+            ("1KiB", 1 << 10),
+            ("1kib", 1 << 10),
+            ("64M", 64 << 20),
+            ("64m", 64 << 20),
+            ("64MiB", 64 << 20),
+            ("2G", 2 << 30),
+            ("2GIB", 2 << 30),
+            ("1T", 1 << 40),
+            ("3tib", 3 << 40),
+        ]
+        for text, size in table:
+            self.assertEqual((text, parse_size(text)), (text, size))
+
+    def test_invalid(self) -> None:
+        """Anything else raises ``BackendSpecError`` (a ``ValueError``) quoting the text."""
+        table = [
+            "",
+            "M",
+            "64X",
+            "64KB",
+            "64 M",
+            " 64M",
+            "1.5M",
+            "-512",
+            "+512",
+            "0x200",
+            "1_024",
+            "\u0665\u0661\u0662",  # Arabic-Indic digits "512": int() takes them, we do not
+        ]
+        for text in table:
+            error = self.assertRaises(BackendSpecError, parse_size, text)
+            self.assertIn(repr(text), str(error))
+            self.assertIsInstance(error, ValueError)
+
+    def test_not_whole_sectors(self) -> None:
+        """Zero and sizes that are not a whole multiple of 512 are refused, naming the size."""
+        for text, size in [("0", 0), ("0K", 0), ("1000", 1000), ("511", 511)]:
+            error = self.assertRaises(BackendSpecError, parse_size, text)
+            self.assertIn(f"{size} bytes", str(error))
+
+
+class OpenBackendTests(SynchronousTestCase):
+    """``open_backend`` splits ``SCHEME:SPEC`` and hands SPEC to the scheme's plugin."""
+
+    def test_memory(self) -> None:
+        """``memory:SIZE`` opens a memory disk of that size."""
+        backend = open_backend("memory:64K")
+        self.assertIsInstance(backend, MemoryBackend)
+        self.assertEqual((backend.size, backend.read_only), (64 << 10, False))
+
+    def test_read_only(self) -> None:
+        """``read_only=True`` reaches the plugin: the disk refuses writes."""
+        backend = open_backend("memory:64K", read_only=True)
+        self.assertIs(backend.read_only, True)
+
+    def test_file(self) -> None:
+        """``file:PATH`` opens the image at PATH."""
+        path = _make_image(self)
+        backend = open_backend("file:" + path, read_only=True)
+        self.addCleanup(backend.close)
+        self.assertIsInstance(backend, FileBackend)
+        self.assertEqual(backend.size, SIZE)
+
+    def test_colon_in_spec(self) -> None:
+        """Only the first colon splits: the rest belongs to the spec."""
+        path = os.path.join(self.mktemp(), "a:b.img")
+        os.makedirs(os.path.dirname(path))
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+        backend = open_backend("file:" + path)
+        self.addCleanup(backend.close)
+        self.assertEqual(backend.size, SIZE)
+
+    def test_no_colon(self) -> None:
+        """A string without a colon (or with nothing before it) names the expected form."""
+        for description in ("disk.img", ":disk.img", ""):
+            error = self.assertRaises(BackendSpecError, open_backend, description)
+            self.assertIn("SCHEME:SPEC", str(error))
+
+    def test_empty_spec(self) -> None:
+        """A string with nothing after the colon names the expected form."""
+        error = self.assertRaises(BackendSpecError, open_backend, "file:")
+        self.assertIn("SCHEME:SPEC", str(error))
+
+    def test_unknown_scheme(self) -> None:
+        """An unknown scheme raises ``UnknownBackendScheme`` listing installed schemes, sorted."""
+        error = self.assertRaises(UnknownBackendScheme, open_backend, "nfs:server:/disk")
+        installed = ", ".join(sorted(find_backend_factories()))
+        self.assertIn("block, file, memory", installed)
+        self.assertIn("'nfs'", str(error))
+        self.assertIn(installed, str(error))
+        self.assertIsInstance(error, BackendSpecError)
+
+    def test_bad_memory_size(self) -> None:
+        """``memory:`` with a bad size raises ``BackendSpecError`` quoting it."""
+        error = self.assertRaises(BackendSpecError, open_backend, "memory:lots")
+        self.assertIn("'lots'", str(error))
+
+    def test_file_not_whole_sectors(self) -> None:
+        """A file not a whole multiple of 512 bytes is refused: one line naming it and its size."""
+        path = _make_image(self, 1000)
+        error = self.assertRaises(BackendSpecError, open_backend, "file:" + path)
+        self.assertIn(path, str(error))
+        self.assertIn("1000", str(error))
+        self.assertNotIn("\n", str(error))
+
+    def test_file_empty(self) -> None:
+        """An empty file is refused, naming it and its size."""
+        path = _make_image(self, 0)
+        error = self.assertRaises(BackendSpecError, open_backend, "file:" + path, True)
+        self.assertIn(path, str(error))
+        self.assertIn(" 0 bytes", str(error))
+
+    def test_file_missing(self) -> None:
+        """A missing file is refused, naming the path and the reason."""
+        path = self.mktemp()
+        error = self.assertRaises(BackendSpecError, open_backend, "file:" + path)
+        self.assertIn(path, str(error))
+        self.assertIn(os.strerror(errno.ENOENT), str(error))
+
+    def test_file_directory(self) -> None:
+        """A directory is refused, read-write or read-only, naming the path."""
+        path = self.mktemp()
+        os.mkdir(path)
+        for read_only in (False, True):
+            error = self.assertRaises(BackendSpecError, open_backend, "file:" + path, read_only)
+            self.assertIn(path, str(error))
+            self.assertIn("directory", str(error).lower())
+
+    def test_file_fifo(self) -> None:
+        """A FIFO is refused at once instead of hanging in ``open``."""
+        path = self.mktemp()
+        os.mkfifo(path)
+        for read_only in (False, True):
+            error = self.assertRaises(BackendSpecError, open_backend, "file:" + path, read_only)
+            self.assertIn(f"{path} is a FIFO", str(error))
+
+    def test_file_permission_denied(self) -> None:
+        """A file we may not open is refused, naming the path and the reason."""
+        if os.geteuid() == 0:
+            raise SkipTest("root may open any file")
+        path = _make_image(self)
+        os.chmod(path, 0o400)
+        error = self.assertRaises(BackendSpecError, open_backend, "file:" + path)
+        self.assertIn(path, str(error))
+        self.assertIn(os.strerror(errno.EACCES), str(error))
+        self.assertIn("--read-only", str(error))
+
+    def test_block_on_regular_file(self) -> None:
+        """``block:`` on a regular file is refused, pointing at ``file:``."""
+        path = _make_image(self)
+        error = self.assertRaises(BackendSpecError, open_backend, "block:" + path)
+        self.assertIn(f"{path} is a regular file, not a block device", str(error))
+        self.assertIn(f"file:{path}", str(error))
+
+    def test_block_missing(self) -> None:
+        """A missing block device is refused, naming the path and the reason."""
+        path = self.mktemp()
+        error = self.assertRaises(BackendSpecError, open_backend, "block:" + path, True)
+        self.assertIn(path, str(error))
+        self.assertIn(os.strerror(errno.ENOENT), str(error))
+
+
+class FindBackendFactoriesTests(SynchronousTestCase):
+    """``find_backend_factories`` finds the backend plugins, keyed by scheme."""
+
+    def test_builtin(self) -> None:
+        """The built-in plugins are the module-level instances in ``aoe_twisted_backends``."""
+        from twisted.plugins import aoe_twisted_backends
+
+        factories = find_backend_factories()
+        self.assertIs(factories["memory"], aoe_twisted_backends.memory_backend)
+        self.assertIs(factories["file"], aoe_twisted_backends.file_backend)
+        self.assertIs(factories["block"], aoe_twisted_backends.block_backend)
+
+    def test_provide_interface(self) -> None:
+        """Every plugin found provides ``IBackendFactory`` and is keyed by its own scheme."""
+        for scheme, factory in find_backend_factories().items():
+            self.assertTrue(verifyObject(IBackendFactory, factory))
+            self.assertEqual(factory.scheme, scheme)
+
+    def test_package(self) -> None:
+        """With ``package`` only that package's plugins are found, and used by ``open_backend``."""
+        root = Path(self.mktemp())
+        package = root / "aoe_twisted_test_only_plugins"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "only_memory.py").write_text(
+            textwrap.dedent(
+                """
+                from aoe_twisted.backends.factories import MemoryBackendFactory
+                only_memory = MemoryBackendFactory()
+                """
+            )
+        )
+        sys.path.insert(0, str(root))
+        self.addCleanup(sys.path.remove, str(root))
+        for name in ("aoe_twisted_test_only_plugins", "aoe_twisted_test_only_plugins.only_memory"):
+            self.addCleanup(sys.modules.pop, name, None)
+        import aoe_twisted_test_only_plugins  # type: ignore[import-not-found]
+
+        self.assertEqual(list(find_backend_factories(aoe_twisted_test_only_plugins)), ["memory"])
+        error = self.assertRaises(
+            UnknownBackendScheme,
+            open_backend,
+            "file:disk.img",
+            package=aoe_twisted_test_only_plugins,
+        )
+        self.assertTrue(str(error).endswith("installed schemes: memory"), str(error))
+
+    def test_plugin_module_is_light(self) -> None:
+        """Scanning the plugin module imports no backend implementation; ``open`` does."""
+        code = (
+            "import sys, twisted.plugins.aoe_twisted_backends as p\n"
+            "print(sorted(m for m in sys.modules if m.startswith('aoe_twisted.backends.')))\n"
+            "p.memory_backend.open('1K')\n"
+            "print('aoe_twisted.backends.memory' in sys.modules)\n"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(output, "['aoe_twisted.backends.factories']\nTrue\n")
+
+    def test_help(self) -> None:
+        """``--help-backends`` text: one aligned ``scheme:FORMAT  description`` line per scheme."""
+        text = format_backend_help()
+        lines = text.splitlines()
+        self.assertEqual(len(lines), len(find_backend_factories()))
+        self.assertIn("block:/dev/XXX  a block device", text)
+        column = lines[0].index("  ") + 2
+        for line, scheme in zip(lines, sorted(find_backend_factories()), strict=True):
+            self.assertTrue(line.startswith(scheme + ":"), line)
+            self.assertEqual(line[column - 2 : column + 1].count(" "), 2, line)
+        self.assertIn("\nfile:PATH       a disk image", text)
+        self.assertIn("\nmemory:SIZE     a disk in RAM", text)
+
+    def test_help_given_factories(self) -> None:
+        """``format_backend_help`` describes the factories it is given; none gives no text."""
+        factories = find_backend_factories()
+        self.assertEqual(
+            format_backend_help({"file": factories["file"]}),
+            "file:PATH  " + factories["file"].description,
+        )
+        self.assertEqual(format_backend_help({}), "")
+
+
+class ExamplePluginTests(SynchronousTestCase):
+    """The third-party example plugin in ``tests/plugins``, found through ``use_test_plugins``."""
+
+    def test_invisible_by_default(self) -> None:
+        """Without the fixture the test plugin directory is not searched."""
+        self.assertNotIn(TEST_PLUGINS, twisted.plugins.__path__)
+        self.assertNotIn("pattern", find_backend_factories())
+
+    def test_fixture_cleans_up(self) -> None:
+        """The fixture adds the directory and its cleanup removes it again."""
+        seen: list[bool] = []
+
+        class UsesTestPlugins(SynchronousTestCase):
+            def test_it(self) -> None:
+                use_test_plugins(self)
+                seen.append(TEST_PLUGINS in twisted.plugins.__path__)
+
+        result = TestResult()
+        UsesTestPlugins("test_it").run(result)
+        self.assertTrue(result.wasSuccessful())
+        self.assertEqual(seen, [True])
+        self.assertNotIn(TEST_PLUGINS, twisted.plugins.__path__)
+
+    def test_found(self) -> None:
+        """With the fixture the ``pattern`` plugin is found beside the built-in ones."""
+        use_test_plugins(self)
+        factories = find_backend_factories()
+        self.assertTrue(verifyObject(IBackendFactory, factories["pattern"]))
+        self.assertLessEqual({"block", "file", "memory", "pattern"}, set(factories))
+        self.assertIn("pattern:SIZE", format_backend_help())
+
+    def test_opens(self) -> None:
+        """``pattern:SIZE`` opens a read-only disk whose sectors hold their own numbers."""
+        use_test_plugins(self)
+        backend = open_backend("pattern:4K")
+        self.addCleanup(backend.close)
+        self.assertTrue(verifyObject(IBlockBackend, backend))
+        self.assertEqual((backend.size, backend.read_only), (4096, True))
+        self.assertEqual(backend.read(3 * SECTOR_SIZE, SECTOR_SIZE), (3).to_bytes(8, "big") * 64)
+        self.assertEqual(
+            backend.read(2 * SECTOR_SIZE - 8, 16),
+            (1).to_bytes(8, "big") + (2).to_bytes(8, "big"),
+        )
+        error = self.assertRaises(OSError, backend.write, 0, bytes(SECTOR_SIZE))
+        self.assertEqual(error.errno, errno.EROFS)
+
+
+class PackagingTests(SynchronousTestCase):
+    """The plugin directories are laid out so Twisted's own ``twisted.plugins`` survives."""
+
+    def test_no_init_in_plugin_namespace(self) -> None:
+        """``src/twisted``, ``src/twisted/plugins``, ``tests/plugins`` have no ``__init__.py``."""
+        plugins = REPO / "src" / "twisted" / "plugins"
+        self.assertTrue((plugins / "aoe_twisted_backends.py").is_file())
+        for directory in (plugins.parent, plugins, Path(TEST_PLUGINS)):
+            self.assertFalse((directory / "__init__.py").exists(), directory)
+
+    def test_twisted_plugins_is_twisteds(self) -> None:
+        """``twisted.plugins`` is still Twisted's own package: nothing of ours shadows it."""
+        own = Path(twisted.__file__).resolve().parent / "plugins"
+        self.assertEqual(Path(twisted.plugins.__file__).resolve().parent, own)
