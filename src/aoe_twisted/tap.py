@@ -15,6 +15,7 @@ from attrs import frozen
 from twisted.application import service
 from twisted.python import usage
 
+from aoe_twisted.acl import MASK_LIST_LIMIT
 from aoe_twisted.wire import BROADCAST_MAJOR, BROADCAST_MINOR, MAX_CONFIG_STRING, parse_mac
 
 __all__ = ["Options", "TargetSpec", "makeService"]
@@ -131,6 +132,8 @@ class Options(usage.Options):
                     f"--config-string: {len(encoded)} bytes, at most {MAX_CONFIG_STRING}"
                 )
             self["config-string"] = encoded
+        if len(self["masks"]) > MASK_LIST_LIMIT:
+            raise usage.UsageError(f"--mask: at most {MASK_LIST_LIMIT} MAC addresses")
         targets: list[TargetSpec] = list(self["targets"])
         if self["backend"]:
             targets.insert(0, TargetSpec(self["shelf"], self["slot"], self["backend"]))

@@ -6,11 +6,9 @@ from __future__ import annotations
 import re
 
 from aoe_twisted.errors import BackendSpecError
+from aoe_twisted.wire.constants import SECTOR_SIZE
 
 __all__ = ["SECTOR_SIZE", "check_disk_size", "parse_size"]
-
-SECTOR_SIZE = 512
-"""Bytes in one ATA sector; every disk is a whole number of these."""
 
 _MULTIPLIERS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"([0-9]+)(?:([kmgt])(?:ib)?)?", re.ASCII | re.IGNORECASE)

@@ -75,13 +75,15 @@ class Header:
 
         Raise ``FrameTooShort`` if bytes are missing, ``ProtocolError`` (carrying
         what was decoded) for a wrong version, an unknown command or a bad
-        argument.  An error response whose argument does not decode keeps it raw.
+        argument.  An error response (R and E set) whose argument does not
+        decode keeps it raw, so an initiator can still read the error code.
         """
         if len(data) < HEADER_SIZE:
             raise FrameTooShort(f"AoE header of {len(data)} bytes, needs {HEADER_SIZE}")
         verflags, error, major, minor, command, tag = _HEADER.unpack_from(data)
         version = verflags >> 4
-        flag_error = bool(verflags & _FLAG_ERROR)
+        flag_response = bool(verflags & _FLAG_RESPONSE)
+        error_response = flag_response and bool(verflags & _FLAG_ERROR)
         body = data[HEADER_SIZE:]
         if version != VERSION:
             raise ProtocolError(
@@ -99,19 +101,19 @@ class Header:
         try:
             arg: Arg = codec.from_bytes(body)
         except ProtocolError as e:
-            if flag_error:
+            if error_response:
                 arg = RawArg(bytes(body))
             else:
                 e.header = cls._partial(verflags, error, major, minor, command, tag, body)
                 raise
         except WireError:
-            if not flag_error:
+            if not error_response:
                 raise
             arg = RawArg(bytes(body))
         return cls(
             version,
-            bool(verflags & _FLAG_RESPONSE),
-            flag_error,
+            flag_response,
+            bool(verflags & _FLAG_ERROR),
             error,
             major,
             minor,

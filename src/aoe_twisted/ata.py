@@ -1,0 +1,274 @@
+# -*- test-case-name: tests.test_ata -*-
+"""
+The ATA engine: one AoE Issue ATA Command request in, its reply out.
+
+``serve_ata`` is the seed's ``ServeATA`` as a pure function over an
+``IBlockBackend``: no reactor, no logging, no I/O but the backend's own calls.
+It serves what AoE initiators send (the Linux driver only IDENTIFY DEVICE and
+READ/WRITE SECTORS (EXT); iPXE and others also FLUSH CACHE and CHECK POWER
+MODE) and aborts everything else.
+
+ATA failures are ATA status, not AoE errors: the reply carries ``ERR|DRDY`` in
+its status register and ``ABRT``, ``IDNF`` or ``UNC`` in its error register,
+with the AoE error flag clear, as a real disk would answer.  Every check runs
+before the backend is touched, so a refused command changes no byte of the disk.
+
+This runs once per Ethernet frame: the opcode picks a handler from a dict, the
+checks are integer comparisons, a read costs the backend's one ``bytes`` and a
+write passes the request's data on without copying it (unless Ethernet padding
+has to be cut off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+
+from aoe_twisted.identify import IDENTIFY_SIZE, DefaultIdentifier
+from aoe_twisted.interfaces import IBlockBackend, IIdentifier
+from aoe_twisted.wire import (
+    SECTOR_SIZE,
+    VERSION,
+    ATAArg,
+    ATACmdStatus,
+    ATAError,
+    Command,
+    Header,
+)
+
+__all__ = ["serve_ata"]
+
+_DRDY = int(ATACmdStatus.READY_STATUS)
+_ERR_DRDY = int(ATACmdStatus.ERR_STATUS) | _DRDY
+_ABRT = int(ATAError.ABRT)
+_IDNF = int(ATAError.IDNF)
+_UNC = int(ATAError.UNC)
+
+_MASK28 = (1 << 28) - 1
+_MASK48 = (1 << 48) - 1
+#: CHECK POWER MODE's answer in the sector count register: active or idle.
+_POWER_ACTIVE = 0xFF
+
+
+def _reply(
+    request: ATAArg, status: int, error: int, count: int, lba: int, data: bytes = b""
+) -> ATAArg:
+    """Return a reply argument echoing the request's AFlags, with these registers and data."""
+    return ATAArg(
+        request.flag_lba48_extended,
+        request.flag_ata_device_head_register,
+        request.flag_asynchronous,
+        request.flag_write,
+        error,
+        count,
+        status,
+        lba,
+        data,
+    )
+
+
+def _failed(request: ATAArg, error: int) -> ATAArg:
+    """Return ``ERR|DRDY`` with ``error``, the request's count and LBA left as they were."""
+    return _reply(request, _ERR_DRDY, error, request.sector_count, request.lba)
+
+
+def _done(request: ATAArg, data: bytes = b"") -> ATAArg:
+    """
+    Return the success of a transfer, with the sectors read if it was a read.
+
+    The sector count is what remains to transfer, 0, and the LBA is the
+    request's: that is what vblade puts on the wire (it advances the LBA only
+    in its own copy of the registers).  The Linux initiator ignores both.
+    """
+    return _reply(request, _DRDY, 0, 0, request.lba, data)
+
+
+def _read(request: ATAArg, backend: IBlockBackend, max_sectors: int, mask: int) -> ATAArg:
+    """READ SECTORS (EXT) of the LBA the request holds, cut to ``mask``."""
+    count = request.sector_count
+    # A count of 0 means 256 (65536 for EXT) in ATA: more than any target advertises.
+    if request.flag_write or not 0 < count <= max_sectors:
+        return _failed(request, _ABRT)
+    lba = request.lba & mask
+    if lba + count > backend.size // SECTOR_SIZE:
+        return _failed(request, _IDNF)
+    length = count * SECTOR_SIZE
+    try:
+        data = backend.read(lba * SECTOR_SIZE, length)
+    except OSError:
+        return _failed(request, _UNC)
+    if len(data) != length:
+        # The initiator fails a short read reply anyway; say why.
+        return _failed(request, _UNC)
+    return _done(request, data)
+
+
+def _write(request: ATAArg, backend: IBlockBackend, max_sectors: int, mask: int) -> ATAArg:
+    """WRITE SECTORS (EXT) of the request's data at its LBA, cut to ``mask``."""
+    count = request.sector_count
+    if not request.flag_write or not 0 < count <= max_sectors or backend.read_only:
+        return _failed(request, _ABRT)
+    length = count * SECTOR_SIZE
+    data = request.data
+    if len(data) < length:
+        return _failed(request, _ABRT)
+    lba = request.lba & mask
+    if lba + count > backend.size // SECTOR_SIZE:
+        return _failed(request, _IDNF)
+    if len(data) != length:
+        # Ethernet padding after the sectors: keep it off the disk.
+        data = data[:length]
+    try:
+        backend.write(lba * SECTOR_SIZE, data)
+    except OSError:
+        return _failed(request, _ABRT)
+    return _done(request)
+
+
+def _read28(
+    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
+) -> ATAArg:
+    """READ SECTORS (0x20): a 28-bit LBA, whatever the E flag says."""
+    return _read(request, backend, max_sectors, _MASK28)
+
+
+def _read48(
+    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
+) -> ATAArg:
+    """READ SECTORS EXT (0x24): a 48-bit LBA when the E flag says the registers hold one."""
+    return _read(request, backend, max_sectors, _MASK48 if request.flag_lba48_extended else _MASK28)
+
+
+def _write28(
+    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
+) -> ATAArg:
+    """WRITE SECTORS (0x30): a 28-bit LBA, whatever the E flag says."""
+    return _write(request, backend, max_sectors, _MASK28)
+
+
+def _write48(
+    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
+) -> ATAArg:
+    """WRITE SECTORS EXT (0x34): a 48-bit LBA when the E flag says the registers hold one."""
+    return _write(
+        request, backend, max_sectors, _MASK48 if request.flag_lba48_extended else _MASK28
+    )
+
+
+@lru_cache(maxsize=16)
+def _default_page(sectors: int) -> bytes:
+    """The default IDENTIFY page of a disk of ``sectors`` sectors, built once per size."""
+    return DefaultIdentifier(sectors).identify()
+
+
+def _identify(
+    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
+) -> ATAArg:
+    """IDENTIFY DEVICE (0xEC): the identifier's page, or the default one for the disk's size."""
+    try:
+        if identifier is None:
+            page = _default_page(backend.size // SECTOR_SIZE)
+        else:
+            page = identifier.identify()
+    except OSError:
+        return _failed(request, _ABRT)
+    if len(page) != IDENTIFY_SIZE:
+        # Linux drops a short page as a runt and would wait for nothing.
+        return _failed(request, _ABRT)
+    return _done(request, page)
+
+
+def _flush(
+    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
+) -> ATAArg:
+    """FLUSH CACHE (EXT) (0xE7, 0xEA): make every acknowledged write durable."""
+    try:
+        backend.flush()
+    except OSError:
+        return _failed(request, _ABRT)
+    return _reply(request, _DRDY, 0, request.sector_count, request.lba)
+
+
+def _check_power(
+    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
+) -> ATAArg:
+    """CHECK POWER MODE (0xE5): always active (0xFF in the sector count)."""
+    return _reply(request, _DRDY, 0, _POWER_ACTIVE, request.lba)
+
+
+_Handler = Callable[[ATAArg, IBlockBackend, "IIdentifier | None", int], ATAArg]
+
+_HANDLERS: dict[int, _Handler] = {
+    int(ATACmdStatus.READ_28BIT): _read28,
+    int(ATACmdStatus.READ_48BIT): _read48,
+    int(ATACmdStatus.WRITE_28BIT): _write28,
+    int(ATACmdStatus.WRITE_48BIT): _write48,
+    int(ATACmdStatus.IDENTIFY): _identify,
+    int(ATACmdStatus.FLUSH): _flush,
+    int(ATACmdStatus.FLUSH_EXT): _flush,
+    int(ATACmdStatus.CHECK_POWER): _check_power,
+}
+
+
+def _unknown(
+    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
+) -> ATAArg:
+    """Any other ATA command: aborted, as a disk aborts what it does not implement."""
+    return _failed(request, _ABRT)
+
+
+def serve_ata(
+    request: Header,
+    backend: IBlockBackend,
+    identifier: IIdentifier | None = None,
+    *,
+    max_sectors: int = 255,
+    major: int | None = None,
+    minor: int | None = None,
+) -> Header:
+    """
+    Perform the ATA command ``request`` carries on ``backend`` and return the reply.
+
+    The reply is an AoE response (version 1, response flag, no AoE error) with
+    the request's command and tag, ``major``.``minor`` (by default the
+    request's), and an ``ATAArg`` echoing the request's AFlags whose status is
+    ``DRDY`` on success and ``ERR|DRDY`` on failure, with the error register
+    set to:
+
+    - ``ABRT`` for an unknown command, a read with the W flag or a write
+      without it, a sector count of 0 or above ``max_sectors``, a write whose
+      data is shorter than its sectors, a write to a read-only backend, a
+      failed write or flush, or an identifier that fails;
+    - ``IDNF`` for sectors past the end of the disk;
+    - ``UNC`` for a failed read.
+
+    READ/WRITE SECTORS (0x20, 0x30) address 28 bits: the Linux initiator puts
+    0xE0 into the fourth LBA byte.  The EXT commands (0x24, 0x34) address 48
+    bits when the E flag is set, as the Linux initiator sends them, and 28 bits
+    when it is clear.  Write data beyond the sectors (Ethernet padding) is not
+    written.  IDENTIFY answers ``identifier``'s page, or without one a
+    ``DefaultIdentifier`` page built from the backend's size.
+
+    @param max_sectors: the sector count this target advertises in its config
+        replies; larger requests are aborted.
+    @raise ValueError: if ``request`` is not an Issue ATA Command with an
+        ``ATAArg``; the caller routes only those here.
+    """
+    arg = request.arg
+    if request.command != Command.ISSUE_ATA_COMMAND or not isinstance(arg, ATAArg):
+        raise ValueError(
+            f"serve_ata needs an Issue ATA Command with an ATAArg, not command "
+            f"{request.command} with {type(arg).__name__}"
+        )
+    reply = _HANDLERS.get(arg.cmd_status, _unknown)(arg, backend, identifier, max_sectors)
+    return Header(
+        VERSION,
+        True,
+        False,
+        0,
+        request.major if major is None else major,
+        request.minor if minor is None else minor,
+        request.command,
+        request.tag,
+        reply,
+    )

@@ -1,0 +1,332 @@
+# -*- test-case-name: tests.test_target -*-
+"""
+One exported disk at shelf.slot: which requests it answers and what it answers (AoEr11 2, 3).
+
+``Target.handle`` turns a decoded request into zero or one reply headers;
+``Target.reject`` answers a request the codec could not decode.  Nothing here
+does I/O beyond the synchronous backend and ACL store calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attrs import Factory, define, evolve, field
+from attrs.validators import instance_of
+from zope.interface.interface import InterfaceClass
+
+from aoe_twisted.acl import (
+    MASK_LIST_CEILING,
+    MASK_LIST_LIMIT,
+    RESERVE_LIST_LIMIT,
+    MemoryACLStore,
+    edit_mask_list,
+)
+from aoe_twisted.ata import serve_ata
+from aoe_twisted.identify import DefaultIdentifier
+from aoe_twisted.interfaces import IACLStore, IBlockBackend, IIdentifier
+from aoe_twisted.wire import (
+    BROADCAST_MAJOR,
+    BROADCAST_MINOR,
+    SECTOR_SIZE,
+    VERSION,
+    ATAArg,
+    ATACmdStatus,
+    Command,
+    ConfigArg,
+    ConfigCommand,
+    Directive,
+    DirectiveCommand,
+    Error,
+    Header,
+    MACMaskArg,
+    MACMaskCommand,
+    ProtocolError,
+    RawArg,
+    ReserveReleaseArg,
+    ReserveReleaseCommand,
+)
+
+__all__ = ["FIRMWARE_VERSION", "Target"]
+
+FIRMWARE_VERSION = 0x0001
+"""
+The firmware version advertised in config replies (AoEr11 3.2).
+
+The field is opaque to initiators (Linux only shows it in sysfs
+``firmware-version``); 1 is this package's first wire behaviour.  Bump it
+when what a target answers changes in a way an administrator may care about.
+"""
+
+_ATA = int(Command.ISSUE_ATA_COMMAND)
+_CONFIG = int(Command.QUERY_CONFIG_INFORMATION)
+_MASK = int(Command.MAC_MASK_LIST)
+_RESERVE = int(Command.RESERVE_RELEASE)
+_IDENTIFY = int(ATACmdStatus.IDENTIFY)
+_NO_TAG = bytes(4)
+
+
+def _between(low: int, high: int) -> Callable[[object, Any, object], None]:
+    """Return an attrs validator that accepts ints from ``low`` to ``high`` inclusive."""
+
+    def check(instance: object, attribute: Any, value: object) -> None:
+        name = getattr(attribute, "name", "value")
+        if not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+
+    return check
+
+
+def _provides(interface: InterfaceClass) -> Callable[[object, Any, object], None]:
+    """Return an attrs validator for objects providing ``interface`` (attrs' own is deprecated)."""
+
+    def check(instance: object, attribute: Any, value: object) -> None:
+        if not interface.providedBy(value):
+            name = getattr(attribute, "name", "value")
+            raise TypeError(f"{name} must provide {interface.__name__}, not {value!r}")
+
+    return check
+
+
+@define
+class Target:
+    """
+    An AoE target: one disk (``backend``) answering at ``shelf``.``slot``.
+
+    ``max_sectors`` is the sector count advertised in config replies and
+    enforced on ATA requests; the server sets it from the interface MTU.
+    ``identifier`` defaults to a ``DefaultIdentifier`` for the backend's size
+    with the serial ``serial`` (default ``"shelf.slot"``).  ``mask_limit`` is
+    how many MACs a mask list edit may grow the list to.
+    """
+
+    shelf: int = field(validator=_between(0, BROADCAST_MAJOR - 1))
+    slot: int = field(validator=_between(0, BROADCAST_MINOR - 1))
+    backend: IBlockBackend = field(validator=_provides(IBlockBackend))
+    acl: IACLStore = field(default=Factory(MemoryACLStore), validator=_provides(IACLStore))
+    buffer_count: int = field(default=16, validator=_between(0, 0xFFFF))
+    max_sectors: int = field(default=2, validator=_between(1, 0xFF))
+    firmware_version: int = field(default=FIRMWARE_VERSION, validator=_between(0, 0xFFFF))
+    identifier: IIdentifier | None = field(default=None)
+    mask_limit: int = field(default=MASK_LIST_LIMIT, validator=_between(0, MASK_LIST_CEILING))
+    serial: str | None = field(default=None, validator=instance_of((str, type(None))))
+
+    def __attrs_post_init__(self) -> None:
+        """Build the default identifier once, from the backend's size."""
+        if self.identifier is None:
+            serial = f"{self.shelf}.{self.slot}" if self.serial is None else self.serial
+            self.identifier = DefaultIdentifier(self.backend.size // SECTOR_SIZE, serial=serial)
+        elif not IIdentifier.providedBy(self.identifier):
+            raise TypeError(f"identifier must provide IIdentifier, not {self.identifier!r}")
+
+    def addresses(self, major: int, minor: int) -> bool:
+        """Return whether ``major``.``minor`` names this target; each wildcard applies alone."""
+        return (major == self.shelf or major == BROADCAST_MAJOR) and (
+            minor == self.slot or minor == BROADCAST_MINOR
+        )
+
+    def handle(self, src: bytes, request: Header) -> list[Header]:
+        """
+        Return the replies (none or one) to ``request`` from the host with MAC ``src``.
+
+        Responses, requests for other addresses and, while the mask list is
+        not empty, requests from hosts not on it get no reply at all.
+        """
+        if request.flag_response:
+            return []
+        major = request.major
+        minor = request.minor
+        if not (
+            (major == self.shelf or major == BROADCAST_MAJOR)
+            and (minor == self.slot or minor == BROADCAST_MINOR)
+        ):
+            return []
+        acl = self.acl
+        mask = acl.mask_list
+        if mask and src not in mask:
+            return []
+        command = request.command
+        if command == _ATA:
+            return [self._ata(src, request, acl)]
+        if command == _CONFIG:
+            return self._config(request, acl)
+        if command == _MASK:
+            return [self._mask(request, acl)]
+        if command == _RESERVE:
+            return [self._reserve(src, request, acl)]
+        return [self._error(request, Error.UNRECOGNIZED_COMMAND_CODE, _raw(request.arg))]
+
+    def reject(self, src: bytes, error: ProtocolError) -> list[Header]:
+        """
+        Return the error reply to a request whose decoding raised ``error``.
+
+        The same filters as ``handle`` apply to the partial header the error
+        carries; without one (or for a response) there is nothing to answer.
+        """
+        header = error.header
+        if header is None or header.flag_response:
+            return []
+        if not self.addresses(header.major, header.minor):
+            return []
+        mask = self.acl.mask_list
+        if mask and src not in mask:
+            return []
+        return [self._error(header, error.code, _raw(header.arg))]
+
+    def announcement(self) -> Header:
+        """Return the unsolicited config response (tag 0) announcing this target at start-up."""
+        return Header(
+            VERSION,
+            True,
+            False,
+            0,
+            self.shelf,
+            self.slot,
+            _CONFIG,
+            _NO_TAG,
+            self._config_arg(ConfigCommand.READ, self.acl.config_string),
+        )
+
+    # -- replies ----------------------------------------------------------
+
+    def _reply(self, request: Header, arg: object) -> Header:
+        """Return a successful reply to ``request`` carrying ``arg`` from our own address."""
+        return Header(
+            VERSION, True, False, 0, self.shelf, self.slot, request.command, request.tag, arg
+        )
+
+    def _error(self, request: Header, code: int, arg: object) -> Header:
+        """Return an AoE error reply (E flag and ``code``) to ``request`` carrying ``arg``."""
+        return Header(
+            VERSION, True, True, int(code), self.shelf, self.slot, request.command, request.tag, arg
+        )
+
+    # -- command 0: ATA -------------------------------------------------
+
+    def _ata(self, src: bytes, request: Header, acl: IACLStore) -> Header:
+        """Serve an ATA command unless the target is reserved by other hosts (IDENTIFY always)."""
+        arg = request.arg
+        if not isinstance(arg, ATAArg):
+            return self._error(request, Error.BAD_ARGUMENT_PARAMETER, _raw(arg))
+        reserve = acl.reserve_list
+        if reserve and src not in reserve and arg.cmd_status != _IDENTIFY:
+            return self._error(request, Error.TARGET_IS_RESERVED, evolve(arg, data=b""))
+        return serve_ata(
+            request,
+            self.backend,
+            self.identifier,
+            max_sectors=self.max_sectors,
+            major=self.shelf,
+            minor=self.slot,
+        )
+
+    # -- command 1: config ----------------------------------------------
+
+    def _config_arg(self, ccmd: int, string: bytes) -> ConfigArg:
+        """Return the config argument every config reply carries: our limits and ``string``."""
+        return ConfigArg(
+            self.buffer_count,
+            self.firmware_version,
+            self.max_sectors,
+            VERSION,
+            ccmd,
+            len(string),
+            string,
+        )
+
+    def _config(self, request: Header, acl: IACLStore) -> list[Header]:
+        """Answer a Query Config request; test and prefix mismatches get no reply."""
+        arg = request.arg
+        if not isinstance(arg, ConfigArg):
+            return [self._error(request, Error.BAD_ARGUMENT_PARAMETER, _raw(arg))]
+        ccmd = arg.command
+        current = acl.config_string
+        if ccmd == ConfigCommand.READ:
+            pass
+        elif ccmd == ConfigCommand.TEST:
+            if arg.string != current:
+                return []
+        elif ccmd == ConfigCommand.TEST_PREFIX:
+            if not current.startswith(arg.string):
+                return []
+        elif ccmd == ConfigCommand.SET:
+            if current and current != arg.string:
+                return [
+                    self._error(
+                        request, Error.CONFIG_STRING_PRESENT, self._config_arg(ccmd, current)
+                    )
+                ]
+            if current != arg.string:
+                acl.set_config_string(arg.string)
+                current = arg.string
+        elif ccmd == ConfigCommand.FORCE_SET:
+            if current != arg.string:
+                acl.set_config_string(arg.string)
+                current = arg.string
+        else:
+            return [
+                self._error(request, Error.BAD_ARGUMENT_PARAMETER, self._config_arg(ccmd, current))
+            ]
+        return [self._reply(request, self._config_arg(ccmd, current))]
+
+    # -- command 2: MAC mask list ---------------------------------------
+
+    def _mask(self, request: Header, acl: IACLStore) -> Header:
+        """Read or edit the MAC mask list; a failed edit is told in MError, not an AoE error."""
+        arg = request.arg
+        if not isinstance(arg, MACMaskArg):
+            return self._error(request, Error.BAD_ARGUMENT_PARAMETER, _raw(arg))
+        mcmd = arg.command
+        if mcmd == MACMaskCommand.READ:
+            macs = acl.mask_list
+        elif mcmd == MACMaskCommand.EDIT:
+            current = acl.mask_list
+            result = edit_mask_list(current, arg.directives, self.mask_limit)
+            macs = result.macs
+            if macs != current:
+                acl.set_mask_list(macs)
+            if result.failed_index is not None:
+                index = result.failed_index
+                return self._reply(
+                    request, MACMaskArg(mcmd, result.error, index, arg.directives[:index])
+                )
+        else:
+            return self._error(request, Error.BAD_ARGUMENT_PARAMETER, MACMaskArg(mcmd))
+        listed = tuple(Directive(DirectiveCommand.NONE, mac) for mac in macs)
+        return self._reply(request, MACMaskArg(mcmd, 0, len(listed), listed))
+
+    # -- command 3: reserve/release -------------------------------------
+
+    def _reserve(self, src: bytes, request: Header, acl: IACLStore) -> Header:
+        """Read or replace the reserve list; only a member (or anyone, when empty) may set it."""
+        arg = request.arg
+        if not isinstance(arg, ReserveReleaseArg) or len(arg.macs) > RESERVE_LIST_LIMIT:
+            return self._error(request, Error.BAD_ARGUMENT_PARAMETER, _raw(arg))
+        rcmd = arg.command
+        current = acl.reserve_list
+        if rcmd == ReserveReleaseCommand.READ:
+            pass
+        elif rcmd == ReserveReleaseCommand.SET or rcmd == ReserveReleaseCommand.FORCE_SET:
+            if rcmd == ReserveReleaseCommand.SET and current and src not in current:
+                listed = ReserveReleaseArg(rcmd, len(current), current)
+                return self._error(request, Error.TARGET_IS_RESERVED, listed)
+            if arg.macs != current:
+                acl.set_reserve_list(arg.macs)
+                current = arg.macs
+        else:
+            listed = ReserveReleaseArg(rcmd, len(current), current)
+            return self._error(request, Error.BAD_ARGUMENT_PARAMETER, listed)
+        return self._reply(request, ReserveReleaseArg(rcmd, len(current), current))
+
+
+def _raw(arg: object) -> RawArg:
+    """Return ``arg`` as raw bytes, to echo in an error reply whatever the request carried."""
+    if isinstance(arg, RawArg):
+        return arg
+    if arg is None:
+        return RawArg()
+    try:
+        return RawArg(arg.to_bytes())  # type: ignore[attr-defined]
+    except (ProtocolError, ValueError):
+        return RawArg()
