@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
-
 import twisted.plugins
+from twisted.trial.unittest import SynchronousTestCase
 
 __all__ = ["TEST_PLUGINS", "use_test_plugins"]
 

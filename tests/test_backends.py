@@ -17,14 +17,14 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import twisted
+import twisted.plugins
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.reporter import TestResult
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-import twisted
-import twisted.plugins
 from aoe_twisted.backends.block import BlockDeviceBackend
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.backends.memory import MemoryBackend
