@@ -39,6 +39,7 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/micro_codec.py
+	$(PY) benchmarks/micro_serve.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/twisted/plugins/dropin.cache _trial_temp
