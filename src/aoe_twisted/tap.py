@@ -178,4 +178,6 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         for target in targets:
             target.backend.close()
         raise SystemExit(f"twistd aoe: --backend {spec.backend}: {e}") from None
-    return AoEService(options["iface"], targets, max_sectors=options["max-sectors"])
+    return AoEService(
+        options["iface"], targets, max_sectors=options["max-sectors"], exit_on_error=True
+    )

@@ -1,0 +1,232 @@
+# -*- test-case-name: tests.test_port -*-
+"""
+Fakes for testing code built on ``aoe_twisted.port``, as ``twisted.pair.testing`` is for tuntap.
+
+``MemoryPacketSystem`` stands in for the kernel's packet sockets: give it
+interfaces (optionally joined in pairs, like a veth pair), hand it to
+``AoEPort(..., system=...)``, then push frames in and look at what came out.
+Failures are injected the way the kernel reports them: an ``OSError`` with
+the right ``errno``.  ``tests/test_port.py`` runs the same contract against
+this fake and against real sockets on a veth pair, so tests built on the fake
+test what the kernel does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import deque
+from typing import Any
+
+from attrs import define, field
+from zope.interface import implementer
+
+from aoe_twisted.port import _IPacketSystem
+from aoe_twisted.wire import BROADCAST_MAC
+
+__all__ = ["MemoryInterface", "MemoryPacketSocket", "MemoryPacketSystem"]
+
+#: ``sll_hatype`` of an Ethernet interface (``ARPHRD_ETHER``).
+_ARPHRD_ETHER = 1
+#: Linux's default receive buffer (``net.core.rmem_default``), as ``SO_RCVBUF`` reports it.
+_DEFAULT_RCVBUF = 212992
+
+
+def _oserror(code: int) -> OSError:
+    """Build the ``OSError`` the kernel would raise for ``code``."""
+    return OSError(code, os.strerror(code))
+
+
+@define(eq=False)
+class MemoryPacketSocket:
+    """
+    One open packet socket of a ``MemoryPacketSystem``.
+
+    ``inbound`` holds ``(frame, sockaddr_ll)`` pairs waiting to be read;
+    ``sent`` every frame written, in order.  Put ``OSError``s in
+    ``recv_errors`` or ``send_errors`` and the next ``recvfrom`` or ``send``
+    raises them (one each, first in first out) instead.
+    """
+
+    fd: int
+    interface: MemoryInterface
+    ethertype: int
+    netns: str | None
+    inbound: deque[tuple[bytes, tuple[Any, ...]]] = field(factory=deque)
+    sent: list[bytes] = field(factory=list)
+    recv_errors: deque[OSError] = field(factory=deque)
+    send_errors: deque[OSError] = field(factory=deque)
+    receive_buffer: int = _DEFAULT_RCVBUF
+    closed: bool = False
+
+
+@define(eq=False)
+class MemoryInterface:
+    """
+    An Ethernet interface of a ``MemoryPacketSystem``.
+
+    A frame sent on it goes to its ``peer`` (if it has one), whose open
+    sockets receive it marked as the kernel would mark it: ``PACKET_HOST``,
+    ``PACKET_BROADCAST`` or ``PACKET_OTHERHOST``.  As on Linux, a socket bound
+    to one EtherType does not see the frames its own interface sends.
+    """
+
+    name: str
+    mac: bytes
+    mtu: int = 1500
+    netns: str | None = None
+    peer: MemoryInterface | None = None
+    sockets: list[MemoryPacketSocket] = field(factory=list)
+
+    def receive(self, frame: bytes, pkttype: int | None = None) -> None:
+        """
+        Deliver ``frame`` (with its Ethernet header) from the wire to every open socket.
+
+        ``pkttype`` defaults to what the destination MAC makes it.  Frames of
+        another EtherType are filtered out, as the kernel filters them.
+        """
+        if len(frame) < 14:
+            return
+        if pkttype is None:
+            dst = frame[:6]
+            if dst == self.mac:
+                pkttype = socket.PACKET_HOST
+            elif dst == BROADCAST_MAC:
+                pkttype = socket.PACKET_BROADCAST
+            elif dst[0] & 1:
+                pkttype = socket.PACKET_MULTICAST
+            else:
+                pkttype = socket.PACKET_OTHERHOST
+        ethertype = int.from_bytes(frame[12:14], "big")
+        for sock in self.sockets:
+            if sock.ethertype == ethertype:
+                addr = (self.name, ethertype, pkttype, _ARPHRD_ETHER, bytes(frame[6:12]))
+                sock.inbound.append((bytes(frame), addr))
+
+    def transmit(self, frame: bytes) -> None:
+        """Put ``frame`` on the wire: its peer, if any, receives it."""
+        if self.peer is not None:
+            self.peer.receive(frame)
+
+
+@implementer(_IPacketSystem)
+class MemoryPacketSystem:
+    """
+    An in-memory ``_IPacketSystem``: interfaces, namespaces and packet sockets.
+
+    ``privileged`` false makes ``open`` fail with ``EPERM``, as it does
+    without ``CAP_NET_RAW``; an unknown interface gives ``ENODEV`` and an
+    unknown namespace ``ENOENT``, just as the real system does.
+    """
+
+    def __init__(self) -> None:
+        self.privileged = True
+        self.namespaces: set[str] = set()
+        self.interfaces: dict[tuple[str | None, str], MemoryInterface] = {}
+        self.sockets: dict[int, MemoryPacketSocket] = {}
+        self._next_fd = 1000
+        self._next_mac = 1
+
+    def add_interface(
+        self,
+        name: str,
+        mac: bytes | None = None,
+        mtu: int = 1500,
+        netns: str | None = None,
+    ) -> MemoryInterface:
+        """Create interface ``name`` in namespace ``netns``, with a fresh local MAC by default."""
+        if mac is None:
+            mac = b"\x02\x00\x00\x00" + self._next_mac.to_bytes(2, "big")
+            self._next_mac += 1
+        if netns is not None:
+            self.namespaces.add(netns)
+        interface = MemoryInterface(name, mac, mtu, netns)
+        self.interfaces[(netns, name)] = interface
+        return interface
+
+    def add_veth(
+        self,
+        name: str,
+        peer_name: str,
+        mtu: int = 1500,
+        netns: str | None = None,
+        peer_netns: str | None = None,
+    ) -> tuple[MemoryInterface, MemoryInterface]:
+        """Create two interfaces joined like a veth pair: each one's frames reach the other."""
+        a = self.add_interface(name, mtu=mtu, netns=netns)
+        b = self.add_interface(peer_name, mtu=mtu, netns=peer_netns)
+        a.peer, b.peer = b, a
+        return a, b
+
+    def socket_for(self, port: Any) -> MemoryPacketSocket:
+        """Return the socket an ``AoEPort`` using this system has open."""
+        return self.sockets[port.fileno()]
+
+    def _socket(self, fd: int) -> MemoryPacketSocket:
+        try:
+            sock = self.sockets[fd]
+        except KeyError:
+            raise _oserror(errno.EBADF) from None
+        if sock.closed:
+            raise _oserror(errno.EBADF)
+        return sock
+
+    def open(self, interface: str, ethertype: int, netns: str | None = None) -> int:
+        """Open a socket on ``interface`` (see ``_IPacketSystem.open``)."""
+        if netns is not None and netns not in self.namespaces:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), f"/var/run/netns/{netns}")
+        if not self.privileged:
+            raise _oserror(errno.EPERM)
+        try:
+            iface = self.interfaces[(netns, interface)]
+        except KeyError:
+            raise _oserror(errno.ENODEV) from None
+        fd = self._next_fd
+        self._next_fd += 1
+        sock = MemoryPacketSocket(fd, iface, ethertype, netns)
+        self.sockets[fd] = sock
+        iface.sockets.append(sock)
+        return fd
+
+    def hardware_address(self, fd: int) -> bytes:
+        """The MAC of the socket's interface."""
+        return self._socket(fd).interface.mac
+
+    def mtu(self, fd: int, interface: str) -> int:
+        """The MTU of the socket's interface."""
+        return self._socket(fd).interface.mtu
+
+    def set_receive_buffer(self, fd: int, size: int) -> int:
+        """Record the size asked for, doubled as Linux reports it; never shrink."""
+        sock = self._socket(fd)
+        sock.receive_buffer = max(sock.receive_buffer, 2 * size)
+        return sock.receive_buffer
+
+    def recvfrom(self, fd: int, bufsize: int) -> tuple[bytes, tuple[Any, ...]]:
+        """Take the next waiting frame, truncated to ``bufsize``; ``EAGAIN`` if none."""
+        sock = self._socket(fd)
+        if sock.recv_errors:
+            raise sock.recv_errors.popleft()
+        if not sock.inbound:
+            raise _oserror(errno.EAGAIN)
+        frame, addr = sock.inbound.popleft()
+        return frame[:bufsize], addr
+
+    def send(self, fd: int, frame: bytes) -> int:
+        """Record ``frame`` and put it on the wire; ``EMSGSIZE`` if it exceeds the MTU."""
+        sock = self._socket(fd)
+        if sock.send_errors:
+            raise sock.send_errors.popleft()
+        if len(frame) > sock.interface.mtu + 14:
+            raise _oserror(errno.EMSGSIZE)
+        frame = bytes(frame)
+        sock.sent.append(frame)
+        sock.interface.transmit(frame)
+        return len(frame)
+
+    def close(self, fd: int) -> None:
+        """Close the socket: it receives nothing more."""
+        sock = self._socket(fd)
+        sock.closed = True
+        sock.interface.sockets.remove(sock)

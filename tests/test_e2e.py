@@ -1,0 +1,718 @@
+"""
+End-to-end tests: the real server on a real ``AF_PACKET`` socket, talked to with real frames.
+
+Each test makes its own pair of network namespaces joined by a veth pair
+(``tests.netns``), runs ``AoEService`` in this process on the trial reactor
+with its socket in the server namespace, and talks to it from the client
+namespace with ``tests.peer.Peer``, another raw socket in the same process.
+The namespaces, and the veth pair with them, are deleted when the test ends.
+
+Root only: without it (or without ``ip``) the tests skip, or fail under
+``AOE_TWISTED_REQUIRE_INTEROP=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import shutil
+from collections.abc import Callable, Generator
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from aoe_twisted.backends.block import BlockDeviceBackend
+from aoe_twisted.backends.file import FileBackend
+from aoe_twisted.backends.memory import MemoryBackend
+from aoe_twisted.server import AoEService
+from aoe_twisted.target import Target
+from aoe_twisted.wire import (
+    BROADCAST_MAC,
+    ETHERTYPE,
+    SECTOR_SIZE,
+    ATAArg,
+    ATACmdStatus,
+    ATAError,
+    Command,
+    ConfigArg,
+    ConfigCommand,
+    Directive,
+    DirectiveCommand,
+    Error,
+    EthernetFrame,
+    Header,
+    MACMaskArg,
+    MACMaskCommand,
+    ReserveReleaseArg,
+    ReserveReleaseCommand,
+    WireError,
+)
+from tests.netns import VethPair, require, run
+from tests.peer import Peer, Reply
+
+Gen = Generator[defer.Deferred[Any], Any, None]
+
+#: A forged, locally administered source MAC that no interface has.
+FORGED = bytes.fromhex("02f0f0f0f001")
+#: The reply to "no reply expected" comes within this many seconds if it comes at all.
+SILENCE = 0.3
+
+_DRDY = int(ATACmdStatus.READY_STATUS)
+_ERR_DRDY = int(ATACmdStatus.ERR_STATUS) | _DRDY
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Return ``size`` reproducible pseudo-random bytes."""
+    return random.Random(seed).randbytes(size)
+
+
+def memory_target(shelf: int, slot: int, sectors: int = 256, seed: int = 1) -> Target:
+    """Return a target on a memory disk of ``sectors`` sectors filled with a pattern."""
+    backend = MemoryBackend(sectors * SECTOR_SIZE)
+    backend.write(0, pattern(backend.size, seed))
+    return Target(shelf, slot, backend)
+
+
+def digest(target: Target) -> str:
+    """Return a hash of the whole disk of ``target``."""
+    backend = target.backend
+    return hashlib.sha256(backend.read(0, backend.size)).hexdigest()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> defer.Deferred[None]:
+    """Fire once ``condition()`` is true, polling the reactor; fail after ``timeout`` s."""
+
+    @defer.inlineCallbacks
+    def poll() -> Gen:
+        waited = 0.0
+        while not condition():
+            if waited > timeout:
+                raise AssertionError(f"condition not met within {timeout} s")
+            yield task.deferLater(reactor, 0.005, lambda: None)
+            waited += 0.005
+
+    return poll()
+
+
+class EndToEndCase(TestCase):
+    """Start a server and a peer on a fresh veth pair; check replies."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        require(self)
+
+    def serve(
+        self, targets: list[Target], mtu: int = 1500, max_sectors: int | None = None
+    ) -> AoEService:
+        """
+        Serve ``targets`` on the server end of a new veth pair, with a peer on the other.
+
+        The peer starts first so it sees the start-up announcements.  The
+        cleanups stop the service, then the peer, then delete the namespaces.
+        """
+        self.pair = VethPair.create(self, mtu=mtu)
+        self.peer = Peer(self.pair.client_if, self.pair.client_ns)
+        self.peer.start()
+        self.addCleanup(self.peer.stop)
+        service = AoEService(
+            self.pair.server_if, targets, netns=self.pair.server_ns, max_sectors=max_sectors
+        )
+        self.addCleanup(service.stopService)
+        service.privilegedStartService()
+        service.startService()
+        assert service.port is not None and service.port.mac is not None
+        self.service = service
+        self.server = service.port.mac
+        return service
+
+    def one(self, replies: list[Reply]) -> Reply:
+        """Return the one reply in ``replies``, failing if there is not exactly one."""
+        self.assertEqual(len(replies), 1, f"expected one reply, got {replies!r}")
+        reply = replies[0]
+        self.assertEqual(reply.src, self.server)
+        self.assertTrue(reply.header.flag_response)
+        return reply
+
+    def ata_ok(self, replies: list[Reply], data: bytes = b"") -> ATAArg:
+        """Check one successful ATA reply (``DRDY``), carrying ``data`` if given."""
+        reply = self.one(replies)
+        self.assertFalse(reply.header.flag_error)
+        arg = reply.arg
+        assert isinstance(arg, ATAArg)
+        self.assertEqual(arg.cmd_status, _DRDY, f"ATA status {arg.cmd_status:#x}")
+        if data:
+            self.assertEqual(arg.data, data)
+        return arg
+
+    def ata_failed(self, replies: list[Reply], error: ATAError) -> None:
+        """Check one failed ATA reply (``ERR|DRDY``) with ``error`` in the error register."""
+        reply = self.one(replies)
+        self.assertFalse(reply.header.flag_error)
+        arg = reply.arg
+        assert isinstance(arg, ATAArg)
+        self.assertEqual(arg.cmd_status, _ERR_DRDY)
+        self.assertEqual(arg.err_feature, int(error))
+        self.assertEqual(arg.data.strip(b"\x00"), b"", "a failed ATA reply carries no data")
+
+
+class DiscoveryTests(EndToEndCase):
+    """Finding targets."""
+
+    @defer.inlineCallbacks
+    def test_discovery_by_broadcast(self) -> Gen:
+        """
+        A broadcast config query (32 bytes, unpadded, as Linux sends it) gets one
+        padded reply from the target, to the querier, with its address and limits.
+        """
+        self.serve([memory_target(1, 2)])
+        header = Header(major=0xFFFF, minor=0xFF, command=Command.QUERY_CONFIG_INFORMATION,
+                        tag=self.peer.next_tag(), arg=ConfigArg())
+        self.assertEqual(len(self.peer.frame(header, BROADCAST_MAC)), 32)
+        reply = self.one((yield self.peer.request(header, BROADCAST_MAC, timeout=SILENCE)))
+        self.assertEqual(reply.dst, self.peer.mac)
+        self.assertEqual(len(reply.frame), 60)
+        self.assertEqual((reply.header.major, reply.header.minor), (1, 2))
+        self.assertEqual(reply.header.tag, header.tag)
+        arg = reply.arg
+        assert isinstance(arg, ConfigArg)
+        self.assertEqual((arg.buffer_count, arg.sector_count, arg.version), (16, 2, 1))
+
+    @defer.inlineCallbacks
+    def test_announces_at_start(self) -> Gen:
+        """A peer that is already up hears each target announce itself by broadcast at start."""
+        self.serve([memory_target(1, 2), memory_target(7, 8)])
+        yield wait_for(lambda: len(self.peer.unsolicited) >= 2)
+        announced = sorted(
+            (r.header.major, r.header.minor) for r in self.peer.unsolicited
+        )
+        self.assertEqual(announced, [(1, 2), (7, 8)])
+        for reply in self.peer.unsolicited:
+            self.assertEqual((reply.src, reply.dst), (self.server, BROADCAST_MAC))
+            self.assertEqual(reply.header.command, Command.QUERY_CONFIG_INFORMATION)
+            self.assertEqual(reply.header.tag, bytes(4))
+
+    @defer.inlineCallbacks
+    def test_several_targets_on_one_interface(self) -> Gen:
+        """
+        Three targets on one interface: discovery finds all three, a shelf
+        wildcard those on the shelf, and I/O reaches only the addressed disk.
+        """
+        targets = [memory_target(1, 1, 64, 1), memory_target(1, 2, 128, 2),
+                   memory_target(2, 1, 32, 3)]
+        self.serve(targets)
+        replies = yield self.peer.discover()
+        self.assertEqual(
+            sorted((r.header.major, r.header.minor) for r in replies), [(1, 1), (1, 2), (2, 1)]
+        )
+        shelf_one = yield self.peer.discover(shelf=1)
+        self.assertEqual(sorted(r.header.minor for r in shelf_one), [1, 2])
+        before = [digest(t) for t in targets]
+        data = pattern(SECTOR_SIZE, 99)
+        self.ata_ok((yield self.peer.write(self.server, 1, 2, 5, data)))
+        after = [digest(t) for t in targets]
+        self.assertEqual([b == a for b, a in zip(before, after, strict=True)], [True, False, True])
+        self.ata_ok((yield self.peer.read(self.server, 1, 2, 5)), data)
+        for t in targets:
+            arg = self.ata_ok((yield self.peer.identify(self.server, t.shelf, t.slot)))
+            self.assertEqual(int.from_bytes(arg.data[200:208], "little"),
+                             t.backend.size // SECTOR_SIZE)
+
+
+class ATATests(EndToEndCase):
+    """Identify, read and write."""
+
+    @defer.inlineCallbacks
+    def test_identify(self) -> Gen:
+        """IDENTIFY gives a 512-byte page with the size in words 60-61 and 100-103 and LBA48 on."""
+        self.serve([memory_target(0, 0, sectors=2048)])
+        page = self.ata_ok((yield self.peer.identify(self.server, 0, 0))).data
+        self.assertEqual(len(page), 512)
+
+        def word(i: int) -> int:
+            return int.from_bytes(page[2 * i : 2 * i + 2], "little")
+
+        self.assertTrue(word(83) & 0x0400)
+        self.assertEqual(word(60) | word(61) << 16, 2048)
+        self.assertEqual(sum(word(100 + i) << (16 * i) for i in range(4)), 2048)
+
+    @defer.inlineCallbacks
+    def test_first_and_last_sector(self) -> Gen:
+        """Writes to the first and last sector read back, and reach the disk."""
+        target = memory_target(0, 1, sectors=256)
+        self.serve([target])
+        first, last = pattern(SECTOR_SIZE, 10), pattern(SECTOR_SIZE, 11)
+        self.ata_ok((yield self.peer.write(self.server, 0, 1, 0, first)))
+        self.ata_ok((yield self.peer.write(self.server, 0, 1, 255, last)))
+        self.ata_ok((yield self.peer.read(self.server, 0, 1, 0)), first)
+        self.ata_ok((yield self.peer.read(self.server, 0, 1, 255)), last)
+        self.assertEqual(target.backend.read(0, SECTOR_SIZE), first)
+        self.assertEqual(target.backend.read(255 * SECTOR_SIZE, SECTOR_SIZE), last)
+
+    @defer.inlineCallbacks
+    def test_advertised_maximum(self) -> Gen:
+        """At MTU 1500 the target advertises 2 sectors, serves 2 and aborts 3."""
+        self.serve([memory_target(0, 1)])
+        (reply,) = yield self.peer.discover()
+        self.assertEqual(reply.arg.sector_count, 2)
+        data = pattern(2 * SECTOR_SIZE, 12)
+        self.ata_ok((yield self.peer.write(self.server, 0, 1, 100, data)))
+        self.ata_ok((yield self.peer.read(self.server, 0, 1, 100, 2)), data)
+        self.ata_failed((yield self.peer.read(self.server, 0, 1, 100, 3)), ATAError.ABRT)
+
+    @defer.inlineCallbacks
+    def test_jumbo_frames(self) -> Gen:
+        """At MTU 9000 the target advertises 17 sectors and moves 17 in one frame each way."""
+        self.serve([memory_target(0, 1, sectors=512)], mtu=9000)
+        (reply,) = yield self.peer.discover()
+        self.assertEqual(reply.arg.sector_count, 17)
+        data = pattern(17 * SECTOR_SIZE, 13)
+        self.ata_ok((yield self.peer.write(self.server, 0, 1, 400, data)))
+        replies = yield self.peer.read(self.server, 0, 1, 400, 17)
+        self.ata_ok(replies, data)
+        self.assertEqual(len(replies[0].frame), 14 + 10 + 12 + 17 * SECTOR_SIZE)
+
+    @defer.inlineCallbacks
+    def test_max_sectors_option(self) -> Gen:
+        """``max_sectors`` caps what is advertised below what the MTU allows."""
+        self.serve([memory_target(0, 1)], mtu=9000, max_sectors=8)
+        (reply,) = yield self.peer.discover()
+        self.assertEqual(reply.arg.sector_count, 8)
+
+    @defer.inlineCallbacks
+    def test_out_of_range(self) -> Gen:
+        """Reads and writes past the end fail with IDNF and change nothing."""
+        target = memory_target(0, 1, sectors=256)
+        self.serve([target])
+        before = digest(target)
+        self.ata_failed((yield self.peer.read(self.server, 0, 1, 256)), ATAError.IDNF)
+        self.ata_failed((yield self.peer.read(self.server, 0, 1, 255, 2)), ATAError.IDNF)
+        self.ata_failed(
+            (yield self.peer.write(self.server, 0, 1, 255, bytes(2 * SECTOR_SIZE))), ATAError.IDNF
+        )
+        self.assertEqual(digest(target), before)
+
+
+class ConfigTests(EndToEndCase):
+    """Config strings (AoEr11 3.2)."""
+
+    @defer.inlineCallbacks
+    def test_set_and_test(self) -> Gen:
+        """
+        Set stores the string; test and prefix test answer only on a match;
+        set over another string is refused, force set replaces it.
+        """
+        self.serve([memory_target(3, 4)])
+        config = self.peer.config
+        reply = self.one((yield config(self.server, 3, 4, ConfigCommand.SET, b"alpha")))
+        self.assertEqual(reply.arg.string, b"alpha")
+        self.one((yield config(self.server, 3, 4, ConfigCommand.TEST, b"alpha")))
+        self.assertEqual(
+            (yield config(self.server, 3, 4, ConfigCommand.TEST, b"beta", timeout=SILENCE)), []
+        )
+        self.one((yield config(self.server, 3, 4, ConfigCommand.TEST_PREFIX, b"al")))
+        self.assertEqual(
+            (yield config(self.server, 3, 4, ConfigCommand.TEST_PREFIX, b"be", timeout=SILENCE)),
+            [],
+        )
+        refused = self.one((yield config(self.server, 3, 4, ConfigCommand.SET, b"beta")))
+        self.assertTrue(refused.header.flag_error)
+        self.assertEqual(refused.header.error, Error.CONFIG_STRING_PRESENT)
+        self.assertEqual(refused.arg.string, b"alpha")
+        self.one((yield config(self.server, 3, 4, ConfigCommand.FORCE_SET, b"beta")))
+        (found,) = yield self.peer.discover()
+        self.assertEqual(found.arg.string, b"beta")
+
+
+class AccessControlTests(EndToEndCase):
+    """MAC mask lists (AoEr11 3.3) and reserve lists (3.4), with a forged second host."""
+
+    @defer.inlineCallbacks
+    def test_mask_list(self) -> Gen:
+        """
+        Once the mask list holds our MAC, a host not on it gets no reply to
+        anything; adding that host lets it in.
+        """
+        target = memory_target(0, 1)
+        self.serve([target])
+        peer, server = self.peer, self.server
+        add = DirectiveCommand.ADD
+        reply = self.one(
+            (yield peer.mask(server, 0, 1, MACMaskCommand.EDIT, [Directive(add, peer.mac)]))
+        )
+        self.assertEqual([d.mac for d in reply.arg.directives], [peer.mac])
+        self.assertEqual((yield peer.read(server, 0, 1, 0, src=FORGED, timeout=SILENCE)), [])
+        self.assertEqual(
+            (yield peer.mask(server, 0, 1, MACMaskCommand.READ, src=FORGED, timeout=SILENCE)), []
+        )
+        before = digest(target)
+        self.assertEqual(
+            (yield peer.write(server, 0, 1, 0, bytes(SECTOR_SIZE), src=FORGED, timeout=SILENCE)),
+            [],
+        )
+        self.assertEqual(digest(target), before)
+        self.ata_ok((yield peer.read(server, 0, 1, 0)))
+        reply = self.one(
+            (yield peer.mask(server, 0, 1, MACMaskCommand.EDIT, [Directive(add, FORGED)]))
+        )
+        self.assertEqual(sorted(d.mac for d in reply.arg.directives), sorted([peer.mac, FORGED]))
+        replies = yield peer.read(server, 0, 1, 0, src=FORGED)
+        self.ata_ok(replies)
+        self.assertEqual(replies[0].dst, FORGED)
+
+    @defer.inlineCallbacks
+    def test_reserve_list(self) -> Gen:
+        """
+        Reserved by us, the target refuses another host's writes and reserve
+        changes with error 6 but still identifies; a force set releases it.
+        """
+        target = memory_target(0, 1)
+        self.serve([target])
+        peer, server = self.peer, self.server
+        reply = self.one((yield peer.reserve(server, 0, 1, ReserveReleaseCommand.SET, [peer.mac])))
+        self.assertEqual(reply.arg.macs, (peer.mac,))
+        listed = self.one(
+            (yield peer.reserve(server, 0, 1, ReserveReleaseCommand.READ, src=FORGED))
+        )
+        self.assertEqual(listed.arg.macs, (peer.mac,))
+        before = digest(target)
+        refused = self.one(
+            (yield peer.write(server, 0, 1, 3, pattern(SECTOR_SIZE, 5), src=FORGED))
+        )
+        self.assertTrue(refused.header.flag_error)
+        self.assertEqual(refused.header.error, Error.TARGET_IS_RESERVED)
+        self.assertEqual(digest(target), before)
+        self.ata_ok((yield peer.identify(server, 0, 1)))
+        refused = self.one(
+            (yield peer.reserve(server, 0, 1, ReserveReleaseCommand.SET, [FORGED], src=FORGED))
+        )
+        self.assertEqual(refused.header.error, Error.TARGET_IS_RESERVED)
+        data = pattern(SECTOR_SIZE, 6)
+        self.ata_ok((yield peer.write(server, 0, 1, 3, data)))
+        self.one((yield peer.reserve(server, 0, 1, ReserveReleaseCommand.FORCE_SET, src=FORGED)))
+        self.ata_ok((yield peer.write(server, 0, 1, 4, data, src=FORGED)))
+        self.assertEqual(target.backend.read(3 * SECTOR_SIZE, 2 * SECTOR_SIZE), data + data)
+
+
+class BackendTests(EndToEndCase):
+    """Disks that outlive the server: bytes are checked where they landed."""
+
+    @defer.inlineCallbacks
+    def test_file_backend(self) -> Gen:
+        """Writes through AoE are in the image file, byte for byte, after the server stops."""
+        path = self.mktemp()
+        original = pattern(128 * SECTOR_SIZE, 20)
+        with open(path, "wb") as f:
+            f.write(original)
+        backend = FileBackend.open(path)
+        service = self.serve([Target(0, 1, backend)])
+        first, last = pattern(SECTOR_SIZE, 21), pattern(2 * SECTOR_SIZE, 22)
+        self.ata_ok((yield self.peer.write(self.server, 0, 1, 0, first)))
+        self.ata_ok((yield self.peer.write(self.server, 0, 1, 126, last)))
+        self.ata_ok((yield self.peer.read(self.server, 0, 1, 126, 2)), last)
+        yield service.stopService()
+        with open(path, "rb") as f:
+            on_disk = f.read()
+        self.assertEqual(len(on_disk), len(original))
+        self.assertEqual(on_disk, first + original[SECTOR_SIZE:-2 * SECTOR_SIZE] + last)
+
+    @defer.inlineCallbacks
+    def test_block_backend(self) -> Gen:
+        """
+        A loop device served with ``block:``: its size comes from the kernel,
+        and writes are in the backing file once the device is detached.
+        """
+        require(self, None if shutil.which("losetup") else "needs losetup (util-linux)")
+        backing = self.mktemp()
+        original = pattern(512 * SECTOR_SIZE, 30)
+        with open(backing, "wb") as f:
+            f.write(original)
+        try:
+            device = run("losetup", "--find", "--show", backing).strip()
+        except RuntimeError as e:
+            require(self, f"cannot attach a loop device: {e}")
+        self.addCleanup(_detach, device)
+        backend = BlockDeviceBackend.open(device)
+        self.assertEqual(backend.size, len(original))
+        service = self.serve([Target(0, 1, backend)])
+        page = self.ata_ok((yield self.peer.identify(self.server, 0, 1))).data
+        self.assertEqual(int.from_bytes(page[200:208], "little"), 512)
+        first, last = pattern(SECTOR_SIZE, 31), pattern(SECTOR_SIZE, 32)
+        self.ata_ok((yield self.peer.write(self.server, 0, 1, 0, first)))
+        self.ata_ok((yield self.peer.write(self.server, 0, 1, 511, last)))
+        self.ata_ok((yield self.peer.read(self.server, 0, 1, 0)), first)
+        self.ata_ok((yield self.peer.read(self.server, 0, 1, 511)), last)
+        yield service.stopService()
+        _detach(device)
+        with open(backing, "rb") as f:
+            on_disk = f.read()
+        self.assertEqual(on_disk, first + original[SECTOR_SIZE:-SECTOR_SIZE] + last)
+
+
+def _detach(device: str) -> None:
+    """Detach loop device ``device`` if it is still attached."""
+    with contextlib.suppress(RuntimeError):
+        run("losetup", "--detach", device)
+
+
+# -- malformed input ----------------------------------------------------------
+
+
+class _Garbage:
+    """
+    Builds malformed frames for one target from one host: every one of them is
+    something a target must not act on, and many are near-misses of a write.
+    """
+
+    def __init__(self, rng: random.Random, dst: bytes, src: bytes, shelf: int, slot: int,
+                 sectors: int, max_sectors: int) -> None:
+        self.rng = rng
+        self.dst, self.src = dst, src
+        self.shelf, self.slot = shelf, slot
+        self.sectors, self.max_sectors = sectors, max_sectors
+
+    def frame(self, payload: bytes, broadcast: bool = False) -> bytes:
+        dst = BROADCAST_MAC if broadcast else self.dst
+        return EthernetFrame(dst, self.src, ETHERTYPE, payload).to_bytes()
+
+    def tag(self) -> bytes:
+        return self.rng.randbytes(4)
+
+    def write_header(self, lba: int = 0, count: int = 1, data: bytes | None = None,
+                     opcode: int = ATACmdStatus.WRITE_48BIT, write_flag: bool = True) -> Header:
+        if data is None:
+            data = self.rng.randbytes(count * SECTOR_SIZE)
+        arg = ATAArg(flag_lba48_extended=True, flag_write=write_flag, sector_count=count,
+                     cmd_status=opcode, lba=lba, data=data)
+        return Header(major=self.shelf, minor=self.slot, command=Command.ISSUE_ATA_COMMAND,
+                      tag=self.tag(), arg=arg)
+
+    def a_write(self) -> bytes:
+        """The bytes of a valid write of one random sector somewhere on the disk."""
+        lba = self.rng.randrange(self.sectors)
+        return self.write_header(lba=lba).to_bytes()
+
+    # Each maker returns one payload.
+
+    def random_bytes(self) -> bytes:
+        while True:
+            payload = self.rng.randbytes(self.rng.randrange(0, 120))
+            if not _acts(payload):
+                return payload
+
+    def truncated_header(self) -> bytes:
+        return self.a_write()[: self.rng.randrange(0, 10)]
+
+    def truncated_argument(self) -> bytes:
+        return self.a_write()[: self.rng.randrange(10, 22)]
+
+    def bad_version(self) -> bytes:
+        payload = bytearray(self.a_write())
+        payload[0] = self.rng.choice([0, 2, 3, 15]) << 4
+        return bytes(payload)
+
+    def response_flag(self) -> bytes:
+        payload = bytearray(self.a_write())
+        payload[0] |= 0x08
+        return bytes(payload)
+
+    def unknown_command(self) -> bytes:
+        payload = bytearray(self.a_write())
+        payload[5] = self.rng.randrange(4, 256)
+        return bytes(payload)
+
+    def ata_reserved_bytes(self) -> bytes:
+        payload = bytearray(self.a_write())
+        payload[20] = self.rng.randrange(1, 256)
+        return bytes(payload)
+
+    def write_out_of_range(self) -> bytes:
+        lba = self.rng.choice([self.sectors, self.sectors + 7, (1 << 48) - 1])
+        return self.write_header(lba=lba).to_bytes()
+
+    def write_straddling_end(self) -> bytes:
+        return self.write_header(lba=self.sectors - 1, count=2).to_bytes()
+
+    def write_too_many_sectors(self) -> bytes:
+        count = self.rng.randrange(self.max_sectors + 1, 256)
+        return self.write_header(count=count, data=self.rng.randbytes(SECTOR_SIZE)).to_bytes()
+
+    def write_short_data(self) -> bytes:
+        count = self.max_sectors
+        data = self.rng.randbytes(count * SECTOR_SIZE - self.rng.randrange(1, SECTOR_SIZE))
+        return self.write_header(count=count, data=data).to_bytes()
+
+    def write_zero_count(self) -> bytes:
+        return self.write_header(count=0, data=self.rng.randbytes(SECTOR_SIZE)).to_bytes()
+
+    def write_without_flag(self) -> bytes:
+        return self.write_header(write_flag=False).to_bytes()
+
+    def unknown_ata_opcode(self) -> bytes:
+        opcode = self.rng.choice([0x00, 0x25, 0x35, 0xC8, 0xCA, 0xFF])
+        return self.write_header(opcode=opcode).to_bytes()
+
+    def config_bad(self) -> bytes:
+        string = self.rng.randbytes(self.rng.randrange(0, 40))
+        arg = ConfigArg(command=ConfigCommand.FORCE_SET, string_length=len(string), string=string)
+        payload = bytearray(Header(major=self.shelf, minor=self.slot,
+                                   command=Command.QUERY_CONFIG_INFORMATION, tag=self.tag(),
+                                   arg=arg).to_bytes())
+        kind = self.rng.randrange(3)
+        if kind == 0:  # string longer than the 1024 bytes allowed
+            payload[16:18] = self.rng.randrange(1025, 65536).to_bytes(2, "big")
+        elif kind == 1:  # string longer than what the frame holds
+            payload[16:18] = (len(string) + self.rng.randrange(1, 500)).to_bytes(2, "big")
+        else:  # an undefined sub-command (5..15)
+            payload[15] = 0x10 | self.rng.randrange(5, 16)
+        return bytes(payload)
+
+    def mask_bad(self) -> bytes:
+        directive = Directive(DirectiveCommand.ADD, FORGED)
+        arg = MACMaskArg(MACMaskCommand.EDIT, 0, 1, (directive,))
+        payload = bytearray(Header(major=self.shelf, minor=self.slot,
+                                   command=Command.MAC_MASK_LIST, tag=self.tag(),
+                                   arg=arg).to_bytes())
+        kind = self.rng.randrange(5)
+        if kind == 0:  # reserved byte of the argument
+            payload[10] = self.rng.randrange(1, 256)
+        elif kind == 1:  # more directives than the frame holds
+            payload[13] = self.rng.randrange(2, 256)
+        elif kind == 2:  # reserved byte of the directive
+            payload[14] = self.rng.randrange(1, 256)
+        elif kind == 3:  # an undefined directive command
+            payload[15] = self.rng.randrange(3, 256)
+        else:  # an undefined mask command
+            payload[11] = self.rng.randrange(2, 256)
+        return bytes(payload)
+
+    def reserve_bad(self) -> bytes:
+        arg = ReserveReleaseArg(ReserveReleaseCommand.FORCE_SET, 1, (FORGED,))
+        payload = bytearray(Header(major=self.shelf, minor=self.slot,
+                                   command=Command.RESERVE_RELEASE, tag=self.tag(),
+                                   arg=arg).to_bytes())
+        if self.rng.randrange(2):  # more MACs than the frame holds
+            payload[11] = self.rng.randrange(2, 256)
+        else:  # an undefined sub-command
+            payload[10] = self.rng.randrange(3, 256)
+        return bytes(payload)
+
+    def frames(self, count: int) -> list[bytes]:
+        """Return ``count`` malformed frames, cycling through every kind, some broadcast."""
+        makers = [
+            self.random_bytes, self.truncated_header, self.truncated_argument, self.bad_version,
+            self.response_flag, self.unknown_command, self.ata_reserved_bytes,
+            self.write_out_of_range, self.write_straddling_end, self.write_too_many_sectors,
+            self.write_short_data, self.write_zero_count, self.write_without_flag,
+            self.unknown_ata_opcode, self.config_bad, self.mask_bad, self.reserve_bad,
+        ]
+        return [
+            self.frame(makers[i % len(makers)](), broadcast=self.rng.random() < 0.1)
+            for i in range(count)
+        ]
+
+
+def _acts(payload: bytes) -> bool:
+    """Return whether ``payload`` decodes as a request that could change a target's state."""
+    try:
+        header = Header.from_bytes(payload)
+    except WireError:
+        return False
+    if header.flag_response:
+        return False
+    arg = header.arg
+    if isinstance(arg, ATAArg):
+        return arg.cmd_status in (ATACmdStatus.WRITE_28BIT, ATACmdStatus.WRITE_48BIT)
+    if isinstance(arg, ConfigArg):
+        return arg.command in (ConfigCommand.SET, ConfigCommand.FORCE_SET)
+    if isinstance(arg, MACMaskArg):
+        return arg.command == MACMaskCommand.EDIT
+    if isinstance(arg, ReserveReleaseArg):
+        return arg.command != ReserveReleaseCommand.READ
+    return False
+
+
+class MalformedInputTests(EndToEndCase):
+    """A flood of garbage changes nothing and costs nothing but a log line."""
+
+    FRAMES = 2000
+    BATCH = 50
+
+    @defer.inlineCallbacks
+    def test_malformed_flood(self) -> Gen:
+        """
+        After 2,000 malformed frames (random bytes, truncated headers and
+        arguments, bad versions, the response flag, unknown commands, bad
+        arguments, invalid writes) every one was received, the disk is
+        unchanged, one log line reported them, and the target still answers.
+        """
+        target = memory_target(1, 1, sectors=64, seed=40)
+        service = self.serve([target])
+        assert service.protocol is not None and service.protocol.dispatcher is not None
+        counters = service.protocol.dispatcher.counters
+        lines: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if "malformed AoE frame" in event.get("log_format", ""):
+                lines.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        before = digest(target)
+        garbage = _Garbage(random.Random(2000), self.server, self.peer.mac, 1, 1, 64, 2)
+        frames = garbage.frames(self.FRAMES)
+        self.assertTrue(all(len(frame) <= 1514 for frame in frames))
+        received = counters["received"]
+        for start in range(0, len(frames), self.BATCH):
+            for frame in frames[start : start + self.BATCH]:
+                self.peer.send_raw(frame)
+            yield task.deferLater(reactor, 0.002, lambda: None)
+        yield wait_for(lambda: counters["received"] >= received + self.FRAMES)
+        self.assertEqual(counters["received"], received + self.FRAMES)
+        self.assertGreater(counters["malformed"], self.FRAMES // 3)
+        self.assertEqual(digest(target), before)
+        self.assertEqual(len(lines), 1)
+
+        (found,) = yield self.peer.discover()
+        self.assertEqual((found.header.major, found.header.minor), (1, 1))
+        data = pattern(2 * SECTOR_SIZE, 41)
+        self.ata_ok((yield self.peer.write(self.server, 1, 1, 62, data)))
+        self.ata_ok((yield self.peer.read(self.server, 1, 1, 62, 2)), data)
+        self.ata_ok((yield self.peer.identify(self.server, 1, 1)))
+
+        malformed = counters["malformed"]
+        yield service.stopService()
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(lines[1]["count"], malformed - 1)
+
+
+class NamespaceTests(SynchronousTestCase):
+    """The harness itself: nothing is left behind."""
+
+    def test_namespaces_removed(self) -> None:
+        """The namespaces a test makes are gone once its cleanups ran."""
+        require(self)
+        from tests.netns import leftover_namespaces
+
+        names: list[str] = []
+
+        class Inner(SynchronousTestCase):
+            def test_make(self) -> None:
+                pair = VethPair.create(self)
+                names.extend([pair.server_ns, pair.client_ns])
+                self.assertEqual(
+                    sorted(n for n in leftover_namespaces() if n in names), sorted(names)
+                )
+
+        from twisted.trial.reporter import TestResult
+
+        result = TestResult()
+        Inner("test_make").run(result)
+        self.assertTrue(result.wasSuccessful(), result.errors + result.failures)
+        self.assertEqual(len(names), 2)
+        self.assertEqual([n for n in leftover_namespaces() if n in names], [])
+        self.assertFalse(any(os.path.exists(f"/var/run/netns/{n}") for n in names))
