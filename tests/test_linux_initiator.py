@@ -28,7 +28,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from aoe_twisted.cli import twistd_argv
 from tests import linuxguest
 
 MIB = 1024 * 1024
@@ -54,13 +54,8 @@ HELLO = "hello from the linux aoe initiator"
 # which is also what our target advertises in its config reply.
 EXPECTED_PAYLOAD = {1500: 1024, 9000: 8704}
 
-_TWISTD_MAIN = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-TWISTD: tuple[str, ...] = (sys.executable, "-c", _TWISTD_MAIN)
-"""``twistd`` run by the interpreter running the tests.
-
-``python -m twisted.scripts.twistd`` does nothing at all (the module has no
-``__main__`` block), hence ``-c``.
-"""
+TWISTD: tuple[str, ...] = tuple(twistd_argv())
+"""``twistd`` run by the interpreter running the tests."""
 
 _GUEST_CMDLINE = "loglevel=1"
 """Added to every guest's kernel command line by ``run_session``."""
@@ -149,6 +144,27 @@ def make_image(path: Path, size: int = DISK_BYTES) -> Path:
     with path.open("wb") as f:
         f.truncate(size)
     return path
+
+
+def check_image(case: unittest.TestCase, image: Path, pattern_md5: str) -> None:
+    """Check on the host what ``DATA_SCRIPT`` left in ``image``: the pattern and the ext2 fs."""
+    with image.open("rb") as f:
+        f.seek(PATTERN_OFFSET_MIB * MIB)
+        on_disk = f.read(PATTERN_MIB * MIB)
+    case.assertEqual(hashlib.md5(on_disk).hexdigest(), pattern_md5)
+    if shutil.which("e2fsck"):
+        fsck = subprocess.run(
+            ["e2fsck", "-fn", str(image)], capture_output=True, text=True, check=False
+        )
+        case.assertEqual(fsck.returncode, 0, fsck.stdout + fsck.stderr)
+    if shutil.which("debugfs"):
+        cat = subprocess.run(
+            ["debugfs", "-R", "cat /hello.txt", str(image)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        case.assertEqual(cat.stdout.strip(), HELLO)
 
 
 def require_interop(case: unittest.TestCase, reason: str | None) -> None:
@@ -454,24 +470,8 @@ class LinuxInitiatorTests(InteropTestCase):
         self.assertEqual(v["FS_HELLO"], HELLO)
         self.assertEqual(v["FS_PATTERN_MD5"], pattern_md5)
 
-        with image.open("rb") as f:
-            f.seek(PATTERN_OFFSET_MIB * MIB)
-            on_disk = f.read(PATTERN_MIB * MIB)
-        self.assertEqual(hashlib.md5(on_disk).hexdigest(), pattern_md5)
+        check_image(self, image, pattern_md5)
         self.assertEqual(image.stat().st_size, DISK_BYTES, "the backing file changed size")
-        if shutil.which("e2fsck"):
-            fsck = subprocess.run(
-                ["e2fsck", "-fn", str(image)], capture_output=True, text=True, check=False
-            )
-            self.assertEqual(fsck.returncode, 0, fsck.stdout + fsck.stderr)
-        if shutil.which("debugfs"):
-            cat = subprocess.run(
-                ["debugfs", "-R", "cat /hello.txt", str(image)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            self.assertEqual(cat.stdout.strip(), HELLO)
 
         result = session.result
         moved = (int(v["SECTORS_READ"]) + int(v["SECTORS_WRITTEN"])) * SECTOR

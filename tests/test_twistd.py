@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from aoe_twisted.cli import twistd_argv
 from aoe_twisted.wire import SECTOR_SIZE, ATACmdStatus
 from tests.netns import VethPair, require
 from tests.peer import Peer
@@ -76,11 +76,7 @@ _PLUGIN = textwrap.dedent(
 
 
 #: How to run twistd with this interpreter (``python -m twisted.scripts.twistd`` runs nothing).
-TWISTD = [
-    sys.executable,
-    "-c",
-    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; sys.exit(run())",
-]
+TWISTD = twistd_argv()
 
 
 def _twistd(*args: str, netns: str | None = None, pythonpath: str | None = None,

@@ -738,6 +738,16 @@ async def run_command(reactor: Any, args: argparse.Namespace) -> int:
 _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 
 
+def twistd_argv(python: str | None = None) -> list[str]:
+    """
+    Return the argv that runs ``twistd`` with ``python`` (default: this interpreter).
+
+    ``python -m twisted.scripts.twistd`` does nothing (that module has no
+    ``__main__`` block), hence ``-c``.
+    """
+    return [python or sys.executable, "-c", _TWISTD]
+
+
 def twistd_command(args: Sequence[str], python: str | None = None) -> list[str]:
     """
     Return the argv that runs ``twistd -n --pidfile= aoe ARGS`` with ``python``.
@@ -745,7 +755,7 @@ def twistd_command(args: Sequence[str], python: str | None = None) -> list[str]:
     ``-n`` keeps it in the foreground, logging to standard output; the empty
     ``--pidfile`` lets several servers run from one directory.
     """
-    return [python or sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "aoe", *args]
+    return [*twistd_argv(python), "-n", "--pidfile=", "aoe", *args]
 
 
 def _serve(argv: list[str]) -> NoReturn:
