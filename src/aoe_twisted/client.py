@@ -115,6 +115,10 @@ _LBA28_LIMIT = 1 << 28
 _LBA48_LIMIT = 1 << 48
 #: IDENTIFY carries 0xA0 in LBA byte 3, as the Linux driver sends it.
 _IDENTIFY_LBA = 0xA0 << 24
+#: IDENTIFY word 83: bits 15:14 are 01 when the word is valid; bit 13 is FLUSH CACHE EXT.
+_WORD83_VALID_MASK = 0xC000
+_WORD83_VALID = 0x4000
+_WORD83_FLUSH_EXT = 1 << 13
 
 
 def target_name(shelf: int, slot: int) -> str:
@@ -229,13 +233,19 @@ class BadReply(AoEClientError):
 
 @frozen
 class Identity:
-    """What an ATA IDENTIFY DEVICE page says: capacity, LBA48 support, and the strings."""
+    """
+    What an ATA IDENTIFY DEVICE page says: capacity, LBA48 support, and the strings.
+
+    ``flush_ext`` says whether the device advertises FLUSH CACHE EXT (0xEA);
+    vblade, for one, does not, and aborts it.
+    """
 
     sectors: int
     lba48: bool
     model: str = ""
     serial: str = ""
     firmware: str = ""
+    flush_ext: bool = False
 
     @property
     def size(self) -> int:
@@ -257,7 +267,9 @@ def parse_identify(page: bytes) -> Identity:
     Decode an IDENTIFY DEVICE page the way the Linux driver does (``ataid_complete``).
 
     The capacity comes from words 100-103 when word 83 bit 10 advertises
-    LBA48, otherwise from words 60-61.
+    LBA48, otherwise from words 60-61.  FLUSH CACHE EXT is supported when
+    word 83 is valid (bits 15:14 are 01) and has bit 13, as libata's
+    ``ata_id_has_flush_ext`` decides.
 
     @raise BadReply: if ``page`` is shorter than 512 bytes.
     """
@@ -269,12 +281,17 @@ def parse_identify(page: bytes) -> Identity:
         sectors = words[100] | words[101] << 16 | words[102] << 32 | words[103] << 48
     else:
         sectors = words[60] | words[61] << 16
+    word83 = words[83]
+    flush_ext = (word83 & _WORD83_VALID_MASK) == _WORD83_VALID and bool(
+        word83 & _WORD83_FLUSH_EXT
+    )
     return Identity(
         sectors,
         lba48,
         model=_ata_string(words[27:47]),
         serial=_ata_string(words[10:20]),
         firmware=_ata_string(words[23:27]),
+        flush_ext=flush_ext,
     )
 
 
@@ -286,7 +303,8 @@ class TargetInfo:
     ``sector_count`` is the most sectors per ATA command the target accepts,
     with AoEr11's "0 means 2" already applied; ``mac`` is the 6-byte address
     it answered from.  ``size`` (bytes) and the IDENTIFY fields are ``None``
-    or empty when IDENTIFY was not asked for or not answered.
+    or empty when IDENTIFY was not asked for or not answered (``lba48`` and
+    ``flush_ext`` then assume a modern device).
     """
 
     shelf: int
@@ -301,6 +319,7 @@ class TargetInfo:
     model: str = ""
     serial: str = ""
     firmware: str = ""
+    flush_ext: bool = True
 
     @property
     def name(self) -> str:
@@ -333,6 +352,7 @@ class TargetInfo:
             model=identity.model,
             serial=identity.serial,
             firmware=identity.firmware,
+            flush_ext=identity.flush_ext,
         )
 
 
@@ -994,12 +1014,20 @@ class RemoteDisk:
         return op.deferred
 
     def flush(self) -> Deferred[None]:
-        """Ask the target to make every acknowledged write durable (FLUSH CACHE (EXT))."""
-        lba48 = self.info.lba48
-        command = ATACmdStatus.FLUSH_EXT if lba48 else ATACmdStatus.FLUSH
+        """
+        Ask the target to make every acknowledged write durable.
+
+        The command is FLUSH CACHE EXT (0xEA) when the target's IDENTIFY
+        advertises it on an LBA48 device, as libata chooses, and FLUSH CACHE
+        (0xE7) otherwise: vblade advertises only the latter and aborts 0xEA.
+        A reply whose status has none of BSY, DF, DRQ and ERR is success;
+        vblade answers 0xE7 with status 0 (without DRDY).
+        """
+        ext = self.info.lba48 and self.info.flush_ext
+        command = ATACmdStatus.FLUSH_EXT if ext else ATACmdStatus.FLUSH
         op = self._operation(None)
         self._add(
-            op, 0, lambda: ATAArg(flag_lba48_extended=lba48, cmd_status=command),
+            op, 0, lambda: ATAArg(flag_lba48_extended=ext, cmd_status=command),
             "FLUSH CACHE", 0,
         )
         op.deferred.addCallback(lambda _: None)
