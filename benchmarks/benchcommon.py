@@ -1,0 +1,237 @@
+"""
+Shared pieces of the server benchmarks (``raw_capacity.py``, ``linux_initiator.py``,
+``profile_server.py``): the servers under test, CPU accounting from ``/proc``,
+repeat statistics, the side-by-side table and a description of the machine.
+
+Not a benchmark itself; nothing here is imported by the package or the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: ``twistd`` run by this interpreter (``python -m twisted.scripts.twistd`` does nothing).
+TWISTD = (
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+)
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of process ``pid`` so far (``/proc/PID/stat`` utime, stime)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # The command name (field 2) may hold spaces: split after its closing parenthesis.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat`` utime+stime)."""
+    user, system = cpu_split(pid)
+    return user + system
+
+
+def twistd_help() -> str:
+    """The output of ``twistd aoe --help`` (to see which options this checkout has)."""
+    proc = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "aoe", "--help"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    return proc.stdout
+
+
+def has_option(option: str) -> bool:
+    """True if ``twistd aoe`` accepts ``option`` (e.g. ``--sync``, ``--workers``)."""
+    return option in twistd_help()
+
+
+@dataclass
+class ServerSpec:
+    """One server under test: a name for the table and how to start it."""
+
+    name: str
+    kind: str  # "vblade" or "ours"
+    extra: tuple[str, ...] = ()
+
+    def argv(self, iface: str, image: Path, shelf: int = 0, slot: int = 1) -> list[str]:
+        """The command line serving ``image`` as e``shelf``.``slot`` on ``iface``."""
+        if self.kind == "vblade":
+            return ["vblade", *self.extra, str(shelf), str(slot), iface, str(image)]
+        return [
+            *TWISTD, "-n", "--pidfile=", "aoe", "--iface", iface,
+            "--backend", f"file:{image}", "--shelf", str(shelf), "--slot", str(slot),
+            *self.extra,
+        ]  # fmt: skip
+
+
+def start_in_netns(netns: str, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in ``netns`` (``ip netns exec`` execs it: the pid is the server's)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", netns, *argv],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run(*argv: str) -> str:
+    """Run a command; raise ``RuntimeError`` with its stderr if it fails."""
+    res = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+@dataclass
+class Veth:
+    """Two namespaces joined by a veth pair (server end ``srv0``, client end ``cli0``)."""
+
+    server_ns: str
+    client_ns: str
+    server_if: str = "aoebsrv0"
+    client_if: str = "aoebcli0"
+
+
+@contextlib.contextmanager
+def veth_pair(mtu: int) -> Iterator[Veth]:
+    """Create two namespaces and a veth pair at ``mtu``; delete them on exit, whatever happens."""
+    base = f"aoe-bench-{os.getpid()}-{secrets.token_hex(3)}"
+    pair = Veth(f"{base}-srv", f"{base}-cli")
+    made: list[str] = []
+    try:
+        for ns in (pair.server_ns, pair.client_ns):
+            run("ip", "netns", "add", ns)
+            made.append(ns)
+        run(
+            "ip", "link", "add", pair.server_if, "netns", pair.server_ns, "mtu", str(mtu),
+            "type", "veth", "peer", "name", pair.client_if, "netns", pair.client_ns,
+            "mtu", str(mtu),
+        )  # fmt: skip
+        for ns, iface in ((pair.server_ns, pair.server_if), (pair.client_ns, pair.client_if)):
+            run("ip", "-n", ns, "link", "set", "dev", iface, "up")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            states = [
+                run("ip", "-n", ns, "-o", "link", "show", "dev", i)
+                for ns, i in ((pair.server_ns, pair.server_if), (pair.client_ns, pair.client_if))
+            ]
+            if all(" state UP " in s for s in states):
+                break
+            time.sleep(0.02)
+        yield pair
+    finally:
+        for ns in made:
+            for pid in subprocess.run(
+                ["ip", "netns", "pids", ns], capture_output=True, text=True, check=False
+            ).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def make_image(path: Path, size: int) -> Path:
+    """Write a ``size``-byte image of non-zero data (so reads come from the page cache)."""
+    chunk = os.urandom(1 << 20)
+    with path.open("wb") as f:
+        for _ in range(size >> 20):
+            f.write(chunk)
+    return path
+
+
+@dataclass
+class Spread:
+    """Median, minimum and maximum of repeated measurements."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    def fmt(self, digits: int = 1) -> str:
+        """``median (min-max)`` with ``digits`` decimals; ``n/a`` when empty."""
+        if not self.values:
+            return "n/a"
+        if len(self.values) == 1:
+            return f"{self.values[0]:,.{digits}f}"
+        return (
+            f"{self.median:,.{digits}f} ({min(self.values):,.{digits}f}"
+            f"-{max(self.values):,.{digits}f})"
+        )
+
+
+def ratio(ours: Spread, theirs: Spread) -> str:
+    """ours.median / theirs.median as ``0.42x``."""
+    if not ours.values or not theirs.values or theirs.median == 0:
+        return "n/a"
+    return f"{ours.median / theirs.median:.2f}x"
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (also readable on a terminal)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines = [f"### {title}", ""]
+    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """One paragraph describing this machine: CPUs, model, kernel, Python, load."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    vblade = "vblade"
+    with contextlib.suppress(Exception):
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", "vblade"],
+            capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        vblade = f"vblade {out}" if out else vblade
+    source = os.environ.get("PYTHONPATH") or str(REPO / "src")
+    return (
+        f"{os.cpu_count()} CPUs ({model}), kernel {platform.release()}, "
+        f"Python {platform.python_version()}, {vblade}, aoe-twisted from {source}, "
+        f"load average {load} at start"
+    )
+
+
+def now_utc() -> str:
+    """The time, for the report header."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
