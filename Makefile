@@ -1,5 +1,8 @@
 # aoe-twisted: every target does its own set-up on a fresh Debian machine (as root).
-PYTHON ?= python3
+# Debian's own python3 when there is one: world-readable, so the least-privilege
+# tests can run the server as nobody from this virtual environment.
+PYTHON ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)
+export PYTHON
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -9,8 +12,9 @@ STAMP := $(VENV)/.installed-stamp
 help:
 	@echo "make demo   - serve a memory disk on a private veth pair and use it from the other end"
 	@echo "make test   - install everything the tests need and run the whole trial suite"
-	@echo "make lint   - ruff over src, tests and benchmarks"
-	@echo "make bench  - micro-benchmarks of the protocol core"
+	@echo "make lint   - ruff over src, tests, benchmarks, fuzz and scripts"
+	@echo "make fuzz   - run each atheris fuzz target for FUZZ_SECONDS (default 60)"
+	@echo "make bench  - micro-benchmarks, then vblade vs aoe-twisted (veth load generator, Linux initiator; quick)"
 
 deps:
 	@scripts/install-system-deps
@@ -28,18 +32,28 @@ venv: $(STAMP)
 
 test: deps venv
 	$(PY) scripts/run_trial.py --temp-directory=$(VENV)/_trial_temp tests
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks fuzz scripts
 
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks fuzz scripts
 
 demo: venv
 	@scripts/install-system-deps --demo
 	$(PY) scripts/demo.py
 
-bench: venv
+bench: deps venv
 	$(PY) benchmarks/micro_codec.py
 	$(PY) benchmarks/micro_serve.py
+	$(PY) benchmarks/raw_capacity.py --quick
+	$(PY) benchmarks/linux_initiator.py --quick
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/twisted/plugins/dropin.cache _trial_temp
+
+# make fuzz FUZZ_SECONDS=60: each atheris target (fuzz/) for that many seconds; the
+# minimized corpus (fuzz/corpus/) and any crashers (fuzz/crashers/) stay in the repository.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz: venv
+	$(PY) -m pip install -q -e '.[fuzz]'
+	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)

@@ -10,6 +10,7 @@ another plugin package.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from types import ModuleType
 
@@ -31,8 +32,25 @@ def find_backend_factories(package: ModuleType | None = None) -> dict[str, IBack
     return {factory.scheme: factory for factory in getPlugins(IBackendFactory, package)}
 
 
+def _accepts(function: object, name: str) -> bool:
+    """Return whether ``function`` takes a keyword argument ``name`` (or any keyword)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in parameters
+    )
+
+
 def open_backend(
-    description: str, read_only: bool = False, package: ModuleType | None = None
+    description: str,
+    read_only: bool = False,
+    package: ModuleType | None = None,
+    *,
+    direct: bool = False,
 ) -> IBlockBackend:
     """
     Open the backend that ``description`` (``SCHEME:SPEC``) names.
@@ -42,6 +60,11 @@ def open_backend(
 
     @param read_only: open the disk so that it refuses writes.
     @param package: passed to ``find_backend_factories``.
+    @param direct: ask for direct I/O (``--direct``): passed to the factory's
+        ``open`` as ``direct=True``; a factory whose ``open`` takes no
+        ``direct`` argument (``memory:``, most third-party plugins) cannot do
+        it, which is a ``BackendSpecError``.  Without it nothing new is passed,
+        so plugins written before ``direct`` existed work unchanged.
     @raise UnknownBackendScheme: if no plugin has the scheme; the message
         lists the installed schemes.
     @raise BackendSpecError: if ``description`` is not ``SCHEME:SPEC`` or the
@@ -65,6 +88,13 @@ def open_backend(
         raise UnknownBackendScheme(
             f"unknown backend scheme {scheme!r} in {description!r}; installed schemes: {installed}"
         ) from None
+    if direct:
+        if not _accepts(factory.open, "direct"):
+            raise BackendSpecError(
+                f"backend scheme {scheme!r} does not do direct I/O (--direct); "
+                "file: and block: do"
+            )
+        return factory.open(spec, read_only=read_only, direct=True)
     return factory.open(spec, read_only=read_only)
 
 

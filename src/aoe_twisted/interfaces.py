@@ -52,6 +52,13 @@ class IBlockBackend(Interface):
         Make every completed write durable (``fsync`` for files and devices).
 
         Raise ``OSError`` on failure.
+
+        A backend may also have an optional ``sync_data()`` method, not part
+        of this interface so that older backends still provide it: the same
+        promise, done as cheaply as the backend can (``fdatasync`` for the
+        built-in file and block backends).  ``--sync`` calls it once per group
+        of writes before acknowledging them, and calls ``flush`` on a backend
+        without it.
         """
 
     def close() -> None:
@@ -116,4 +123,9 @@ class IBackendFactory(IPlugin):
         With ``read_only`` the backend must refuse writes.  Raise
         ``aoe_twisted.errors.BackendSpecError`` with a one-line message that
         names the problem if ``spec`` is wrong or the backend cannot be opened.
+
+        A factory that can bypass a cache (``--direct``) also takes a keyword
+        argument ``direct: bool = False``; ``open_backend`` passes it only
+        when ``--direct`` is given, and refuses ``--direct`` for a factory
+        whose ``open`` does not take it.
         """

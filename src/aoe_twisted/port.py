@@ -61,6 +61,8 @@ NETNS_RUN_DIR = "/var/run/netns"
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 #: Slack over the MTU for the receive buffer: the 14-byte Ethernet header and a VLAN tag.
 _RECV_SLACK = 64
+#: An untagged frame is at most the MTU plus this Ethernet header.
+_ETHERNET_HEADER = 14
 
 #: Send errors that mean "not now" rather than "never": the frame is dropped and
 #: the initiator retransmits, as it would after any loss on the wire.
@@ -312,7 +314,11 @@ class AoEPort(abstract.FileDescriptor):
     ``PACKET_OTHERHOST`` (addressed to another station, seen only in
     promiscuous mode) are not passed on: neither is a request to this host.
     ``accept_other_hosts=True`` passes the latter on anyway, for test peers
-    that watch replies sent to forged addresses.
+    that watch replies sent to forged addresses.  Frames longer than the MTU
+    plus the Ethernet header are not passed on either: a veth end (and some
+    NICs) accept giants up to 4 bytes longer, and the error reply echoing one
+    would be too long to send (``EMSGSIZE``).  All three count in
+    ``frames_ignored``.
     """
 
     def __init__(
@@ -356,6 +362,7 @@ class AoEPort(abstract.FileDescriptor):
         self.mtu: int | None = None
         self._fileno = -1
         self._bufsize = 1500 + _RECV_SLACK
+        self._max_frame = 1500 + _ETHERNET_HEADER
         self._stopped: defer.Deferred[None] | None = None
         self.frames_received = 0
         self.frames_ignored = 0
@@ -405,6 +412,7 @@ class AoEPort(abstract.FileDescriptor):
         self.mtu = mtu
         self._fileno = fd
         self._bufsize = mtu + _RECV_SLACK
+        self._max_frame = mtu + _ETHERNET_HEADER
         self.connected = 1
         _log.info("AoE port open on {address}", address=self.getHost())
 
@@ -419,7 +427,28 @@ class AoEPort(abstract.FileDescriptor):
         Stops when the socket has nothing more (``EAGAIN``), so one readiness
         event drains a burst instead of costing a reactor turn per frame.  An
         exception from the protocol is logged and reading goes on.
+
+        If the protocol has a ``drainFinished()`` method, it is called once
+        after the frames of the drain (if there were any): the end of a burst,
+        where ``AoEProtocol`` makes a group of writes durable at once.
         """
+        received = self.frames_received
+        try:
+            self._drain()
+        finally:
+            if self.frames_received != received:
+                drain_finished = getattr(self.protocol, "drainFinished", None)
+                if drain_finished is not None:
+                    try:
+                        drain_finished()
+                    except Exception:
+                        _log.failure(
+                            "Unhandled exception from {protocol}.drainFinished",
+                            protocol=fullyQualifiedName(type(self.protocol)),
+                        )
+
+    def _drain(self) -> None:
+        """Pass waiting frames to the protocol (``doRead`` without the end-of-drain call)."""
         for _ in range(self.max_frames_per_read):
             try:
                 frame, addr = self._system.recvfrom(self._fileno, self._bufsize)
@@ -433,8 +462,10 @@ class AoEPort(abstract.FileDescriptor):
                     return
                 raise
             pkttype = addr[2] if len(addr) > 2 else socket.PACKET_HOST
-            if pkttype == socket.PACKET_OUTGOING or (
-                pkttype == socket.PACKET_OTHERHOST and not self.accept_other_hosts
+            if (
+                pkttype == socket.PACKET_OUTGOING
+                or (pkttype == socket.PACKET_OTHERHOST and not self.accept_other_hosts)
+                or len(frame) > self._max_frame
             ):
                 self.frames_ignored += 1
                 continue

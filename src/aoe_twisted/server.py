@@ -4,8 +4,11 @@ The Twisted side of an AoE target: the protocol on a raw port, and the service t
 
 ``AoEProtocol`` sits on an ``AoEPort`` and hands every frame to the sans-IO
 ``Dispatcher``, writing back what it answers.  It adds what only the Twisted
-layer can: start-up announcements, rate-limited logging of malformed input and
-the sector count that the interface's MTU allows.
+layer can: start-up announcements, rate-limited logging of malformed input,
+the sector count that the interface's MTU allows and, with ``sync=True``
+(``--sync``), group commit: the port tells it when it has drained the socket
+(``drainFinished``), and the writes of that drain are made durable with one
+``fdatasync`` per written disk before any of them is acknowledged.
 
 ``AoEService`` is what ``twistd aoe`` runs: it opens the port in
 ``privilegedStartService`` (an ``AF_PACKET`` socket needs ``CAP_NET_RAW``, and
@@ -18,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from attrs import evolve
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -25,9 +29,19 @@ from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 
 from aoe_twisted.dispatch import Dispatcher
+from aoe_twisted.interfaces import IBlockBackend
 from aoe_twisted.port import AoEPort, CannotOpenInterface, max_sectors_for_mtu
 from aoe_twisted.target import Target
-from aoe_twisted.wire import SECTOR_SIZE, format_mac
+from aoe_twisted.wire import (
+    SECTOR_SIZE,
+    ATACmdStatus,
+    ATAError,
+    Command,
+    EthernetFrame,
+    Header,
+    WireError,
+    format_mac,
+)
 
 __all__ = ["MALFORMED_LOG_INTERVAL", "AoEProtocol", "AoEService"]
 
@@ -45,6 +59,53 @@ floods garbage costs one log line per interval, not one per frame.
 #: The smallest MTU whose frames hold one sector: 10-byte AoE header, 12-byte ATA argument, 512.
 _MIN_USEFUL_MTU = 22 + SECTOR_SIZE
 
+# Where group commit looks in a frame (Ethernet header 14 bytes, then AoE):
+#: the AoE flags (high nibble version, low nibble flags; E is 0x04),
+_FLAGS_AT = 14
+_ERROR_FLAG = 0x04
+#: the shelf (2 bytes) and slot (1 byte),
+_MAJOR_AT = 16
+_MINOR_AT = 18
+#: the AoE command,
+_COMMAND_AT = 19
+#: and, in an ATA request, the command register (in a reply the status register).
+_CMD_STATUS_AT = 27
+_ATA = int(Command.ISSUE_ATA_COMMAND)
+_WRITES = frozenset({int(ATACmdStatus.WRITE_28BIT), int(ATACmdStatus.WRITE_48BIT)})
+_ERR = int(ATACmdStatus.ERR_STATUS)
+_ERR_DRDY = _ERR | int(ATACmdStatus.READY_STATUS)
+_ABRT = int(ATAError.ABRT)
+
+
+def _sync_backend(backend: IBlockBackend) -> None:
+    """
+    Make every completed write to ``backend`` durable, as cheaply as it can.
+
+    ``sync_data`` (``fdatasync`` for the built-in file and block backends) if
+    the backend has one; otherwise ``flush``, which ``IBlockBackend`` defines
+    as "make every completed write durable", so a third-party backend gets
+    ``--sync`` right without knowing about it.
+    """
+    sync = getattr(backend, "sync_data", None)
+    if sync is None:
+        backend.flush()
+    else:
+        sync()
+
+
+def _abort_write_reply(frame: bytes) -> bytes:
+    """
+    Turn the success reply to a write into ATA ``ERR|DRDY``, error ``ABRT``.
+
+    What a write whose ``fdatasync`` failed answers: the initiator must not
+    take it as done.  Only the status and error registers change.
+    """
+    ethernet = EthernetFrame.from_bytes(frame)
+    header = Header.from_bytes(ethernet.payload)
+    arg = evolve(header.arg, cmd_status=_ERR_DRDY, err_feature=_ABRT)
+    payload = evolve(header, arg=arg).to_bytes()
+    return evolve(ethernet, payload=payload).to_bytes(pad=True)
+
 
 class AoEProtocol(AbstractDatagramProtocol):
     """
@@ -55,6 +116,18 @@ class AoEProtocol(AbstractDatagramProtocol):
     ``max_sectors`` if given), builds its ``dispatcher`` and sends each
     target's announcement: an unsolicited config reply to the broadcast
     address (AoEr11 3.2), so initiators already running find it at once.
+
+    With ``sync`` a write is acknowledged only once it is durable, by group
+    commit.  The reply to a successful write is held, and so is every reply
+    after it in the same drain of the socket, so replies still leave in the
+    order their requests arrived (a read never answers with data whose write
+    is not yet acknowledged).  Replies before the drain's first write go out
+    at once.  When the port has drained the socket it calls
+    ``drainFinished``: each disk written in the drain is synced once
+    (``sync_data``, else ``flush``), then the held replies are sent.  A write
+    whose disk failed to sync is answered ``ERR|DRDY``/``ABRT`` instead:
+    never acknowledged.  ``syncs``, ``synced_writes`` and ``sync_failures``
+    count what happened, and ``stopProtocol`` logs them.
     """
 
     noisy = False
@@ -65,14 +138,17 @@ class AoEProtocol(AbstractDatagramProtocol):
         max_sectors: int | None = None,
         clock: IReactorTime | None = None,
         malformed_interval: float = MALFORMED_LOG_INTERVAL,
+        sync: bool = False,
     ) -> None:
         """
         @param targets: the targets to serve, at distinct shelf.slot addresses.
         @param max_sectors: an upper bound on the sectors per ATA command,
             below what the MTU allows (``None``: the MTU decides alone).
         @param clock: what times the malformed-frame summaries (the global
-            reactor by default).
+            reactor by default), and the fallback that ends a drain if the
+            transport never calls ``drainFinished``.
         @param malformed_interval: seconds between malformed-frame log lines.
+        @param sync: acknowledge writes only once durable (group commit).
         """
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -87,6 +163,18 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._suppressed = 0
         self._suppressed_reason = ""
         self._summary: IDelayedCall | None = None
+        self.sync = sync
+        self.syncs = 0
+        self.synced_writes = 0
+        self.sync_failures = 0
+        self._by_address = {(t.shelf, t.slot): t for t in self.targets}
+        # Group commit state for the current drain: the replies held back (in
+        # order), which of them acknowledge writes (index -> target), and the
+        # targets whose disks must be synced before they go out.
+        self._held: list[bytes] = []
+        self._held_writes: dict[int, Target] = {}
+        self._dirty: dict[int, Target] = {}
+        self._drain_fallback: IDelayedCall | None = None
 
     def startProtocol(self) -> None:
         """Size the targets for the port's MTU, build the dispatcher and announce every target."""
@@ -119,6 +207,11 @@ class AoEProtocol(AbstractDatagramProtocol):
                 mtu=host.mtu,
                 sectors=sectors,
             )
+        if self.sync:
+            _log.info(
+                "writes are acknowledged once durable (--sync): one sync per disk per "
+                "drain of the socket (group commit)"
+            )
         self.announce()
 
     def announce(self) -> None:
@@ -137,9 +230,101 @@ class AoEProtocol(AbstractDatagramProtocol):
         if malformed != self._malformed_seen:
             self._note_malformed(malformed - self._malformed_seen, dispatcher.last_malformed)
             self._malformed_seen = malformed
-        if replies:
-            write = self.transport.write  # type: ignore[union-attr]
-            for reply in replies:
+        if not replies:
+            return
+        if self.sync and (self._hold_writes(datagram, replies) or self._held):
+            self._held.extend(replies)
+            return
+        write = self.transport.write  # type: ignore[union-attr]
+        for reply in replies:
+            write(reply)  # type: ignore[call-arg]
+
+    def _hold_writes(self, datagram: bytes, replies: list[bytes]) -> bool:
+        """
+        Note the successful write replies among ``replies``; return whether there are any.
+
+        ``datagram`` is the request: an Issue ATA Command whose command
+        register is WRITE SECTORS (EXT).  A reply is a success if its AoE E
+        flag is clear and its ATA status has no ERR; its shelf.slot names the
+        target, whose disk the drain must sync.  The dispatcher has decoded
+        both frames already, so fixed offsets are safe here.
+        """
+        if (
+            len(datagram) <= _CMD_STATUS_AT
+            or datagram[_COMMAND_AT] != _ATA
+            or datagram[_CMD_STATUS_AT] not in _WRITES
+        ):
+            return False
+        base = len(self._held)
+        held = False
+        for index, reply in enumerate(replies):
+            if reply[_FLAGS_AT] & _ERROR_FLAG or reply[_CMD_STATUS_AT] & _ERR:
+                continue
+            address = (int.from_bytes(reply[_MAJOR_AT:_MINOR_AT], "big"), reply[_MINOR_AT])
+            target = self._by_address.get(address)
+            if target is None:
+                continue
+            self._held_writes[base + index] = target
+            self._dirty[id(target.backend)] = target
+            held = True
+        if not held:
+            return False
+        if self._drain_fallback is None:
+            # The port calls drainFinished; this covers a transport that does not.
+            self._drain_fallback = self.clock.callLater(0, self.drainFinished)
+        return True
+
+    def drainFinished(self) -> None:
+        """
+        End a drain of the socket: sync every disk written, then send the held replies.
+
+        The port calls this after each ``doRead``.  Without ``sync``, or when
+        the drain held nothing, it does nothing.  The sync blocks the reactor,
+        as every backend call does; frames that arrive meanwhile wait in the
+        socket and form the next group.
+        """
+        if self._drain_fallback is not None:
+            if self._drain_fallback.active():
+                self._drain_fallback.cancel()
+            self._drain_fallback = None
+        if not self._held:
+            return
+        held, self._held = self._held, []
+        writes, self._held_writes = self._held_writes, {}
+        dirty, self._dirty = self._dirty, {}
+        failed: set[int] = set()
+        for key, target in dirty.items():
+            try:
+                _sync_backend(target.backend)
+            except OSError as e:
+                failed.add(key)
+                _log.error(
+                    "cannot make writes to e{shelf}.{slot} durable ({error}): "
+                    "answering them with ATA errors",
+                    shelf=target.shelf,
+                    slot=target.slot,
+                    error=e.strerror or str(e),
+                )
+        self.syncs += len(dirty)
+        if failed:
+            for index, target in writes.items():
+                if id(target.backend) in failed:
+                    self.sync_failures += 1
+                    try:
+                        held[index] = _abort_write_reply(held[index])
+                    except WireError:
+                        # Cannot happen for a reply we built; never acknowledge it anyway.
+                        held[index] = b""
+            self.synced_writes += len(writes) - sum(
+                1 for target in writes.values() if id(target.backend) in failed
+            )
+        else:
+            self.synced_writes += len(writes)
+        if self.transport is None:
+            return
+        write = self.transport.write
+        for reply in held:
+            if reply:
                 write(reply)  # type: ignore[call-arg]
 
     def _note_malformed(self, count: int, reason: str) -> None:
@@ -180,7 +365,8 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._quiet_until = self.clock.seconds() + self.malformed_interval
 
     def stopProtocol(self) -> None:
-        """Log what is still unsummarised and what the dispatcher counted."""
+        """Send what is still held, log what is still unsummarised and what was counted."""
+        self.drainFinished()
         if self._summary is not None:
             self._summary.cancel()
             self._summarise()
@@ -193,6 +379,16 @@ class AoEProtocol(AbstractDatagramProtocol):
                 received=counters["received"],
                 answered=counters["answered"],
                 malformed=counters["malformed"],
+            )
+        if self.sync:
+            _log.info(
+                "group commit on {interface}: {writes} writes acknowledged after {syncs} syncs "
+                "({per} writes per sync), {failed} refused because their sync failed",
+                interface=self.interface,
+                writes=self.synced_writes,
+                syncs=self.syncs,
+                per=f"{self.synced_writes / self.syncs:.1f}" if self.syncs else "0",
+                failed=self.sync_failures,
             )
 
 
@@ -217,6 +413,7 @@ class AoEService(service.Service):
         max_sectors: int | None = None,
         system: Any = None,
         exit_on_error: bool = False,
+        sync: bool = False,
     ) -> None:
         """
         @param interface: the Ethernet interface to serve on.
@@ -230,6 +427,8 @@ class AoEService(service.Service):
             instead of ``CannotOpenInterface``: ``twistd`` prints a traceback
             for an exception from ``privilegedStartService`` but just the
             message, with exit status 1, for ``SystemExit``.
+        @param sync: acknowledge writes only once durable (``--sync``, group
+            commit; see ``AoEProtocol``).
         """
         self.interface = interface
         self.targets = list(targets)
@@ -238,13 +437,14 @@ class AoEService(service.Service):
         self.max_sectors = max_sectors
         self.system = system
         self.exit_on_error = exit_on_error
+        self.sync = sync
         self.protocol: AoEProtocol | None = None
         self.port: AoEPort | None = None
         self._backends_closed = False
 
     def _listen(self) -> AoEPort:
         """Open the port and connect a fresh protocol to it."""
-        protocol = AoEProtocol(self.targets, self.max_sectors, clock=self.reactor)
+        protocol = AoEProtocol(self.targets, self.max_sectors, clock=self.reactor, sync=self.sync)
         # Room for every request each target lets an initiator keep in flight, twice.
         in_flight = 2 * sum(target.buffer_count for target in self.targets)
         port = AoEPort(

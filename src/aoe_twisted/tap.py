@@ -9,7 +9,7 @@ Options are checked here, in ``Options``, so that every bad value stops
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.application import service
@@ -17,6 +17,9 @@ from twisted.python import usage
 
 from aoe_twisted.acl import MASK_LIST_LIMIT
 from aoe_twisted.wire import BROADCAST_MAJOR, BROADCAST_MINOR, MAX_CONFIG_STRING, parse_mac
+
+if TYPE_CHECKING:
+    from aoe_twisted.interfaces import IACLStore
 
 __all__ = ["Options", "TargetSpec", "makeService"]
 
@@ -68,6 +71,11 @@ class Options(usage.Options):
 
     optFlags = [
         ["read-only", "r", "Export every target read-only: writes are refused with ATA ABRT."],
+        ["sync", None, "Acknowledge a write only once it is on stable storage (fdatasync, "
+         "one per disk for each burst of writes); survives power loss. Default: acknowledged "
+         "in the page cache, durable at FLUSH CACHE."],
+        ["direct", None, "Open file: and block: disks O_DIRECT, bypassing the server's page "
+         "cache (refused for other backends)."],
         ["help-backends", None, "List the installed backend schemes and exit."],
     ]
     optParameters = [
@@ -82,6 +90,10 @@ class Options(usage.Options):
          "advertised in config replies."],
         ["max-sectors", None, None, "Cap the sectors per ATA command below what the MTU allows "
          "(1..255)."],
+        ["state-dir", None, None, "Keep each target's config string, mask list and reserve "
+         "list in DIR/eSHELF.SLOT.json, so they survive a restart (created if missing; must "
+         "be writable by the user the server runs as). --config-string and --mask only seed "
+         "a target that has no state file yet: after that the file wins."],
     ]
     compData = usage.Completions(
         optActions={"iface": usage.CompleteNetInterfaces()},
@@ -154,17 +166,25 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
     from aoe_twisted.backendspec import open_backend
     from aoe_twisted.errors import BackendSpecError
     from aoe_twisted.server import AoEService
+    from aoe_twisted.statefile import StateFileError
     from aoe_twisted.target import Target
 
     targets = []
     try:
         for spec in options["targets"]:
-            backend = open_backend(spec.backend, read_only=bool(options["read-only"]))
-            acl = MemoryACLStore()
-            if options["config-string"]:
-                acl.set_config_string(options["config-string"])
-            if options["masks"]:
-                acl.set_mask_list(tuple(options["masks"]))
+            if options.get("state-dir"):
+                acl = _persistent_acl(options, spec)
+            backend = open_backend(
+                spec.backend,
+                read_only=bool(options["read-only"]),
+                direct=bool(options.get("direct")),
+            )
+            if not options.get("state-dir"):
+                acl = MemoryACLStore()
+                if options["config-string"]:
+                    acl.set_config_string(options["config-string"])
+                if options["masks"]:
+                    acl.set_mask_list(tuple(options["masks"]))
             targets.append(
                 Target(
                     spec.shelf,
@@ -178,6 +198,58 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         for target in targets:
             target.backend.close()
         raise SystemExit(f"twistd aoe: --backend {spec.backend}: {e}") from None
+    except StateFileError as e:
+        for target in targets:
+            target.backend.close()
+        raise SystemExit(f"twistd aoe: --state-dir: {e}") from None
     return AoEService(
-        options["iface"], targets, max_sectors=options["max-sectors"], exit_on_error=True
+        options["iface"],
+        targets,
+        max_sectors=options["max-sectors"],
+        exit_on_error=True,
+        sync=bool(options.get("sync")),
     )
+
+
+def _persistent_acl(options: Options | dict[str, Any], spec: TargetSpec) -> IACLStore:
+    """
+    Open the state file of ``spec``'s target in ``--state-dir`` (creating the directory).
+
+    A target with no state file yet is seeded from ``--config-string`` and
+    ``--mask`` and its file written at once; a target with one keeps what it
+    says, and a differing command line is only logged: the persisted state is
+    what initiators last set and were told about.  Raise ``StateFileError``
+    (one line naming the file) if the directory or file is unusable.
+    """
+    import os
+    from pathlib import Path
+
+    from twisted.logger import Logger
+
+    from aoe_twisted.statefile import FileACLStore, StateFileError
+
+    state_dir = Path(options["state-dir"])
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise StateFileError(f"cannot create {state_dir}: {e.strerror or e}") from None
+    store = FileACLStore.open(state_dir, spec.shelf, spec.slot)
+    config = options["config-string"] or None
+    masks = tuple(options["masks"]) or None
+    if not store.exists:
+        try:
+            store.seed(config, masks)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise StateFileError(f"state file {store.path}: cannot write: {reason}") from None
+    elif (config is not None and config != store.config_string) or (
+        masks is not None and masks != store.mask_list
+    ):
+        Logger().warn(
+            "e{shelf}.{slot}: --config-string/--mask ignored: {path} exists and holds the "
+            "state initiators last set (delete it to start over)",
+            shelf=spec.shelf,
+            slot=spec.slot,
+            path=str(store.path),
+        )
+    return store

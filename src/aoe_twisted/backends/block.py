@@ -20,6 +20,9 @@ __all__ = ["BlockDeviceBackend"]
 _BLKROGET = 0x125E
 """``ioctl`` request ``_IO(0x12, 94)``: is the block device read-only? (an ``int``)."""
 
+_BLKSSZGET = 0x1268
+"""``ioctl`` request ``_IO(0x12, 104)``: the device's logical block size (an ``int``)."""
+
 
 @implementer(IBlockBackend)
 @define
@@ -29,7 +32,9 @@ class BlockDeviceBackend(FDBackend):
 
     Open it with ``BlockDeviceBackend.open(path, read_only=False)``.  Its size
     is the size the kernel reports.  A device the kernel holds read-only can
-    only be opened with ``read_only=True``.
+    only be opened with ``read_only=True``.  With ``direct=True`` I/O is done
+    in whole logical blocks (``BLKSSZGET``: 512 or 4096 bytes), by
+    read-modify-write where a request does not cover whole blocks.
     """
 
     kind: ClassVar[str] = "block device"
@@ -46,6 +51,12 @@ class BlockDeviceBackend(FDBackend):
     def _measure(cls, fd: int) -> int:
         # The same number as ioctl(BLKGETSIZE64), without the ioctl.
         return os.lseek(fd, 0, os.SEEK_END)
+
+    @classmethod
+    def _logical_block_size(cls, fd: int) -> int | None:
+        """Ask the kernel for the device's logical block size, what ``O_DIRECT`` needs."""
+        (size,) = struct.unpack("i", fcntl.ioctl(fd, _BLKSSZGET, bytes(4)))
+        return int(size)
 
     @classmethod
     def _kernel_read_only(cls, fd: int) -> bool:

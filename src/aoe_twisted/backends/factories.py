@@ -46,11 +46,11 @@ class FileBackendFactory:
     spec_format = "PATH"
     description = "a disk image in a regular file, a whole multiple of 512 bytes long"
 
-    def open(self, spec: str, read_only: bool = False) -> IBlockBackend:
-        """Return a ``FileBackend`` on the file at ``spec``."""
+    def open(self, spec: str, read_only: bool = False, direct: bool = False) -> IBlockBackend:
+        """Return a ``FileBackend`` on the file at ``spec``, ``O_DIRECT`` if ``direct``."""
         from aoe_twisted.backends.file import FileBackend
 
-        return FileBackend.open(spec, read_only=read_only)
+        return FileBackend.open(spec, read_only=read_only, direct=direct)
 
 
 @implementer(IBackendFactory, IPlugin)
@@ -61,8 +61,8 @@ class BlockDeviceBackendFactory:
     spec_format = "/dev/XXX"
     description = "a block device (disk, partition, LVM volume, loop device)"
 
-    def open(self, spec: str, read_only: bool = False) -> IBlockBackend:
-        """Return a ``BlockDeviceBackend`` on the device at ``spec``."""
+    def open(self, spec: str, read_only: bool = False, direct: bool = False) -> IBlockBackend:
+        """Return a ``BlockDeviceBackend`` on the device at ``spec``, ``O_DIRECT`` if ``direct``."""
         from aoe_twisted.backends.block import BlockDeviceBackend
 
-        return BlockDeviceBackend.open(spec, read_only=read_only)
+        return BlockDeviceBackend.open(spec, read_only=read_only, direct=direct)

@@ -22,8 +22,10 @@ class FileBackend(FDBackend):
     """
     A regular file served as a disk; its size is the file's size.
 
-    Open it with ``FileBackend.open(path, read_only=False)``.  Writes reach
-    the page cache when ``write`` returns; ``flush`` is ``fsync``.
+    Open it with ``FileBackend.open(path, read_only=False, direct=False)``.
+    Writes reach the page cache when ``write`` returns (the disk itself with
+    ``direct``, through ``O_DIRECT``); ``flush`` is ``fsync`` and
+    ``sync_data`` is ``fdatasync``.
     """
 
     kind: ClassVar[str] = "file"

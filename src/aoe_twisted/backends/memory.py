@@ -61,6 +61,9 @@ class MemoryBackend:
     def flush(self) -> None:
         """Do nothing: memory is as durable as this disk gets."""
 
+    def sync_data(self) -> None:
+        """Do nothing, as ``flush``: ``--sync`` costs a memory disk nothing."""
+
     def close(self) -> None:
         """Release the buffer; reads and writes fail afterwards."""
         self._view.release()
