@@ -7,9 +7,10 @@ frame apart from the two system calls: decode the Ethernet frame and the AoE
 message, route it to the target, serve it against a memory disk with
 ``serve_ata`` and encode the padded reply frame.  The cases are a 1 KiB
 (2-sector) read, as at MTU 1500, and an 8 KiB (16-sector) write, as at MTU
-9000, the same frames ``micro_codec.py`` decodes.
+9000, the same frames ``micro_codec.py`` decodes.  Both take the fast path
+(``aoe_twisted.fastpath``); ``--no-fast-path`` measures the general path alone.
 
-    python benchmarks/micro_serve.py [-n 20000] [--repeat 7]
+    python benchmarks/micro_serve.py [-n 20000] [--repeat 7] [--no-fast-path]
 """
 
 from __future__ import annotations
@@ -34,16 +35,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("-n", type=int, default=20000, help="requests per timed run")
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per case")
+    parser.add_argument(
+        "--no-fast-path", action="store_true", help="serve through the general path alone"
+    )
     args = parser.parse_args(argv)
 
     target = Target(1, 0, MemoryBackend(1 << 30), max_sectors=16)
-    dispatcher = Dispatcher(_TARGET, [target])
+    dispatcher = Dispatcher(_TARGET, [target], fast_path=not args.no_fast_path)
     served = {c.name: c.frame for c in cases() if c.name != "read 1 KiB response"}
     print(f"{'case':<22} {'median req/s':>13} {'min':>10} {'max':>10} {'us/req':>8}")
     for name, frame in served.items():
         replies = dispatcher.frame_received(frame)
         if len(replies) != 1 or replies[0][:6] != _INITIATOR:
             raise SystemExit(f"micro_serve: {name} was not answered")
+        if dispatcher.fast_path and not dispatcher.fast:
+            raise SystemExit(f"micro_serve: {name} did not take the fast path")
         def serve(frame: bytes = frame) -> object:
             return dispatcher.frame_received(frame)
         measure(serve, max(1, args.n // 10), 1)  # warm up

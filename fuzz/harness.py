@@ -25,7 +25,10 @@ memory-disk targets and ACL state (its first byte) and holds up to
   within the advertised sector count and the disk);
 - a read that succeeded returned exactly the disk's bytes;
 - an ACL list or config string changed only by a request of the command that
-  owns it, addressed to that target and admitted, as the AoE rules allow.
+  owns it, addressed to that target and admitted, as the AoE rules allow;
+- a second dispatcher on its own identical targets, with the fast path
+  (``aoe_twisted.fastpath``), gave the same replies, counters and disks: the
+  checks above run on the general path (``fast_path=False``), the reference.
 
 Every iteration builds its targets anew, so no state carries from one input
 to the next and a crasher replays alone.
@@ -514,8 +517,10 @@ def check_frames(data: bytes) -> Counter[str]:
     """
     scenario, frames = parse_input(data)
     targets = build_targets(scenario)
-    dispatcher = Dispatcher(SERVER_MAC, targets)
+    dispatcher = Dispatcher(SERVER_MAC, targets, fast_path=False)
     counters = dispatcher.counters
+    fast_targets = build_targets(scenario)
+    fast = Dispatcher(SERVER_MAC, fast_targets)
     for number, frame in enumerate(frames, 1):
         before = [_State.of(t) for t in targets]
         fates = sum(counters[f] for f in _FATES)
@@ -579,5 +584,11 @@ def check_frames(data: bytes) -> Counter[str]:
             _check_acl(target, state, after, src, header)
             if header is not None and address in decoded:
                 _check_read(target, state, header, decoded[address])
+        _check(fast.frame_received(frame) == replies, "the fast path answered otherwise")
+        _check(fast.counters == counters, "the fast path counted otherwise")
+        _check(
+            [_State.of(t) for t in fast_targets] == [_State.of(t) for t in targets],
+            "the fast path left other disks or ACL state",
+        )
     _check(not counters["unencodable"], "a reply the core could not encode")
     return counters

@@ -1,0 +1,206 @@
+# -*- test-case-name: tests.test_fastpath -*-
+"""
+A fast path for the frames that dominate traffic: plain ATA READ/WRITE SECTORS (EXT).
+
+``fast_reply`` answers such a frame straight from its bytes, with one
+``struct`` unpack of the 36 bytes of Ethernet, AoE and ATA headers and one
+pack of the reply's, and no ``EthernetFrame``, ``Header`` or ``ATAArg``
+objects.  It is a specialised decode of frames the general codec also covers:
+for every frame it answers, ``Dispatcher`` without it (the codec, ``Target``
+and ``serve_ata``) produces the same reply bytes, the same counters and the
+same disk contents, and ``tests.test_fastpath`` checks that they do.  It
+answers only a frame whose success it can see before touching the disk, and
+returns ``None`` for anything else, which the general path then handles as
+it always did: every AoE error, every refused ATA command, every unusual flag.
+
+The one failure it answers itself is the backend's: a read or write that
+raises ``OSError`` (or a short read) gets the ``ERR|DRDY`` reply
+``serve_ata`` gives (``UNC`` for a read, ``ABRT`` for a write), so a failed
+write is never attempted twice.
+
+A request it answers, byte by byte (offsets in the Ethernet frame)::
+
+     0.. 5  destination MAC        any (the port delivers only ours)
+     6..11  source MAC             unicast
+    12..13  EtherType              0x88A2
+    14      AoE version and flags  exactly 0x10: version 1, no R or E flag
+    15      AoE error              0
+    16..17  major (shelf)          a target's own shelf, not the broadcast
+    18      minor (slot)           that target's own slot, not the broadcast
+    19      AoE command            0, Issue ATA Command
+    20..23  tag                    any, echoed
+    24      ATA AFlags             W set for a write and clear for a read
+    25      ATA error/feature      any (ignored)
+    26      ATA sector count       1 to the target's max_sectors
+    27      ATA command            0x20, 0x24 (read), 0x30, 0x34 (write)
+    28..33  LBA, little-endian     the sectors inside the disk
+    34..35  ATA reserved           0
+    36..    data                   a write's sectors (and any Ethernet padding)
+
+and the target's MAC mask list and reserve list must each be empty or list
+the source.  The reply swaps the MACs, sets the R flag, carries the target's
+shelf.slot, echoes the tag, the known AFlags bits and the request's LBA,
+with sector count 0, status ``DRDY`` and a read's sectors after it; a reply
+shorter than 60 bytes (a write's) is padded with zeros.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from aoe_twisted.target import Target
+from aoe_twisted.wire import (
+    ETHERTYPE,
+    MIN_FRAME_SIZE,
+    SECTOR_SIZE,
+    VERSION,
+    ATACmdStatus,
+    ATAError,
+    ATAFlag,
+    Command,
+)
+from aoe_twisted.wire.ata import _ATA as _ATA_ARG
+from aoe_twisted.wire.ethernet import _ETHERNET
+from aoe_twisted.wire.header import _FLAG_RESPONSE, _HEADER
+
+__all__ = ["FRAME_HEADER", "fast_reply"]
+
+FRAME_HEADER = struct.Struct(
+    "!" + _ETHERNET.format.lstrip("!") + _HEADER.format.lstrip("!") + _ATA_ARG.format.lstrip("<")
+)
+"""
+The Ethernet, AoE and ATA headers of a frame as one struct (36 bytes).
+
+The wire's three structs joined: the Ethernet and AoE ones are big-endian,
+and of the ATA one's fields only the reserved word is wider than a byte,
+which reads as zero in either byte order (the LBA stays 6 raw bytes).
+"""
+
+_REQUEST_VERFLAGS = VERSION << 4
+_REPLY_VERFLAGS = VERSION << 4 | _FLAG_RESPONSE
+_ATA = int(Command.ISSUE_ATA_COMMAND)
+_ECHOED_AFLAGS = int(
+    ATAFlag.LBA48_EXTENDED | ATAFlag.DEVICE_HEAD | ATAFlag.ASYNCHRONOUS | ATAFlag.WRITE
+)
+_WRITE = int(ATAFlag.WRITE)
+_EXTENDED = int(ATAFlag.LBA48_EXTENDED)
+_DRDY = int(ATACmdStatus.READY_STATUS)
+_ERR_DRDY = int(ATACmdStatus.ERR_STATUS) | _DRDY
+_ABRT = int(ATAError.ABRT)
+_UNC = int(ATAError.UNC)
+_MASK28 = (1 << 28) - 1
+_MASK48 = (1 << 48) - 1
+
+#: The served commands: (is a write, LBA mask without and with the E flag).
+_COMMANDS: dict[int, tuple[bool, int, int]] = {
+    int(ATACmdStatus.READ_28BIT): (False, _MASK28, _MASK28),
+    int(ATACmdStatus.READ_48BIT): (False, _MASK28, _MASK48),
+    int(ATACmdStatus.WRITE_28BIT): (True, _MASK28, _MASK28),
+    int(ATACmdStatus.WRITE_48BIT): (True, _MASK28, _MASK48),
+}
+
+_pack = FRAME_HEADER.pack
+_unpack_from = FRAME_HEADER.unpack_from
+_HEADER_SIZE = FRAME_HEADER.size
+_PADDING = bytes(MIN_FRAME_SIZE - _HEADER_SIZE)
+
+
+def fast_reply(frame: bytes, mac: bytes, targets: Sequence[Target]) -> bytes | None:
+    """
+    Return the reply frame to ``frame`` from the interface ``mac``, or ``None``.
+
+    ``None`` means the frame is not one this path answers (see the module
+    docstring); the caller then gives it to the general path, to which
+    nothing has happened: no counter, no backend call.
+    """
+    if len(frame) < _HEADER_SIZE:
+        return None
+    (
+        _dst, src, ethertype, verflags, error, major, minor, command, tag,
+        aflags, _feature, count, cmd, lba, reserved,
+    ) = _unpack_from(frame)
+    if (
+        ethertype != ETHERTYPE
+        or verflags != _REQUEST_VERFLAGS
+        or error
+        or command != _ATA
+        or reserved
+        or src[0] & 1
+    ):
+        return None
+    kind = _COMMANDS.get(cmd)
+    if kind is None:
+        return None
+    write, mask28, mask48 = kind
+    if write != bool(aflags & _WRITE):
+        return None
+    for target in targets:
+        if target.shelf == major and target.slot == minor:
+            break
+    else:
+        return None
+    if not 0 < count <= target.max_sectors:
+        return None
+    acl = target.acl
+    allowed = acl.mask_list
+    if allowed and src not in allowed:
+        return None
+    allowed = acl.reserve_list
+    if allowed and src not in allowed:
+        return None
+    backend = target.backend
+    first = int.from_bytes(lba, "little") & (mask48 if aflags & _EXTENDED else mask28)
+    if first + count > backend.size // SECTOR_SIZE:
+        return None
+    if write:
+        return _write(frame, src, mac, target, aflags, count, tag, lba, first)
+    return _read(src, mac, target, aflags, count, tag, lba, first)
+
+
+def _read(
+    src: bytes, mac: bytes, target: Target, aflags: int, count: int, tag: bytes, lba: bytes,
+    first: int,
+) -> bytes:
+    """Read ``count`` sectors from sector ``first`` and return the reply carrying them."""
+    length = count * SECTOR_SIZE
+    try:
+        data = target.backend.read(first * SECTOR_SIZE, length)
+    except OSError:
+        return _failed(src, mac, target, aflags, count, tag, lba, _UNC)
+    if len(data) != length:
+        return _failed(src, mac, target, aflags, count, tag, lba, _UNC)
+    return _pack(
+        src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
+        aflags & _ECHOED_AFLAGS, 0, 0, _DRDY, lba, 0,
+    ) + data
+
+
+def _write(
+    frame: bytes, src: bytes, mac: bytes, target: Target, aflags: int, count: int, tag: bytes,
+    lba: bytes, first: int,
+) -> bytes | None:
+    """Write the frame's ``count`` sectors at sector ``first`` and return the padded reply."""
+    backend = target.backend
+    end = _HEADER_SIZE + count * SECTOR_SIZE
+    if backend.read_only or len(frame) < end:
+        return None
+    try:
+        backend.write(first * SECTOR_SIZE, frame[_HEADER_SIZE:end])
+    except OSError:
+        return _failed(src, mac, target, aflags, count, tag, lba, _ABRT)
+    return _pack(
+        src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
+        aflags & _ECHOED_AFLAGS, 0, 0, _DRDY, lba, 0,
+    ) + _PADDING
+
+
+def _failed(
+    src: bytes, mac: bytes, target: Target, aflags: int, count: int, tag: bytes, lba: bytes,
+    error: int,
+) -> bytes:
+    """Return the padded ``ERR|DRDY`` reply with ``error``, the count and LBA as requested."""
+    return _pack(
+        src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
+        aflags & _ECHOED_AFLAGS, error, count, _ERR_DRDY, lba, 0,
+    ) + _PADDING

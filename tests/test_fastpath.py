@@ -1,0 +1,448 @@
+"""
+Tests for ``aoe_twisted.fastpath``: the fast path answers as the general path does.
+
+The reference is ``Dispatcher(..., fast_path=False)``: the codec, ``Target``
+and ``serve_ata``.  For any sequence of frames, a dispatcher with the fast
+path must give the same reply bytes, the same counters and leave the same
+disk contents, and it must take the fast path for plain reads and writes and
+leave every other frame to the general path untouched.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from attrs import define, field
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from aoe_twisted.acl import MemoryACLStore
+from aoe_twisted.backends.memory import MemoryBackend
+from aoe_twisted.dispatch import Dispatcher
+from aoe_twisted.fastpath import FRAME_HEADER, fast_reply
+from aoe_twisted.interfaces import IBlockBackend
+from aoe_twisted.target import Target
+from aoe_twisted.wire import (
+    ETHERTYPE,
+    MIN_FRAME_SIZE,
+    SECTOR_SIZE,
+    ATAArg,
+    ATACmdStatus,
+    ATAError,
+    EthernetFrame,
+    Header,
+)
+from tests import strategies
+
+OURS = bytes.fromhex("02aa00000001")
+HOST = bytes.fromhex("020000000001")
+OTHER = bytes.fromhex("020000000002")
+MULTICAST = bytes.fromhex("030000000001")
+TAG = b"\x01\x02\x03\x04"
+SECTORS = 64
+#: Sectors from here on fail with EIO on the failing disk.
+BAD_SECTOR = 48
+
+_READS = (int(ATACmdStatus.READ_28BIT), int(ATACmdStatus.READ_48BIT))
+_WRITES = (int(ATACmdStatus.WRITE_28BIT), int(ATACmdStatus.WRITE_48BIT))
+
+
+@implementer(IBlockBackend)
+@define
+class FailingBackend:
+    """A memory disk whose sectors from ``BAD_SECTOR`` on fail, counting every write attempt."""
+
+    disk: MemoryBackend = field(factory=lambda: MemoryBackend(SECTORS * SECTOR_SIZE))
+    writes: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.disk.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.disk.read_only
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset + length > BAD_SECTOR * SECTOR_SIZE:
+            raise OSError(5, "I/O error")
+        return self.disk.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes += 1
+        if offset + len(data) > BAD_SECTOR * SECTOR_SIZE:
+            raise OSError(5, "I/O error")
+        self.disk.write(offset, data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@define
+class Setup:
+    """How the targets of one example are configured: the same for both dispatchers."""
+
+    max_sectors: int = 2
+    read_only: bool = False
+    failing: bool = False
+    mask: tuple[bytes, ...] = ()
+    reserve: tuple[bytes, ...] = ()
+
+    def dispatcher(self, fast_path: bool) -> Dispatcher:
+        """Return a dispatcher for fresh targets at 1.0 and 1.1 configured as this says."""
+        targets = []
+        for slot in (0, 1):
+            disk = MemoryBackend(SECTORS * SECTOR_SIZE, read_only=self.read_only)
+            backend: Any = FailingBackend(disk) if self.failing else disk
+            acl = MemoryACLStore(mask_list=self.mask, reserve_list=self.reserve)
+            targets.append(Target(1, slot, backend, acl=acl, max_sectors=self.max_sectors))
+        return Dispatcher(OURS, targets, fast_path=fast_path)
+
+
+def request(
+    cmd: int = ATACmdStatus.READ_48BIT,
+    count: int = 1,
+    lba: int = 0,
+    data: bytes = b"",
+    *,
+    aflags: int | None = None,
+    verflags: int = 0x10,
+    error: int = 0,
+    major: int = 1,
+    minor: int = 0,
+    command: int = 0,
+    feature: int = 0,
+    reserved: int = 0,
+    src: bytes = HOST,
+    ethertype: int = ETHERTYPE,
+) -> bytes:
+    """Return an ATA request frame built byte by byte (Linux's flags by default)."""
+    if aflags is None:
+        aflags = 0x40 | (0x01 if cmd in _WRITES else 0)
+    return (
+        FRAME_HEADER.pack(
+            OURS, src, ethertype, verflags, error, major, minor, command, TAG,
+            aflags, feature, count, cmd, lba.to_bytes(6, "little"), reserved,
+        )
+        + data
+    )
+
+
+def sectors(count: int, fill: int = 0xA5) -> bytes:
+    """Return ``count`` sectors of one byte value."""
+    return bytes([fill]) * (count * SECTOR_SIZE)
+
+
+@st.composite
+def setups(draw: st.DrawFn) -> Setup:
+    """Target configurations: usually plain, sometimes masked, reserved, read-only or failing."""
+    lists = st.sampled_from([(), (), (), (HOST,), (OTHER,), (OTHER, HOST)])
+    unusual = draw(st.sets(st.sampled_from(["read_only", "failing", "mask", "reserve"])))
+    return Setup(
+        max_sectors=draw(st.integers(1, 4)),
+        read_only="read_only" in unusual,
+        failing="failing" in unusual,
+        mask=draw(lists) if "mask" in unusual else (),
+        reserve=draw(lists) if "reserve" in unusual else (),
+    )
+
+
+#: The fields ``near_requests`` may make unusual, a few at a time.
+_FIELDS = (
+    "cmd", "count", "aflags", "lba", "length", "verflags", "error", "major", "minor",
+    "command", "feature", "reserved", "src", "ethertype", "mutate",
+)
+
+
+@st.composite
+def near_requests(draw: st.DrawFn) -> bytes:
+    """
+    Plain reads and writes with none, one or a few fields drawn from a wider range.
+
+    Each field is valid unless drawn as unusual, so about a third of the
+    frames can take the fast path and the others each miss it for few reasons.
+    """
+    unusual = draw(st.sets(st.sampled_from(_FIELDS), max_size=3))
+
+    def pick(name: str, usual: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> Any:
+        return draw(other if name in unusual else usual)
+
+    cmd = pick("cmd", st.sampled_from([*_READS, *_WRITES]), st.sampled_from([0xEC, 0xE7, 0x25]))
+    write = cmd in _WRITES
+    count = pick("count", st.integers(1, 4), st.one_of(st.integers(0, 5), strategies.uint8))
+    aflags = pick(
+        "aflags",
+        st.sampled_from([0x00, 0x40, 0x50, 0x52]).map(lambda a: a | write),
+        strategies.uint8,
+    )
+    lba = pick(
+        "lba",
+        st.one_of(st.integers(0, SECTORS - 4), st.integers(BAD_SECTOR - 4, SECTORS - 4)),
+        st.one_of(
+            st.integers(SECTORS - 4, SECTORS + 2),
+            st.sampled_from([0xE000000, 0xE000001, 1 << 28, (1 << 28) + 3, (1 << 40) + 1]),
+            st.integers(0, strategies.MAX_LBA),
+        ),
+    )
+    length = count * SECTOR_SIZE if write else 0
+    length = pick(
+        "length",
+        st.sampled_from([length, length, length + 1, length + 24]),
+        st.integers(0, 5 * SECTOR_SIZE + 1),
+    )
+    frame = request(
+        cmd,
+        count,
+        lba,
+        draw(st.binary(min_size=length, max_size=length)),
+        aflags=aflags,
+        verflags=pick("verflags", st.just(0x10), st.sampled_from([0x14, 0x18, 0x1C, 0x20, 0])),
+        error=pick("error", st.just(0), strategies.uint8),
+        major=pick("major", st.just(1), st.sampled_from([0, 2, 0xFFFF])),
+        minor=pick("minor", st.sampled_from([0, 1]), st.sampled_from([2, 0xFF])),
+        command=pick("command", st.just(0), st.integers(1, 5)),
+        feature=pick("feature", st.just(0), strategies.uint8),
+        reserved=pick("reserved", st.just(0), strategies.uint16),
+        src=pick("src", st.just(HOST), st.sampled_from([OTHER, MULTICAST])),
+        ethertype=pick("ethertype", st.just(ETHERTYPE), st.sampled_from([0x0800, 0x88A3])),
+    )
+    if "mutate" in unusual:
+        frame = draw(strategies.mutated_messages(st.just(frame)))
+    return frame
+
+
+#: Frames of every kind: near plain reads and writes, and any AoE message at all.
+frames = st.one_of(
+    near_requests(),
+    near_requests(),
+    strategies.aoe_frames.map(lambda f: EthernetFrame(OURS, f.src, f.ethertype, f.payload)).map(
+        EthernetFrame.to_bytes
+    ),
+)
+
+
+def disks(dispatcher: Dispatcher) -> list[bytes]:
+    """Return the contents of every target's disk."""
+    contents = []
+    for target in dispatcher.targets:
+        backend: Any = target.backend
+        disk = backend.disk if isinstance(backend, FailingBackend) else backend
+        contents.append(disk.read(0, disk.size))
+    return contents
+
+
+def writes(dispatcher: Dispatcher) -> list[int]:
+    """Return how many writes each failing disk was asked for (nothing for plain disks)."""
+    return [t.backend.writes for t in dispatcher.targets if isinstance(t.backend, FailingBackend)]
+
+
+class EquivalenceTests(SynchronousTestCase):
+    """The fast path answers exactly as the general path does."""
+
+    @settings(max_examples=400)
+    @given(setups(), st.lists(frames, min_size=1, max_size=6))
+    def test_same_replies_counters_and_disks(self, setup: Setup, sent: list[bytes]) -> None:
+        """
+        Any frames give the same replies, counters, disks and write attempts either way.
+        """
+        fast = setup.dispatcher(fast_path=True)
+        general = setup.dispatcher(fast_path=False)
+        for frame in sent:
+            self.assertEqual(fast.frame_received(frame), general.frame_received(frame))
+        self.assertEqual(fast.counters, general.counters)
+        self.assertEqual(fast.last_malformed, general.last_malformed)
+        self.assertEqual(disks(fast), disks(general))
+        self.assertEqual(writes(fast), writes(general))
+        self.assertEqual(general.fast, 0)
+
+    @given(
+        st.sampled_from([*_READS, *_WRITES]),
+        st.integers(1, 4),
+        st.integers(0, SECTORS - 4),
+        st.sampled_from([0x00, 0x01, 0x10, 0x40, 0x41, 0x53, 0xFF, 0xAC]),
+        strategies.uint8,
+        strategies.tags,
+        st.sampled_from([0, 1, 24]),
+    )
+    def test_plain_requests_take_the_fast_path(
+        self, cmd: int, count: int, lba: int, aflags: int, feature: int, tag: bytes, extra: int
+    ) -> None:
+        """
+        Every plain read and write is answered by the fast path, as the general path answers.
+        """
+        write = cmd in _WRITES
+        aflags = aflags | 0x01 if write else aflags & ~0x01
+        data = sectors(count) + bytes(extra) if write else b""
+        frame = request(cmd, count, lba, data, aflags=aflags, feature=feature)
+        frame = frame[:20] + tag + frame[24:]
+        setup = Setup(max_sectors=4)
+        fast = setup.dispatcher(fast_path=True)
+        general = setup.dispatcher(fast_path=False)
+        self.assertEqual(fast.frame_received(frame), general.frame_received(frame))
+        self.assertEqual(fast.fast, 1)
+        self.assertEqual(fast.counters, general.counters)
+        self.assertEqual(disks(fast), disks(general))
+
+
+class FastPathTests(SynchronousTestCase):
+    """What the fast path answers, and that it is taken."""
+
+    def test_read_reply(self) -> None:
+        """
+        A read's reply: MACs swapped, R flag, our address, tag, AFlags and LBA echoed, DRDY, data.
+        """
+        dispatcher = Setup().dispatcher(fast_path=True)
+        dispatcher.targets[0].backend.write(5 * SECTOR_SIZE, sectors(2, 0x5A))
+        [reply] = dispatcher.frame_received(request(0x24, 2, 5, aflags=0x52))
+        self.assertEqual(dispatcher.fast, 1)
+        self.assertEqual(
+            reply,
+            EthernetFrame(
+                HOST,
+                OURS,
+                ETHERTYPE,
+                Header(
+                    flag_response=True,
+                    major=1,
+                    minor=0,
+                    tag=TAG,
+                    arg=ATAArg(True, True, True, False, 0, 0, 0x40, 5, sectors(2, 0x5A)),
+                ).to_bytes(),
+            ).to_bytes(),
+        )
+        self.assertEqual(
+            dict(dispatcher.counters), {"received": 1, "answered": 1, "replies": 1}
+        )
+
+    def test_write_reply_padded(self) -> None:
+        """
+        A write lands on the disk (without the padding) and its reply is padded to 60 bytes.
+        """
+        dispatcher = Setup().dispatcher(fast_path=True)
+        frame = request(0x34, 2, 7, sectors(2, 0x33) + b"\xee" * 10)
+        [reply] = dispatcher.frame_received(frame)
+        self.assertEqual(dispatcher.fast, 1)
+        self.assertEqual(len(reply), MIN_FRAME_SIZE)
+        self.assertEqual(reply[36:], bytes(MIN_FRAME_SIZE - 36))
+        disk = dispatcher.targets[0].backend
+        self.assertEqual(disk.read(7 * SECTOR_SIZE, 2 * SECTOR_SIZE), sectors(2, 0x33))
+        self.assertEqual(disk.read(9 * SECTOR_SIZE, SECTOR_SIZE), bytes(SECTOR_SIZE))
+
+    def test_failed_write_once(self) -> None:
+        """
+        A write the backend fails is answered ERR|DRDY/ABRT by the fast path, tried only once.
+        """
+        dispatcher = Setup(failing=True).dispatcher(fast_path=True)
+        [reply] = dispatcher.frame_received(request(0x34, 1, BAD_SECTOR, sectors(1)))
+        self.assertEqual(dispatcher.fast, 1)
+        self.assertEqual(writes(dispatcher), [1, 0])
+        arg = Header.from_bytes(EthernetFrame.from_bytes(reply).payload).arg
+        self.assertEqual(
+            (arg.cmd_status, arg.err_feature, arg.sector_count),
+            (ATACmdStatus.ERR_STATUS | ATACmdStatus.READY_STATUS, ATAError.ABRT, 1),
+        )
+
+    def test_failed_read(self) -> None:
+        """
+        A read the backend fails is answered ERR|DRDY/UNC by the fast path.
+        """
+        dispatcher = Setup(failing=True).dispatcher(fast_path=True)
+        [reply] = dispatcher.frame_received(request(0x24, 1, BAD_SECTOR))
+        self.assertEqual(dispatcher.fast, 1)
+        arg = Header.from_bytes(EthernetFrame.from_bytes(reply).payload).arg
+        self.assertEqual((arg.cmd_status, arg.err_feature), (0x41, ATAError.UNC))
+
+    def test_allowed_source(self) -> None:
+        """
+        A source on both a non-empty mask list and reserve list still takes the fast path.
+        """
+        dispatcher = Setup(mask=(OTHER, HOST), reserve=(HOST,)).dispatcher(fast_path=True)
+        self.assertEqual(len(dispatcher.frame_received(request())), 1)
+        self.assertEqual(dispatcher.fast, 1)
+
+    def test_lists_read_each_time(self) -> None:
+        """
+        A mask list set after the first frame stops the next one from taking the fast path.
+        """
+        dispatcher = Setup().dispatcher(fast_path=True)
+        dispatcher.frame_received(request())
+        dispatcher.targets[0].acl.set_mask_list((OTHER,))
+        self.assertEqual(dispatcher.frame_received(request()), [])
+        self.assertEqual(dispatcher.fast, 1)
+        self.assertEqual(dispatcher.counters["silent"], 1)
+
+    def test_switched_off(self) -> None:
+        """
+        With ``fast_path=False`` nothing takes the fast path.
+        """
+        dispatcher = Setup().dispatcher(fast_path=False)
+        self.assertEqual(len(dispatcher.frame_received(request())), 1)
+        self.assertEqual(dispatcher.fast, 0)
+
+    def test_header_struct(self) -> None:
+        """
+        The joined struct is the 36 bytes of Ethernet, AoE and ATA headers.
+        """
+        self.assertEqual(FRAME_HEADER.size, 14 + 10 + 12)
+        self.assertEqual(FRAME_HEADER.unpack_from(request(major=0x1234))[5], 0x1234)
+        self.assertEqual(struct.calcsize(FRAME_HEADER.format), 36)
+
+
+#: Each way a frame must fall back: (name, setup, frame).
+FALLBACKS: list[tuple[str, Setup, bytes]] = [
+    ("masked target", Setup(mask=(OTHER,)), request()),
+    ("reserved target", Setup(reserve=(OTHER,)), request()),
+    ("broadcast shelf", Setup(), request(major=0xFFFF)),
+    ("broadcast slot", Setup(), request(minor=0xFF)),
+    ("no such target", Setup(), request(minor=2)),
+    ("out of range", Setup(), request(count=2, lba=SECTORS - 1)),
+    ("28-bit LBA out of range", Setup(), request(0x20, lba=SECTORS, aflags=0x40)),
+    ("read-only write", Setup(read_only=True), request(0x34, data=sectors(1))),
+    ("short write data", Setup(), request(0x34, count=2, data=sectors(2)[:-1])),
+    ("count 0", Setup(), request(count=0)),
+    ("count over max", Setup(max_sectors=2), request(count=3)),
+    ("read with W", Setup(), request(0x24, aflags=0x41)),
+    ("write without W", Setup(), request(0x34, aflags=0x40, data=sectors(1))),
+    ("R flag", Setup(), request(verflags=0x18)),
+    ("E flag", Setup(), request(verflags=0x14)),
+    ("bad version", Setup(), request(verflags=0x20)),
+    ("AoE error set", Setup(), request(error=1)),
+    ("not command 0", Setup(), request(command=1)),
+    ("ATA reserved", Setup(), request(reserved=1)),
+    ("IDENTIFY", Setup(), request(0xEC)),
+    ("FLUSH", Setup(), request(0xE7)),
+    ("multicast source", Setup(), request(src=MULTICAST)),
+    ("not AoE", Setup(), request(ethertype=0x0800)),
+    ("truncated", Setup(), request()[:35]),
+]
+
+
+class FallbackTests(SynchronousTestCase):
+    """Every frame the fast path does not serve goes to the general path unchanged."""
+
+    def test_fallbacks(self) -> None:
+        """
+        Each fallback condition is left to the general path, which answers it as before.
+        """
+        for name, setup, frame in FALLBACKS:
+            fast = setup.dispatcher(fast_path=True)
+            general = setup.dispatcher(fast_path=False)
+            self.assertIsNone(fast_reply(frame, OURS, fast.targets), name)
+            self.assertEqual(fast.frame_received(frame), general.frame_received(frame), name)
+            self.assertEqual(fast.fast, 0, name)
+            self.assertEqual(fast.counters, general.counters, name)
+            self.assertEqual(disks(fast), disks(general), name)
+
+    def test_fallbacks_take_the_fast_path_when_fixed(self) -> None:
+        """
+        The fallback list's base frames take the fast path, so each case tests one thing.
+        """
+        for frame in (request(), request(0x34, data=sectors(1)), request(count=2)):
+            dispatcher = Setup().dispatcher(fast_path=True)
+            self.assertIsNotNone(fast_reply(frame, OURS, dispatcher.targets))
