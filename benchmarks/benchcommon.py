@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from aoe_twisted.cli import twistd_argv  # noqa: E402
+from tests.linuxguest import terminate  # noqa: E402
 
 #: ``twistd`` run by this interpreter (``python -m twisted.scripts.twistd`` does nothing).
-TWISTD = (
-    sys.executable,
-    "-c",
-    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-)
+TWISTD = tuple(twistd_argv())
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -91,16 +92,8 @@ def start_in_netns(netns: str, argv: Sequence[str], log: Path) -> subprocess.Pop
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM, then SIGKILL after ``grace`` seconds (a server may flush on the way out)."""
+    terminate(proc, grace)
 
 
 def run(*argv: str) -> str:

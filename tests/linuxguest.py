@@ -70,6 +70,7 @@ __all__ = [
     "remove_stale_networks",
     "run_guest",
     "skip_unless_available",
+    "terminate",
     "unavailable_reason",
 ]
 
@@ -772,7 +773,7 @@ def remove_stale_networks() -> list[str]:
     return removed
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+def terminate(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     """Stop a process: SIGTERM, then SIGKILL after ``grace`` seconds."""
     if proc.poll() is not None:
         return
@@ -834,7 +835,7 @@ class GuestNetwork:
     def close(self) -> None:
         """Stop everything started here and delete the tap and the namespace."""
         while self._procs:
-            _terminate(self._procs.pop())
+            terminate(self._procs.pop())
         if self._created:
             _run(["ip", "-n", self.netns, "link", "del", self.tap])
             _run(["ip", "netns", "del", self.netns])
@@ -950,7 +951,7 @@ def _run_qemu(argv: list[str], timeout: float, stderr: BinaryIO) -> GuestResult:
                 deadline = min(deadline, time.monotonic() + _POWEROFF_GRACE)
         timed_out = not end_seen.is_set() and proc.poll() is None
     finally:
-        _terminate(proc, grace=2.0)
+        terminate(proc, grace=2.0)
         thread.join(5.0)
     total = time.monotonic() - start
     console = "\n".join(lines)
