@@ -8,9 +8,12 @@ message, route it to the target, serve it against a memory disk with
 ``serve_ata`` and encode the padded reply frame.  The cases are a 1 KiB
 (2-sector) read, as at MTU 1500, and an 8 KiB (16-sector) write, as at MTU
 9000, the same frames ``micro_codec.py`` decodes.  Both take the fast path
-(``aoe_twisted.fastpath``); ``--no-fast-path`` measures the general path alone.
+(``aoe_twisted.fastpath``); ``--no-fast-path`` measures the general path alone,
+``--into`` the zero-copy variant the port uses with ``PACKET_MMAP`` rings
+(``Dispatcher.frame_received_into``: the request read from a ``memoryview``,
+the reply written into a reused buffer, as into a TX ring slot).
 
-    python benchmarks/micro_serve.py [-n 20000] [--repeat 7] [--no-fast-path]
+    python benchmarks/micro_serve.py [-n 20000] [--repeat 7] [--no-fast-path | --into]
 """
 
 from __future__ import annotations
@@ -38,7 +41,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-fast-path", action="store_true", help="serve through the general path alone"
     )
+    parser.add_argument(
+        "--into",
+        action="store_true",
+        help="serve with frame_received_into (zero copy, as from the rings)",
+    )
     args = parser.parse_args(argv)
+    if args.into and args.no_fast_path:
+        parser.error("--into is the fast path; it cannot go with --no-fast-path")
+    slot = memoryview(bytearray(16384))
 
     target = Target(1, 0, MemoryBackend(1 << 30), max_sectors=16)
     dispatcher = Dispatcher(_TARGET, [target], fast_path=not args.no_fast_path)
@@ -52,6 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"micro_serve: {name} did not take the fast path")
         def serve(frame: bytes = frame) -> object:
             return dispatcher.frame_received(frame)
+
+        if args.into:
+            view = memoryview(frame)
+            if not dispatcher.frame_received_into(view, slot):
+                raise SystemExit(f"micro_serve: {name} was not answered into the buffer")
+
+            def serve(view: memoryview = view) -> object:
+                return dispatcher.frame_received_into(view, slot)
+
         measure(serve, max(1, args.n // 10), 1)  # warm up
         rates = measure(serve, args.n, args.repeat)
         median = statistics.median(rates)

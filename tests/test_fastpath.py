@@ -5,24 +5,31 @@ The reference is ``Dispatcher(..., fast_path=False)``: the codec, ``Target``
 and ``serve_ata``.  For any sequence of frames, a dispatcher with the fast
 path must give the same reply bytes, the same counters and leave the same
 disk contents, and it must take the fast path for plain reads and writes and
-leave every other frame to the general path untouched.
+leave every other frame to the general path untouched.  The zero-copy
+variant (``fast_reply_into``, ``Dispatcher.frame_received_into``), which
+writes the reply into a reused buffer as the port does into a TX ring slot,
+must give the same bytes again, whatever the buffer held before.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
+from collections import Counter
 from typing import Any
 
 from attrs import define, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
 from aoe_twisted.acl import MemoryACLStore
+from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.dispatch import Dispatcher
-from aoe_twisted.fastpath import FRAME_HEADER, fast_reply
+from aoe_twisted.fastpath import FRAME_HEADER, fast_reply, fast_reply_into
 from aoe_twisted.interfaces import IBlockBackend
 from aoe_twisted.target import Target
 from aoe_twisted.wire import (
@@ -227,6 +234,28 @@ frames = st.one_of(
 )
 
 
+#: What a reused TX slot holds before the reply is written: the last, longer frame's bytes.
+_STALE = 0xEE
+#: A TX slot as big as one at MTU 9000.
+_SLOT = 9000 + 14
+
+
+def received_into(dispatcher: Dispatcher, frame: bytes, size: int = _SLOT) -> list[bytes]:
+    """
+    Answer ``frame`` as ``AoEProtocol.frameReceivedInto`` does; return the reply frames.
+
+    The frame is a ``memoryview`` of a buffer that is overwritten afterwards
+    (as a ring slot is), and the reply buffer starts full of stale bytes.
+    """
+    rx = bytearray(frame)
+    slot = bytearray([_STALE]) * size
+    length = dispatcher.frame_received_into(memoryview(rx), memoryview(slot))
+    rx[:] = bytes([_STALE]) * len(rx)
+    if length:
+        return [bytes(slot[:length])]
+    return dispatcher.frame_received(frame)
+
+
 def disks(dispatcher: Dispatcher) -> list[bytes]:
     """Return the contents of every target's disk."""
     contents = []
@@ -261,6 +290,27 @@ class EquivalenceTests(SynchronousTestCase):
         self.assertEqual(writes(fast), writes(general))
         self.assertEqual(general.fast, 0)
 
+    @settings(max_examples=400)
+    @given(setups(), st.lists(frames, min_size=1, max_size=6))
+    def test_into_same_replies_counters_and_disks(
+        self, setup: Setup, sent: list[bytes]
+    ) -> None:
+        """
+        Answering into a reused buffer gives the replies, counters and disks of both others.
+        """
+        into = setup.dispatcher(fast_path=True)
+        fast = setup.dispatcher(fast_path=True)
+        general = setup.dispatcher(fast_path=False)
+        for frame in sent:
+            expected = general.frame_received(frame)
+            self.assertEqual(fast.frame_received(frame), expected)
+            self.assertEqual(received_into(into, frame), expected)
+        self.assertEqual(into.counters, general.counters)
+        self.assertEqual(into.fast, fast.fast)
+        self.assertEqual(into.last_malformed, general.last_malformed)
+        self.assertEqual(disks(into), disks(general))
+        self.assertEqual(writes(into), writes(general))
+
     @given(
         st.sampled_from([*_READS, *_WRITES]),
         st.integers(1, 4),
@@ -288,6 +338,12 @@ class EquivalenceTests(SynchronousTestCase):
         self.assertEqual(fast.fast, 1)
         self.assertEqual(fast.counters, general.counters)
         self.assertEqual(disks(fast), disks(general))
+        into = setup.dispatcher(fast_path=True)
+        slot = memoryview(bytearray([_STALE]) * _SLOT)
+        length = into.frame_received_into(memoryview(frame), slot)
+        self.assertEqual([bytes(slot[:length])], general.frame_received(frame))
+        self.assertEqual(into.fast, 1)
+        self.assertEqual(disks(into), disks(general))
 
 
 class FastPathTests(SynchronousTestCase):
@@ -446,3 +502,176 @@ class FallbackTests(SynchronousTestCase):
         for frame in (request(), request(0x34, data=sectors(1)), request(count=2)):
             dispatcher = Setup().dispatcher(fast_path=True)
             self.assertIsNotNone(fast_reply(frame, OURS, dispatcher.targets))
+
+
+@implementer(IBlockBackend)
+@define
+class KeepingBackend:
+    """A memory disk without ``read_into`` that keeps what it is given to write."""
+
+    disk: MemoryBackend = field(factory=lambda: MemoryBackend(SECTORS * SECTOR_SIZE))
+    given: list[Any] = field(factory=list)
+
+    @property
+    def size(self) -> int:
+        return self.disk.size
+
+    @property
+    def read_only(self) -> bool:
+        return False
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.disk.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.given.append(data)
+        self.disk.write(offset, data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class IntoTests(SynchronousTestCase):
+    """``fast_reply_into``: the same answers, written in place, keeping nothing."""
+
+    def test_read_lands_in_the_buffer(self) -> None:
+        """
+        A read's header and sectors are written into the buffer, after nothing else.
+        """
+        dispatcher = Setup().dispatcher(fast_path=True)
+        dispatcher.targets[0].backend.write(5 * SECTOR_SIZE, sectors(2, 0x5A))
+        frame = request(0x24, 2, 5)
+        [expected] = dispatcher.frame_received(frame)
+        slot = bytearray([_STALE]) * 2000
+        length = fast_reply_into(memoryview(frame), memoryview(slot), OURS, dispatcher.targets)
+        self.assertEqual(length, 36 + 2 * SECTOR_SIZE)
+        self.assertEqual(bytes(slot[:length]), expected)
+        self.assertEqual(slot[length:], bytearray([_STALE]) * (2000 - length))
+
+    def test_write_reply_padded_over_stale_bytes(self) -> None:
+        """
+        A write's reply is 60 bytes, its padding zeros whatever the buffer held.
+        """
+        dispatcher = Setup().dispatcher(fast_path=True)
+        frame = request(0x34, 1, 3, sectors(1, 0x33))
+        slot = bytearray([_STALE]) * 100
+        length = fast_reply_into(memoryview(frame), memoryview(slot), OURS, dispatcher.targets)
+        self.assertEqual(length, MIN_FRAME_SIZE)
+        self.assertEqual(slot[36:60], bytes(24))
+        self.assertEqual(bytes(slot[:60]), fast_reply(frame, OURS, dispatcher.targets))
+        self.assertEqual(slot[60:], bytearray([_STALE]) * 40)
+        disk = dispatcher.targets[0].backend
+        self.assertEqual(disk.read(3 * SECTOR_SIZE, SECTOR_SIZE), sectors(1, 0x33))
+
+    def test_failures_into(self) -> None:
+        """
+        A failed read and a failed write are answered in place as ``fast_reply`` answers them.
+        """
+        for frame in (request(0x24, 1, BAD_SECTOR), request(0x34, 1, BAD_SECTOR, sectors(1))):
+            dispatcher = Setup(failing=True).dispatcher(fast_path=True)
+            reference = Setup(failing=True).dispatcher(fast_path=True)
+            self.assertEqual(received_into(dispatcher, frame), reference.frame_received(frame))
+            self.assertEqual(writes(dispatcher), writes(reference))
+
+    def test_buffer_too_small(self) -> None:
+        """
+        A buffer too small for the reply gets nothing: 0, no backend call, no counter.
+        """
+        cases = ((request(0x24, 2, 0), 36 + 1023), (request(0x34, 1, 0, sectors(1)), 59))
+        for frame, size in cases:
+            dispatcher = Setup().dispatcher(fast_path=True)
+            slot = bytearray([_STALE]) * size
+            self.assertEqual(dispatcher.frame_received_into(memoryview(frame), memoryview(slot)), 0)
+            self.assertEqual(slot, bytearray([_STALE]) * size)
+            self.assertEqual(dispatcher.counters, Counter())
+            self.assertEqual(dispatcher.fast, 0)
+            self.assertEqual(disks(dispatcher), [bytes(SECTORS * SECTOR_SIZE)] * 2)
+
+    def test_not_answered_leaves_everything(self) -> None:
+        """
+        A frame the fast path does not answer: 0, nothing counted, the general path unchanged.
+        """
+        for name, setup, frame in FALLBACKS:
+            dispatcher = setup.dispatcher(fast_path=True)
+            slot = memoryview(bytearray(_SLOT))
+            self.assertEqual(dispatcher.frame_received_into(memoryview(frame), slot), 0, name)
+            self.assertEqual(dispatcher.counters, Counter(), name)
+
+    def test_switched_off(self) -> None:
+        """
+        With ``fast_path=False`` nothing is answered into the buffer.
+        """
+        dispatcher = Setup().dispatcher(fast_path=False)
+        self.assertEqual(dispatcher.frame_received_into(request(), memoryview(bytearray(99))), 0)
+        self.assertEqual(dispatcher.counters, Counter())
+
+    def test_views_only_to_backends_with_read_into(self) -> None:
+        """
+        A backend without ``read_into`` is given ``bytes`` to write, never a view of the frame.
+        """
+        backend = KeepingBackend()
+        target = Target(1, 0, backend, max_sectors=2)
+        frame = bytearray(request(0x34, 1, 2, sectors(1, 0x44)))
+        length = fast_reply_into(memoryview(frame), memoryview(bytearray(99)), OURS, [target])
+        self.assertEqual(length, MIN_FRAME_SIZE)
+        frame[36:] = bytes(len(frame) - 36)
+        [given] = backend.given
+        self.assertIsInstance(given, bytes)
+        self.assertEqual(given, sectors(1, 0x44))
+        # And one without read_into is read with read().
+        slot = bytearray(2000)
+        length = fast_reply_into(request(0x24, 1, 2), memoryview(slot), OURS, [target])
+        self.assertEqual(bytes(slot[36:length]), sectors(1, 0x44))
+
+
+class ReadIntoTests(SynchronousTestCase):
+    """The backends' ``read_into``: what ``read`` returns, straight into a buffer."""
+
+    def _check(self, backend: Any) -> None:
+        """``read_into`` fills exactly the view with what ``read`` returns, or fails as it does."""
+        backend.write(3 * SECTOR_SIZE, sectors(2, 0x77) + sectors(1, 0x11))
+        for offset, length in ((0, 512), (3 * 512, 1024), (3 * 512, 3 * 512), (4 * 512, 512)):
+            buffer = bytearray([_STALE]) * (length + 8)
+            got = backend.read_into(offset, memoryview(buffer)[4 : 4 + length])
+            self.assertEqual(got, length)
+            self.assertEqual(bytes(buffer[4 : 4 + length]), backend.read(offset, length))
+            self.assertEqual(buffer[:4] + buffer[4 + length :], bytearray([_STALE]) * 8)
+        with self.assertRaises(ValueError):
+            backend.read_into(backend.size - 512, memoryview(bytearray(1024)))
+
+    def test_memory(self) -> None:
+        """``MemoryBackend.read_into``."""
+        self._check(MemoryBackend(SECTORS * SECTOR_SIZE))
+
+    def _file(self, direct: bool = False) -> FileBackend:
+        """Return a file backend on a fresh 64-sector file, closed when the test ends."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.truncate(SECTORS * SECTOR_SIZE)
+        try:
+            backend = FileBackend.open(path, direct=direct)
+        except Exception as e:
+            if direct:
+                raise SkipTest(f"no O_DIRECT here: {e}") from None
+            raise
+        self.addCleanup(backend.close)
+        return backend
+
+    def test_file(self) -> None:
+        """``FileBackend.read_into`` (``preadv`` into the view)."""
+        self._check(self._file())
+
+    def test_file_direct(self) -> None:
+        """``FileBackend.read_into`` with ``--direct`` (through the aligned buffer)."""
+        self._check(self._file(direct=True))
+
+    def test_file_shrunk(self) -> None:
+        """A file shrunk behind the backend's back: ``EIO``, as ``read`` raises."""
+        backend = self._file()
+        os.truncate(backend.path, 2 * SECTOR_SIZE)
+        with self.assertRaises(OSError) as caught:
+            backend.read_into(SECTOR_SIZE, memoryview(bytearray(2 * SECTOR_SIZE)))
+        self.assertEqual(caught.exception.errno, errno.EIO)

@@ -558,3 +558,473 @@ class MaxSectorsTests(SynchronousTestCase):
             if sectors < 255:
                 self.assertLessEqual(22 + 512 * sectors, mtu)
                 self.assertGreater(22 + 512 * (sectors + 1), mtu)
+
+
+# -- PACKET_MMAP rings ----------------------------------------------------------
+
+
+class RingAoEPortTestsMixin(AoEPortTestsMixin):
+    """The port on a fake system that offers rings: the same tests, through the ring walk."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.system.rings = True
+
+    def start(self) -> Any:
+        """Start the port, check it has rings, and return its fake socket."""
+        sock = super().start()
+        self.assertIsNotNone(sock.rings)  # type: ignore[attr-defined]
+        self.assertIs(self.port._rings, sock.rings)  # type: ignore[attr-defined]
+        return sock
+
+
+class RingAoEPortReadTests(RingAoEPortTestsMixin, AoEPortReadTests):
+    """``doRead`` from the RX ring: what ``recvfrom`` gave, without a system call per frame."""
+
+    def test_delivers_in_order(self) -> None:
+        """Frames arrive whole, in order, with the address ``recvfrom`` gives; slots go back."""
+        sock = self.start()
+        frames = [aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 4) for i in range(3)]
+        for frame in frames:
+            self.interface.receive(frame)
+        self.port.doRead()
+        self.assertEqual([f for f, _ in self.protocol.frames], frames)
+        for _, addr in self.protocol.frames:
+            self.assertEqual(addr, ("eth0", ETHERTYPE, socket.PACKET_HOST, 1, HOST_MAC))
+            self.assertIsInstance(_, bytes)
+        self.assertEqual(self.port.frames_received, 3)
+        rings = sock.rings
+        self.assertFalse(any(rings.rx_ready(i) for i in range(len(rings.rx_offsets))))
+
+    def test_bounded(self) -> None:
+        """One ``doRead`` takes at most ``max_frames_per_read`` frames; the rest wait."""
+        sock = self.start()
+        for i in range(11):
+            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i])))
+        self.port.doRead()
+        self.assertEqual(len(self.protocol.frames), 8)
+        self.assertEqual(sum(sock.rings.rx_ready(i) for i in range(len(sock.rings.rx_offsets))), 3)
+        self.port.doRead()
+        self.assertEqual([f[-1] for f, _ in self.protocol.frames], list(range(11)))
+
+    def test_wraps_around(self) -> None:
+        """The walk goes on from slot 0 after the last slot, for ever."""
+        sock = self.start()
+        slots = len(sock.rings.rx_offsets)
+        for i in range(slots * 2 + 5):
+            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, i.to_bytes(4, "big")))
+            if i % 7 == 6:
+                self.port.doRead()
+        self.port.doRead()
+        received = [int.from_bytes(f[14:18], "big") for f, _ in self.protocol.frames]
+        self.assertEqual(received, list(range(slots * 2 + 5)))
+        self.assertEqual(sock.rx_dropped, 0)
+
+    def test_retry_later_errors(self) -> None:
+        """An empty ring ends the drain with no system call at all (no ``EAGAIN`` read)."""
+        sock = self.start()
+        sock.recv_errors.append(OSError(errno.EBADF, "recvfrom must not be called"))
+        self.port.doRead()
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        self.port.doRead()
+        self.assertEqual(len(self.protocol.frames), 1)
+        self.assertEqual(len(sock.recv_errors), 1)
+
+    def test_interface_down(self) -> None:
+        """Nothing is read from the socket, so no receive error can close the port."""
+        sock = self.start()
+        sock.recv_errors.append(OSError(errno.ENETDOWN, "Network is down"))
+        self.port.doRead()
+        self.assertTrue(self.port.connected)
+
+    def test_other_errors_raise(self) -> None:
+        """(Receive errors do not apply to the ring: see ``test_retry_later_errors``.)"""
+        self.start()
+        self.port.doRead()
+        self.assertTrue(self.port.connected)
+
+
+class RingAoEPortWriteTests(RingAoEPortTestsMixin, AoEPortWriteTests):
+    """``write`` through the TX ring: the same frames, sent at once outside a drain."""
+
+    def test_one_send_per_write_outside_a_drain(self) -> None:
+        """Outside a drain each ``write`` is flushed at once: nothing waits in the ring."""
+        sock = self.start()
+        for i in range(3):
+            self.port.write(aoe_frame(HOST_MAC, SERVER_MAC, bytes([i]) * 100))
+            self.assertEqual(len(sock.sent), i + 1)
+        self.assertEqual(sock.flushes, 3)
+
+    def test_ring_full_drops(self) -> None:
+        """With every TX slot still queued, ``write`` drops the frame and counts it."""
+        sock = self.start()
+        sock.tx_stalled = True
+        slots = len(sock.rings.tx_offsets)
+        for _ in range(slots + 3):
+            self.port.write(aoe_frame(HOST_MAC, SERVER_MAC, b"x" * 100))
+        self.assertEqual(self.port.frames_sent, slots)
+        self.assertEqual(self.port.frames_dropped, 3)
+        sock.tx_stalled = False
+        self.port.write(aoe_frame(HOST_MAC, SERVER_MAC, b"y" * 100))
+        self.assertEqual(len(sock.sent), slots + 1)
+        self.assertEqual(sock.sent[-1][14:15], b"y")
+
+
+class IntoProtocol(RecordingProtocol):
+    """
+    Answer every frame into the reply slot with ``reply_for(frame)``, as ``AoEProtocol`` does.
+
+    ``keep`` keeps the views it was given (which the port must release);
+    frames whose reply is ``b""`` are answered with ``write`` instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[memoryview] = []
+        self.keep = False
+        self.slots: list[memoryview | None] = []
+        self.written_in_drain_finished: list[bytes] = []
+
+    def reply_for(self, frame: bytes) -> bytes:
+        return frame[6:12] + frame[:6] + frame[12:]
+
+    def frameReceivedInto(self, frame: memoryview, reply: memoryview | None) -> int:
+        data = bytes(frame)
+        self.frames.append((data, None))
+        self.slots.append(reply)
+        if self.keep:
+            self.kept.append(frame)
+        answer = self.reply_for(data)
+        if not answer.startswith(HOST_MAC) or reply is None:
+            assert self.transport is not None
+            self.transport.write(answer)  # type: ignore[call-arg]
+            return 0
+        reply[: len(answer)] = answer
+        return len(answer)
+
+    def drainFinished(self) -> None:
+        assert self.transport is not None
+        for frame in self.written_in_drain_finished:
+            self.transport.write(frame)  # type: ignore[call-arg]
+
+
+class RingIntoTests(SynchronousTestCase):
+    """A protocol with ``frameReceivedInto``: replies written straight into TX slots, batched."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.system = MemoryPacketSystem(rings=True)
+        self.interface, self.peer = self.system.add_veth("eth0", "peer0", mtu=1500)
+        self.interface.mac = SERVER_MAC
+        self.peer.mac = HOST_MAC
+        self.peer_sock = self.system.sockets[self.system.open("peer0", ETHERTYPE)]
+        self.protocol = IntoProtocol()
+        self.port = AoEPort("eth0", self.protocol, reactor=self.reactor, system=self.system)
+        self.port.startListening()
+        self.sock = self.system.socket_for(self.port)
+
+    @property
+    def seen(self) -> list[bytes]:
+        """The frames the peer has received."""
+        return [frame for frame, _ in self.peer_sock.inbound]
+
+    def test_replies_in_place(self) -> None:
+        """Each reply goes out as written into the slot, in order, padded to 60 bytes."""
+        frames = [aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 20) for i in range(5)]
+        for frame in frames:
+            self.interface.receive(frame)
+        self.port.doRead()
+        expected = [self.protocol.reply_for(f) for f in frames]
+        self.assertEqual(self.seen, [e + bytes(MIN_FRAME_SIZE - len(e)) for e in expected])
+        self.assertEqual(self.port.frames_sent, 5)
+        self.assertTrue(all(isinstance(slot, memoryview) for slot in self.protocol.slots))
+
+    def test_batched(self) -> None:
+        """Replies are sent ``tx_batch`` at a time and at the end of the drain: few sends."""
+        for i in range(20):
+            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 100))
+        self.port.tx_batch = 8
+        self.port.doRead()
+        self.assertEqual(len(self.seen), 20)
+        self.assertEqual(self.sock.flushes, 3)
+
+    def test_general_path_writes_batched(self) -> None:
+        """Replies the protocol writes (not into the slot) join the same batches, in order."""
+        self.protocol.reply_for = lambda frame: (  # type: ignore[method-assign]
+            (HOST_MAC if frame[14] % 2 else OTHER_MAC) + frame[:6] + frame[12:]
+        )
+        for i in range(6):
+            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 100))
+        self.port.doRead()
+        self.assertEqual([f[14] for f in self.seen], list(range(6)))
+        self.assertEqual(self.sock.flushes, 1)
+
+    def test_drain_finished_writes_in_last_batch(self) -> None:
+        """What ``drainFinished`` writes goes out with the drain's last batch."""
+        late = aoe_frame(HOST_MAC, SERVER_MAC, b"late" * 20)
+        self.protocol.written_in_drain_finished = [late]
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 50))
+        self.port.doRead()
+        self.assertEqual(self.seen[-1], late)
+        self.assertEqual(len(self.seen), 2)
+        self.assertEqual(self.sock.flushes, 1)
+
+    def test_views_released(self) -> None:
+        """The frame's view is released when the call returns: a kept one cannot be read."""
+        self.protocol.keep = True
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 50))
+        self.port.doRead()
+        [kept] = self.protocol.kept
+        self.assertRaises(ValueError, bytes, kept)
+
+    def test_tx_ring_full(self) -> None:
+        """With no free TX slot the protocol gets ``None``; its written reply is dropped."""
+        self.sock.tx_stalled = True
+        slots = len(self.sock.rings.tx_offsets)
+        for i in range(slots + 2):
+            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, i.to_bytes(2, "big") * 30))
+            self.port.doRead()
+        self.assertIsNone(self.protocol.slots[-1])
+        self.assertEqual(self.port.frames_sent, slots)
+        self.assertEqual(self.port.frames_dropped, 2)
+
+    def test_flush_errors(self) -> None:
+        """A transient flush error counts a drop; the queued replies go with the next flush."""
+        self.sock.send_errors.append(OSError(errno.ENOBUFS, "full"))
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"a" * 50))
+        self.port.doRead()
+        self.assertEqual((self.seen, self.port.frames_dropped), ([], 1))
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"b" * 50))
+        self.port.doRead()
+        self.assertEqual([f[14:15] for f in self.seen], [b"a", b"b"])
+
+    def test_other_flush_errors_logged_in_a_drain(self) -> None:
+        """Any other flush error in a drain is logged, not raised: the port stays open."""
+        self.sock.send_errors.append(OSError(errno.EINVAL, "bad"))
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"a" * 50))
+        self.port.doRead()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(self.port.connected)
+
+    def test_close_releases(self) -> None:
+        """Stopping the port releases the rings' views (unmapping is in ``tests.test_ring``)."""
+        rings = self.port._rings
+        assert rings is not None
+        self.port.connectionLost(None)
+        self.assertIsNone(self.port._rings)
+        self.assertRaises(ValueError, bytes, rings.view)
+        self.assertEqual(rings.tx_frames, [])
+
+
+class RingSetupTests(SynchronousTestCase):
+    """When the port uses rings, and how it falls back when it cannot."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.system = MemoryPacketSystem(rings=True)
+        self.interface = self.system.add_interface("eth0", mac=SERVER_MAC, mtu=9000)
+        self.protocol = RecordingProtocol()
+
+    def port(self, **kwargs: Any) -> AoEPort:
+        port = AoEPort("eth0", self.protocol, reactor=self.reactor, system=self.system, **kwargs)
+        port.startListening()
+        return port
+
+    def test_geometry(self) -> None:
+        """The RX ring holds ``receive_frames`` (at least 256), each slot a frame of the MTU."""
+        port = self.port(receive_frames=1000)
+        rings = port._rings
+        assert rings is not None
+        self.assertGreaterEqual(rings.rx.frame_nr, 1000)
+        self.assertGreaterEqual(rings.tx.frame_nr, 256)
+        self.assertGreaterEqual(rings.tx.frame_capacity(), 9000 + 14)
+
+    def test_switched_off(self) -> None:
+        """``rings=False`` keeps one system call per frame."""
+        port = self.port(rings=False)
+        self.assertIsNone(port._rings)
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        self.assertEqual(len(self.system.socket_for(port).inbound), 1)
+
+    def test_no_rings_on_offer(self) -> None:
+        """A system that offers no rings (``map_rings`` gives ``None``): plain path, no warning."""
+        self.system.rings = False
+        with capturedLogs() as events:
+            port = self.port()
+        self.assertIsNone(port._rings)
+        self.assertFalse(any("PACKET_MMAP" in e["log_format"] for e in events))
+
+    def test_fallback(self) -> None:
+        """If the kernel refuses a ring the port logs it once and reads frames one by one."""
+        self.system.ring_errors.append(OSError(errno.EINVAL, "Invalid argument"))
+        with capturedLogs() as events:
+            port = self.port()
+        self.assertIsNone(port._rings)
+        warnings = [e for e in events if "no PACKET_MMAP rings" in e["log_format"]]
+        self.assertEqual(len(warnings), 1)
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        port.doRead()
+        self.assertEqual(len(self.protocol.frames), 1)
+        port.write(aoe_frame(HOST_MAC, SERVER_MAC))
+        self.assertEqual(len(self.system.socket_for(port).sent), 1)
+
+    def test_oversize_write(self) -> None:
+        """A frame longer than the MTU allows is refused with ``EMSGSIZE``, as ``send`` does."""
+        port = self.port()
+        exc = self.assertRaises(OSError, port.write, aoe_frame(HOST_MAC, SERVER_MAC, b"x" * 9001))
+        self.assertEqual(exc.errno, errno.EMSGSIZE)
+        self.assertEqual(port.frames_sent, 0)
+
+
+class AdoptTests(SynchronousTestCase):
+    """``socket_fd``: a port on a packet socket opened (and bound) by someone else."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.system = MemoryPacketSystem()
+        self.interface = self.system.add_interface("eth0", mac=SERVER_MAC, mtu=9000)
+        self.protocol = RecordingProtocol()
+
+    def test_adopts(self) -> None:
+        """The port uses the given socket: no other is opened; MAC and MTU are learnt from it."""
+        fd = self.system.open("eth0", ETHERTYPE)
+        port = AoEPort("eth0", self.protocol, reactor=self.reactor, system=self.system,
+                       socket_fd=fd)  # fmt: skip
+        port.startListening()
+        self.assertEqual(port.fileno(), fd)
+        self.assertEqual(list(self.system.sockets), [fd])
+        self.assertEqual((port.mac, port.mtu), (SERVER_MAC, 9000))
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        port.doRead()
+        self.assertEqual(len(self.protocol.frames), 1)
+        port.connectionLost(None)
+        self.assertTrue(self.system.sockets[fd].closed)
+
+    def test_adopts_with_rings(self) -> None:
+        """An adopted socket gets its rings as an opened one does."""
+        self.system.rings = True
+        fd = self.system.open("eth0", ETHERTYPE)
+        port = AoEPort("eth0", self.protocol, reactor=self.reactor, system=self.system,
+                       socket_fd=fd)  # fmt: skip
+        port.startListening()
+        self.assertIsNotNone(port._rings)
+
+    def test_bad_descriptor(self) -> None:
+        """A descriptor that is not an open packet socket: ``CannotOpenInterface`` (EBADF)."""
+        port = AoEPort("eth0", self.protocol, reactor=self.reactor, system=self.system,
+                       socket_fd=77)  # fmt: skip
+        exc = self.assertRaises(CannotOpenInterface, port.startListening)
+        self.assertEqual(exc.socketError.errno, errno.EBADF)
+        self.assertFalse(port.connected)
+
+
+def _fanout_socket(pair: VethPair, group: int) -> socket.socket:
+    """Open a packet socket on the server end, bind it and join fanout ``group`` (hash mode)."""
+    from aoe_twisted.port import _network_namespace
+    from aoe_twisted.ring import PACKET_FANOUT, PACKET_FANOUT_HASH, SOL_PACKET
+
+    with _network_namespace(pair.server_ns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+    sock.bind((pair.server_if, ETHERTYPE))
+    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_HASH << 16)
+    return sock
+
+
+class RealRingPortTests(SynchronousTestCase):
+    """Rings on real ``AF_PACKET`` sockets on a veth pair (root only)."""
+
+    def setUp(self) -> None:
+        self.pair = VethPair.create(self)
+        self.reactor = MemoryReactorClock()
+        self.client = AoEPort(self.pair.client_if, RecordingProtocol(), reactor=self.reactor,
+                              netns=self.pair.client_ns, rings=False)  # fmt: skip
+        self.client.startListening()
+        self.addCleanup(self.client.connectionLost, None)
+
+    def exchange(self, port: AoEPort, protocol: IntoProtocol) -> None:
+        """Send 40 frames to ``port``, let it answer them in place, and check the replies."""
+        assert self.client.mac is not None and port.mac is not None
+        frames = [aoe_frame(port.mac, self.client.mac, bytes([i]) * 100) for i in range(40)]
+        protocol.reply_for = lambda frame: frame[6:12] + frame[:6] + frame[12:]  # type: ignore[method-assign]
+        for frame in frames:
+            self.client.write(frame)
+        deadline = time.monotonic() + 5
+        while port.frames_received < 40 and time.monotonic() < deadline:
+            port.doRead()
+            time.sleep(0.001)
+        self.assertEqual([f for f, _ in protocol.frames], frames)
+        client_protocol = self.client.protocol
+        assert isinstance(client_protocol, RecordingProtocol)
+        while len(client_protocol.frames) < 40 and time.monotonic() < deadline:
+            self.client.doRead()
+            time.sleep(0.001)
+        self.assertEqual(
+            [f for f, _ in client_protocol.frames], [protocol.reply_for(f) for f in frames]
+        )
+
+    def test_rings(self) -> None:
+        """A port on a real socket gets rings, and frames go both ways through them."""
+        protocol = IntoProtocol()
+        port = AoEPort(self.pair.server_if, protocol, reactor=self.reactor,
+                       netns=self.pair.server_ns)  # fmt: skip
+        port.startListening()
+        self.addCleanup(port.connectionLost, None)
+        self.assertIsNotNone(port._rings)
+        self.exchange(port, protocol)
+
+    def test_adopted_fanout_socket(self) -> None:
+        """
+        A socket already in a ``PACKET_FANOUT`` group, adopted by fd, gets rings and serves.
+        """
+        sock = _fanout_socket(self.pair, 0x4242)
+        protocol = IntoProtocol()
+        port = AoEPort(self.pair.server_if, protocol, reactor=self.reactor,
+                       socket_fd=sock.detach())  # fmt: skip
+        port.startListening()
+        self.addCleanup(port.connectionLost, None)
+        self.assertIsNotNone(port._rings)
+        self.assertEqual(port.mtu, self.pair.mtu)
+        self.exchange(port, protocol)
+
+    def test_worker_restarted_on_the_same_socket(self) -> None:
+        """
+        A port adopting a socket a previous port had rings on (as a restarted
+        worker adopts its predecessor's) gets rings again and serves.
+        """
+        import os
+
+        sock = _fanout_socket(self.pair, 0x4343)
+        self.addCleanup(sock.close)
+        first = AoEPort(self.pair.server_if, IntoProtocol(), reactor=self.reactor,
+                        socket_fd=os.dup(sock.fileno()))  # fmt: skip
+        first.startListening()
+        self.assertIsNotNone(first._rings)
+        first.connectionLost(None)
+        protocol = IntoProtocol()
+        port = AoEPort(self.pair.server_if, protocol, reactor=self.reactor,
+                       socket_fd=os.dup(sock.fileno()))  # fmt: skip
+        port.startListening()
+        self.addCleanup(port.connectionLost, None)
+        self.assertIsNotNone(port._rings)
+        self.exchange(port, protocol)
+
+
+class RingMisuseTests(RingIntoTests):
+    """A protocol that breaks the ``frameReceivedInto`` contract is reported."""
+
+    def test_both_slot_and_write(self) -> None:
+        """Writing a frame and also a reply into the slot (the same one) is logged, sent once."""
+        into = self.protocol.frameReceivedInto
+
+        def both(frame: memoryview, reply: memoryview | None) -> int:
+            assert self.protocol.transport is not None
+            self.protocol.transport.write(aoe_frame(HOST_MAC, SERVER_MAC, b"w" * 50))  # type: ignore[call-arg]
+            return into(frame, reply)
+
+        self.protocol.frameReceivedInto = both  # type: ignore[method-assign]
+        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 50))
+        self.port.doRead()
+        [error] = self.flushLoggedErrors(RuntimeError)
+        self.assertIn("as well", str(error.value))
+        self.assertEqual(len(self.seen), 1)
+        self.assertEqual(self.port.frames_sent, 1)

@@ -335,3 +335,153 @@ class MalformedLoggingTests(ServiceTestsMixin, SynchronousTestCase):
         with capturedLogs() as events:
             self.answer(discovery())
         self.assertEqual(self.malformed_lines(events), [])
+
+
+# -- the zero-copy frame path (PACKET_MMAP rings) -------------------------------
+
+
+class RingSystemMixin(ServiceTestsMixin):
+    """The service on a fake system with rings: frames come through ``frameReceivedInto``."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.system.rings = True
+
+    def serve(self, *targets: Target, **kwargs: Any) -> AoEService:
+        """Start the service, check its port has rings, and count what goes through ``write``."""
+        service = super().serve(*targets, **kwargs)
+        port = service.port
+        assert port is not None
+        self.assertIsNotNone(port._rings)
+        self.written: list[bytes] = []
+        write = port.write
+
+        def counting_write(frame: bytes) -> None:
+            self.written.append(frame)
+            write(frame)
+
+        port.write = counting_write  # type: ignore[method-assign]
+        return service
+
+
+class RingAoEProtocolTests(RingSystemMixin, AoEProtocolTests):
+    """``AoEProtocolTests`` again, through the ring walk."""
+
+
+class RingMalformedLoggingTests(RingSystemMixin, MalformedLoggingTests):
+    """``MalformedLoggingTests`` again, through the ring walk."""
+
+
+def read(lba: int, count: int = 1, tag: bytes = b"\x00\x00\x01\x00") -> bytes:
+    """A READ SECTORS EXT of ``count`` sectors at ``lba``, for target 1.2."""
+    return request(Header(
+        major=1, minor=2, command=Command.ISSUE_ATA_COMMAND, tag=tag,
+        arg=ATAArg(flag_lba48_extended=True, sector_count=count,
+                   cmd_status=ATACmdStatus.READ_48BIT, lba=lba),
+    ))  # fmt: skip
+
+
+def write(lba: int, fill: int, tag: bytes = b"\x00\x00\x02\x00") -> bytes:
+    """A WRITE SECTORS EXT of one sector of ``fill`` at ``lba``, for target 1.2."""
+    return request(Header(
+        major=1, minor=2, command=Command.ISSUE_ATA_COMMAND, tag=tag,
+        arg=ATAArg(flag_lba48_extended=True, flag_write=True, sector_count=1,
+                   cmd_status=ATACmdStatus.WRITE_48BIT, lba=lba,
+                   data=bytes([fill]) * SECTOR_SIZE),
+    ))  # fmt: skip
+
+
+class FrameReceivedIntoTests(RingSystemMixin, SynchronousTestCase):
+    """``AoEProtocol.frameReceivedInto``: in place when it can, through a copy when it must."""
+
+    def test_read_in_place(self) -> None:
+        """A plain read is answered into the TX slot (not ``write``), as the plain path would."""
+        disk = target()
+        disk.backend.write(3 * SECTOR_SIZE, b"\x5a" * 2 * SECTOR_SIZE)
+        self.serve(disk)
+        (reply,) = self.answer(read(3, 2))
+        self.assertEqual(self.written, [])
+        arg = decode(reply)[1].arg
+        assert isinstance(arg, ATAArg)
+        self.assertEqual(arg.data, b"\x5a" * 2 * SECTOR_SIZE)
+        protocol = self.service.protocol
+        assert protocol is not None and protocol.dispatcher is not None
+        self.assertEqual(protocol.dispatcher.fast, 1)
+        reference = AoEProtocol([target()], clock=self.reactor)
+        reference.dispatcher = type(protocol.dispatcher)(SERVER_MAC, reference.targets)
+        reference.targets[0].max_sectors = 2
+        reference.targets[0].backend.write(3 * SECTOR_SIZE, b"\x5a" * 2 * SECTOR_SIZE)
+        self.assertEqual([reply], reference.dispatcher.frame_received(read(3, 2)))
+
+    def test_write_in_place(self) -> None:
+        """Without ``sync`` a plain write is answered in place too, and lands on the disk."""
+        disk = target()
+        self.serve(disk)
+        (reply,) = self.answer(write(4, 0x33))
+        self.assertEqual(self.written, [])
+        self.assertEqual(len(reply), MIN_FRAME_SIZE)
+        self.assertEqual(disk.backend.read(4 * SECTOR_SIZE, SECTOR_SIZE), b"\x33" * SECTOR_SIZE)
+
+    def test_general_path(self) -> None:
+        """Anything else reaches ``datagramReceived`` as ``bytes`` and is answered by ``write``."""
+        self.serve()
+        (reply,) = self.answer(discovery())
+        self.assertEqual(self.written, [reply])
+
+    def test_sync_write_copied(self) -> None:
+        """Under ``sync`` a write takes the copying path: its reply is held, then written."""
+        disk = target()
+        self.serve(disk, sync=True)
+        (reply,) = self.answer(write(4, 0x44))
+        self.assertEqual(self.written, [reply])
+        protocol = self.service.protocol
+        assert protocol is not None
+        self.assertEqual(protocol.synced_writes, 1)
+
+    def test_sync_read_in_place_unless_held(self) -> None:
+        """
+        Under ``sync`` a read is answered in place when nothing is held, and
+        held behind a write of the same drain otherwise (order kept).
+        """
+        self.serve(sync=True)
+        self.answer(read(1))
+        self.assertEqual(self.written, [])
+        before = len(self.sock.sent)
+        for frame in (write(1, 0x77), read(1, tag=b"\x00\x00\x03\x00")):
+            self.interface.receive(frame)
+        assert self.service.port is not None
+        self.service.port.doRead()
+        replies = self.sock.sent[before:]
+        self.assertEqual(self.written, replies)
+        self.assertEqual([decode(r)[1].tag for r in replies],
+                         [b"\x00\x00\x02\x00", b"\x00\x00\x03\x00"])  # fmt: skip
+        arg = decode(replies[1])[1].arg
+        assert isinstance(arg, ATAArg)
+        self.assertEqual(arg.data, b"\x77" * SECTOR_SIZE)
+
+    def test_sync_one_per_drain(self) -> None:
+        """Under ``sync`` the writes of a drain through the ring still share one sync."""
+        disk = target()
+        self.serve(disk, sync=True)
+        for i in range(8):
+            self.interface.receive(write(i, i + 1, tag=bytes([0, 0, 9, i])))
+        assert self.service.port is not None
+        self.service.port.doRead()
+        protocol = self.service.protocol
+        assert protocol is not None
+        self.assertEqual((protocol.syncs, protocol.synced_writes), (1, 8))
+        self.assertEqual([decode(r)[1].tag[3] for r in self.sock.sent[-8:]], list(range(8)))
+
+    def test_no_slot(self) -> None:
+        """Given no TX slot (``None``), the frame is answered through ``datagramReceived``."""
+        self.serve()
+        protocol = self.service.protocol
+        assert protocol is not None
+        self.assertEqual(protocol.frameReceivedInto(memoryview(read(1)), None), 0)
+        self.assertEqual(len(self.written), 1)
+
+    def test_not_started(self) -> None:
+        """A protocol that was never connected answers nothing."""
+        protocol = AoEProtocol([target()], clock=self.reactor)
+        slot = memoryview(bytearray(2000))
+        self.assertEqual(protocol.frameReceivedInto(memoryview(read(1)), slot), 0)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from attrs import define, field
+from attrs import define, field, setters
 
-from aoe_twisted.fastpath import fast_reply
+from aoe_twisted.fastpath import fast_reply, fast_reply_into
 from aoe_twisted.target import Target
 from aoe_twisted.wire import (
     BROADCAST_MAC,
@@ -47,7 +47,9 @@ def _check_targets(instance: object, attribute: object, value: list[Target]) -> 
         seen.add(address)
 
 
-@define
+# Validators run at construction only: no __setattr__ hook, so the per-frame
+# ``fast += 1`` costs an attribute store and not a call through attrs.
+@define(on_setattr=setters.NO_OP)
 class Dispatcher:
     """
     The targets exported on one interface whose MAC address is ``mac``.
@@ -120,6 +122,27 @@ class Dispatcher:
                 counters["unaddressed"] += 1
             return []
         return self._frames(src, headers)
+
+    def frame_received_into(self, frame: bytes | memoryview, reply: memoryview) -> int:
+        """
+        Answer ``frame`` into ``reply`` by the fast path; return the reply's length, or 0.
+
+        The zero-copy entry (``fastpath.fast_reply_into``): with the same
+        counters as ``frame_received`` when it answers, and nothing counted or
+        done when it returns 0, so the caller then hands the frame (as
+        ``bytes``) to ``frame_received``.  Nothing refers to ``frame`` or
+        ``reply`` afterwards.
+        """
+        if not self.fast_path:
+            return 0
+        length = fast_reply_into(frame, reply, self.mac, self.targets)
+        if length:
+            counters = self.counters
+            counters["received"] += 1
+            counters["answered"] += 1
+            counters["replies"] += 1
+            self.fast += 1
+        return length
 
     def announcements(self) -> list[bytes]:
         """

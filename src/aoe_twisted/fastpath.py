@@ -64,7 +64,7 @@ from aoe_twisted.wire.ata import _ATA as _ATA_ARG
 from aoe_twisted.wire.ethernet import _ETHERNET
 from aoe_twisted.wire.header import _FLAG_RESPONSE, _HEADER
 
-__all__ = ["FRAME_HEADER", "fast_reply"]
+__all__ = ["FRAME_HEADER", "fast_reply", "fast_reply_into"]
 
 FRAME_HEADER = struct.Struct(
     "!" + _ETHERNET.format.lstrip("!") + _HEADER.format.lstrip("!") + _ATA_ARG.format.lstrip("<")
@@ -101,9 +101,14 @@ _COMMANDS: dict[int, tuple[bool, int, int]] = {
 }
 
 _pack = FRAME_HEADER.pack
+_pack_into = FRAME_HEADER.pack_into
 _unpack_from = FRAME_HEADER.unpack_from
 _HEADER_SIZE = FRAME_HEADER.size
 _PADDING = bytes(MIN_FRAME_SIZE - _HEADER_SIZE)
+
+
+#: What ``_accept`` finds in a frame this path answers.
+_Plan = tuple[bytes, Target, int, int, bytes, bytes, int, bool]
 
 
 def fast_reply(frame: bytes, mac: bytes, targets: Sequence[Target]) -> bytes | None:
@@ -113,6 +118,84 @@ def fast_reply(frame: bytes, mac: bytes, targets: Sequence[Target]) -> bytes | N
     ``None`` means the frame is not one this path answers (see the module
     docstring); the caller then gives it to the general path, to which
     nothing has happened: no counter, no backend call.
+    """
+    plan = _accept(frame, targets)
+    if plan is None:
+        return None
+    src, target, aflags, count, tag, lba, first, write = plan
+    if write:
+        return _write(frame, src, mac, target, aflags, count, tag, lba, first)
+    return _read(src, mac, target, aflags, count, tag, lba, first)
+
+
+def fast_reply_into(
+    frame: bytes | memoryview, reply: memoryview, mac: bytes, targets: Sequence[Target]
+) -> int:
+    """
+    Write the reply to ``frame`` into ``reply`` and return its length, or return 0.
+
+    The zero-copy twin of ``fast_reply``, for a transmit buffer (a TX ring
+    slot): the same frames answered with the same bytes, but the headers
+    are packed in place and a read's sectors land in ``reply`` straight from
+    the backend (``read_into``, if it has one).  A write's sectors go to the
+    backend as a ``memoryview`` of ``frame`` if it has ``read_into`` (which
+    promises it keeps no reference), else as ``bytes``.  0 means not
+    answered, as ``None`` from ``fast_reply``; so does a ``reply`` too small
+    for the answer.  Nothing is kept: ``frame`` and ``reply`` may be reused
+    as soon as this returns.
+    """
+    plan = _accept(frame, targets)
+    if plan is None:
+        return 0
+    src, target, aflags, count, tag, lba, first, write = plan
+    backend = target.backend
+    if write:
+        end = _HEADER_SIZE + count * SECTOR_SIZE
+        if backend.read_only or len(frame) < end or len(reply) < MIN_FRAME_SIZE:
+            return 0
+        data = frame[_HEADER_SIZE:end]
+        if getattr(backend, "read_into", None) is None:
+            data = bytes(data)
+        try:
+            backend.write(first * SECTOR_SIZE, data)
+        except OSError:
+            return _failed_into(reply, src, mac, target, aflags, count, tag, lba, _ABRT)
+        _pack_into(
+            reply, 0, src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA,
+            tag, aflags & _ECHOED_AFLAGS, 0, 0, _DRDY, lba, 0,
+        )
+        reply[_HEADER_SIZE:MIN_FRAME_SIZE] = _PADDING
+        return MIN_FRAME_SIZE
+    length = count * SECTOR_SIZE
+    end = _HEADER_SIZE + length
+    if len(reply) < end:
+        return 0
+    read_into = getattr(backend, "read_into", None)
+    try:
+        if read_into is None:
+            data = backend.read(first * SECTOR_SIZE, length)
+            got = len(data)
+            if got == length:
+                reply[_HEADER_SIZE:end] = data
+        else:
+            got = read_into(first * SECTOR_SIZE, reply[_HEADER_SIZE:end])
+    except OSError:
+        return _failed_into(reply, src, mac, target, aflags, count, tag, lba, _UNC)
+    if got != length:
+        return _failed_into(reply, src, mac, target, aflags, count, tag, lba, _UNC)
+    _pack_into(
+        reply, 0, src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
+        aflags & _ECHOED_AFLAGS, 0, 0, _DRDY, lba, 0,
+    )
+    return end
+
+
+def _accept(frame: bytes | memoryview, targets: Sequence[Target]) -> _Plan | None:
+    """
+    Return what answering ``frame`` needs, or ``None`` if this path does not answer it.
+
+    The plan is the source MAC, the target, the AFlags, the sector count,
+    the tag, the raw LBA bytes, the first sector and whether it is a write.
     """
     if len(frame) < _HEADER_SIZE:
         return None
@@ -153,9 +236,7 @@ def fast_reply(frame: bytes, mac: bytes, targets: Sequence[Target]) -> bytes | N
     first = int.from_bytes(lba, "little") & (mask48 if aflags & _EXTENDED else mask28)
     if first + count > backend.size // SECTOR_SIZE:
         return None
-    if write:
-        return _write(frame, src, mac, target, aflags, count, tag, lba, first)
-    return _read(src, mac, target, aflags, count, tag, lba, first)
+    return src, target, aflags, count, tag, lba, first, write
 
 
 def _read(
@@ -204,3 +285,18 @@ def _failed(
         src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
         aflags & _ECHOED_AFLAGS, error, count, _ERR_DRDY, lba, 0,
     ) + _PADDING
+
+
+def _failed_into(
+    reply: memoryview, src: bytes, mac: bytes, target: Target, aflags: int, count: int,
+    tag: bytes, lba: bytes, error: int,
+) -> int:
+    """Write the padded ``ERR|DRDY`` reply (as ``_failed``) into ``reply``; return its length."""
+    if len(reply) < MIN_FRAME_SIZE:
+        return 0
+    _pack_into(
+        reply, 0, src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
+        aflags & _ECHOED_AFLAGS, error, count, _ERR_DRDY, lba, 0,
+    )
+    reply[_HEADER_SIZE:MIN_FRAME_SIZE] = _PADDING
+    return MIN_FRAME_SIZE

@@ -131,6 +131,8 @@ class AoEProtocol(AbstractDatagramProtocol):
     """
 
     noisy = False
+    announces = True
+    """Whether ``startProtocol`` announces the targets (only one of several workers does)."""
 
     def __init__(
         self,
@@ -212,7 +214,8 @@ class AoEProtocol(AbstractDatagramProtocol):
                 "writes are acknowledged once durable (--sync): one sync per disk per "
                 "drain of the socket (group commit)"
             )
-        self.announce()
+        if self.announces:
+            self.announce()
 
     def announce(self) -> None:
         """Send every target's unsolicited config reply (the start-up announcement)."""
@@ -238,6 +241,31 @@ class AoEProtocol(AbstractDatagramProtocol):
         write = self.transport.write  # type: ignore[union-attr]
         for reply in replies:
             write(reply)  # type: ignore[call-arg]
+
+    def frameReceivedInto(self, frame: memoryview, reply: memoryview | None) -> int:
+        """
+        Answer ``frame`` (a view of a receive ring slot) into ``reply``; return its length.
+
+        The port's zero-copy entry: a plain read or write is answered by the
+        fast path straight into ``reply`` (a view of a transmit ring slot,
+        ``None`` when none is free) and the port sends it.  Anything else,
+        and under ``sync`` every write and every frame while replies are
+        held, goes to ``datagramReceived`` with a copy of the frame (what
+        ``sync`` holds must outlive the slot) and 0 is returned.  Neither
+        view is kept after the call.
+        """
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            return 0
+        if reply is not None and not (
+            self.sync
+            and (self._held or (len(frame) > _CMD_STATUS_AT and frame[_CMD_STATUS_AT] in _WRITES))
+        ):
+            length = dispatcher.frame_received_into(frame, reply)
+            if length:
+                return length
+        self.datagramReceived(bytes(frame))
+        return 0
 
     def _hold_writes(self, datagram: bytes, replies: list[bytes]) -> bool:
         """
@@ -414,6 +442,8 @@ class AoEService(service.Service):
         system: Any = None,
         exit_on_error: bool = False,
         sync: bool = False,
+        socket_fd: int | None = None,
+        announce: bool = True,
     ) -> None:
         """
         @param interface: the Ethernet interface to serve on.
@@ -429,6 +459,11 @@ class AoEService(service.Service):
             message, with exit status 1, for ``SystemExit``.
         @param sync: acknowledge writes only once durable (``--sync``, group
             commit; see ``AoEProtocol``).
+        @param socket_fd: serve on this already open and bound packet socket
+            (a ``--workers`` worker's share of the interface) instead of
+            opening one.
+        @param announce: send the targets' start-up announcements (the
+            first worker does; the others stay quiet).
         """
         self.interface = interface
         self.targets = list(targets)
@@ -438,6 +473,8 @@ class AoEService(service.Service):
         self.system = system
         self.exit_on_error = exit_on_error
         self.sync = sync
+        self.socket_fd = socket_fd
+        self.announce = announce
         self.protocol: AoEProtocol | None = None
         self.port: AoEPort | None = None
         self._backends_closed = False
@@ -445,6 +482,7 @@ class AoEService(service.Service):
     def _listen(self) -> AoEPort:
         """Open the port and connect a fresh protocol to it."""
         protocol = AoEProtocol(self.targets, self.max_sectors, clock=self.reactor, sync=self.sync)
+        protocol.announces = self.announce
         # Room for every request each target lets an initiator keep in flight, twice.
         in_flight = 2 * sum(target.buffer_count for target in self.targets)
         port = AoEPort(
@@ -454,6 +492,7 @@ class AoEService(service.Service):
             system=self.system,
             netns=self.netns,
             receive_frames=max(64, in_flight),
+            socket_fd=self.socket_fd,
         )
         try:
             port.startListening()

@@ -23,12 +23,25 @@ from attrs import define, field
 from zope.interface import implementer
 
 from aoe_twisted.port import _IPacketSystem
+from aoe_twisted.ring import (
+    SOCKADDR_LL,
+    TP_STATUS_AVAILABLE,
+    TP_STATUS_KERNEL,
+    TP_STATUS_SEND_REQUEST,
+    TP_STATUS_USER,
+    TPACKET2_HDR,
+    TX_DATA_AT,
+    PacketRings,
+    RingGeometry,
+)
 from aoe_twisted.wire import BROADCAST_MAC
 
 __all__ = ["MemoryInterface", "MemoryPacketSocket", "MemoryPacketSystem"]
 
 #: ``sll_hatype`` of an Ethernet interface (``ARPHRD_ETHER``).
 _ARPHRD_ETHER = 1
+#: Where the kernel puts a frame in an RX slot of ``TPACKET_V2`` (``tp_mac``).
+_RX_FRAME_AT = 66
 #: Linux's default receive buffer (``net.core.rmem_default``), as ``SO_RCVBUF`` reports it.
 _DEFAULT_RCVBUF = 212992
 
@@ -47,6 +60,12 @@ class MemoryPacketSocket:
     ``sent`` every frame written, in order.  Put ``OSError``s in
     ``recv_errors`` or ``send_errors`` and the next ``recvfrom`` or ``send``
     raises them (one each, first in first out) instead.
+
+    With ``rings`` (set by ``MemoryPacketSystem.map_rings``) frames arrive
+    in the RX ring instead of ``inbound`` (``rx_dropped`` counts those that
+    found it full), and ``flush`` takes the TX slots marked for sending
+    (``flushes`` counts the calls); ``tx_stalled`` makes it take none, as a
+    kernel that cannot send yet.
     """
 
     fd: int
@@ -59,6 +78,52 @@ class MemoryPacketSocket:
     send_errors: deque[OSError] = field(factory=deque)
     receive_buffer: int = _DEFAULT_RCVBUF
     closed: bool = False
+    rings: PacketRings | None = None
+    rx_dropped: int = 0
+    flushes: int = 0
+    tx_stalled: bool = False
+    _rx_next: int = 0
+    _tx_next: int = 0
+
+    def deliver(self, frame: bytes, addr: tuple[Any, ...]) -> None:
+        """Queue ``frame`` for reading: in the RX ring if it has one (as the kernel does)."""
+        rings = self.rings
+        if rings is None:
+            self.inbound.append((frame, addr))
+            return
+        offset = rings.rx_offsets[self._rx_next]
+        if rings.status[offset >> 2] != TP_STATUS_KERNEL:
+            self.rx_dropped += 1
+            return
+        mac = _RX_FRAME_AT
+        snaplen = min(len(frame), rings.rx.frame_size - mac)
+        TPACKET2_HDR.pack_into(rings.view, offset, TP_STATUS_KERNEL, len(frame), snaplen, mac,
+                               mac + 14, 0, 0, 0, 0)  # fmt: skip
+        _name, ethertype, pkttype, hatype, src = addr
+        SOCKADDR_LL.pack_into(
+            rings.view, offset + TX_DATA_AT, socket.AF_PACKET, socket.htons(ethertype), 1,
+            hatype, pkttype, len(src), src,
+        )  # fmt: skip
+        rings.view[offset + mac : offset + mac + snaplen] = frame[:snaplen]
+        rings.status[offset >> 2] = TP_STATUS_USER
+        self._rx_next = (self._rx_next + 1) % len(rings.rx_offsets)
+
+    def flush(self) -> list[bytes]:
+        """Take every TX slot marked for sending, in ring order; return their frames."""
+        rings = self.rings
+        assert rings is not None
+        self.flushes += 1
+        frames: list[bytes] = []
+        while not self.tx_stalled:
+            offset = rings.tx_offsets[self._tx_next]
+            if rings.status[offset >> 2] != TP_STATUS_SEND_REQUEST:
+                return frames
+            length = TPACKET2_HDR.unpack_from(rings.view, offset)[1]
+            start = offset + TX_DATA_AT
+            frames.append(bytes(rings.view[start : start + length]))
+            rings.status[offset >> 2] = TP_STATUS_AVAILABLE
+            self._tx_next = (self._tx_next + 1) % len(rings.tx_offsets)
+        return frames
 
 
 @define(eq=False)
@@ -102,7 +167,7 @@ class MemoryInterface:
         for sock in self.sockets:
             if sock.ethertype == ethertype:
                 addr = (self.name, ethertype, pkttype, _ARPHRD_ETHER, bytes(frame[6:12]))
-                sock.inbound.append((bytes(frame), addr))
+                sock.deliver(bytes(frame), addr)
 
     def transmit(self, frame: bytes) -> None:
         """Put ``frame`` on the wire: its peer, if any, receives it."""
@@ -118,9 +183,17 @@ class MemoryPacketSystem:
     ``privileged`` false makes ``open`` fail with ``EPERM``, as it does
     without ``CAP_NET_RAW``; an unknown interface gives ``ENODEV`` and an
     unknown namespace ``ENOENT``, just as the real system does.
+
+    With ``rings`` it also offers ``map_rings`` and ``flush``: sockets then
+    get ``PACKET_MMAP`` rings in memory (a ``bytearray``), filled and emptied
+    the way the kernel fills and empties them, so the port's ring walk runs
+    in unit tests.  Put an ``OSError`` in ``ring_errors`` to make the next
+    ``map_rings`` fail with it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rings: bool = False) -> None:
+        self.rings = rings
+        self.ring_errors: deque[OSError] = deque()
         self.privileged = True
         self.namespaces: set[str] = set()
         self.interfaces: dict[tuple[str | None, str], MemoryInterface] = {}
@@ -188,6 +261,33 @@ class MemoryPacketSystem:
         self.sockets[fd] = sock
         iface.sockets.append(sock)
         return fd
+
+    def adopt(self, fd: int) -> int:
+        """Take over a socket this system opened (``open``); ``EBADF`` for any other."""
+        self._socket(fd)
+        return fd
+
+    def map_rings(self, fd: int, rx: RingGeometry, tx: RingGeometry) -> PacketRings | None:
+        """Give the socket rings in memory (see the class docstring); ``None`` without ``rings``."""
+        sock = self._socket(fd)
+        if not self.rings:
+            return None
+        if self.ring_errors:
+            raise self.ring_errors.popleft()
+        sock.rings = PacketRings(bytearray(rx.size + tx.size), rx, tx)
+        while sock.inbound:
+            sock.deliver(*sock.inbound.popleft())
+        return sock.rings
+
+    def flush(self, fd: int) -> int:
+        """Send the socket's TX slots marked for sending (see ``send``); return 0."""
+        sock = self._socket(fd)
+        if sock.send_errors:
+            raise sock.send_errors.popleft()
+        for frame in sock.flush():
+            sock.sent.append(frame)
+            sock.interface.transmit(frame)
+        return 0
 
     def hardware_address(self, fd: int) -> bytes:
         """The MAC of the socket's interface."""

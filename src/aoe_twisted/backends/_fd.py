@@ -206,6 +206,34 @@ class FDBackend:
             done += len(piece)
         return b"".join(pieces)
 
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """
+        Read ``len(view)`` bytes from byte ``offset`` straight into ``view``; return how many.
+
+        The zero-copy read of the fast path: ``preadv`` into the caller's
+        buffer (a TX ring slot), where ``read`` makes a new ``bytes``.  With
+        ``direct`` it goes through the aligned buffer as ``read`` does, and
+        copies once from it.  Having it also promises that ``write`` takes
+        any bytes-like object and keeps no reference to it.
+
+        @raise OSError: as ``read``.
+        """
+        length = len(view)
+        check_range(offset, length, self.size)
+        if self.direct:
+            start, end = self._span(offset, length)
+            aligned = self._aligned(end - start)
+            self._pread_exact(aligned, start)
+            view[:length] = aligned[offset - start : offset - start + length]
+            return length
+        done = os.preadv(self._fd, [view], offset)
+        while done < length:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if not got:
+                raise OSError(errno.EIO, f"{self.path} ended at byte {offset + done}")
+            done += got
+        return length
+
     def write(self, offset: int, data: bytes) -> None:
         """
         Write all of ``data`` at byte ``offset``, looping on short writes.

@@ -47,6 +47,19 @@ class MemoryBackend:
         check_range(offset, length, self.size)
         return self._view[offset : offset + length].tobytes()
 
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """
+        Copy ``len(view)`` bytes from byte ``offset`` into ``view``; return how many.
+
+        The zero-copy read of the fast path (into a TX ring slot).  Having it
+        also promises that ``write`` takes any bytes-like object and keeps no
+        reference to it.
+        """
+        length = len(view)
+        check_range(offset, length, self.size)
+        view[:length] = self._view[offset : offset + length]
+        return length
+
     def write(self, offset: int, data: bytes) -> None:
         """
         Store ``data`` at byte ``offset``.
