@@ -34,13 +34,42 @@ TWISTD = tuple(twistd_argv())
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s live children (``/proc/PID/task/*/children``)."""
+    children: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return children
+
+
 def cpu_split(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of process ``pid`` so far (``/proc/PID/stat`` utime, stime)."""
+    """
+    (user, system) CPU seconds of process ``pid`` and its live children so far.
+
+    From ``/proc/PID/stat`` (utime, stime): the children are the workers of
+    ``twistd aoe --workers N``, part of the server; vblade has none.
+    """
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     # The command name (field 2) may hold spaces: split after its closing parenthesis.
     fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+    user, system = int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+    for child in _children(pid):
+        try:
+            child_user, child_system = cpu_split(child)
+        except OSError:
+            continue
+        user += child_user
+        system += child_system
+    return user, system
 
 
 def cpu_seconds(pid: int) -> float:

@@ -86,9 +86,9 @@ def _discover(sock: socket.socket, mac: bytes, shelf: int, slot: int, timeout: f
     raise SystemExit(f"generator: e{shelf}.{slot} did not answer a config query in {timeout} s")
 
 
-def _frames(dst: bytes, src: bytes, shelf: int, slot: int, op: str, pattern: str,
+def _frames(dst: bytes, sources: list[bytes], shelf: int, slot: int, op: str, pattern: str,
             count: int, disk_sectors: int, seed: int) -> list[bytearray]:
-    """Pre-build ``RING`` request frames (tags filled in at send time)."""
+    """Pre-build ``RING`` request frames (tags filled in at send time), from each source in turn."""
     rng = random.Random(seed)
     write = op == "write"
     aflags = AFLAG_E | (AFLAG_W if write else 0)
@@ -101,7 +101,7 @@ def _frames(dst: bytes, src: bytes, shelf: int, slot: int, op: str, pattern: str
         n = rng.randrange(slots) if pattern == "rand" else (start + i) % slots
         lba = (n * count).to_bytes(6, "little")
         frame = (
-            _REQ_HDR.pack(dst, src, ETHERTYPE, 0x10, 0, shelf, slot, 0, 0)
+            _REQ_HDR.pack(dst, sources[i % len(sources)], ETHERTYPE, 0x10, 0, shelf, slot, 0, 0)
             + _ATA_ARG.pack(aflags, 0, count, cmd, lba, 0)
             + data
         )
@@ -209,10 +209,12 @@ def generator(args: argparse.Namespace) -> int:
     mac = bytes(sock.getsockname()[4])
     server_mac, bufcnt, scnt = _discover(sock, mac, args.shelf, args.slot, 30.0)
     sock.setblocking(False)
-    window = args.window or bufcnt
+    # More initiators: forged, locally administered source MACs after our own.
+    sources = [mac] + [bytes([0x02, 0xA0, 0xE0, 0, 0, n]) for n in range(1, args.initiators)]
+    window = args.window or bufcnt * len(sources)
     for i, (pattern, size, op) in enumerate(json.loads(args.rows)):
         count = 1 if size == "1" else scnt
-        frames = _frames(server_mac, mac, args.shelf, args.slot, op, pattern, count,
+        frames = _frames(server_mac, sources, args.shelf, args.slot, op, pattern, count,
                          args.disk_sectors, seed=i)
         result = _drive(sock, server_mac, frames, window, args.warmup, args.duration,
                         args.server_pid, count)
@@ -233,6 +235,7 @@ def run_generator(pair: bc.Veth, server_pid: int, rows: list, args: argparse.Nam
         "--iface", pair.client_if, "--server-pid", str(server_pid), "--rows", json.dumps(rows),
         "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--disk-sectors", str(IMAGE_BYTES // SECTOR), "--window", str(window),
+        "--initiators", str(getattr(args, "initiators", 1)),
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, check=False,
                           timeout=120 + len(rows) * (args.duration + args.warmup + 10))
@@ -271,8 +274,10 @@ def report(results: dict, servers: list[bc.ServerSpec], args: argparse.Namespace
     a, b = servers[0].name, servers[1].name
     out = [f"Raw capacity over veth, {bc.now_utc()}; {args.machine}",
            f"{args.repeat} interleaved repeats x {args.duration} s per row (after "
-           f"{args.warmup} s warm-up); figures are median (min-max); window = the "
-           "target's buffer count. gen/srv CPU: generator and server CPU seconds per "
+           f"{args.warmup} s warm-up); figures are median (min-max); "
+           f"{args.initiators} initiator(s), window = the target's buffer count per "
+           f"initiator; aoe-twisted options: {args.ours_args or '(none)'}. "
+           "gen/srv CPU: generator and server CPU seconds per "
            "wall second; srv CPU µs/req: server CPU (of it in the kernel) per request.", ""]
     for mtu, per in results.items():
         rows_out = []
@@ -327,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slot", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--window", type=int, default=0,
                         help="requests in flight (default: the target's buffer count)")
+    parser.add_argument("--initiators", type=int, default=1,
+                        help="source MACs the generator sends from in turn, each with the "
+                             "target's buffer count in flight (default 1); --workers spreads "
+                             "frames by initiator, so measure it with 2 or more")
     parser.add_argument("--quick", action="store_true",
                         help="3 repeats of 1 s per row (for make bench)")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved repeats")

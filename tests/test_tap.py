@@ -39,6 +39,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(options["max-sectors"])
         self.assertFalse(options["read-only"])
         self.assertEqual(options["masks"], [])
+        self.assertEqual(options["workers"], 1)
 
     def test_shelf_slot(self) -> None:
         """--shelf and --slot address the --backend target."""
@@ -97,6 +98,9 @@ class OptionsTests(SynchronousTestCase):
             ([*base, "--target", "1=memory:1M"], "--target"),
             ([*base, "--target", "0.0=memory:1M"], "--target"),
             ([*base, "--target", "1.255=memory:1M"], "--target"),
+            ([*base, "--workers", "0"], "--workers"),
+            ([*base, "--workers", "65"], "--workers"),
+            ([*base, "--workers", "two"], "--workers"),
             ([*base, "--bogus"], "bogus"),
         ]
         for argv, option in cases:
@@ -152,3 +156,33 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertTrue(target.backend.read_only)
             self.assertEqual(target.acl.config_string, b"cfg")
             self.assertEqual(target.acl.mask_list, (bytes.fromhex("020000000001"),))
+
+
+class WorkersServiceTests(SynchronousTestCase):
+    """``--workers N`` builds a ``WorkersService`` whose targets can be shared."""
+
+    def test_builds_workers_service(self) -> None:
+        """The targets' disks and state move to shared memory, seeded from the options."""
+        from aoe_twisted.backends.shared_memory import SharedMemoryBackend
+        from aoe_twisted.sharedacl import SharedACLStore
+        from aoe_twisted.workers import WorkersService
+
+        options = parse(
+            "-i", "eth0", "-b", "memory:1M", "--workers", "3", "--config-string", "cfg",
+            "--mask", "02:00:00:00:00:01",
+        )
+        service = makeService(options)
+        self.assertIsInstance(service, WorkersService)
+        self.addCleanup(service.state.close)
+        self.assertEqual(service.workers, 3)
+        self.assertEqual(service.specs, ["memory:1M"])
+        [target] = service.targets
+        self.addCleanup(target.backend.close)
+        self.assertIsInstance(target.backend, SharedMemoryBackend)
+        self.assertEqual(target.backend.size, 1 << 20)
+        self.assertIsInstance(target.acl, SharedACLStore)
+        self.assertEqual(target.acl.config_string, b"cfg")
+        self.assertEqual(target.acl.mask_list, (bytes.fromhex("020000000001"),))
+        config = service.worker_config(1)
+        self.assertEqual(config["targets"][0]["backend"]["size"], 1 << 20)
+        self.assertEqual(config["targets"][0]["backend"]["fd"], target.backend._fd)

@@ -80,6 +80,11 @@ class IACLStore(Interface):
     stored as durably as the store promises (a file-backed store fsyncs), so
     the target can confirm the change in its reply.  MAC addresses are 6-byte
     ``bytes``.
+
+    A store that several processes share (``aoe_twisted.sharedacl``) may also
+    have a ``transaction()`` method returning a context manager; the target
+    then reads, decides and changes the state of each config, mask and
+    reserve request inside it, so no other process changes it in between.
     """
 
     config_string = Attribute("The config string (bytes, at most 1024).")

@@ -291,6 +291,18 @@ class FileACLStore:
         masks = self.mask_list if mask_list is None else _macs(mask_list)
         self._store(config, masks, self.reserve_list)
 
+    def replace_state(
+        self, config_string: bytes, mask_list: tuple[bytes, ...], reserve_list: tuple[bytes, ...]
+    ) -> None:
+        """
+        Replace the whole state at once, durably.
+
+        What a store shared by worker processes persists through: another
+        worker may have changed the parts this store last saw, so each change
+        writes all three.
+        """
+        self._store(bytes(config_string), _macs(mask_list), _macs(reserve_list))
+
     # -- writing ------------------------------------------------------------
 
     def _store(

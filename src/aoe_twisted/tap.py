@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["Options", "TargetSpec", "makeService"]
 
 _MAX_BUFFER_COUNT = 0xFFFF
+_MAX_WORKERS = 64
 
 
 @frozen
@@ -90,6 +91,9 @@ class Options(usage.Options):
          "advertised in config replies."],
         ["max-sectors", None, None, "Cap the sectors per ATA command below what the MTU allows "
          "(1..255)."],
+        ["workers", "w", "1", "Serve from this many processes (1..64), sharing the interface "
+         "by PACKET_FANOUT: one per core on a busy server. Each initiator's frames for a "
+         "target stay with one worker."],
         ["state-dir", None, None, "Keep each target's config string, mask list and reserve "
          "list in DIR/eSHELF.SLOT.json, so they survive a restart (created if missing; must "
          "be writable by the user the server runs as). --config-string and --mask only seed "
@@ -136,6 +140,7 @@ class Options(usage.Options):
         self["buffer-count"] = _int_in("buffer-count", self["buffer-count"], 1, _MAX_BUFFER_COUNT)
         if self["max-sectors"] is not None:
             self["max-sectors"] = _int_in("max-sectors", self["max-sectors"], 1, 255)
+        self["workers"] = _int_in("workers", self["workers"], 1, _MAX_WORKERS)
         config = self["config-string"]
         if config is not None:
             encoded = config.encode("utf-8", "surrogateescape")
@@ -202,6 +207,22 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         for target in targets:
             target.backend.close()
         raise SystemExit(f"twistd aoe: --state-dir: {e}") from None
+    workers = options.get("workers", 1)
+    if workers > 1:
+        from aoe_twisted.workers import WorkersService, share_targets
+
+        return WorkersService(
+            options["iface"],
+            targets,
+            [spec.backend for spec in options["targets"]],
+            share_targets(targets),
+            workers,
+            max_sectors=options["max-sectors"],
+            sync=bool(options.get("sync")),
+            direct=bool(options.get("direct")),
+            state_dir=options.get("state-dir"),
+            exit_on_error=True,
+        )
     return AoEService(
         options["iface"],
         targets,

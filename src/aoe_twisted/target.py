@@ -149,6 +149,17 @@ class Target:
         command = request.command
         if command == _ATA:
             return [self._ata(src, request, acl)]
+        transaction = getattr(acl, "transaction", None)
+        if transaction is None:
+            return self._control(src, request, acl)
+        # A store shared between processes: decide on its latest state, and
+        # let no other worker change it between our reading and our writing.
+        with transaction():
+            return self._control(src, request, acl)
+
+    def _control(self, src: bytes, request: Header, acl: IACLStore) -> list[Header]:
+        """Answer a request other than Issue ATA Command: config, mask list, reserve."""
+        command = request.command
         if command == _CONFIG:
             return self._config(request, acl)
         if command == _MASK:

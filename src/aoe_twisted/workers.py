@@ -1,0 +1,487 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+``--workers N``: N processes serving one interface, for machines with several cores.
+
+One Python process answers frames on one core.  ``WorkersService`` opens N
+packet sockets on the interface while it still has ``CAP_NET_RAW``, joins
+them to one ``PACKET_FANOUT`` group (``aoe_twisted.fanout``: all frames of
+one initiator for one target go to the same socket, in order) and serves the
+first itself; after ``twistd`` has dropped its privileges it starts N-1
+worker processes (``python -m aoe_twisted.workers``), each handed one socket
+by descriptor.  Workers need no privilege of their own.
+
+What the workers share, so that they are one target to an initiator:
+
+- the disks: a ``file:`` or ``block:`` disk (any ``FDBackend``) is passed by
+  descriptor, a ``memory:`` disk is moved into shared memory first
+  (``SharedMemoryBackend``), and a third-party backend is opened again in
+  each worker from its ``SCHEME:SPEC``;
+- the config string, mask list and reserve list: in shared memory
+  (``aoe_twisted.sharedacl``), persisted to ``--state-dir`` when given.
+
+A worker's log events come to the parent as JSON on its standard output and
+are logged there under ``aoe worker N``.  A worker that dies is restarted
+with its socket (after 1 s, doubling up to 30 s while it keeps dying soon
+after starting); one that loses its parent (its standard input closes) stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.logger import (
+    Logger,
+    eventFromJSON,
+    globalLogBeginner,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
+from twisted.python.failure import Failure
+from twisted.python.reflect import fullyQualifiedName, namedAny
+
+from aoe_twisted.backends._fd import FDBackend
+from aoe_twisted.backends.memory import MemoryBackend
+from aoe_twisted.backends.shared_memory import SharedMemoryBackend
+from aoe_twisted.fanout import FanoutError, join_fanout
+from aoe_twisted.port import CannotOpenInterface, _network_namespace
+from aoe_twisted.server import AoEService
+from aoe_twisted.sharedacl import SharedState
+from aoe_twisted.target import Target
+from aoe_twisted.wire import ETHERTYPE
+
+__all__ = ["MAX_WORKERS", "WorkersService", "main", "share_targets"]
+
+_log = Logger()
+
+MAX_WORKERS = 64
+"""More processes than this on one interface would only contend."""
+
+_RESTART_DELAY = 1.0
+_MAX_RESTART_DELAY = 30.0
+#: A worker that dies sooner than this after starting has its restart delay doubled.
+_STABLE_AFTER = 10.0
+#: How long a worker has to stop after its standard input closes, before SIGKILL.
+_STOP_TIMEOUT = 10.0
+
+
+def share_targets(targets: Sequence[Target]) -> SharedState:
+    """
+    Make ``targets`` servable by several processes; return the shared state to pass on.
+
+    Each target's ACL store becomes a ``SharedACLStore`` holding what the
+    old store held (persisting through it if it is a ``FileACLStore``), and a
+    ``MemoryBackend`` (still all zeros: the server has not started) becomes a
+    ``SharedMemoryBackend`` of the same size.
+    """
+    state = SharedState.create(len(targets))
+    for index, target in enumerate(targets):
+        old = target.acl
+        persist = getattr(old, "replace_state", None)
+        store = state.store(index, persist)
+        store.publish(old.config_string, old.mask_list, old.reserve_list)
+        target.acl = store
+        backend = target.backend
+        if isinstance(backend, MemoryBackend):
+            target.backend = SharedMemoryBackend.create(backend.size, backend.read_only)
+            backend.close()
+    return state
+
+
+def _describe_backend(backend: Any, spec: str, direct: bool) -> dict[str, Any]:
+    """Say how a worker gets ``backend``: its descriptor, or its spec to open again."""
+    if isinstance(backend, FDBackend):
+        return {
+            "class": fullyQualifiedName(type(backend)),
+            "fd": backend._fd,
+            "path": backend.path,
+            "size": backend.size,
+            "read_only": backend.read_only,
+            "direct": backend.direct,
+            "alignment": backend.alignment,
+        }
+    return {"spec": spec, "read_only": bool(backend.read_only), "direct": direct}
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    """One worker as the parent sees it: relays its log, reports its end."""
+
+    def __init__(self, owner: WorkersService, index: int) -> None:
+        self.owner = owner
+        self.index = index
+        self.system = f"aoe worker {index}"
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._out = b""
+        self._err = b""
+
+    def outReceived(self, data: bytes) -> None:
+        """Re-emit each complete JSON log event of the worker in this process's log."""
+        self._out += data
+        *records, rest = self._out.split(b"\x1e")
+        if rest.endswith(b"\n"):
+            # Each event is "\x1e{json}\n": the last one is whole once its newline is here.
+            records.append(rest)
+            rest = b""
+        self._out = rest
+        for record in records:
+            record = record.strip()
+            if not record:
+                continue
+            try:
+                event = eventFromJSON(record.decode("utf-8"))
+            except ValueError:
+                line = record.decode(errors="replace")
+                _log.warn("{system}: {line}", system=self.system, line=line)
+                continue
+            event["log_system"] = self.system
+            globalLogPublisher(event)
+
+    def errReceived(self, data: bytes) -> None:
+        """Log what the worker wrote to standard error (a crash before logging started)."""
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            if line.strip():
+                text = line.decode(errors="replace")
+                _log.error("{system}: {line}", system=self.system, line=text)
+
+    def processEnded(self, reason: Failure) -> None:
+        """Tell the service; fire ``ended``."""
+        self.owner._worker_ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkersService(service.MultiService):
+    """
+    Serve ``targets`` on ``interface`` from ``workers`` processes sharing it by fanout.
+
+    Built by ``twistd aoe --workers N`` (N > 1).  ``specs`` are the targets'
+    ``SCHEME:SPEC`` strings (for backends a worker opens again),
+    ``state`` what ``share_targets`` returned for them.  The other
+    parameters are ``AoEService``'s.
+    """
+
+    name = "aoe"
+
+    def __init__(
+        self,
+        interface: str,
+        targets: Sequence[Target],
+        specs: Sequence[str],
+        state: SharedState,
+        workers: int,
+        netns: str | None = None,
+        reactor: Any = None,
+        max_sectors: int | None = None,
+        sync: bool = False,
+        direct: bool = False,
+        state_dir: str | None = None,
+        exit_on_error: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 2 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be 2..{MAX_WORKERS}, not {workers}")
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.interface = interface
+        self.targets = list(targets)
+        self.specs = list(specs)
+        self.state = state
+        self.workers = workers
+        self.netns = netns
+        self.reactor = reactor
+        self.max_sectors = max_sectors
+        self.sync = sync
+        self.direct = direct
+        self.state_dir = state_dir
+        self.exit_on_error = exit_on_error
+        self.sockets: list[socket.socket] = []
+        self.processes: dict[int, _WorkerProcess] = {}
+        self.restarts = 0
+        self._delays = dict.fromkeys(range(1, workers), _RESTART_DELAY)
+        self._started_at: dict[int, float] = {}
+        self._pending: dict[int, Any] = {}
+        self._stopping = False
+        self.local: AoEService | None = None
+
+    # -- starting -------------------------------------------------------------
+
+    def _fail(self, message: str) -> None:
+        """Give up starting: close what is open and exit (or raise) with ``message``."""
+        self._close_sockets()
+        if self.exit_on_error:
+            raise SystemExit(f"twistd aoe: {message}")
+        raise RuntimeError(message)
+
+    def _open_sockets(self) -> None:
+        """Open, bind and join the fanout group ``workers`` packet sockets on the interface."""
+        group = None
+        for _ in range(self.workers):
+            try:
+                with _network_namespace(self.netns):
+                    sock = socket.socket(
+                        socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE)
+                    )
+                try:
+                    sock.bind((self.interface, ETHERTYPE))
+                except BaseException:
+                    sock.close()
+                    raise
+            except OSError as e:
+                self._fail(str(CannotOpenInterface(self.interface, e, self.netns)))
+            self.sockets.append(sock)
+            try:
+                group = join_fanout(sock, group)
+            except FanoutError as e:
+                self._fail(f"--workers: interface {self.interface}: {e}")
+        _log.info(
+            "--workers {workers}: {workers} packet sockets on {interface} share its frames "
+            "(PACKET_FANOUT group {group}, by initiator and target)",
+            workers=self.workers,
+            interface=self.interface,
+            group=group,
+        )
+
+    def privilegedStartService(self) -> None:
+        """Open the sockets while the process has ``CAP_NET_RAW``; serve the first one here."""
+        self._open_sockets()
+        self.local = AoEService(
+            self.interface,
+            self.targets,
+            reactor=self.reactor,
+            max_sectors=self.max_sectors,
+            exit_on_error=self.exit_on_error,
+            sync=self.sync,
+            socket_fd=os.dup(self.sockets[0].fileno()),
+        )
+        self.local.setServiceParent(self)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        """Serve here (if not yet) and start the other workers, unprivileged as we now are."""
+        if self.local is None:
+            self.privilegedStartService()
+        super().startService()
+        for index in range(1, self.workers):
+            self._spawn(index)
+
+    def worker_config(self, index: int) -> dict[str, Any]:
+        """
+        Return what worker ``index`` is told: its socket, the targets and how to get them.
+
+        The socket is -1 until the service has opened the sockets.
+        """
+        return {
+            "index": index,
+            "interface": self.interface,
+            "socket_fd": self.sockets[index].fileno() if index < len(self.sockets) else -1,
+            "state_fd": self.state.fileno(),
+            "max_sectors": self.max_sectors,
+            "sync": self.sync,
+            "state_dir": self.state_dir,
+            "targets": [
+                {
+                    "shelf": target.shelf,
+                    "slot": target.slot,
+                    "buffer_count": target.buffer_count,
+                    "backend": _describe_backend(target.backend, spec, self.direct),
+                }
+                for target, spec in zip(self.targets, self.specs, strict=True)
+            ],
+        }
+
+    def _spawn(self, index: int) -> None:
+        """Start worker ``index`` with its socket, the shared state and the disks' descriptors."""
+        self._pending.pop(index, None)
+        config = self.worker_config(index)
+        fds = [config["socket_fd"], config["state_fd"]]
+        fds += [t["backend"]["fd"] for t in config["targets"] if "fd" in t["backend"]]
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        child_fds.update({fd: fd for fd in fds})
+        process = _WorkerProcess(self, index)
+        self.processes[index] = process
+        self._started_at[index] = self.reactor.seconds()
+        self.reactor.spawnProcess(
+            process,
+            sys.executable,
+            [sys.executable, "-m", "aoe_twisted.workers", json.dumps(config)],
+            env=dict(os.environ),
+            childFDs=child_fds,
+        )
+
+    # -- a worker's end -----------------------------------------------------
+
+    def _worker_ended(self, process: _WorkerProcess, reason: Failure) -> None:
+        """Restart a worker that ended while we serve, later if it keeps dying young."""
+        index = process.index
+        if self.processes.get(index) is process:
+            del self.processes[index]
+        if self._stopping:
+            return
+        lived = self.reactor.seconds() - self._started_at.get(index, 0.0)
+        delay = self._delays[index]
+        if lived >= _STABLE_AFTER:
+            delay = _RESTART_DELAY
+        code = getattr(reason.value, "exitCode", None)
+        signal = getattr(reason.value, "signal", None)
+        how = f"killed by signal {signal}" if signal else f"exited with status {code}"
+        _log.error(
+            "aoe worker {index} {how} after {lived:.1f} s; restarting it in {delay:.0f} s",
+            index=index,
+            how=how,
+            lived=lived,
+            delay=delay,
+        )
+        self._delays[index] = min(_MAX_RESTART_DELAY, delay * 2)
+        self.restarts += 1
+        self._pending[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    # -- stopping -----------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Stop the workers and the local service; then close the sockets and shared memory."""
+        self._stopping = True
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        ended = [self._stop_worker(process) for process in list(self.processes.values())]
+        d: defer.Deferred[Any] = defer.gatherResults(
+            [*ended, defer.maybeDeferred(super().stopService)], consumeErrors=True
+        )
+
+        def closed(result: object) -> None:
+            self._close_sockets()
+            self.state.close()
+
+        d.addBoth(closed)
+        return d
+
+    def _stop_worker(self, process: _WorkerProcess) -> defer.Deferred[None]:
+        """Close the worker's standard input (it stops); kill it if it has not in time."""
+        transport = process.transport
+        if transport is None:
+            return process.ended
+        transport.closeStdin()
+        kill = self.reactor.callLater(_STOP_TIMEOUT, _kill, transport)
+        process.ended.addBoth(lambda result: kill.cancel() if kill.active() else None)
+        return process.ended
+
+    def _close_sockets(self) -> None:
+        """Close the packet sockets the parent keeps for restarts."""
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+
+def _kill(transport: Any) -> None:
+    """SIGKILL a worker that would not stop."""
+    with contextlib.suppress(error.ProcessExitedAlready):
+        transport.signalProcess("KILL")
+
+
+# -- the worker process -------------------------------------------------------
+
+
+class _ParentWatch(protocol.Protocol):
+    """The worker's standard input: when the parent closes it (or dies), stop."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def _open_backend(description: dict[str, Any]) -> Any:
+    """Return a worker's backend: adopt the descriptor passed, or open the spec again."""
+    if "fd" in description:
+        cls = namedAny(description["class"])
+        return cls(
+            path=description["path"],
+            size=description["size"],
+            read_only=description["read_only"],
+            fd=description["fd"],
+            direct=description["direct"],
+            alignment=description["alignment"],
+        )
+    from aoe_twisted.backendspec import open_backend
+
+    return open_backend(
+        description["spec"], read_only=description["read_only"], direct=description["direct"]
+    )
+
+
+def _worker_targets(config: dict[str, Any], state: SharedState) -> list[Target]:
+    """Build the worker's targets from ``config``: backends, shared stores, limits."""
+    from aoe_twisted.statefile import FileACLStore
+
+    targets = []
+    for index, spec in enumerate(config["targets"]):
+        persist = None
+        if config["state_dir"]:
+            persist = FileACLStore.open(
+                config["state_dir"], spec["shelf"], spec["slot"]
+            ).replace_state
+        targets.append(
+            Target(
+                spec["shelf"],
+                spec["slot"],
+                _open_backend(spec["backend"]),
+                acl=state.store(index, persist),
+                buffer_count=spec["buffer_count"],
+            )
+        )
+    return targets
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run one worker: ``python -m aoe_twisted.workers CONFIG`` (JSON, from ``WorkersService``)."""
+    from twisted.internet import reactor, stdio
+
+    args = sys.argv if argv is None else list(argv)
+    config = json.loads(args[1])
+    globalLogBeginner.beginLoggingTo(
+        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
+    )
+    state = SharedState.adopt(config["state_fd"], len(config["targets"]))
+    targets = _worker_targets(config, state)
+    aoe = AoEService(
+        config["interface"],
+        targets,
+        reactor=reactor,
+        max_sectors=config["max_sectors"],
+        sync=config["sync"],
+        socket_fd=config["socket_fd"],
+        announce=False,
+    )
+    stdio.StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            aoe.startService()
+        except Exception as e:
+            _log.critical("cannot start: {error}", error=str(e))
+            failed.append(e)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", aoe.stopService)
+    reactor.run()
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

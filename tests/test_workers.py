@@ -1,0 +1,217 @@
+"""
+End-to-end tests of ``twistd aoe --workers N``: one target, several processes.
+
+The server runs as a real ``twistd`` in a namespace of its own; the client
+forges source MAC addresses that the fanout program sends to different
+workers (``fanout_index``), so each check crosses from one process to the
+other: data written through one worker is read through the other, and a
+reservation made through one binds the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+
+from aoe_twisted.fanout import fanout_index
+from aoe_twisted.wire import (
+    SECTOR_SIZE,
+    ATACmdStatus,
+    ConfigCommand,
+    Error,
+    ReserveReleaseCommand,
+    format_mac,
+)
+from tests.netns import VethPair, require
+from tests.peer import Peer, Reply
+from tests.test_twistd import _twistd
+
+FILE = (1, 1)
+MEMORY = (1, 2)
+
+
+def _mac_for(worker: int, shelf: int, slot: int, workers: int = 2) -> bytes:
+    """Return a unicast MAC whose frames for ``shelf``.``slot`` go to ``worker``."""
+    for last in range(1, 256):
+        mac = bytes([2, 0, 0, 0, 0x77, last])
+        if fanout_index(mac, shelf, slot, workers) == worker:
+            return mac
+    raise AssertionError("no MAC found")
+
+
+def _children(pid: int) -> list[int]:
+    """Return the PIDs of the processes whose parent is ``pid``."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+class WorkersTests(TestCase):
+    """Two workers serve a file disk and a memory disk as one target each."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        require(self)
+        self.pair = VethPair.create(self)
+        self.work = Path(self.mktemp()).resolve()
+        self.work.mkdir()
+        self.image = self.work / "disk.img"
+        self.image.write_bytes(bytes(1 << 20))
+        self.state = self.work / "state"
+        self.peer = Peer(self.pair.client_if, self.pair.client_ns)
+        self.peer.start()
+        self.addCleanup(self.peer.stop)
+
+    def start(self) -> subprocess.Popen[str]:
+        """Start ``twistd aoe --workers 2`` and return it once both targets answer."""
+        proc = _twistd(
+            "aoe", "--iface", self.pair.server_if, "--workers", "2",
+            "--target", f"{FILE[0]}.{FILE[1]}=file:{self.image}",
+            "--target", f"{MEMORY[0]}.{MEMORY[1]}=memory:1M",
+            "--state-dir", str(self.state),
+            netns=self.pair.server_ns,
+        )
+        self.addCleanup(self._kill, proc)
+        return proc
+
+    @defer.inlineCallbacks
+    def discover(self, proc: subprocess.Popen[str]) -> Any:
+        """Wait until both targets answer a broadcast query; return the server's MAC."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            replies = yield self.peer.discover(timeout=0.5)
+            if len({(r.header.major, r.header.minor) for r in replies}) == 2:
+                return replies[0].src
+            if proc.poll() is not None:
+                self.fail(f"twistd exited early: {proc.communicate()[0]}")
+        self.fail("the targets did not answer")
+
+    @defer.inlineCallbacks
+    def until_answered(self, request: Any, timeout: float = 20.0) -> Any:
+        """Repeat ``request()`` until it gets a reply; return the replies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            replies = yield request()
+            if replies:
+                return replies
+        self.fail(f"no reply within {timeout} s")
+
+    def ok(self, replies: list[Reply]) -> None:
+        """Assert one successful ATA reply."""
+        self.assertEqual(len(replies), 1)
+        self.assertFalse(replies[0].header.flag_error)
+        self.assertEqual(replies[0].arg.cmd_status, ATACmdStatus.READY_STATUS)
+
+    @defer.inlineCallbacks
+    def test_workers_are_one_target(self) -> Any:
+        """
+        Writes through one worker read back through the other (file and
+        memory disks), a reservation and a config string set through one
+        worker hold in the other, a killed worker is restarted, SIGTERM
+        stops every worker, and the state directory keeps what they set.
+        """
+        proc = self.start()
+        server = yield self.discover(proc)
+        [worker] = _children(proc.pid)
+
+        at_seven = {}
+        for shelf, slot in (FILE, MEMORY):
+            first, second = _mac_for(0, shelf, slot), _mac_for(1, shelf, slot)
+            payload = os.urandom(2 * SECTOR_SIZE)
+            replies = yield self.peer.write(server, shelf, slot, 100, payload, src=first)
+            self.ok(replies)
+            replies = yield self.peer.read(server, shelf, slot, 100, count=2, src=second)
+            self.ok(replies)
+            self.assertEqual(replies[0].arg.data, payload, f"e{shelf}.{slot}")
+            payload = at_seven[shelf, slot] = os.urandom(SECTOR_SIZE)
+            replies = yield self.peer.write(server, shelf, slot, 7, payload, src=second)
+            self.ok(replies)
+            replies = yield self.peer.read(server, shelf, slot, 7, src=first)
+            self.assertEqual(replies[0].arg.data, payload, f"e{shelf}.{slot}")
+
+        # A reservation made through worker 1 refuses worker 0's initiator.
+        owner, other = _mac_for(1, *FILE), _mac_for(0, *FILE)
+        replies = yield self.peer.reserve(
+            server, *FILE, ReserveReleaseCommand.SET, [owner], src=owner
+        )
+        self.assertFalse(replies[0].header.flag_error)
+        replies = yield self.peer.write(server, *FILE, 3, bytes(SECTOR_SIZE), src=other)
+        self.assertTrue(replies[0].header.flag_error)
+        self.assertEqual(replies[0].header.error, Error.TARGET_IS_RESERVED)
+        replies = yield self.peer.write(server, *FILE, 3, bytes(SECTOR_SIZE), src=owner)
+        self.ok(replies)
+
+        # A config string set (by whichever worker our own MAC reaches) is in every answer.
+        replies = yield self.peer.config(server, *MEMORY, ConfigCommand.SET, b"shared")
+        self.assertFalse(replies[0].header.flag_error)
+        replies = yield self.peer.discover(*MEMORY)
+        self.assertEqual([r.arg.string for r in replies], [b"shared"])
+
+        # Kill worker 1: its initiators go unanswered until it is back.
+        os.kill(worker, signal.SIGKILL)
+        replies = yield self.until_answered(
+            lambda: self.peer.read(server, *MEMORY, 100, src=_mac_for(1, *MEMORY), timeout=0.5)
+        )
+        self.ok(replies)
+        [restarted] = _children(proc.pid)
+        self.assertNotEqual(restarted, worker)
+
+        proc.send_signal(signal.SIGTERM)
+        code = yield self._exit_status(proc)
+        out = proc.communicate()[0]
+        self.assertIn(code, (0, -signal.SIGTERM), out)
+        self.assertNotIn("Traceback", out)
+        self.assertIn("aoe worker 1", out)
+        self.assertIn("restarting it in", out)
+        self.assertFalse(os.path.exists(f"/proc/{restarted}"), "a worker outlived the server")
+        state = json.loads((self.state / f"e{FILE[0]}.{FILE[1]}.json").read_text())
+        self.assertEqual(state["reserve_list"], [format_mac(owner)])
+        state = json.loads((self.state / f"e{MEMORY[0]}.{MEMORY[1]}.json").read_text())
+        self.assertEqual(state["config_string"], "shared")
+        self.assertEqual(
+            self.image.read_bytes()[7 * SECTOR_SIZE : 8 * SECTOR_SIZE], at_seven[FILE]
+        )
+
+    @defer.inlineCallbacks
+    def test_orphaned_worker_stops(self) -> Any:
+        """A worker whose main process is killed outright stops by itself."""
+        proc = self.start()
+        yield self.discover(proc)
+        [worker] = _children(proc.pid)
+        proc.kill()
+        proc.wait()
+        for _ in range(200):
+            if not os.path.exists(f"/proc/{worker}"):
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            self.fail("the worker outlived its main process by 10 s")
+
+    @defer.inlineCallbacks
+    def _exit_status(self, proc: subprocess.Popen[str]) -> Any:
+        """Wait (without blocking the reactor) for ``proc`` to exit; return its status."""
+        for _ in range(400):
+            if proc.poll() is not None:
+                return proc.returncode
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.fail("twistd did not exit after SIGTERM")
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[str]) -> None:
+        """Make sure the server and its workers are gone when the test ends."""
+        if proc.poll() is None:
+            for child in _children(proc.pid):
+                os.kill(child, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
