@@ -119,13 +119,15 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     results: dict = {}
     for mtu in args.mtu:
         disks = [
-            Disk(1, bc.ServerSpec("vblade", "vblade"), ("read", "write")),
+            Disk(1, bc.ServerSpec("vblade", "vblade", tuple(args.vblade_args.split())),
+                 ("read", "write")),
             Disk(2, bc.ServerSpec("aoe-twisted", "ours", tuple(args.ours_args.split())),
                  ("read", "write")),
         ]
         if args.sync:
             disks += [
-                Disk(3, bc.ServerSpec("vblade -s", "vblade", ("-s",)), ("write",)),
+                Disk(3, bc.ServerSpec("vblade -s", "vblade", ("-s", *args.vblade_args.split())),
+                     ("write",)),
                 Disk(4, bc.ServerSpec("aoe-twisted --sync", "ours",
                                       ("--sync", *args.ours_args.split())), ("write",)),
             ]
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync", action="store_true",
                         help="add durable writes: vblade -s vs twistd aoe --sync")
     parser.add_argument("--ours-args", default="", help="extra twistd aoe options")
+    parser.add_argument("--vblade-args", default="", help="extra vblade options, e.g. '-b 64'")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per guest boot")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
