@@ -11,6 +11,7 @@ third party would ship one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -150,7 +151,37 @@ class CommandLineErrorTests(SynchronousTestCase):
             self.assertIn(scheme, out)
 
 
-class TwistdServeTests(TestCase):
+class TwistdProcessMixin:
+    """Waiting for a ``twistd`` subprocess to exit, and making sure it (and its workers) did."""
+
+    @defer.inlineCallbacks
+    def _exit_status(
+        self, proc: subprocess.Popen[str]
+    ) -> defer.Generator[defer.Deferred[object], object, int]:
+        """Wait (without blocking the reactor) for ``proc`` to exit; return its status."""
+        for _ in range(400):
+            if proc.poll() is not None:
+                return proc.returncode
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.fail("twistd did not exit after SIGTERM")  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[str]) -> None:
+        """Make sure the server and any worker processes of it are gone when the test ends."""
+        if proc.poll() is None:
+            children = subprocess.run(
+                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
+            ).stdout.split()
+            for child in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(child), signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+class TwistdServeTests(TwistdProcessMixin, TestCase):
     """``twistd -n aoe`` serves targets over a veth pair and stops cleanly on SIGTERM."""
 
     timeout = 60
@@ -209,23 +240,3 @@ class TwistdServeTests(TestCase):
         self.assertNotIn("Traceback", out)
         self.assertIn("Main loop terminated", out)
         self.assertEqual(image.read_bytes()[2047 * SECTOR_SIZE :], payload)
-
-    @defer.inlineCallbacks
-    def _exit_status(
-        self, proc: subprocess.Popen[str]
-    ) -> defer.Generator[defer.Deferred[object], object, int]:
-        """Wait (without blocking the reactor) for ``proc`` to exit; return its status."""
-        for _ in range(200):
-            if proc.poll() is not None:
-                return proc.returncode
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("twistd did not exit after SIGTERM")
-
-    @staticmethod
-    def _kill(proc: subprocess.Popen[str]) -> None:
-        """Make sure the server is gone when the test ends."""
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()

@@ -32,7 +32,7 @@ from aoe_twisted.wire import (
 )
 from tests.netns import VethPair, require
 from tests.peer import Peer, Reply
-from tests.test_twistd import _twistd
+from tests.test_twistd import TwistdProcessMixin, _twistd
 
 FILE = (1, 1)
 MEMORY = (1, 2)
@@ -53,7 +53,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-class WorkersTests(TestCase):
+class WorkersTests(TwistdProcessMixin, TestCase):
     """Two workers serve a file disk and a memory disk as one target each."""
 
     timeout = 120
@@ -195,23 +195,3 @@ class WorkersTests(TestCase):
         else:
             os.kill(worker, signal.SIGKILL)
             self.fail("the worker outlived its main process by 10 s")
-
-    @defer.inlineCallbacks
-    def _exit_status(self, proc: subprocess.Popen[str]) -> Any:
-        """Wait (without blocking the reactor) for ``proc`` to exit; return its status."""
-        for _ in range(400):
-            if proc.poll() is not None:
-                return proc.returncode
-            yield task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("twistd did not exit after SIGTERM")
-
-    @staticmethod
-    def _kill(proc: subprocess.Popen[str]) -> None:
-        """Make sure the server and its workers are gone when the test ends."""
-        if proc.poll() is None:
-            for child in _children(proc.pid):
-                os.kill(child, signal.SIGKILL)
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()

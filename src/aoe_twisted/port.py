@@ -708,26 +708,38 @@ class AoEPort(abstract.FileDescriptor):
     def _flush(self) -> None:
         """Send every queued TX slot with one ``send``; a transient error counts one drop."""
         queued, self._unflushed = self._unflushed, 0
+        try:
+            # Slots the kernel could not send (a transient error, counted as
+            # one drop) stay queued and go with the next flush.
+            self._transmit(self._system.flush, self._fileno)
+        except OSError:
+            if not self._batching:
+                raise
+            _log.failure(
+                "AoE port {interface}: cannot send {count} frames",
+                interface=self.interface,
+                count=queued,
+            )
+
+    def _transmit(self, send: Any, *args: Any) -> bool:
+        """
+        Call ``send(*args)``, again after ``EINTR``; return whether the kernel took it.
+
+        A transient error (no buffer space, interface down) is counted as a
+        drop and returns ``False``: the initiator retransmits, as after any
+        loss on the wire.  Any other error is raised.
+        """
         while True:
             try:
-                self._system.flush(self._fileno)
+                send(*args)
             except OSError as e:
                 if e.errno == errno.EINTR:
                     continue
                 if e.errno in _TRANSIENT_SEND_ERRORS:
-                    # Slots the kernel could not send stay queued and go with
-                    # the next flush; count the event as one drop.
                     self._dropped(e)
-                    return
-                if self._batching:
-                    _log.failure(
-                        "AoE port {interface}: cannot send {count} frames",
-                        interface=self.interface,
-                        count=queued,
-                    )
-                    return
+                    return False
                 raise
-            return
+            return True
 
     def _drain(self) -> None:
         """Pass waiting frames to the protocol (``doRead`` without the end-of-drain call)."""
@@ -788,18 +800,8 @@ class AoEPort(abstract.FileDescriptor):
             return
         if len(frame) < MIN_FRAME_SIZE and self.pad_frames:
             frame = bytes(frame) + bytes(MIN_FRAME_SIZE - len(frame))
-        while True:
-            try:
-                self._system.send(self._fileno, frame)
-            except OSError as e:
-                if e.errno == errno.EINTR:
-                    continue
-                if e.errno in _TRANSIENT_SEND_ERRORS:
-                    self._dropped(e)
-                    return
-                raise
+        if self._transmit(self._system.send, self._fileno, frame):
             self.frames_sent += 1
-            return
 
     def _dropped(self, e: OSError) -> None:
         """Count a frame the kernel would not take; log at 1, 2, 4, 8... drops."""
