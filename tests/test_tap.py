@@ -32,10 +32,10 @@ class OptionsTests(SynchronousTestCase):
         return message
 
     def test_defaults(self) -> None:
-        """With only --iface and --backend the target is e0.0 with buffer count 16."""
+        """With only --iface and --backend the target is e0.0 with buffer count 64."""
         options = parse("--iface", "eth0", "--backend", "memory:1M")
         self.assertEqual(options["targets"], [TargetSpec(0, 0, "memory:1M")])
-        self.assertEqual(options["buffer-count"], 16)
+        self.assertEqual(options["buffer-count"], 64)
         self.assertIsNone(options["max-sectors"])
         self.assertFalse(options["read-only"])
         self.assertEqual(options["masks"], [])

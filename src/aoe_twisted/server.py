@@ -483,8 +483,10 @@ class AoEService(service.Service):
         """Open the port and connect a fresh protocol to it."""
         protocol = AoEProtocol(self.targets, self.max_sectors, clock=self.reactor, sync=self.sync)
         protocol.announces = self.announce
-        # Room for every request each target lets an initiator keep in flight, twice.
-        in_flight = 2 * sum(target.buffer_count for target in self.targets)
+        # Room for four initiators each keeping every target's buffer count in flight:
+        # the buffer count advertised is then what the server sustains (the port's
+        # receive ring has at least this many slots).
+        in_flight = 4 * sum(target.buffer_count for target in self.targets)
         port = AoEPort(
             self.interface,
             protocol,

@@ -87,8 +87,9 @@ class Options(usage.Options):
         ["slot", "l", "0", "The slot (minor) address of --backend, 0..254."],
         ["config-string", "c", None, "The initial config string of every target "
          "(at most 1024 bytes)."],
-        ["buffer-count", None, "16", "Requests each target accepts in flight (1..65535), "
-         "advertised in config replies."],
+        ["buffer-count", None, "64", "Requests each target accepts in flight from each "
+         "initiator (1..65535), advertised in config replies. 64 is the most the Linux "
+         "initiator uses; the receive ring holds four initiators' full windows."],
         ["max-sectors", None, None, "Cap the sectors per ATA command below what the MTU allows "
          "(1..255)."],
         ["workers", "w", "1", "Serve from this many processes (1..64), sharing the interface "
