@@ -136,15 +136,17 @@ class _ServerCase(TestCase):
         self.peer.start()
         self.addCleanup(self.peer.stop)
 
-    def start(self, wrapper: list[str], twistd_options: list[str]) -> subprocess.Popen[str]:
-        """Start ``[ip netns exec NS] WRAPPER twistd -n OPTIONS aoe ...`` serving e4.4."""
+    def start(
+        self, wrapper: list[str], twistd_options: list[str], aoe_options: tuple[str, ...] = ()
+    ) -> subprocess.Popen[str]:
+        """Start ``[ip netns exec NS] WRAPPER twistd -n OPTIONS aoe ... AOE_OPTIONS`` (e4.4)."""
         from tests.test_statefile import _kill
 
         argv = [
             "ip", "netns", "exec", self.pair.server_ns, *wrapper, *TWISTD,
             "-n", "--pidfile=", *twistd_options,
             "aoe", "--iface", self.pair.server_if, "--backend", f"file:{self.image}",
-            "--shelf", "4", "--slot", "4", "--state-dir", str(self.state),
+            "--shelf", "4", "--slot", "4", "--state-dir", str(self.state), *aoe_options,
         ]
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(self.work)
@@ -200,6 +202,51 @@ class DropPrivilegesTests(_ServerCase):
         proc = self.start([], ["--uid", USER, "--gid", GROUP])
         yield self.serve_and_check(proc)
         self.assertRunsAs(self.status, 0)
+
+
+    @defer.inlineCallbacks
+    def test_workers_after_drop(self) -> Gen:
+        """
+        With ``--workers 2`` the worker process is started after the drop: it
+        runs as nobody with no capability, serves its initiators from the
+        socket the main process opened, and writes the state file as nobody.
+        """
+        result = subprocess.run(
+            ["setpriv", f"--reuid={USER}", f"--regid={GROUP}", "--clear-groups", sys.executable,
+             "-c", "import os, sys; sys.exit(not os.access(sys.executable, os.X_OK))"],
+            check=False, cwd="/",
+        )  # fmt: skip
+        if result.returncode != 0:
+            # Where the interpreter lives, not a missing tool: skip even in CI.
+            raise SkipTest(f"{USER} may not execute {sys.executable} to start a worker")
+        self.prepare(owner=None)
+        proc = self.start([], ["--uid", USER, "--gid", GROUP], ("--workers", "2"))
+        yield self.serve_and_check_worker(proc)
+
+    @defer.inlineCallbacks
+    def serve_and_check_worker(self, proc: subprocess.Popen[str]) -> Gen:
+        """Serve through worker 1 (a forged initiator MAC), check how it runs, then stop."""
+        from tests.test_statefile import _discover, _exited
+        from tests.test_workers import _children, _mac_for
+
+        server = yield _discover(self, self.peer, proc, 4, 4)
+        src = _mac_for(1, 4, 4)
+        data = bytes(range(256)) * 2
+        replies = yield self.peer.write(server, 4, 4, 9, data, src=src)
+        self.assertEqual(replies[0].arg.cmd_status, ATACmdStatus.READY_STATUS)
+        replies = yield self.peer.read(server, 4, 4, 9)
+        self.assertEqual(replies[0].arg.data[:SECTOR_SIZE], data)
+        replies = yield self.peer.reserve(server, 4, 4, 2, [src], src=src)
+        self.assertEqual(len(replies), 1, "the state write by the unprivileged worker failed")
+        self.assertEqual(FileACLStore.open(self.state, 4, 4).reserve_list, (src,))
+        [worker] = _children(proc.pid)
+        self.assertRunsAs(_status(worker), 0)
+        self.assertRunsAs(_status(proc.pid), 0)
+        proc.send_signal(signal.SIGTERM)
+        yield _exited(self, proc)
+        out = proc.communicate()[0]
+        self.assertIn(proc.returncode, (0, -signal.SIGTERM), out)
+        self.assertNotIn("Traceback", out)
 
 
 class OnlyNetRawTests(_ServerCase):

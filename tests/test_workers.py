@@ -10,6 +10,7 @@ reservation made through one binds the other.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor, task
-from twisted.trial.unittest import TestCase
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher, jsonFileLogObserver
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.fanout import fanout_index
+from aoe_twisted.target import Target
 from aoe_twisted.wire import (
     SECTOR_SIZE,
     ATACmdStatus,
@@ -30,6 +37,7 @@ from aoe_twisted.wire import (
     ReserveReleaseCommand,
     format_mac,
 )
+from aoe_twisted.workers import WorkersService, _WorkerProcess, share_targets
 from tests.netns import VethPair, require
 from tests.peer import Peer, Reply
 from tests.test_twistd import TwistdProcessMixin, _twistd
@@ -195,3 +203,129 @@ class WorkersTests(TwistdProcessMixin, TestCase):
         else:
             os.kill(worker, signal.SIGKILL)
             self.fail("the worker outlived its main process by 10 s")
+
+
+class _FakeTransport:
+    """What the service does to a worker's process transport, recorded."""
+
+    def __init__(self) -> None:
+        self.stdin_closed = False
+        self.signals: list[str] = []
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class _ProcessReactor(MemoryReactorClock):
+    """A memory reactor that records ``spawnProcess`` calls, or fails them with ``error``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, list[str], dict[int, Any]]] = []
+        self.error: OSError | None = None
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any = None,
+                     childFDs: Any = None, **kwargs: Any) -> _FakeTransport:
+        if self.error is not None:
+            raise self.error
+        transport = _FakeTransport()
+        protocol.transport = transport
+        self.spawned.append((protocol, args, childFDs))
+        return transport
+
+
+class WorkersServiceTests(SynchronousTestCase):
+    """Starting, restarting and stopping workers, on a memory reactor (no processes)."""
+
+    def service(self, workers: int = 3, exit_on_error: bool = True) -> WorkersService:
+        target = Target(1, 1, MemoryBackend(64 * SECTOR_SIZE))
+        state = share_targets([target])
+        self.addCleanup(target.backend.close)
+        self.reactor = _ProcessReactor()
+        service = WorkersService(
+            "eth9", [target], ["memory:32K"], state, workers, reactor=self.reactor,
+            exit_on_error=exit_on_error,
+        )
+        service.local = object()  # type: ignore[assignment]  # no port: privileged start skipped
+        return service
+
+    def test_starts_workers(self) -> None:
+        """Each worker but the first is started as ``python -m aoe_twisted.workers CONFIG``."""
+        service = self.service()
+        service.startService()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for index, (_, args, fds) in enumerate(self.reactor.spawned, start=1):
+            self.assertEqual(args[1:3], ["-m", "aoe_twisted.workers"])
+            config = json.loads(args[3])
+            self.assertEqual(config["index"], index)
+            self.assertIn(service.state.fileno(), fds)
+            disk = config["targets"][0]["backend"]["fd"]
+            self.assertEqual(fds[disk], disk, "the shared memory disk is passed on")
+
+    def test_cannot_start(self) -> None:
+        """A worker that cannot be started at all stops the server with one line."""
+        service = self.service()
+        self.reactor.error = OSError(13, "Permission denied")
+        with self.assertRaises(SystemExit) as caught:
+            service.startService()
+        message = str(caught.exception.code)
+        self.assertIn("cannot start worker 1", message)
+        self.assertIn("Permission denied", message)
+        self.assertNotIn("\n", message)
+
+    def test_restart_backs_off(self) -> None:
+        """A worker that keeps dying young is restarted after 1, 2, 4 s; one that lived, after 1."""
+        service = self.service(workers=2)
+        service.startService()
+        delays = []
+        for _ in range(3):
+            protocol = self.reactor.spawned[-1][0]
+            before = len(self.reactor.spawned)
+            protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+            waited = 0.0
+            while len(self.reactor.spawned) == before:
+                self.reactor.advance(0.5)
+                waited += 0.5
+            delays.append(waited)
+        self.assertEqual(delays, [1.0, 2.0, 4.0])
+        self.reactor.advance(60)
+        self.reactor.spawned[-1][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.reactor.advance(1.0)
+        self.assertEqual(len(self.reactor.spawned), 5)
+        self.assertEqual(service.restarts, 4)
+
+    def test_stop_closes_stdin_then_kills(self) -> None:
+        """Stopping closes each worker's standard input, and kills one still there 10 s later."""
+        service = self.service(workers=2)
+        service.startService()
+        protocol = self.reactor.spawned[0][0]
+        d = service.stopService()
+        self.assertTrue(protocol.transport.stdin_closed)
+        self.assertNoResult(d)
+        self.reactor.advance(10)
+        self.assertEqual(protocol.transport.signals, ["KILL"])
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(d)
+        self.assertEqual(len(self.reactor.spawned), 1, "no restart while stopping")
+
+    def test_relays_log_events(self) -> None:
+        """A worker's JSON log events, however its output is split, are logged under its name."""
+        service = self.service()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        process = _WorkerProcess(service, 2)
+        output = io.StringIO()
+        observer = jsonFileLogObserver(output)
+        observer({"log_format": "hello {who}", "who": "there", "log_level": LogLevel.info,
+                  "log_namespace": "x", "log_time": 0.0})
+        observer({"log_format": "second", "log_level": LogLevel.warn, "log_namespace": "x",
+                  "log_time": 0.0})
+        data = output.getvalue().encode()
+        for i in range(0, len(data), 7):
+            process.outReceived(data[i : i + 7])
+        relayed = [e for e in events if e.get("log_system") == "aoe worker 2"]
+        self.assertEqual([formatEvent(e) for e in relayed], ["hello there", "second"])

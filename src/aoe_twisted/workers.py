@@ -272,7 +272,7 @@ class WorkersService(service.MultiService):
             self.privilegedStartService()
         super().startService()
         for index in range(1, self.workers):
-            self._spawn(index)
+            self._spawn(index, first=True)
 
     def worker_config(self, index: int) -> dict[str, Any]:
         """
@@ -299,8 +299,13 @@ class WorkersService(service.MultiService):
             ],
         }
 
-    def _spawn(self, index: int) -> None:
-        """Start worker ``index`` with its socket, the shared state and the disks' descriptors."""
+    def _spawn(self, index: int, first: bool = False) -> None:
+        """
+        Start worker ``index`` with its socket, the shared state and the disks' descriptors.
+
+        If it cannot be started at all, give up serving (``first``, at
+        start-up: a one-line error) or try again later (a restart).
+        """
         self._pending.pop(index, None)
         config = self.worker_config(index)
         fds = [config["socket_fd"], config["state_fd"]]
@@ -308,15 +313,27 @@ class WorkersService(service.MultiService):
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         child_fds.update({fd: fd for fd in fds})
         process = _WorkerProcess(self, index)
-        self.processes[index] = process
         self._started_at[index] = self.reactor.seconds()
-        self.reactor.spawnProcess(
-            process,
-            sys.executable,
-            [sys.executable, "-m", "aoe_twisted.workers", json.dumps(config)],
-            env=dict(os.environ),
-            childFDs=child_fds,
-        )
+        try:
+            self.reactor.spawnProcess(
+                process,
+                sys.executable,
+                [sys.executable, "-m", "aoe_twisted.workers", json.dumps(config)],
+                env=dict(os.environ),
+                childFDs=child_fds,
+            )
+        except OSError as e:
+            # Most likely the interpreter is out of reach of the user twistd
+            # dropped to (under a mode-0700 home directory, say).
+            message = (
+                f"--workers: cannot start worker {index} with {sys.executable}: "
+                f"{e.strerror or e} (the user the server runs as must be able to run it)"
+            )
+            if first:
+                self._fail(message)
+            self._restart_later(index, message)
+            return
+        self.processes[index] = process
 
     # -- a worker's end -----------------------------------------------------
 
@@ -328,19 +345,17 @@ class WorkersService(service.MultiService):
         if self._stopping:
             return
         lived = self.reactor.seconds() - self._started_at.get(index, 0.0)
-        delay = self._delays[index]
         if lived >= _STABLE_AFTER:
-            delay = _RESTART_DELAY
+            self._delays[index] = _RESTART_DELAY
         code = getattr(reason.value, "exitCode", None)
         signal = getattr(reason.value, "signal", None)
         how = f"killed by signal {signal}" if signal else f"exited with status {code}"
-        _log.error(
-            "aoe worker {index} {how} after {lived:.1f} s; restarting it in {delay:.0f} s",
-            index=index,
-            how=how,
-            lived=lived,
-            delay=delay,
-        )
+        self._restart_later(index, f"aoe worker {index} {how} after {lived:.1f} s")
+
+    def _restart_later(self, index: int, why: str) -> None:
+        """Log ``why`` and start worker ``index`` again after its delay, then double the delay."""
+        delay = self._delays[index]
+        _log.error("{why}; restarting it in {delay:.0f} s", why=why, delay=delay)
         self._delays[index] = min(_MAX_RESTART_DELAY, delay * 2)
         self.restarts += 1
         self._pending[index] = self.reactor.callLater(delay, self._spawn, index)
