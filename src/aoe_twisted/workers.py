@@ -439,15 +439,17 @@ def _open_backend(description: dict[str, Any]) -> Any:
 
 def _worker_targets(config: dict[str, Any], state: SharedState) -> list[Target]:
     """Build the worker's targets from ``config``: backends, shared stores, limits."""
-    from aoe_twisted.statefile import FileACLStore
+    from aoe_twisted.statefile import FileACLStore, state_path
 
     targets = []
     for index, spec in enumerate(config["targets"]):
         persist = None
         if config["state_dir"]:
-            persist = FileACLStore.open(
-                config["state_dir"], spec["shelf"], spec["slot"]
-            ).replace_state
+            # Only to write: the state itself comes from shared memory, and the
+            # file may be one the server wrote as root before dropping privileges.
+            shelf, slot = spec["shelf"], spec["slot"]
+            path = state_path(config["state_dir"], shelf, slot)
+            persist = FileACLStore(path, shelf, slot).replace_state
         targets.append(
             Target(
                 spec["shelf"],
