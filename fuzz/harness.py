@@ -27,8 +27,10 @@ memory-disk targets and ACL state (its first byte) and holds up to
 - an ACL list or config string changed only by a request of the command that
   owns it, addressed to that target and admitted, as the AoE rules allow;
 - a second dispatcher on its own identical targets, with the fast path
-  (``aoe_twisted.fastpath``), gave the same replies, counters and disks: the
-  checks above run on the general path (``fast_path=False``), the reference.
+  (``aoe_twisted.fastpath``), gave the same replies, counters and disks, and
+  so did a third answering in place into a buffer (``frame_received_into``,
+  as from the rings): the checks above run on the general path
+  (``fast_path=False``), the reference.
 
 Every iteration builds its targets anew, so no state carries from one input
 to the next and a crasher replays alone.
@@ -521,6 +523,9 @@ def check_frames(data: bytes) -> Counter[str]:
     counters = dispatcher.counters
     fast_targets = build_targets(scenario)
     fast = Dispatcher(SERVER_MAC, fast_targets)
+    into_targets = build_targets(scenario)
+    into = Dispatcher(SERVER_MAC, into_targets)
+    slot = memoryview(bytearray(16384))
     for number, frame in enumerate(frames, 1):
         before = [_State.of(t) for t in targets]
         fates = sum(counters[f] for f in _FATES)
@@ -589,6 +594,16 @@ def check_frames(data: bytes) -> Counter[str]:
         _check(
             [_State.of(t) for t in fast_targets] == [_State.of(t) for t in targets],
             "the fast path left other disks or ACL state",
+        )
+        # In place, as from a receive ring slot into a transmit ring slot; what
+        # that path declines goes the general way, as AoEProtocol does.
+        length = into.frame_received_into(memoryview(frame), slot)
+        in_place = [bytes(slot[:length])] if length else into.frame_received(frame)
+        _check(in_place == replies, "the in-place fast path answered otherwise")
+        _check(into.counters == counters, "the in-place fast path counted otherwise")
+        _check(
+            [_State.of(t) for t in into_targets] == [_State.of(t) for t in targets],
+            "the in-place fast path left other disks or ACL state",
         )
     _check(not counters["unencodable"], "a reply the core could not encode")
     return counters
