@@ -40,7 +40,7 @@ from aoe_twisted.wire import (
 from aoe_twisted.workers import WorkersService, _WorkerProcess, share_targets
 from tests.netns import VethPair, require
 from tests.peer import Peer, Reply
-from tests.test_twistd import TwistdProcessMixin, _twistd
+from tests.test_twistd import _PLUGIN, TwistdProcessMixin, _twistd
 
 FILE = (1, 1)
 MEMORY = (1, 2)
@@ -187,6 +187,34 @@ class WorkersTests(TwistdProcessMixin, TestCase):
         self.assertEqual(
             self.image.read_bytes()[7 * SECTOR_SIZE : 8 * SECTOR_SIZE], at_seven[FILE]
         )
+
+    @defer.inlineCallbacks
+    def test_third_party_backend(self) -> Any:
+        """A plugin backend (no descriptor to pass) is opened again by each worker from its spec."""
+        plugins = self.work / "thirdparty" / "twisted" / "plugins"
+        plugins.mkdir(parents=True)
+        (plugins / "aoe_test_fives.py").write_text(_PLUGIN)
+        proc = _twistd(
+            "aoe", "--iface", self.pair.server_if, "--workers", "2",
+            "--target", "3.2=fives:64K",
+            netns=self.pair.server_ns, pythonpath=str(self.work / "thirdparty"),
+        )
+        self.addCleanup(self._kill, proc)
+        server = None
+        deadline = time.monotonic() + 30
+        while server is None and time.monotonic() < deadline:
+            replies = yield self.peer.discover(timeout=0.5)
+            server = replies[0].src if replies else None
+        self.assertIsNotNone(server, "e3.2 did not answer")
+        for worker in (0, 1):
+            replies = yield self.peer.read(server, 3, 2, 5, src=_mac_for(worker, 3, 2))
+            self.ok(replies)
+            self.assertEqual(replies[0].arg.data, b"\x5a" * SECTOR_SIZE, f"worker {worker}")
+        proc.send_signal(signal.SIGTERM)
+        code = yield self._exit_status(proc)
+        out = proc.communicate()[0]
+        self.assertIn(code, (0, -signal.SIGTERM), out)
+        self.assertIn("aoe worker 1] serving e3.2", out)
 
     @defer.inlineCallbacks
     def test_orphaned_worker_stops(self) -> Any:
