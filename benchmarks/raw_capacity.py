@@ -306,14 +306,19 @@ def report(results: dict, servers: list[bc.ServerSpec], args: argparse.Namespace
                 f"{s(ra, 'gen_cpu').median:.0%} / {s(ra, 'server_cpu').median:.0%}",
                 f"{s(rb, 'gen_cpu').median:.0%} / {s(rb, 'server_cpu').median:.0%}",
                 f"{us_per_req(ra)} / {us_per_req(rb)}",
-                str(sum(r["errors"] + r["retransmits"] for r in ra + rb)),
+                " / ".join(
+                    str(sum(r["errors"] + r["retransmits"] for r in rs)) for rs in (ra, rb)
+                ),
             ])  # fmt: skip
-        window = next(iter(next(iter(per.values())).values()))[0]["window"]
+        windows = " / ".join(
+            str(next(iter(per[name].values()))[0]["window"]) if per.get(name) else "?"
+            for name in (a, b)
+        )
         out.append(bc.table(
-            f"MTU {mtu} (window {window})",
+            f"MTU {mtu} (window {windows}, {a} / {b})",
             ["row", f"{a} IOPS", f"{b} IOPS", "ratio", "MB/s (v / a)",
              f"{a} p50/p99 µs", f"{b} p50/p99 µs", f"gen/srv CPU ({a})",
-             f"gen/srv CPU ({b})", "srv CPU µs/req (sys) v / a", "err+retx"],
+             f"gen/srv CPU ({b})", "srv CPU µs/req (sys) v / a", "err+retx v / a"],
             rows_out,
         ))  # fmt: skip
         out.append("")
