@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher, jsonFileLogObserver
+from twisted.logger import (
+    LogLevel,
+    eventFromJSON,
+    formatEvent,
+    globalLogPublisher,
+    jsonFileLogObserver,
+)
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -357,3 +364,33 @@ class WorkersServiceTests(SynchronousTestCase):
             process.outReceived(data[i : i + 7])
         relayed = [e for e in events if e.get("log_system") == "aoe worker 2"]
         self.assertEqual([formatEvent(e) for e in relayed], ["hello there", "second"])
+
+
+class WorkerProcessTests(SynchronousTestCase):
+    """``python -m aoe_twisted.workers CONFIG`` on its own."""
+
+    def test_unopenable_backend(self) -> None:
+        """A backend the worker cannot open is one critical log event and exit status 1."""
+        from aoe_twisted.sharedacl import SharedState
+
+        state = SharedState.create(1)
+        self.addCleanup(state.close)
+        config = {
+            "index": 1, "interface": "eth9", "socket_fd": -1, "state_fd": state.fileno(),
+            "max_sectors": None, "sync": False, "state_dir": None,
+            "targets": [{
+                "shelf": 1, "slot": 1, "buffer_count": 64,
+                "backend": {"spec": "file:/nonexistent/disk.img", "read_only": False,
+                            "direct": False},
+            }],
+        }  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "aoe_twisted.workers", json.dumps(config)],
+            pass_fds=[state.fileno()], capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        events = [json.loads(r) for r in result.stdout.split("\x1e") if r.strip()]
+        [event] = [e for e in events if e["log_level"]["name"] == "critical"]
+        self.assertIn("cannot open the targets", formatEvent(eventFromJSON(json.dumps(event))))
+        self.assertIn("/nonexistent/disk.img", formatEvent(eventFromJSON(json.dumps(event))))

@@ -50,6 +50,7 @@ from twisted.python.reflect import fullyQualifiedName, namedAny
 from aoe_twisted.backends._fd import FDBackend
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.backends.shared_memory import SharedMemoryBackend
+from aoe_twisted.errors import BackendSpecError
 from aoe_twisted.fanout import FanoutError, join_fanout
 from aoe_twisted.port import CannotOpenInterface, _network_namespace
 from aoe_twisted.server import AoEService
@@ -472,7 +473,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
     )
     state = SharedState.adopt(config["state_fd"], len(config["targets"]))
-    targets = _worker_targets(config, state)
+    try:
+        targets = _worker_targets(config, state)
+    except (BackendSpecError, OSError) as e:
+        # One line in the parent's log (and a restart later), not a traceback.
+        _log.critical("cannot open the targets: {error}", error=str(e))
+        raise SystemExit(1) from None
     aoe = AoEService(
         config["interface"],
         targets,
