@@ -227,7 +227,8 @@ class DropPrivilegesTests(_ServerCase):
     def serve_and_check_worker(self, proc: subprocess.Popen[str]) -> Gen:
         """Serve through worker 1 (a forged initiator MAC), check how it runs, then stop."""
         from tests.test_statefile import _discover, _exited
-        from tests.test_workers import _children, _mac_for
+        from tests.test_twistd import child_pids
+        from tests.test_workers import _mac_for
 
         server = yield _discover(self, self.peer, proc, 4, 4)
         src = _mac_for(1, 4, 4)
@@ -239,7 +240,7 @@ class DropPrivilegesTests(_ServerCase):
         replies = yield self.peer.reserve(server, 4, 4, 2, [src], src=src)
         self.assertEqual(len(replies), 1, "the state write by the unprivileged worker failed")
         self.assertEqual(FileACLStore.open(self.state, 4, 4).reserve_list, (src,))
-        [worker] = _children(proc.pid)
+        [worker] = child_pids(proc.pid)
         self.assertRunsAs(_status(worker), 0)
         self.assertRunsAs(_status(proc.pid), 0)
         proc.send_signal(signal.SIGTERM)

@@ -151,6 +151,14 @@ class CommandLineErrorTests(SynchronousTestCase):
             self.assertIn(scheme, out)
 
 
+def child_pids(pid: int) -> list[int]:
+    """Return the PIDs of the processes whose parent is ``pid`` (a server's workers)."""
+    out = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(child) for child in out.split()]
+
+
 class TwistdProcessMixin:
     """Waiting for a ``twistd`` subprocess to exit, and making sure it (and its workers) did."""
 
@@ -169,12 +177,9 @@ class TwistdProcessMixin:
     def _kill(proc: subprocess.Popen[str]) -> None:
         """Make sure the server and any worker processes of it are gone when the test ends."""
         if proc.poll() is None:
-            children = subprocess.run(
-                ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False
-            ).stdout.split()
-            for child in children:
+            for child in child_pids(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(child), signal.SIGKILL)
+                    os.kill(child, signal.SIGKILL)
             proc.kill()
             proc.wait()
         if proc.stdout is not None:

@@ -47,7 +47,7 @@ from aoe_twisted.wire import (
 from aoe_twisted.workers import WorkersService, _WorkerProcess, share_targets
 from tests.netns import VethPair, require
 from tests.peer import Peer, Reply
-from tests.test_twistd import _PLUGIN, TwistdProcessMixin, _twistd
+from tests.test_twistd import _PLUGIN, TwistdProcessMixin, _twistd, child_pids
 
 FILE = (1, 1)
 MEMORY = (1, 2)
@@ -60,12 +60,6 @@ def _mac_for(worker: int, shelf: int, slot: int, workers: int = 2) -> bytes:
         if fanout_index(mac, shelf, slot, workers) == worker:
             return mac
     raise AssertionError("no MAC found")
-
-
-def _children(pid: int) -> list[int]:
-    """Return the PIDs of the processes whose parent is ``pid``."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 class WorkersTests(TwistdProcessMixin, TestCase):
@@ -135,7 +129,7 @@ class WorkersTests(TwistdProcessMixin, TestCase):
         """
         proc = self.start()
         server = yield self.discover(proc)
-        [worker] = _children(proc.pid)
+        [worker] = child_pids(proc.pid)
 
         at_seven = {}
         for shelf, slot in (FILE, MEMORY):
@@ -176,7 +170,7 @@ class WorkersTests(TwistdProcessMixin, TestCase):
             lambda: self.peer.read(server, *MEMORY, 100, src=_mac_for(1, *MEMORY), timeout=0.5)
         )
         self.ok(replies)
-        [restarted] = _children(proc.pid)
+        [restarted] = child_pids(proc.pid)
         self.assertNotEqual(restarted, worker)
 
         proc.send_signal(signal.SIGTERM)
@@ -228,7 +222,7 @@ class WorkersTests(TwistdProcessMixin, TestCase):
         """A worker whose main process is killed outright stops by itself."""
         proc = self.start()
         yield self.discover(proc)
-        [worker] = _children(proc.pid)
+        [worker] = child_pids(proc.pid)
         proc.kill()
         proc.wait()
         for _ in range(200):

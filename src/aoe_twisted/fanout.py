@@ -29,6 +29,7 @@ import struct
 
 __all__ = [
     "FANOUT_HASH_MULTIPLIER",
+    "MAX_WORKERS",
     "FanoutError",
     "fanout_index",
     "fanout_program",
@@ -55,6 +56,9 @@ _RET_A = 0x16
 #: Negative offsets that address the link-layer and network headers (``SKF_LL_OFF``...).
 _SKF_NET_OFF = -0x100000
 _SKF_LL_OFF = -0x200000
+
+MAX_WORKERS = 64
+"""The most sockets (``--workers``) one group spreads an interface over; more would only contend."""
 
 FANOUT_HASH_MULTIPLIER = 0x9E3779B1
 """Knuth's multiplicative hash constant: spreads neighbouring MACs over the workers."""

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["Options", "TargetSpec", "makeService"]
 
 _MAX_BUFFER_COUNT = 0xFFFF
-_MAX_WORKERS = 64
 
 
 @frozen
@@ -141,7 +140,9 @@ class Options(usage.Options):
         self["buffer-count"] = _int_in("buffer-count", self["buffer-count"], 1, _MAX_BUFFER_COUNT)
         if self["max-sectors"] is not None:
             self["max-sectors"] = _int_in("max-sectors", self["max-sectors"], 1, 255)
-        self["workers"] = _int_in("workers", self["workers"], 1, _MAX_WORKERS)
+        from aoe_twisted.fanout import MAX_WORKERS
+
+        self["workers"] = _int_in("workers", self["workers"], 1, MAX_WORKERS)
         config = self["config-string"]
         if config is not None:
             encoded = config.encode("utf-8", "surrogateescape")

@@ -51,7 +51,7 @@ from aoe_twisted.backends._fd import FDBackend
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.backends.shared_memory import SharedMemoryBackend
 from aoe_twisted.errors import BackendSpecError
-from aoe_twisted.fanout import FanoutError, join_fanout
+from aoe_twisted.fanout import MAX_WORKERS, FanoutError, join_fanout
 from aoe_twisted.port import CannotOpenInterface, _network_namespace
 from aoe_twisted.server import AoEService
 from aoe_twisted.sharedacl import SharedState
@@ -62,8 +62,6 @@ __all__ = ["MAX_WORKERS", "WorkersService", "main", "share_targets"]
 
 _log = Logger()
 
-MAX_WORKERS = 64
-"""More processes than this on one interface would only contend."""
 
 _RESTART_DELAY = 1.0
 _MAX_RESTART_DELAY = 30.0
