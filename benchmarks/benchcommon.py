@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from aoe_twisted.cli import twistd_argv  # noqa: E402
+from aoe_twisted.initiator.cli import twistd_argv  # noqa: E402
 from tests.linuxguest import terminate  # noqa: E402
 
 #: ``twistd`` run by this interpreter (``python -m twisted.scripts.twistd`` does nothing).

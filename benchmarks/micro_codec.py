@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 from attrs import frozen
 
-from aoe_twisted.wire import (
+from aoe_twisted.core.wire import (
     ETHERTYPE,
     SECTOR_SIZE,
     ATAArg,

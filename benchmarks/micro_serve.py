@@ -4,11 +4,12 @@ Micro-benchmark of the whole per-frame path: requests served per second.
 
 One call of ``Dispatcher.frame_received`` is everything the server does for a
 frame apart from the two system calls: decode the Ethernet frame and the AoE
-message, route it to the target, serve it against a memory disk with
-``serve_ata`` and encode the padded reply frame.  The cases are a 1 KiB
+message, route it to the target, serve it against a memory disk and encode
+the padded reply frame (``Dispatcher.serve`` on the general path, which also
+carries out the disk operation the decision asks for).  The cases are a 1 KiB
 (2-sector) read, as at MTU 1500, and an 8 KiB (16-sector) write, as at MTU
 9000, the same frames ``micro_codec.py`` decodes.  Both take the fast path
-(``aoe_twisted.fastpath``); ``--no-fast-path`` measures the general path alone,
+(``aoe_twisted.core.fastpath``); ``--no-fast-path`` measures the general path alone,
 ``--into`` the zero-copy variant the port uses with ``PACKET_MMAP`` rings
 (``Dispatcher.frame_received_into``: the request read from a ``memoryview``,
 the reply written into a reused buffer, as into a TX ring slot).
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from micro_codec import _INITIATOR, _TARGET, cases, measure
 
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.dispatch import Dispatcher
-from aoe_twisted.target import Target
+from aoe_twisted.core.dispatch import Dispatcher
+from aoe_twisted.core.target import Target
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,13 +57,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = {c.name: c.frame for c in cases() if c.name != "read 1 KiB response"}
     print(f"{'case':<22} {'median req/s':>13} {'min':>10} {'max':>10} {'us/req':>8}")
     for name, frame in served.items():
-        replies = dispatcher.frame_received(frame)
+        replies = dispatcher.serve(frame)
         if len(replies) != 1 or replies[0][:6] != _INITIATOR:
             raise SystemExit(f"micro_serve: {name} was not answered")
-        if dispatcher.fast_path and not dispatcher.fast:
+        if dispatcher.fast_path and not dispatcher.counters.fast:
             raise SystemExit(f"micro_serve: {name} did not take the fast path")
+
+        # The fast path's decision is the whole answer; the general path's
+        # read is settled (its disk operation carried out) as the server does.
         def serve(frame: bytes = frame) -> object:
-            return dispatcher.frame_received(frame)
+            if dispatcher.fast_path:
+                return dispatcher.frame_received(frame)
+            return dispatcher.serve(frame)
 
         if args.into:
             view = memoryview(frame)

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aoe_twisted.wire import (  # noqa: E402
+from aoe_twisted.core.wire import (  # noqa: E402
     BROADCAST_MAC,
     BROADCAST_MAJOR,
     BROADCAST_MINOR,

@@ -96,7 +96,7 @@ class Demo:
 
     def start_server(self) -> None:
         """Start ``twistd -n aoe`` in the server namespace and wait until it answers."""
-        from aoe_twisted.cli import twistd_command
+        from aoe_twisted.initiator.cli import twistd_command
 
         args = ["--iface", self.server_if, "--backend", DISK,
                 "--shelf", str(SHELF), "--slot", str(SLOT)]

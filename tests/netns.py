@@ -25,7 +25,7 @@ import time
 from attrs import frozen
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from aoe_twisted.port import NETNS_RUN_DIR
+from aoe_twisted.net.netns import NETNS_RUN_DIR
 
 __all__ = ["REQUIRE_ENV", "VethPair", "leftover_namespaces", "require", "run", "skip_reason"]
 

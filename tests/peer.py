@@ -23,13 +23,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import AbstractDatagramProtocol
 
-from aoe_twisted.port import AoEPort
-from aoe_twisted.wire import (
+from aoe_twisted.core.wire import (
     BROADCAST_MAC,
     BROADCAST_MAJOR,
     BROADCAST_MINOR,
-    ETHERTYPE,
-    SECTOR_SIZE,
     ATAArg,
     ATACmdStatus,
     Command,
@@ -42,6 +39,8 @@ from aoe_twisted.wire import (
     ReserveReleaseArg,
     WireError,
 )
+from aoe_twisted.net.port import AoEPort
+from aoe_twisted.testing import ata_arg, ethernet_frame
 
 __all__ = ["Peer", "Reply"]
 
@@ -150,7 +149,7 @@ class Peer:
 
     def frame(self, header: Header, dst: bytes, src: bytes | None = None) -> bytes:
         """Return ``header`` in an Ethernet frame from ``src`` (our MAC) to ``dst``."""
-        return EthernetFrame(dst, src or self.mac, ETHERTYPE, header.to_bytes()).to_bytes()
+        return ethernet_frame(header.to_bytes(), src or self.mac, dst)
 
     def request(
         self,
@@ -237,7 +236,7 @@ class Peer:
 
     def identify(self, dst: bytes, shelf: int, slot: int) -> defer.Deferred[list[Reply]]:
         """IDENTIFY DEVICE."""
-        return self.ata(dst, shelf, slot, ATAArg(sector_count=1, cmd_status=ATACmdStatus.IDENTIFY))
+        return self.ata(dst, shelf, slot, ata_arg(ATACmdStatus.IDENTIFY))
 
     def read(
         self,
@@ -250,12 +249,7 @@ class Peer:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> defer.Deferred[list[Reply]]:
         """READ SECTORS EXT of ``count`` sectors at ``lba``, as Linux sends it."""
-        arg = ATAArg(
-            flag_lba48_extended=True,
-            sector_count=count,
-            cmd_status=ATACmdStatus.READ_48BIT,
-            lba=lba,
-        )
+        arg = ata_arg(ATACmdStatus.READ_48BIT, lba=lba, count=count)
         return self.ata(dst, shelf, slot, arg, src, timeout)
 
     def write(
@@ -269,14 +263,7 @@ class Peer:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> defer.Deferred[list[Reply]]:
         """WRITE SECTORS EXT of ``data`` (whole sectors) at ``lba``, as Linux sends it."""
-        arg = ATAArg(
-            flag_lba48_extended=True,
-            flag_write=True,
-            sector_count=len(data) // SECTOR_SIZE,
-            cmd_status=ATACmdStatus.WRITE_48BIT,
-            lba=lba,
-            data=data,
-        )
+        arg = ata_arg(ATACmdStatus.WRITE_48BIT, lba=lba, data=data)
         return self.ata(dst, shelf, slot, arg, src, timeout)
 
     def config(

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from hypothesis import strategies as st
 
-from aoe_twisted.wire import (
+from aoe_twisted.core.wire import (
     ATA_ARG_SIZE,
     CONFIG_ARG_SIZE,
     ETHERTYPE,

@@ -27,17 +27,14 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from aoe_twisted.acl import MemoryACLStore
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.dispatch import Dispatcher
-from aoe_twisted.interfaces import IBlockBackend
-from aoe_twisted.statefile import FileACLStore
-from aoe_twisted.target import Target
-from aoe_twisted.wire import (
+from aoe_twisted.core.acl import MemoryACLStore
+from aoe_twisted.core.dispatch import Dispatcher
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
     BROADCAST_MAJOR,
     BROADCAST_MINOR,
-    ETHERTYPE,
     SECTOR_SIZE,
     ATAArg,
     ATACmdStatus,
@@ -53,11 +50,14 @@ from aoe_twisted.wire import (
     ReserveReleaseArg,
     ReserveReleaseCommand,
 )
+from aoe_twisted.interfaces import IBlockBackend
+from aoe_twisted.statefile import FileACLStore
+from aoe_twisted.testing import INITIATOR_MAC, TARGET_MAC, ata_arg, ethernet_frame
 from tests import strategies
 from tests.test_e2e import FORGED, SILENCE, EndToEndCase, pattern
 
-SERVER = bytes.fromhex("020000000100")
-MEMBER = bytes.fromhex("020000000101")
+#: The host on the mask and reserve lists in the property tests.
+MEMBER = INITIATOR_MAC
 SECTORS = 64
 _ERR_DRDY = int(ATACmdStatus.ERR_STATUS) | int(ATACmdStatus.READY_STATUS)
 _WRITES = {int(ATACmdStatus.WRITE_28BIT), int(ATACmdStatus.WRITE_48BIT)}
@@ -83,10 +83,6 @@ def _state(target: Target) -> tuple[bytes, tuple[bytes, ...], tuple[bytes, ...]]
     """A copy of ``target``'s state: config string, mask list, reserve list."""
     acl = target.acl
     return (acl.config_string, acl.mask_list, acl.reserve_list)
-
-
-def _frame(header: Header, src: bytes, dst: bytes = SERVER) -> bytes:
-    return EthernetFrame(dst, src, ETHERTYPE, header.to_bytes()).to_bytes()
 
 
 def _aimed(header: Header, major: int, minor: int) -> Header:
@@ -141,8 +137,9 @@ class PropertyTests(SynchronousTestCase):
         target = self.target(0, 1, config=b"cfg", mask=(MEMBER,), reserve=(MEMBER,))
         before = (_digest(target.backend), target.acl.config_string, target.acl.mask_list,
                   target.acl.reserve_list, target.acl.path.read_bytes())
-        dispatcher = Dispatcher(SERVER, [target])
-        self.assertEqual(dispatcher.frame_received(_frame(_aimed(header, *wildcard), src)), [])
+        dispatcher = Dispatcher(TARGET_MAC, [target])
+        frame = ethernet_frame(_aimed(header, *wildcard).to_bytes(), src)
+        self.assertEqual(dispatcher.serve(frame), [])
         after = (_digest(target.backend), target.acl.config_string, target.acl.mask_list,
                  target.acl.reserve_list, target.acl.path.read_bytes())
         self.assertEqual(after, before)
@@ -160,7 +157,8 @@ class PropertyTests(SynchronousTestCase):
         target = self.target(0, 1, reserve=(MEMBER,))
         before = (_digest(target.backend), target.acl.reserve_list)
         request = _aimed(header, 0, 1)
-        replies = Dispatcher(SERVER, [target]).frame_received(_frame(request, src))
+        frame = ethernet_frame(request.to_bytes(), src)
+        replies = Dispatcher(TARGET_MAC, [target]).serve(frame)
         arg = request.arg
         if request.command == Command.RESERVE_RELEASE and isinstance(arg, ReserveReleaseArg):
             if arg.command == ReserveReleaseCommand.FORCE_SET:
@@ -191,7 +189,8 @@ class PropertyTests(SynchronousTestCase):
         target = self.target(0, 1, persistent=False, read_only=True)
         before = _digest(target.backend)
         request = _aimed(header, 0, 1)
-        replies = Dispatcher(SERVER, [target]).frame_received(_frame(request, src))
+        frame = ethernet_frame(request.to_bytes(), src)
+        replies = Dispatcher(TARGET_MAC, [target]).serve(frame)
         self.assertEqual(_digest(target.backend), before)
         if request.arg.cmd_status in _WRITES:
             self.assertEqual(len(replies), 1)
@@ -218,8 +217,9 @@ class PropertyTests(SynchronousTestCase):
             return
         targets = [self.target(s, n, persistent=False) for s, n in sorted(owned)]
         before = [(_digest(t.backend), _state(t)) for t in targets]
-        dispatcher = Dispatcher(SERVER, targets)
-        self.assertEqual(dispatcher.frame_received(_frame(_aimed(header, major, minor), src)), [])
+        dispatcher = Dispatcher(TARGET_MAC, targets)
+        frame = ethernet_frame(_aimed(header, major, minor).to_bytes(), src)
+        self.assertEqual(dispatcher.serve(frame), [])
         self.assertEqual([(_digest(t.backend), _state(t)) for t in targets], before)
 
 
@@ -252,8 +252,8 @@ class EndToEndAccessTests(EndToEndCase):
                 peer.read(server, 0, 1, 0, src=stranger, timeout=SILENCE),
                 peer.write(server, 0, 1, 0, pattern(SECTOR_SIZE, 1), src=stranger,
                            timeout=SILENCE),
-                peer.ata(server, 0, 1, ATAArg(sector_count=1, cmd_status=ATACmdStatus.IDENTIFY),
-                         src=stranger, timeout=SILENCE),
+                peer.ata(server, 0, 1, ata_arg(ATACmdStatus.IDENTIFY), src=stranger,
+                         timeout=SILENCE),
                 peer.mask(server, 0, 1, MACMaskCommand.READ, src=stranger, timeout=SILENCE),
                 peer.mask(server, 0, 1, MACMaskCommand.EDIT,
                           [Directive(add, stranger)], src=stranger, timeout=SILENCE),
@@ -306,8 +306,7 @@ class EndToEndAccessTests(EndToEndCase):
         sector = pattern(SECTOR_SIZE, 5)
         for src in (None, FORGED, *STRANGERS[:2]):
             self.ata_failed((yield peer.write(server, 0, 1, 1, sector, src=src)), ATAError.ABRT)
-            arg = ATAArg(flag_write=True, sector_count=1,
-                         cmd_status=ATACmdStatus.WRITE_28BIT, lba=1, data=sector)
+            arg = ata_arg(ATACmdStatus.WRITE_28BIT, lba=1, data=sector)
             self.ata_failed((yield peer.ata(server, 0, 1, arg, src=src)), ATAError.ABRT)
         self.ata_ok((yield peer.read(server, 0, 1, 1)), original[SECTOR_SIZE : 2 * SECTOR_SIZE])
         yield service.stopService()

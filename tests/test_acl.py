@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from aoe_twisted.acl import (
+from aoe_twisted.core.acl import (
     MASK_LIST_CEILING,
     MASK_LIST_LIMIT,
     RESERVE_LIST_LIMIT,
@@ -17,8 +17,7 @@ from aoe_twisted.acl import (
     mask_allows,
     reserve_allows,
 )
-from aoe_twisted.interfaces import IACLStore
-from aoe_twisted.wire import (
+from aoe_twisted.core.wire import (
     DIRECTIVE_SIZE,
     ETHERNET_HEADER_SIZE,
     HEADER_SIZE,
@@ -27,6 +26,7 @@ from aoe_twisted.wire import (
     DirectiveCommand,
     MACMaskError,
 )
+from aoe_twisted.interfaces import IACLStore
 
 A = bytes.fromhex("020000000001")
 B = bytes.fromhex("020000000002")

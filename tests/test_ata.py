@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_ata -*-
 """
-Tests for ``aoe_twisted.ata.serve_ata``, the ATA engine.
+Tests for ``aoe_twisted.core.ata.serve_ata``, the ATA engine.
 
 Most tests run a request against a ``MemoryBackend`` whose sectors each hold a
 distinct pattern, so a read of the wrong sector or a write to the wrong place
@@ -20,11 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from aoe_twisted.ata import serve_ata
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.identify import DefaultIdentifier, build_identify
-from aoe_twisted.interfaces import IBlockBackend, IIdentifier
-from aoe_twisted.wire import (
+from aoe_twisted.core.ata import serve_ata
+from aoe_twisted.core.identify import DefaultIdentifier, build_identify
+from aoe_twisted.core.wire import (
     SECTOR_SIZE,
     ATAArg,
     Command,
@@ -33,6 +32,7 @@ from aoe_twisted.wire import (
     Header,
     RawArg,
 )
+from aoe_twisted.interfaces import IBlockBackend, IIdentifier
 from tests.pcap import read_pcap
 from tests.strategies import MAX_LBA
 from tests.test_identify import linux_capacity

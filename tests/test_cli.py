@@ -1,5 +1,5 @@
 """
-Tests for ``aoe_twisted.cli``, the ``aoe-twisted`` command.
+Tests for ``aoe_twisted.initiator.cli``, the ``aoe-twisted`` command.
 
 Three levels: argument parsing on its own; every command run in this
 process against the real server over ``MemoryPacketSystem`` (a fake veth
@@ -22,12 +22,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from aoe_twisted import cli
-from aoe_twisted.acl import MemoryACLStore
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.client import AoEClient, RetryPolicy
+from aoe_twisted.core.acl import MemoryACLStore
+from aoe_twisted.core.target import Target
+from aoe_twisted.initiator import cli
+from aoe_twisted.initiator.client import AoEClient, RetryPolicy
 from aoe_twisted.server import AoEService
-from aoe_twisted.target import Target
 from aoe_twisted.testing import MemoryPacketSystem
 
 MiB = 1 << 20
@@ -37,7 +37,10 @@ class ParseTests(SynchronousTestCase):
     """Sizes, target names and the command line."""
 
     def test_bytes(self) -> None:
-        """Plain numbers, hex, K/M/G/T (any case, with or without iB/B) and sectors."""
+        """
+        Offsets and lengths are in ``aoe_twisted.units.parse_byte_count``'s grammar
+        (tested in ``tests.test_units``): plain, hex, K/M/G/T with or without iB/B, sectors.
+        """
         cases = {
             "0": 0,
             "4096": 4096,
@@ -51,17 +54,22 @@ class ParseTests(SynchronousTestCase):
             "1mb": MiB,
             "8s": 4096,
         }
+        parser = cli.build_parser()
         for text, value in cases.items():
-            self.assertEqual(cli.parse_bytes(text), value, text)
+            args = parser.parse_args(["read", "e1.0", "-i", "eth0", "--length", text])
+            self.assertEqual(args.length, value, text)
         for bad in ("", "-1", "1.5M", "4X", "M", "0x"):
-            self.assertRaises(ValueError, cli.parse_bytes, bad)
+            self.assertRaises(
+                cli.UsageError, parser.parse_args, ["read", "e1.0", "-i", "eth0", "--offset", bad]
+            )
 
     def test_target(self) -> None:
         """``e1.0`` and ``1.0`` name shelf 1 slot 0; wildcards and junk are refused."""
-        self.assertEqual(cli.parse_target("e1.0"), (1, 0))
-        self.assertEqual(cli.parse_target("65534.254"), (65534, 254))
+        parser = cli.build_parser()
+        for text, address in (("e1.0", (1, 0)), ("1.0", (1, 0)), ("65534.254", (65534, 254))):
+            self.assertEqual(parser.parse_args(["info", text, "-i", "eth0"]).target, address)
         for bad in ("e1", "e1.0.0", "x1.0", "e65535.0", "e1.255", "e-1.0", ""):
-            self.assertRaises(ValueError, cli.parse_target, bad)
+            self.assertRaises(cli.UsageError, parser.parse_args, ["info", bad, "-i", "eth0"])
 
     def test_read_arguments(self) -> None:
         """``read`` takes the target, interface, namespace, offset, length and output."""
@@ -116,7 +124,7 @@ class ParseTests(SynchronousTestCase):
         for argv, expected in [
             ([], "the following arguments are required: COMMAND"),
             (["read", "e1.0"], "the following arguments are required: -i/--iface"),
-            (["read", "bogus", "-i", "eth0"], "not a target name: 'bogus'"),
+            (["read", "bogus", "-i", "eth0"], "not a target address: 'bogus'"),
             (["read", "e1.0", "-i", "eth0", "--offset", "12Q"], "not a size: '12Q'"),
             (["frobnicate"], "invalid choice: 'frobnicate'"),
             (["bench", "e1.0", "-i", "eth0", "--duration", "0"], "must be positive"),

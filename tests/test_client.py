@@ -1,5 +1,5 @@
 """
-Tests for ``aoe_twisted.client``: the initiator against real targets on a fake network.
+Tests for ``aoe_twisted.initiator.client``: the initiator against real targets on a fake network.
 
 The targets are the project's own sans-IO core (``Dispatcher`` over
 ``Target`` over ``MemoryBackend``); ``FakeNetwork`` carries frames between
@@ -19,9 +19,25 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from aoe_twisted.acl import MemoryACLStore
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.client import (
+from aoe_twisted.core.acl import MemoryACLStore
+from aoe_twisted.core.dispatch import Dispatcher
+from aoe_twisted.core.identify import build_identify
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
+    BROADCAST_MAC,
+    BROADCAST_MAJOR,
+    BROADCAST_MINOR,
+    ETHERTYPE,
+    VERSION,
+    ATAArg,
+    Command,
+    ConfigArg,
+    Error,
+    EthernetFrame,
+    Header,
+)
+from aoe_twisted.initiator.client import (
     CLIENT_TAG_BIT,
     AoEClient,
     AoEClientProtocol,
@@ -35,25 +51,9 @@ from aoe_twisted.client import (
     TargetNotFound,
     parse_identify,
 )
-from aoe_twisted.dispatch import Dispatcher
-from aoe_twisted.identify import build_identify
 from aoe_twisted.interfaces import IIdentifier
-from aoe_twisted.target import Target
-from aoe_twisted.wire import (
-    BROADCAST_MAC,
-    BROADCAST_MAJOR,
-    BROADCAST_MINOR,
-    ETHERTYPE,
-    VERSION,
-    ATAArg,
-    Command,
-    ConfigArg,
-    Error,
-    EthernetFrame,
-    Header,
-)
+from aoe_twisted.testing import INITIATOR_MAC, ethernet_frame
 
-CLIENT_MAC = bytes.fromhex("02aa00000001")
 MiB = 1 << 20
 
 
@@ -99,7 +99,7 @@ class FakeNetwork:
     hosts: list[FakeHost] = field(factory=list)
     latency: float = 0.001
     mtu: int = 1500
-    mac: bytes = CLIENT_MAC
+    mac: bytes = INITIATOR_MAC
     drop_request: Callable[[Header], bool] = lambda header: False
     drop_reply: Callable[[Header], bool] = lambda header: False
     reply_delay: Callable[[Header], float | None] = lambda header: None
@@ -138,7 +138,7 @@ class FakeNetwork:
             if host.outstanding >= host.buffer_count:
                 host.overflowed += 1
                 continue
-            replies = host.dispatcher.frame_received(frame)
+            replies = host.dispatcher.serve(frame)
             if not replies:
                 continue
             host.outstanding += 1
@@ -338,7 +338,7 @@ class DiscoveryTests(ClientTestCase):
             tag,
             ConfigArg(10, 0x4019, 0, VERSION, 0, 2, b"hi"),
         )
-        self.net.deliver(EthernetFrame(CLIENT_MAC, mac(9), ETHERTYPE, reply.to_bytes()).to_bytes())
+        self.net.deliver(ethernet_frame(reply.to_bytes(), mac(9), INITIATOR_MAC))
         [info] = self.successResultOf(run(self.clock, d))
         self.assertEqual(
             (
@@ -363,7 +363,7 @@ class DiscoveryTests(ClientTestCase):
         config = ConfigArg(10, 1, 2, VERSION, 0, 0, b"")
 
         def frame(header: Header, ethertype: int = ETHERTYPE) -> bytes:
-            return EthernetFrame(CLIENT_MAC, mac(9), ethertype, header.to_bytes()).to_bytes()
+            return ethernet_frame(header.to_bytes(), mac(9), INITIATOR_MAC, ethertype)
 
         reply = Header(VERSION, True, False, 0, 7, 3, Command.QUERY_CONFIG_INFORMATION, tag, config)
         kernel_tag = Header(VERSION, True, False, 0, 7, 3, 1, bytes(4), config)

@@ -1,5 +1,5 @@
 """
-Interoperability: our initiator (``aoe_twisted.client``) against ``vblade``.
+Interoperability: our initiator (``aoe_twisted.initiator.client``) against ``vblade``.
 
 ``vblade`` (Coraid's reference AoE target in C, packaged by Debian) serves a
 backing file on the server end of a veth pair between two private network
@@ -39,7 +39,17 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from aoe_twisted.client import (
+from aoe_twisted.core.identify import build_identify
+from aoe_twisted.core.wire import (
+    ETHERTYPE,
+    SECTOR_SIZE,
+    ATAArg,
+    ATACmdStatus,
+    Command,
+    EthernetFrame,
+    Header,
+)
+from aoe_twisted.initiator.client import (
     AoEClient,
     AoETimeout,
     ATAError,
@@ -48,16 +58,6 @@ from aoe_twisted.client import (
     TargetInfo,
     TargetNotFound,
     parse_identify,
-)
-from aoe_twisted.identify import build_identify
-from aoe_twisted.wire import (
-    ETHERTYPE,
-    SECTOR_SIZE,
-    ATAArg,
-    ATACmdStatus,
-    Command,
-    EthernetFrame,
-    Header,
 )
 from tests.netns import VethPair, require, run
 from tests.test_identify import vblade_identify_page

@@ -43,8 +43,7 @@ from attrs import define, field
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
-from aoe_twisted.tap import Options
-from aoe_twisted.wire import (
+from aoe_twisted.core.wire import (
     SECTOR_SIZE,
     ATAArg,
     ATACmdStatus,
@@ -54,6 +53,7 @@ from aoe_twisted.wire import (
     MACMaskCommand,
     ReserveReleaseCommand,
 )
+from aoe_twisted.tap import Options
 from tests.netns import VethPair, require
 from tests.peer import Peer
 from tests.test_twistd import TWISTD

@@ -24,14 +24,15 @@ from aoe_twisted.backends.block import BlockDeviceBackend
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.backendspec import open_backend
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import SECTOR_SIZE, ATAArg, ATACmdStatus, ATAError
 from aoe_twisted.errors import BackendSpecError
-from aoe_twisted.interfaces import IBlockBackend
+from aoe_twisted.interfaces import IBlockBackend, IDataSyncBackend, IDirectIOFactory
 from aoe_twisted.server import AoEProtocol
 from aoe_twisted.tap import Options, makeService
-from aoe_twisted.target import Target
-from aoe_twisted.wire import SECTOR_SIZE, ATAArg, ATACmdStatus, ATAError, Command, Header
+from aoe_twisted.testing import ata_request, ethernet_frame
 from tests.test_backends import SIZE, _losetup, _make_image, _PersistentBackendMixin, _sector
-from tests.test_server import ServiceTestsMixin, decode, request
+from tests.test_server import ServiceTestsMixin, decode
 
 _DRDY = int(ATACmdStatus.READY_STATUS)
 _ERR_DRDY = int(ATACmdStatus.ERR_STATUS) | _DRDY
@@ -40,7 +41,7 @@ _ERR_DRDY = int(ATACmdStatus.ERR_STATUS) | _DRDY
 # -- group commit ------------------------------------------------------------
 
 
-@implementer(IBlockBackend)
+@implementer(IDataSyncBackend)
 class RecordingBackend:
     """
     A memory disk that records its syncs: how many, and what had been sent by each.
@@ -102,29 +103,20 @@ class FlushOnlyBackend:
 
 def write_frame(lba: int, fill: int, tag: int, shelf: int = 1, slot: int = 2) -> bytes:
     """A WRITE SECTORS EXT of one sector of ``fill`` bytes, as Linux sends it."""
-    return request(Header(
-        major=shelf, minor=slot, command=Command.ISSUE_ATA_COMMAND, tag=tag.to_bytes(4, "big"),
-        arg=ATAArg(flag_lba48_extended=True, flag_write=True, sector_count=1,
-                   cmd_status=ATACmdStatus.WRITE_48BIT, lba=lba,
-                   data=bytes([fill]) * SECTOR_SIZE),
+    return ethernet_frame(ata_request(
+        ATACmdStatus.WRITE_48BIT, lba=lba, data=bytes([fill]) * SECTOR_SIZE, tag=tag,
+        shelf=shelf, slot=slot,
     ))
 
 
 def read_frame(lba: int, tag: int, shelf: int = 1, slot: int = 2) -> bytes:
     """A READ SECTORS EXT of one sector."""
-    return request(Header(
-        major=shelf, minor=slot, command=Command.ISSUE_ATA_COMMAND, tag=tag.to_bytes(4, "big"),
-        arg=ATAArg(flag_lba48_extended=True, sector_count=1,
-                   cmd_status=ATACmdStatus.READ_48BIT, lba=lba),
-    ))
+    return ethernet_frame(ata_request(lba=lba, tag=tag, shelf=shelf, slot=slot))
 
 
 def flush_frame(tag: int, shelf: int = 1, slot: int = 2) -> bytes:
     """A FLUSH CACHE EXT."""
-    return request(Header(
-        major=shelf, minor=slot, command=Command.ISSUE_ATA_COMMAND, tag=tag.to_bytes(4, "big"),
-        arg=ATAArg(flag_lba48_extended=True, cmd_status=ATACmdStatus.FLUSH_EXT),
-    ))
+    return ethernet_frame(ata_request(ATACmdStatus.FLUSH_EXT, tag=tag, shelf=shelf, slot=slot))
 
 
 def ata_reply(frame: bytes) -> tuple[int, ATAArg]:
@@ -542,8 +534,8 @@ class DirectOpenErrorTests(SynchronousTestCase):
 
     def test_plugin_without_direct(self) -> None:
         """
-        A plugin whose ``open`` takes no ``direct`` is refused under --direct
-        and called as before without it; one taking ``**kwargs`` gets it.
+        A plugin whose factory does not provide ``IDirectIOFactory`` is refused
+        under --direct and called as before without it; one providing it gets it.
         """
         from aoe_twisted import backendspec
 
@@ -556,6 +548,7 @@ class DirectOpenErrorTests(SynchronousTestCase):
                 calls.append({"read_only": read_only})
                 return MemoryBackend(SECTOR_SIZE)
 
+        @implementer(IDirectIOFactory)
         class Flexible:
             scheme = "flexible"
 

@@ -28,11 +28,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from aoe_twisted.backends.block import BlockDeviceBackend
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.server import AoEService
-from aoe_twisted.target import Target
-from aoe_twisted.wire import (
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
     BROADCAST_MAC,
-    ETHERTYPE,
     SECTOR_SIZE,
     ATAArg,
     ATACmdStatus,
@@ -43,7 +41,6 @@ from aoe_twisted.wire import (
     Directive,
     DirectiveCommand,
     Error,
-    EthernetFrame,
     Header,
     MACMaskArg,
     MACMaskCommand,
@@ -51,13 +48,22 @@ from aoe_twisted.wire import (
     ReserveReleaseCommand,
     WireError,
 )
+from aoe_twisted.server import AoEService
+from aoe_twisted.testing import (
+    OTHER_MAC,
+    ata_request,
+    config_request,
+    ethernet_frame,
+    mask_request,
+    reserve_request,
+)
 from tests.netns import VethPair, require, run
 from tests.peer import Peer, Reply
 
 Gen = Generator[defer.Deferred[Any], Any, None]
 
-#: A forged, locally administered source MAC that no interface has.
-FORGED = bytes.fromhex("02f0f0f0f001")
+#: A forged source MAC that no interface has.
+FORGED = OTHER_MAC
 #: The reply to "no reply expected" comes within this many seconds if it comes at all.
 SILENCE = 0.3
 
@@ -170,8 +176,7 @@ class DiscoveryTests(EndToEndCase):
         padded reply from the target, to the querier, with its address and limits.
         """
         self.serve([memory_target(1, 2)])
-        header = Header(major=0xFFFF, minor=0xFF, command=Command.QUERY_CONFIG_INFORMATION,
-                        tag=self.peer.next_tag(), arg=ConfigArg())
+        header = Header.from_bytes(config_request(tag=self.peer.next_tag()))
         self.assertEqual(len(self.peer.frame(header, BROADCAST_MAC)), 32)
         reply = self.one((yield self.peer.request(header, BROADCAST_MAC, timeout=SILENCE)))
         self.assertEqual(reply.dst, self.peer.mac)
@@ -476,25 +481,23 @@ class _Garbage:
         self.sectors, self.max_sectors = sectors, max_sectors
 
     def frame(self, payload: bytes, broadcast: bool = False) -> bytes:
-        dst = BROADCAST_MAC if broadcast else self.dst
-        return EthernetFrame(dst, self.src, ETHERTYPE, payload).to_bytes()
+        return ethernet_frame(payload, self.src, BROADCAST_MAC if broadcast else self.dst)
 
     def tag(self) -> bytes:
         return self.rng.randbytes(4)
 
-    def write_header(self, lba: int = 0, count: int = 1, data: bytes | None = None,
-                     opcode: int = ATACmdStatus.WRITE_48BIT, write_flag: bool = True) -> Header:
+    def write(self, lba: int = 0, count: int = 1, data: bytes | None = None,
+              opcode: int = ATACmdStatus.WRITE_48BIT, write_flag: bool = True) -> bytes:
+        """A write of ``count`` sectors (random ``data`` by default) at ``lba``, E flag set."""
         if data is None:
             data = self.rng.randbytes(count * SECTOR_SIZE)
-        arg = ATAArg(flag_lba48_extended=True, flag_write=write_flag, sector_count=count,
-                     cmd_status=opcode, lba=lba, data=data)
-        return Header(major=self.shelf, minor=self.slot, command=Command.ISSUE_ATA_COMMAND,
-                      tag=self.tag(), arg=arg)
+        return ata_request(opcode, lba=lba, count=count, data=data, extended=True,
+                           write=write_flag, shelf=self.shelf, slot=self.slot, tag=self.tag())
 
     def a_write(self) -> bytes:
         """The bytes of a valid write of one random sector somewhere on the disk."""
         lba = self.rng.randrange(self.sectors)
-        return self.write_header(lba=lba).to_bytes()
+        return self.write(lba=lba)
 
     # Each maker returns one payload.
 
@@ -532,36 +535,34 @@ class _Garbage:
 
     def write_out_of_range(self) -> bytes:
         lba = self.rng.choice([self.sectors, self.sectors + 7, (1 << 48) - 1])
-        return self.write_header(lba=lba).to_bytes()
+        return self.write(lba=lba)
 
     def write_straddling_end(self) -> bytes:
-        return self.write_header(lba=self.sectors - 1, count=2).to_bytes()
+        return self.write(lba=self.sectors - 1, count=2)
 
     def write_too_many_sectors(self) -> bytes:
         count = self.rng.randrange(self.max_sectors + 1, 256)
-        return self.write_header(count=count, data=self.rng.randbytes(SECTOR_SIZE)).to_bytes()
+        return self.write(count=count, data=self.rng.randbytes(SECTOR_SIZE))
 
     def write_short_data(self) -> bytes:
         count = self.max_sectors
         data = self.rng.randbytes(count * SECTOR_SIZE - self.rng.randrange(1, SECTOR_SIZE))
-        return self.write_header(count=count, data=data).to_bytes()
+        return self.write(count=count, data=data)
 
     def write_zero_count(self) -> bytes:
-        return self.write_header(count=0, data=self.rng.randbytes(SECTOR_SIZE)).to_bytes()
+        return self.write(count=0, data=self.rng.randbytes(SECTOR_SIZE))
 
     def write_without_flag(self) -> bytes:
-        return self.write_header(write_flag=False).to_bytes()
+        return self.write(write_flag=False)
 
     def unknown_ata_opcode(self) -> bytes:
         opcode = self.rng.choice([0x00, 0x25, 0x35, 0xC8, 0xCA, 0xFF])
-        return self.write_header(opcode=opcode).to_bytes()
+        return self.write(opcode=opcode)
 
     def config_bad(self) -> bytes:
         string = self.rng.randbytes(self.rng.randrange(0, 40))
-        arg = ConfigArg(command=ConfigCommand.FORCE_SET, string_length=len(string), string=string)
-        payload = bytearray(Header(major=self.shelf, minor=self.slot,
-                                   command=Command.QUERY_CONFIG_INFORMATION, tag=self.tag(),
-                                   arg=arg).to_bytes())
+        payload = bytearray(config_request(ConfigCommand.FORCE_SET, string, shelf=self.shelf,
+                                           slot=self.slot, tag=self.tag()))
         kind = self.rng.randrange(3)
         if kind == 0:  # string longer than the 1024 bytes allowed
             payload[16:18] = self.rng.randrange(1025, 65536).to_bytes(2, "big")
@@ -573,10 +574,8 @@ class _Garbage:
 
     def mask_bad(self) -> bytes:
         directive = Directive(DirectiveCommand.ADD, FORGED)
-        arg = MACMaskArg(MACMaskCommand.EDIT, 0, 1, (directive,))
-        payload = bytearray(Header(major=self.shelf, minor=self.slot,
-                                   command=Command.MAC_MASK_LIST, tag=self.tag(),
-                                   arg=arg).to_bytes())
+        payload = bytearray(mask_request(MACMaskCommand.EDIT, [directive], shelf=self.shelf,
+                                         slot=self.slot, tag=self.tag()))
         kind = self.rng.randrange(5)
         if kind == 0:  # reserved byte of the argument
             payload[10] = self.rng.randrange(1, 256)
@@ -591,10 +590,8 @@ class _Garbage:
         return bytes(payload)
 
     def reserve_bad(self) -> bytes:
-        arg = ReserveReleaseArg(ReserveReleaseCommand.FORCE_SET, 1, (FORGED,))
-        payload = bytearray(Header(major=self.shelf, minor=self.slot,
-                                   command=Command.RESERVE_RELEASE, tag=self.tag(),
-                                   arg=arg).to_bytes())
+        payload = bytearray(reserve_request(ReserveReleaseCommand.FORCE_SET, [FORGED],
+                                            shelf=self.shelf, slot=self.slot, tag=self.tag()))
         if self.rng.randrange(2):  # more MACs than the frame holds
             payload[11] = self.rng.randrange(2, 256)
         else:  # an undefined sub-command

@@ -1,5 +1,5 @@
 """
-Tests for ``aoe_twisted.fanout``: the program that spreads frames over workers.
+Tests for ``aoe_twisted.net.fanout``: the program that spreads frames over workers.
 
 The end-to-end cases join real packet sockets in a namespace of their own to
 a group and send frames over a veth pair; they check that the kernel
@@ -15,9 +15,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from aoe_twisted.fanout import FanoutError, fanout_index, fanout_program, join_fanout
-from aoe_twisted.port import _network_namespace
-from aoe_twisted.wire import ETHERTYPE
+from aoe_twisted.core.wire import ETHERTYPE
+from aoe_twisted.net.fanout import FanoutError, fanout_index, fanout_program, join_fanout
+from aoe_twisted.net.packetsystem import open_packet_socket
+from aoe_twisted.net.ring import PACKET_FANOUT, PACKET_FANOUT_HASH, SOL_PACKET
 from tests.netns import VethPair
 
 _MACS = st.binary(min_size=6, max_size=6).map(lambda b: bytes([b[0] & 0xFE]) + b[1:])
@@ -65,17 +66,13 @@ class KernelTests(SynchronousTestCase):
         self.sockets: list[socket.socket] = []
 
     def _socket(self) -> socket.socket:
-        with _network_namespace(self.pair.server_ns):
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        sock = open_packet_socket(self.pair.server_if, ETHERTYPE, self.pair.server_ns)
         self.addCleanup(sock.close)
-        sock.bind((self.pair.server_if, ETHERTYPE))
         return sock
 
     def _sender(self) -> socket.socket:
-        with _network_namespace(self.pair.client_ns):
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        sock = open_packet_socket(self.pair.client_if, ETHERTYPE, self.pair.client_ns)
         self.addCleanup(sock.close)
-        sock.bind((self.pair.client_if, ETHERTYPE))
         return sock
 
     def _received(self, sock: socket.socket) -> list[bytes]:
@@ -122,7 +119,7 @@ class KernelTests(SynchronousTestCase):
     def test_incompatible_group(self) -> None:
         """Joining a group of another kind gives a one-line FanoutError."""
         other = self._socket()
-        other.setsockopt(263, 18, 0 << 16 | 4242)  # PACKET_FANOUT_HASH, group 4242
+        other.setsockopt(SOL_PACKET, PACKET_FANOUT, PACKET_FANOUT_HASH << 16 | 4242)
         sock = self._socket()
         with self.assertRaises(FanoutError) as caught:
             join_fanout(sock, 4242)

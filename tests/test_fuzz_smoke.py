@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from aoe_twisted.wire import ETHERTYPE, MIN_FRAME_SIZE, EthernetFrame
+from aoe_twisted.core.wire import ETHERTYPE, MIN_FRAME_SIZE, EthernetFrame
 from tests.strategies import aoe_frames, bytes_of_header, headers, macs, mutated_messages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,8 +106,8 @@ class HarnessTests(SynchronousTestCase):
 
     def test_broken_core_caught(self) -> None:
         """A core whose READ also writes the disk is caught by the disk oracle."""
-        from aoe_twisted import ata
-        from aoe_twisted.wire import ATAArg, ATACmdStatus, Command, Header
+        from aoe_twisted.core import ata
+        from aoe_twisted.core.wire import ATAArg, ATACmdStatus, Command, Header
 
         read = Header(major=1, minor=0, command=Command.ISSUE_ATA_COMMAND, tag=b"tag1",
                       arg=ATAArg(sector_count=1, cmd_status=ATACmdStatus.READ_28BIT))

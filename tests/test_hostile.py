@@ -33,23 +33,16 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.port import max_sectors_for_mtu
-from aoe_twisted.server import AoEService
-from aoe_twisted.target import Target
-from aoe_twisted.testing import MemoryPacketSystem
-from aoe_twisted.wire import (
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
     BROADCAST_MAC,
     BROADCAST_MAJOR,
-    BROADCAST_MINOR,
-    ETHERTYPE,
     SECTOR_SIZE,
-    ATAArg,
     ATACmdStatus,
-    Command,
-    ConfigArg,
-    EthernetFrame,
-    Header,
 )
+from aoe_twisted.net.port import max_sectors_for_mtu
+from aoe_twisted.server import AoEService
+from aoe_twisted.testing import MemoryPacketSystem, ata_request, config_request, ethernet_frame
 from tests.netns import VethPair, require, run
 from tests.peer import Peer, Reply
 
@@ -107,14 +100,14 @@ class Hostile:
         self.peer = peer
 
     def _frame(self, payload: bytes, dst: bytes | None = None, src: bytes | None = None) -> bytes:
-        return (dst or self.server) + (src or _unicast(self.rng)) + b"\x88\xa2" + payload
+        """``payload`` to ``dst`` (the server) from ``src`` (a random forged MAC)."""
+        return ethernet_frame(payload, src or _unicast(self.rng), dst or self.server)
 
     def _write(self, shelf: int = SHELF, slot: int = SLOT, count: int = 1) -> bytes:
-        arg = ATAArg(flag_lba48_extended=True, flag_write=True, sector_count=count,
-                     cmd_status=ATACmdStatus.WRITE_48BIT, lba=self.rng.randrange(SECTORS),
-                     data=self.rng.randbytes(count * SECTOR_SIZE))
-        return Header(major=shelf, minor=slot, command=Command.ISSUE_ATA_COMMAND,
-                      tag=self.rng.randbytes(4), arg=arg).to_bytes()
+        lba = self.rng.randrange(SECTORS)
+        data = self.rng.randbytes(count * SECTOR_SIZE)
+        return ata_request(ATACmdStatus.WRITE_48BIT, lba=lba, count=count, data=data,
+                           shelf=shelf, slot=slot, tag=self.rng.randbytes(4))
 
     def random_bytes(self) -> bytes:
         """Any bytes (at least an Ethernet header's worth: the kernel sends no less)."""
@@ -137,10 +130,7 @@ class Hostile:
         return self._frame(bytes(payload))
 
     def broadcast_query(self) -> bytes:
-        header = Header(major=BROADCAST_MAJOR, minor=BROADCAST_MINOR,
-                        command=Command.QUERY_CONFIG_INFORMATION, tag=self.rng.randbytes(4),
-                        arg=ConfigArg())
-        return self._frame(header.to_bytes(), dst=BROADCAST_MAC)
+        return self._frame(config_request(tag=self.rng.randbytes(4)), dst=BROADCAST_MAC)
 
     def other_shelf(self) -> bytes:
         shelf = self.rng.choice([0, SHELF + 1, BROADCAST_MAJOR - 1])
@@ -337,10 +327,9 @@ class HostileInputTests(TestCase):
         replies = self.counters["replies"]
         before = rss()
         self.port.stopReading()
-        read = Header(major=SHELF, minor=SLOT, command=Command.ISSUE_ATA_COMMAND,
-                      tag=b"burs", arg=ATAArg(flag_lba48_extended=True, sector_count=2,
-                                              cmd_status=ATACmdStatus.READ_48BIT, lba=8))
-        frame = EthernetFrame(self.server, self.peer.mac, ETHERTYPE, read.to_bytes()).to_bytes()
+        read = ata_request(ATACmdStatus.READ_48BIT, lba=8, count=2, shelf=SHELF, slot=SLOT,
+                           tag=b"burs")
+        frame = ethernet_frame(read, self.peer.mac, self.server)
         for _ in range(BURST):
             self.peer.send_raw(frame)
         yield task.deferLater(reactor, 0.2, lambda: None)

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_identify -*-
 """
-Tests for ``aoe_twisted.identify``: the default IDENTIFY DEVICE page.
+Tests for ``aoe_twisted.core.identify``: the default IDENTIFY DEVICE page.
 
 The page matters because an AoE initiator learns the disk's size from it and
 nothing else, so the tests read it back the way the Linux initiator does
@@ -19,14 +19,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aoe_twisted import __version__
-from aoe_twisted.identify import (
+from aoe_twisted.core.identify import (
     IDENTIFY_SIZE,
     LBA28_MAX_SECTORS,
     DefaultIdentifier,
     build_identify,
 )
+from aoe_twisted.core.wire import ATAArg, EthernetFrame, Header
 from aoe_twisted.interfaces import IIdentifier
-from aoe_twisted.wire import ATAArg, EthernetFrame, Header
 from tests.pcap import read_pcap
 
 __all__ = ["ata_text", "linux_capacity", "vblade_identify_page", "words"]

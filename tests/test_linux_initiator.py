@@ -35,7 +35,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from aoe_twisted.cli import twistd_argv
+from aoe_twisted.initiator.cli import twistd_argv
 from tests import linuxguest
 
 MIB = 1024 * 1024

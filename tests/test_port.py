@@ -1,5 +1,5 @@
 """
-Tests for ``aoe_twisted.port``: the raw Ethernet port, and the fake system its tests use.
+Tests for ``aoe_twisted.net.port``: the raw Ethernet port, and the fake system its tests use.
 
 The packet-system contract runs twice, as Twisted's tuntap tests do: against
 ``MemoryPacketSystem`` and against real ``AF_PACKET`` sockets on a veth pair
@@ -9,6 +9,7 @@ The packet-system contract runs twice, as Twisted's tuntap tests do: against
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
 from typing import Any
@@ -19,18 +20,27 @@ from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer, implementer_only
 from zope.interface.verify import verifyClass, verifyObject
 
-from aoe_twisted.port import (
-    AoEPort,
+from aoe_twisted.core.wire import BROADCAST_MAC, ETHERTYPE, MIN_FRAME_SIZE
+from aoe_twisted.net.netns import NETNS_RUN_DIR
+from aoe_twisted.net.packetsystem import (
     CannotOpenInterface,
+    IPacketSystem,
+    IRingPacketSystem,
+    RealPacketSystem,
+    open_packet_socket,
+)
+from aoe_twisted.net.port import (
+    AoEPort,
     EthernetAddress,
-    _IPacketSystem,
-    _RealPacketSystem,
+    IFrameSink,
+    IZeroCopyFrameSink,
     max_sectors_for_mtu,
 )
+from aoe_twisted.net.ring import PACKET_FANOUT, PACKET_FANOUT_HASH, SOL_PACKET, RingGeometry
 from aoe_twisted.testing import MemoryPacketSystem
-from aoe_twisted.wire import BROADCAST_MAC, ETHERTYPE, MIN_FRAME_SIZE
 from tests.netns import VethPair
 
 SERVER_MAC = bytes.fromhex("02aa00000001")
@@ -85,7 +95,7 @@ def receive(system: Any, fd: int, wait: float = 1.0) -> tuple[bytes, Any]:
 
 class PacketSystemContractMixin:
     """
-    What every ``_IPacketSystem`` does, fake or real.
+    What every ``IPacketSystem`` does, fake or real.
 
     ``make_link()`` returns ``(system, (netns_a, interface_a), (netns_b,
     interface_b))``: two interfaces joined by a link, each end with MTU 1500.
@@ -104,8 +114,9 @@ class PacketSystemContractMixin:
         self.mac_b = self.system.hardware_address(self.b)
 
     def test_provides(self) -> None:
-        """The system provides ``_IPacketSystem``."""
-        self.assertTrue(verifyObject(_IPacketSystem, self.system))  # type: ignore[attr-defined]
+        """The system provides ``IPacketSystem``, and ``IRingPacketSystem`` (both map rings)."""
+        self.assertTrue(verifyObject(IPacketSystem, self.system))  # type: ignore[attr-defined]
+        self.assertTrue(verifyObject(IRingPacketSystem, self.system))  # type: ignore[attr-defined]
 
     def test_unknown_interface(self) -> None:
         """Opening an interface that does not exist fails with ``ENODEV``."""
@@ -201,12 +212,63 @@ class RealPacketSystemTests(PacketSystemContractMixin, SynchronousTestCase):
 
     def make_link(self) -> tuple[Any, tuple[str | None, str], tuple[str | None, str]]:
         pair = VethPair.create(self)
-        system = _RealPacketSystem()
+        system = RealPacketSystem()
         return system, (pair.server_ns, pair.server_if), (pair.client_ns, pair.client_if)
 
     def test_real_class(self) -> None:
-        """``_RealPacketSystem`` implements the whole interface."""
-        self.assertTrue(verifyClass(_IPacketSystem, _RealPacketSystem))
+        """``RealPacketSystem`` implements the whole ring-capable interface."""
+        self.assertTrue(verifyClass(IRingPacketSystem, RealPacketSystem))
+
+
+class MemoryPacketSystemClassTests(SynchronousTestCase):
+    """``MemoryPacketSystem`` declares what it implements, with or without rings on offer."""
+
+    def test_class(self) -> None:
+        """The class implements ``IRingPacketSystem`` (and so ``IPacketSystem``)."""
+        self.assertTrue(verifyClass(IRingPacketSystem, MemoryPacketSystem))
+        self.assertTrue(IRingPacketSystem.extends(IPacketSystem))
+
+    def test_without_rings(self) -> None:
+        """With ``rings`` off it still provides the interface; ``map_rings`` offers none."""
+        system = MemoryPacketSystem(rings=False)
+        self.assertTrue(verifyObject(IRingPacketSystem, system))
+        system.add_interface("eth0")
+        fd = system.open("eth0", ETHERTYPE)
+        geometry = RingGeometry.for_mtu(1500, 16)
+        self.assertIsNone(system.map_rings(fd, geometry, geometry))
+
+
+class OpenPacketSocketTests(SynchronousTestCase):
+    """``open_packet_socket``: what the port's real system and ``--workers`` open (root only)."""
+
+    def setUp(self) -> None:
+        self.pair = VethPair.create(self)
+
+    def test_bound_in_the_namespace(self) -> None:
+        """The socket is a blocking raw packet socket bound to the interface and EtherType."""
+        sock = open_packet_socket(self.pair.server_if, ETHERTYPE, self.pair.server_ns)
+        self.addCleanup(sock.close)
+        self.assertEqual((sock.family, sock.type), (socket.AF_PACKET, socket.SOCK_RAW))
+        self.assertTrue(sock.getblocking())
+        name = sock.getsockname()
+        self.assertEqual((name[0], name[1]), (self.pair.server_if, ETHERTYPE))
+        self.assertEqual(len(name[4]), 6)
+
+    def test_no_such_namespace(self) -> None:
+        """A missing namespace is ``ENOENT`` whose ``filename`` is its path."""
+        with self.assertRaises(OSError) as caught:
+            open_packet_socket(self.pair.server_if, ETHERTYPE, "aoe-t-no-such-namespace")
+        self.assertEqual(caught.exception.errno, errno.ENOENT)
+        self.assertEqual(caught.exception.filename, f"{NETNS_RUN_DIR}/aoe-t-no-such-namespace")
+
+    def test_no_such_interface(self) -> None:
+        """An interface missing from the namespace is ``ENODEV``; the socket is closed."""
+        before = len(os.listdir("/proc/self/fd"))
+        with self.assertRaises(OSError) as caught:
+            open_packet_socket(self.pair.client_if, ETHERTYPE, self.pair.server_ns)
+        self.assertEqual(caught.exception.errno, errno.ENODEV)
+        self.assertIsNone(caught.exception.filename)
+        self.assertEqual(len(os.listdir("/proc/self/fd")), before)
 
 
 # -- the port -----------------------------------------------------------------
@@ -670,6 +732,7 @@ class RingAoEPortWriteTests(RingAoEPortTestsMixin, AoEPortWriteTests):
         self.assertEqual(sock.sent[-1][14:15], b"y")
 
 
+@implementer(IZeroCopyFrameSink)
 class IntoProtocol(RecordingProtocol):
     """
     Answer every frame into the reply slot with ``reply_for(frame)``, as ``AoEProtocol`` does.
@@ -876,6 +939,129 @@ class RingSetupTests(SynchronousTestCase):
         self.assertEqual(port.frames_sent, 0)
 
 
+@implementer_only(IPacketSystem)
+class _NoRingSystem(MemoryPacketSystem):
+    """A memory system that has ``map_rings`` but does not declare ``IRingPacketSystem``."""
+
+
+class NoRingSystemTests(SynchronousTestCase):
+    """A system is asked for rings only if it provides ``IRingPacketSystem``."""
+
+    def test_undeclared_rings_unused(self) -> None:
+        """A ``map_rings`` method alone does not count: one system call per frame."""
+        system = _NoRingSystem(rings=True)
+        self.assertTrue(verifyObject(IPacketSystem, system))
+        self.assertFalse(IRingPacketSystem.providedBy(system))
+        interface = system.add_interface("eth0", mac=SERVER_MAC)
+        protocol = RecordingProtocol()
+        port = AoEPort("eth0", protocol, reactor=MemoryReactorClock(), system=system)
+        port.startListening()
+        self.assertIsNone(port._rings)
+        self.assertIsNone(system.socket_for(port).rings)
+        interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        port.doRead()
+        self.assertEqual(len(protocol.frames), 1)
+
+
+class _UndeclaredProtocol(RecordingProtocol):
+    """
+    Has ``drainFinished`` and ``frameReceivedInto`` methods but declares no frame-sink interface.
+
+    The port must treat it as a plain datagram protocol: it goes by what a
+    protocol declares, never by the methods it happens to have.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drains = 0
+        self.into_calls = 0
+
+    def drainFinished(self) -> None:
+        self.drains += 1
+
+    def frameReceivedInto(self, frame: memoryview, reply: memoryview | None) -> int:
+        self.into_calls += 1
+        return 0
+
+
+@implementer(IFrameSink)
+class _SinkProtocol(_UndeclaredProtocol):
+    """Declares ``IFrameSink`` only: told where drains end, fed with copies."""
+
+
+class FrameSinkTests(SynchronousTestCase):
+    """What the port calls depends on what the protocol provides, on both paths."""
+
+    def port(self, protocol: RecordingProtocol, rings: bool) -> tuple[AoEPort, Any]:
+        """Start a port on a fake ``eth0`` (with or without rings) for ``protocol``."""
+        system = MemoryPacketSystem(rings=rings)
+        interface = system.add_interface("eth0", mac=SERVER_MAC)
+        port = AoEPort("eth0", protocol, reactor=MemoryReactorClock(), system=system)
+        port.startListening()
+        self.assertEqual(port._rings is not None, rings)
+        return port, interface
+
+    def check_neither(self, rings: bool) -> None:
+        """Providing neither interface: ``datagramReceived`` with bytes, no ``drainFinished``."""
+        protocol = _UndeclaredProtocol()
+        self.assertFalse(IFrameSink.providedBy(protocol))
+        port, interface = self.port(protocol, rings)
+        for i in range(3):
+            interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 20))
+        port.doRead()
+        self.assertEqual(len(protocol.frames), 3)
+        self.assertTrue(all(type(frame) is bytes for frame, _ in protocol.frames))
+        self.assertEqual((protocol.drains, protocol.into_calls), (0, 0))
+
+    def test_neither(self) -> None:
+        """Neither interface, one system call per frame."""
+        self.check_neither(rings=False)
+
+    def test_neither_rings(self) -> None:
+        """Neither interface, frames from the RX ring."""
+        self.check_neither(rings=True)
+
+    def check_sink(self, rings: bool) -> None:
+        """An ``IFrameSink``: ``drainFinished`` once per drain with frames; copies, not views."""
+        protocol = _SinkProtocol()
+        self.assertTrue(verifyObject(IFrameSink, protocol))
+        self.assertFalse(IZeroCopyFrameSink.providedBy(protocol))
+        port, interface = self.port(protocol, rings)
+        for i in range(3):
+            interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 20))
+        port.doRead()
+        self.assertEqual((len(protocol.frames), protocol.drains), (3, 1))
+        port.doRead()
+        self.assertEqual(protocol.drains, 1)
+        self.assertEqual(protocol.into_calls, 0)
+
+    def test_sink(self) -> None:
+        """``IFrameSink``, one system call per frame."""
+        self.check_sink(rings=False)
+
+    def test_sink_rings(self) -> None:
+        """``IFrameSink``, frames from the RX ring."""
+        self.check_sink(rings=True)
+
+    def test_zero_copy_sink(self) -> None:
+        """An ``IZeroCopyFrameSink`` (``IntoProtocol``) provides both interfaces."""
+        protocol = IntoProtocol()
+        self.assertTrue(verifyObject(IZeroCopyFrameSink, protocol))
+        self.assertTrue(verifyObject(IFrameSink, protocol))
+
+    def test_zero_copy_sink_without_rings(self) -> None:
+        """Without rings an ``IZeroCopyFrameSink`` gets ``datagramReceived``, ``drainFinished``."""
+        protocol = IntoProtocol()
+        late = aoe_frame(HOST_MAC, SERVER_MAC, b"late" * 20)
+        protocol.written_in_drain_finished = [late]
+        port, interface = self.port(protocol, rings=False)
+        interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 50))
+        port.doRead()
+        self.assertEqual(len(protocol.frames), 1)
+        self.assertEqual(protocol.slots, [])
+        self.assertEqual(port.frames_sent, 1)
+
+
 class AdoptTests(SynchronousTestCase):
     """``socket_fd``: a port on a packet socket opened (and bound) by someone else."""
 
@@ -920,12 +1106,7 @@ class AdoptTests(SynchronousTestCase):
 
 def _fanout_socket(pair: VethPair, group: int) -> socket.socket:
     """Open a packet socket on the server end, bind it and join fanout ``group`` (hash mode)."""
-    from aoe_twisted.port import _network_namespace
-    from aoe_twisted.ring import PACKET_FANOUT, PACKET_FANOUT_HASH, SOL_PACKET
-
-    with _network_namespace(pair.server_ns):
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
-    sock.bind((pair.server_if, ETHERTYPE))
+    sock = open_packet_socket(pair.server_if, ETHERTYPE, pair.server_ns)
     sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_HASH << 16)
     return sock
 
@@ -991,8 +1172,6 @@ class RealRingPortTests(SynchronousTestCase):
         A port adopting a socket a previous port had rings on (as a restarted
         worker adopts its predecessor's) gets rings again and serves.
         """
-        import os
-
         sock = _fanout_socket(self.pair, 0x4343)
         self.addCleanup(sock.close)
         first = AoEPort(self.pair.server_if, IntoProtocol(), reactor=self.reactor,

@@ -34,10 +34,10 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from aoe_twisted.cli import twistd_argv
+from aoe_twisted.core.wire import SECTOR_SIZE, ATACmdStatus, ConfigCommand
+from aoe_twisted.initiator.cli import twistd_argv
 from aoe_twisted.statefile import FileACLStore
 from aoe_twisted.tap import Options
-from aoe_twisted.wire import SECTOR_SIZE, ATACmdStatus, ConfigCommand
 
 _ROOT = Path(__file__).resolve().parent.parent
 UNIT = _ROOT / "docs" / "systemd" / "aoe-twisted@.service"

@@ -1,5 +1,5 @@
 """
-Tests for ``aoe_twisted.ring``: ``PACKET_MMAP`` ring geometry and rings on real sockets.
+Tests for ``aoe_twisted.net.ring``: ``PACKET_MMAP`` ring geometry and rings on real sockets.
 
 The geometry tests are pure; the others open ``AF_PACKET`` sockets on a veth
 pair between two namespaces the tests create (root only).
@@ -15,22 +15,24 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from aoe_twisted.port import _network_namespace
-from aoe_twisted.ring import (
+from aoe_twisted.core.wire import ETHERTYPE
+from aoe_twisted.net.packetsystem import open_packet_socket
+from aoe_twisted.net.ring import (
     PACKET_FANOUT,
     PACKET_FANOUT_HASH,
     RX_PKTTYPE_AT,
     RX_SLOT_HEADER,
     SOCKADDR_LL,
     SOL_PACKET,
+    TP_STATUS_AVAILABLE,
     TP_STATUS_KERNEL,
+    TP_STATUS_SEND_REQUEST,
     TPACKET2_HDR,
     TPACKET2_HDRLEN,
     TX_DATA_AT,
     PacketRings,
     RingGeometry,
 )
-from aoe_twisted.wire import ETHERTYPE
 from tests.netns import VethPair
 
 
@@ -90,6 +92,39 @@ class GeometryTests(SynchronousTestCase):
         self.assertEqual(g.request(), struct.pack("=IIII", 65536, 2, 2048, 64))
 
 
+class TxCommitTests(SynchronousTestCase):
+    """``PacketRings.tx_commit``: the TX enqueue the port uses outside its receive loop."""
+
+    def setUp(self) -> None:
+        geometry = RingGeometry(8192, 1, 2048, 4)
+        self.rings = PacketRings(bytearray(2 * geometry.size), geometry, geometry)
+        self.addCleanup(self.rings.close)
+
+    def test_marks_the_slot(self) -> None:
+        """The slot's ``tp_len`` is the frame's length and its status ``SEND_REQUEST``."""
+        self.rings.tx_commit(1, 70)
+        offset = self.rings.tx_offsets[1]
+        status, length = TPACKET2_HDR.unpack_from(self.rings.view, offset)[:2]
+        self.assertEqual((status, length), (TP_STATUS_SEND_REQUEST, 70))
+        self.assertFalse(self.rings.tx_available(1))
+        self.assertEqual(self.rings.status[self.rings.tx_offsets[0] >> 2], TP_STATUS_AVAILABLE)
+        self.assertTrue(self.rings.tx_available(2))
+
+    def test_moves_on(self) -> None:
+        """``tx_next`` goes to the slot after the committed one, and from the last to 0."""
+        self.rings.tx_commit(0, 60)
+        self.assertEqual(self.rings.tx_next, 1)
+        self.rings.tx_commit(3, 60)
+        self.assertEqual(self.rings.tx_next, 0)
+
+    def test_rx_untouched(self) -> None:
+        """Committing a TX slot writes nothing in the RX ring."""
+        for index in range(4):
+            self.rings.tx_commit(index, 60 + index)
+        rx_end = self.rings.rx.size
+        self.assertEqual(bytes(self.rings.view[:rx_end]), bytes(rx_end))
+
+
 class RealRingTests(SynchronousTestCase):
     """Rings on real ``AF_PACKET`` sockets at either end of a veth pair (root only)."""
 
@@ -102,10 +137,8 @@ class RealRingTests(SynchronousTestCase):
 
     def open(self, netns: str, interface: str) -> socket.socket:
         """Open a non-blocking AoE packet socket on ``interface``; closed at cleanup."""
-        with _network_namespace(netns):
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        sock = open_packet_socket(interface, ETHERTYPE, netns)
         self.addCleanup(sock.close)
-        sock.bind((interface, ETHERTYPE))
         sock.setblocking(False)
         return sock
 
@@ -160,6 +193,7 @@ class RealRingTests(SynchronousTestCase):
             self.assertTrue(rings.tx_available(index))
             rings.tx_frames[index][: len(frame)] = frame
             rings.tx_commit(index, len(frame))
+            self.assertEqual(rings.tx_next, index + 1)
         self.server.send(b"", socket.MSG_DONTWAIT)
         received = []
         deadline = time.monotonic() + 5

@@ -16,11 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.port import AoEPort, CannotOpenInterface
-from aoe_twisted.server import AoEProtocol, AoEService
-from aoe_twisted.target import Target
-from aoe_twisted.testing import MemoryPacketSystem
-from aoe_twisted.wire import (
+from aoe_twisted.core.acl import MemoryACLStore
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
     BROADCAST_MAC,
     ETHERTYPE,
     MIN_FRAME_SIZE,
@@ -29,9 +27,15 @@ from aoe_twisted.wire import (
     ATACmdStatus,
     Command,
     ConfigArg,
+    ConfigCommand,
+    Error,
     EthernetFrame,
     Header,
 )
+from aoe_twisted.net.packetsystem import CannotOpenInterface
+from aoe_twisted.net.port import AoEPort
+from aoe_twisted.server import AoEProtocol, AoEService
+from aoe_twisted.testing import MemoryPacketSystem
 
 SERVER_MAC = bytes.fromhex("02aa00000001")
 HOST_MAC = bytes.fromhex("020000000001")
@@ -340,6 +344,47 @@ class MalformedLoggingTests(ServiceTestsMixin, SynchronousTestCase):
 # -- the zero-copy frame path (PACKET_MMAP rings) -------------------------------
 
 
+class _FullStore(MemoryACLStore):
+    """An ACL store on a full disk: a config string cannot be stored."""
+
+    def set_config_string(self, value: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def config_set(string: bytes, tag: bytes = b"\x00\x00\x00\x09") -> bytes:
+    """A config force-set of ``string`` to e1.2."""
+    arg = ConfigArg(command=ConfigCommand.FORCE_SET, string_length=len(string), string=string)
+    return request(
+        Header(major=1, minor=2, command=Command.QUERY_CONFIG_INFORMATION, tag=tag, arg=arg)
+    )
+
+
+class StoreFailureTests(ServiceTestsMixin, SynchronousTestCase):
+    """An ACL store that fails: answered, logged at error level, never a flood."""
+
+    def test_answered_and_logged_once_per_interval(self) -> None:
+        """
+        Each failed change is answered DEVICE_UNAVAILABLE; the log has one
+        line naming the target and the error per interval, then the count.
+        """
+        self.serve(target(acl=_FullStore()))
+        with capturedLogs() as events:
+            replies = [self.answer(config_set(b"x")) for _ in range(5)]
+            self.reactor.advance(10)
+            self.answer(config_set(b"y"))
+        for [reply] in replies:
+            _, header = decode(reply)
+            self.assertTrue(header.flag_error)
+            self.assertEqual(header.error, Error.DEVICE_UNAVAILABLE)
+        lines = [formatEvent(e) for e in events if "cannot store" in formatEvent(e)]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("e1.2", lines[0])
+        self.assertIn("No space left on device", lines[0])
+        self.assertIn("(0 more failures", lines[0])
+        self.assertIn("(4 more failures", lines[1])
+        self.assertEqual({e["log_level"].name for e in events if "fault" in e}, {"error"})
+
+
 class RingSystemMixin(ServiceTestsMixin):
     """The service on a fake system with rings: frames come through ``frameReceivedInto``."""
 
@@ -406,12 +451,12 @@ class FrameReceivedIntoTests(RingSystemMixin, SynchronousTestCase):
         self.assertEqual(arg.data, b"\x5a" * 2 * SECTOR_SIZE)
         protocol = self.service.protocol
         assert protocol is not None and protocol.dispatcher is not None
-        self.assertEqual(protocol.dispatcher.fast, 1)
+        self.assertEqual(protocol.dispatcher.counters.fast, 1)
         reference = AoEProtocol([target()], clock=self.reactor)
         reference.dispatcher = type(protocol.dispatcher)(SERVER_MAC, reference.targets)
         reference.targets[0].max_sectors = 2
         reference.targets[0].backend.write(3 * SECTOR_SIZE, b"\x5a" * 2 * SECTOR_SIZE)
-        self.assertEqual([reply], reference.dispatcher.frame_received(read(3, 2)))
+        self.assertEqual([reply], reference.dispatcher.serve(read(3, 2)))
 
     def test_write_in_place(self) -> None:
         """Without ``sync`` a plain write is answered in place too, and lands on the disk."""

@@ -19,11 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.interfaces import IACLStore
-from aoe_twisted.sharedacl import REGION_SIZE, SharedState, _decode, _encode
-from aoe_twisted.statefile import FileACLStore
-from aoe_twisted.target import Target
-from aoe_twisted.wire import (
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
     SECTOR_SIZE,
     ATAArg,
     ATACmdStatus,
@@ -33,6 +30,9 @@ from aoe_twisted.wire import (
     ReserveReleaseArg,
     ReserveReleaseCommand,
 )
+from aoe_twisted.interfaces import ITransactionalACLStore
+from aoe_twisted.sharedacl import REGION_SIZE, SharedState, _decode, _encode
+from aoe_twisted.statefile import FileACLStore
 
 HOST = bytes.fromhex("020000000001")
 OTHER = bytes.fromhex("020000000002")
@@ -81,9 +81,9 @@ class StoreTests(SynchronousTestCase):
     """One process, several stores on one shared state."""
 
     def test_interface(self) -> None:
-        """A shared store is an ``IACLStore``, empty at first."""
+        """A shared store is an ``ITransactionalACLStore``, empty at first."""
         store = _state(self).store(0)
-        verifyObject(IACLStore, store)
+        self.assertTrue(verifyObject(ITransactionalACLStore, store))
         self.assertEqual((store.config_string, store.mask_list, store.reserve_list), (b"", (), ()))
 
     def test_seen_by_other_store(self) -> None:

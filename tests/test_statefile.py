@@ -23,7 +23,20 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from aoe_twisted.interfaces import IACLStore
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
+    SECTOR_SIZE,
+    ATACmdStatus,
+    ConfigArg,
+    ConfigCommand,
+    Directive,
+    DirectiveCommand,
+    Error,
+    Header,
+    MACMaskCommand,
+    ReserveReleaseCommand,
+)
+from aoe_twisted.interfaces import IStatePersister
 from aoe_twisted.statefile import (
     STATE_VERSION,
     FileACLStore,
@@ -32,18 +45,6 @@ from aoe_twisted.statefile import (
     state_path,
 )
 from aoe_twisted.tap import Options, makeService
-from aoe_twisted.target import Target
-from aoe_twisted.wire import (
-    SECTOR_SIZE,
-    ATACmdStatus,
-    ConfigArg,
-    ConfigCommand,
-    Directive,
-    DirectiveCommand,
-    Header,
-    MACMaskCommand,
-    ReserveReleaseCommand,
-)
 
 HOST = bytes.fromhex("525400123456")
 OTHER = bytes.fromhex("02000000aa01")
@@ -112,8 +113,8 @@ class FileACLStoreTests(SynchronousTestCase):
         return FileACLStore.open(self.dir, shelf, slot)
 
     def test_provides_interface(self) -> None:
-        """A store provides ``IACLStore``."""
-        verifyObject(IACLStore, self.reopen())
+        """A store provides ``IStatePersister`` (an ``IACLStore`` with ``replace_state``)."""
+        self.assertTrue(verifyObject(IStatePersister, self.reopen()))
 
     def test_missing_file_is_empty(self) -> None:
         """With no file the state is empty, ``exists`` is false and nothing is written."""
@@ -262,16 +263,23 @@ class FileACLStoreTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.dir), ["e0.1.json"])
 
     def test_failure_is_not_confirmed_by_target(self) -> None:
-        """A target whose store cannot write sends no reply: the change is not confirmed."""
+        """
+        A target whose store cannot write answers with an AoE error
+        (``DEVICE_UNAVAILABLE``): the change is not confirmed, and not made.
+        """
         from aoe_twisted.backends.memory import MemoryBackend
 
         store = FileACLStore.open(self.dir, 0, 1, fs=RecordingFS(fail="fsync"))
         target = Target(0, 1, MemoryBackend(64 * SECTOR_SIZE), acl=store)
         arg = ConfigArg(command=ConfigCommand.SET, string_length=3, string=b"new")
         request = Header(major=0, minor=1, command=1, tag=b"\0\0\0\1", arg=arg)
-        with self.assertRaises(OSError):
-            target.handle(HOST, request)
+        [reply] = target.handle(HOST, request)
+        self.assertEqual(
+            (reply.flag_response, reply.flag_error, reply.error),
+            (True, True, Error.DEVICE_UNAVAILABLE),
+        )
         self.assertEqual(store.config_string, b"")
+        self.assertEqual(os.listdir(self.dir), [])
 
     def test_stale_temporary_removed(self) -> None:
         """A temporary file left by a crash mid-write is removed; the state file wins."""
@@ -446,7 +454,7 @@ class MakeServiceStateTests(SynchronousTestCase):
 
     def test_default_in_memory(self) -> None:
         """Without --state-dir the state is in memory, as before."""
-        from aoe_twisted.acl import MemoryACLStore
+        from aoe_twisted.core.acl import MemoryACLStore
 
         options = parse("-i", "eth0", "-b", "memory:1M")
         self.assertIsNone(options["state-dir"])

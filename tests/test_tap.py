@@ -47,10 +47,14 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["targets"], [TargetSpec(7, 3, "file:x.img")])
 
     def test_several_targets(self) -> None:
-        """--target repeats, after the --backend target, each with its own address."""
+        """
+        --target repeats, after the --backend target, each with its own address
+        (in ``aoe_twisted.units.parse_address``'s grammar: ``1.2``, ``0x10.0``, ``e5.06``).
+        """
         options = parse(
             "-i", "eth0", "-b", "memory:1M",
             "--target", "1.2=memory:2M", "--target", "0x10.0=file:/tmp/d.img",
+            "--target", "e5.06=memory:1MB",
         )
         self.assertEqual(
             options["targets"],
@@ -58,6 +62,7 @@ class OptionsTests(SynchronousTestCase):
                 TargetSpec(0, 0, "memory:1M"),
                 TargetSpec(1, 2, "memory:2M"),
                 TargetSpec(16, 0, "file:/tmp/d.img"),
+                TargetSpec(5, 6, "memory:1MB"),
             ],
         )
 
@@ -98,6 +103,8 @@ class OptionsTests(SynchronousTestCase):
             ([*base, "--target", "1=memory:1M"], "--target"),
             ([*base, "--target", "0.0=memory:1M"], "--target"),
             ([*base, "--target", "1.255=memory:1M"], "--target"),
+            ([*base, "--target", "x.2=memory:1M"], "--target"),
+            ([*base, "--target", "=memory:1M"], "--target"),
             ([*base, "--workers", "0"], "--workers"),
             ([*base, "--workers", "65"], "--workers"),
             ([*base, "--workers", "two"], "--workers"),
@@ -184,5 +191,5 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertEqual(target.acl.config_string, b"cfg")
         self.assertEqual(target.acl.mask_list, (bytes.fromhex("020000000001"),))
         config = service.worker_config(1)
-        self.assertEqual(config["targets"][0]["backend"]["size"], 1 << 20)
-        self.assertEqual(config["targets"][0]["backend"]["fd"], target.backend._fd)
+        self.assertEqual(config["targets"][0]["backend"]["handoff"]["size"], 1 << 20)
+        self.assertEqual(config["targets"][0]["backend"]["fd"], target.backend.fileno())

@@ -8,15 +8,16 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-import aoe_twisted.target as target_module
-from aoe_twisted.acl import MASK_LIST_LIMIT, MemoryACLStore
+import aoe_twisted.core.target as target_module
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.interfaces import IACLStore, IBlockBackend, IIdentifier
-from aoe_twisted.target import FIRMWARE_VERSION, Target
-from aoe_twisted.wire import (
+from aoe_twisted.core.acl import MASK_LIST_LIMIT, MemoryACLStore
+from aoe_twisted.core.operations import BackendIO, IOKind
+from aoe_twisted.core.target import FIRMWARE_VERSION, Pending, StoreFailure, Target
+from aoe_twisted.core.wire import (
     SECTOR_SIZE,
     ATAArg,
     ATACmdStatus,
+    ATAError,
     Command,
     ConfigArg,
     ConfigCommand,
@@ -34,6 +35,7 @@ from aoe_twisted.wire import (
     ReserveReleaseCommand,
     WireError,
 )
+from aoe_twisted.interfaces import IACLStore, IBlockBackend, IIdentifier
 from tests import strategies
 
 SHELF = 7
@@ -865,28 +867,87 @@ class ReserveTests(_TargetTestCase):
 class ATAHandOffTests(_TargetTestCase):
     """What the target passes to the ATA engine."""
 
-    def test_serve_ata_arguments(self) -> None:
-        """``serve_ata`` gets the request, backend, identifier, our limit and our address."""
+    def test_plan_ata_arguments(self) -> None:
+        """``plan_ata`` gets the request's argument, backend, identifier and our limit."""
         calls = []
-        sentinel = Header(flag_response=True, tag=TAG, arg=ATAArg())
+        planned = ATAArg(cmd_status=0x40)
 
         def fake(
-            request: Header,
+            request: ATAArg,
             backend: IBlockBackend,
             identifier: IIdentifier | None = None,
-            *,
             max_sectors: int = 255,
-            major: int | None = None,
-            minor: int | None = None,
-        ) -> Header:
-            calls.append((request, backend, identifier, max_sectors, major, minor))
-            return sentinel
+        ) -> ATAArg:
+            calls.append((request, backend, identifier, max_sectors))
+            return planned
 
-        self.patch(target_module, "serve_ata", fake)
+        self.patch(target_module, "plan_ata", fake)
         target = make_target(max_sectors=17)
         req = read(0)
-        self.assertIs(self.answer(target, req), sentinel)
-        self.assertEqual(calls, [(req, target.backend, target.identifier, 17, SHELF, SLOT)])
+        reply = self.answer(target, req)
+        self.assertEqual(calls, [(req.arg, target.backend, target.identifier, 17)])
+        self.assertIs(reply.arg, planned)
+        self.assertEqual((reply.major, reply.minor, reply.tag), (SHELF, SLOT, TAG))
+
+    def test_read_is_pending(self) -> None:
+        """``decide`` answers a read with the disk operation it needs, and does not read."""
+        reads: list[tuple[int, int]] = []
+
+        class Watched(MemoryBackend):
+            def read(self, offset: int, length: int) -> bytes:
+                reads.append((offset, length))
+                return super().read(offset, length)
+
+        target = make_target(backend=Watched(4 * SECTOR_SIZE))
+        [answer] = target.decide(OTHER, read(1))
+        self.assertIsInstance(answer, Pending)
+        self.assertEqual(answer.io, BackendIO(IOKind.READ, SECTOR_SIZE, SECTOR_SIZE))
+        self.assertFalse(answer.writes)
+        self.assertEqual(reads, [])
+
+    def test_pending_completes_later(self) -> None:
+        """A pending read's reply, built when the result comes, carries the data and our address."""
+        target = make_target()
+        [answer] = target.decide(OTHER, read(0))
+        data = b"\x5a" * SECTOR_SIZE
+        reply = answer.reply(data)
+        self.assertSuccess(reply)
+        self.assertEqual(reply.arg.data, data)
+        self.assertEqual((reply.major, reply.minor, reply.tag), (SHELF, SLOT, TAG))
+        failed = answer.reply(None, OSError(5, "EIO"))
+        self.assertEqual(failed.arg.err_feature, ATAError.UNC)
+
+
+class StoreFailureTests(_TargetTestCase):
+    """An ACL store that cannot keep a change: an AoE error, the state unchanged."""
+
+    def failing_store(self) -> MemoryACLStore:
+        """A store whose config string cannot be changed: the disk is full."""
+
+        class FullStore(MemoryACLStore):
+            def set_config_string(self, value: bytes) -> None:
+                raise OSError(28, "No space left on device")
+
+        return FullStore(config_string=b"old")
+
+    def test_config_set_failure(self) -> None:
+        """A config string that cannot be stored is answered DEVICE_UNAVAILABLE, not confirmed."""
+        target = make_target(acl=self.failing_store())
+        request = Header(
+            command=Command.QUERY_CONFIG_INFORMATION,
+            major=SHELF,
+            minor=SLOT,
+            tag=TAG,
+            arg=ConfigArg(command=ConfigCommand.FORCE_SET, string_length=3, string=b"new"),
+        )
+        [answer] = target.decide(OTHER, request)
+        self.assertIsInstance(answer, StoreFailure)
+        self.assertEqual(answer.error.errno, 28)
+        self.assertTrue(answer.reply.flag_error)
+        self.assertEqual(answer.reply.error, Error.DEVICE_UNAVAILABLE)
+        self.assertEqual(target.acl.config_string, b"old")
+        [reply] = target.handle(OTHER, request)
+        self.assertEqual(reply, answer.reply)
 
 
 @implementer(IBlockBackend)

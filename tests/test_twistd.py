@@ -22,8 +22,8 @@ from pathlib import Path
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from aoe_twisted.cli import twistd_argv
-from aoe_twisted.wire import SECTOR_SIZE, ATACmdStatus
+from aoe_twisted.core.wire import SECTOR_SIZE, ATACmdStatus
+from aoe_twisted.initiator.cli import twistd_argv
 from tests.netns import VethPair, require
 from tests.peer import Peer
 

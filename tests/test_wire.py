@@ -1,5 +1,5 @@
 """
-Tests for ``aoe_twisted.wire``, the AoEr11 codec.
+Tests for ``aoe_twisted.core.wire``, the AoEr11 codec.
 
 Three kinds of evidence:
 
@@ -21,7 +21,7 @@ from typing import Any
 from attrs import evolve
 from twisted.trial.unittest import SynchronousTestCase
 
-from aoe_twisted.wire import (
+from aoe_twisted.core.wire import (
     BROADCAST_MAC,
     BROADCAST_MAJOR,
     BROADCAST_MINOR,

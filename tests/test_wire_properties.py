@@ -1,5 +1,5 @@
 """
-Property tests for ``aoe_twisted.wire``: round trips, robustness against any bytes, padding.
+Property tests for ``aoe_twisted.core.wire``: round trips, robustness against any bytes, padding.
 
 The example tests in ``tests.test_wire`` pin the byte layout; these check the
 codec's promises over the whole valid input space (``tests.strategies``) and
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from aoe_twisted.wire import (
+from aoe_twisted.core.wire import (
     ATAArg,
     ConfigArg,
     Directive,

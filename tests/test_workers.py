@@ -34,9 +34,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.fanout import fanout_index
-from aoe_twisted.target import Target
-from aoe_twisted.wire import (
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
     SECTOR_SIZE,
     ATACmdStatus,
     ConfigCommand,
@@ -44,6 +43,7 @@ from aoe_twisted.wire import (
     ReserveReleaseCommand,
     format_mac,
 )
+from aoe_twisted.net.fanout import fanout_index
 from aoe_twisted.workers import WorkersService, _WorkerProcess, share_targets
 from tests.netns import VethPair, require
 from tests.peer import Peer, Reply

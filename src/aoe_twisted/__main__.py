@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_cli -*-
-"""``python -m aoe_twisted``: the ``aoe-twisted`` command line (see ``aoe_twisted.cli``)."""
+"""``python -m aoe_twisted``: the ``aoe-twisted`` command (``aoe_twisted.initiator.cli``)."""
 
-from aoe_twisted.cli import main
+from aoe_twisted.initiator.cli import main
 
 if __name__ == "__main__":
     main()

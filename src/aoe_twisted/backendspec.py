@@ -10,14 +10,13 @@ another plugin package.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from types import ModuleType
 
 from twisted.plugin import getPlugins
 
 from aoe_twisted.errors import BackendSpecError, UnknownBackendScheme
-from aoe_twisted.interfaces import IBackendFactory, IBlockBackend
+from aoe_twisted.interfaces import IBackendFactory, IBlockBackend, IDirectIOFactory
 
 __all__ = ["find_backend_factories", "format_backend_help", "open_backend"]
 
@@ -30,19 +29,6 @@ def find_backend_factories(package: ModuleType | None = None) -> dict[str, IBack
         ``twisted.plugins``.  If two plugins claim one scheme, one of them wins.
     """
     return {factory.scheme: factory for factory in getPlugins(IBackendFactory, package)}
-
-
-def _accepts(function: object, name: str) -> bool:
-    """Return whether ``function`` takes a keyword argument ``name`` (or any keyword)."""
-    try:
-        parameters = inspect.signature(function).parameters.values()  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-    return any(
-        p.kind is p.VAR_KEYWORD
-        or (p.name == name and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        for p in parameters
-    )
 
 
 def open_backend(
@@ -61,10 +47,12 @@ def open_backend(
     @param read_only: open the disk so that it refuses writes.
     @param package: passed to ``find_backend_factories``.
     @param direct: ask for direct I/O (``--direct``): passed to the factory's
-        ``open`` as ``direct=True``; a factory whose ``open`` takes no
-        ``direct`` argument (``memory:``, most third-party plugins) cannot do
-        it, which is a ``BackendSpecError``.  Without it nothing new is passed,
-        so plugins written before ``direct`` existed work unchanged.
+        ``open`` as ``direct=True`` if the factory provides
+        ``IDirectIOFactory``; for any other factory (``memory:``, most
+        third-party plugins) it is a ``BackendSpecError``, whatever its
+        ``open`` accepts: the declaration is what counts.  Without it nothing
+        new is passed, so plugins written before ``direct`` existed work
+        unchanged.
     @raise UnknownBackendScheme: if no plugin has the scheme; the message
         lists the installed schemes.
     @raise BackendSpecError: if ``description`` is not ``SCHEME:SPEC`` or the
@@ -89,7 +77,7 @@ def open_backend(
             f"unknown backend scheme {scheme!r} in {description!r}; installed schemes: {installed}"
         ) from None
     if direct:
-        if not _accepts(factory.open, "direct"):
+        if not IDirectIOFactory.providedBy(factory):
             raise BackendSpecError(
                 f"backend scheme {scheme!r} does not do direct I/O (--direct); "
                 "file: and block: do"

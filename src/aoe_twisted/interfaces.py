@@ -6,17 +6,54 @@ IDENTIFY data (``IIdentifier``) and the per-target state the protocol lets
 initiators change (``IACLStore``).  Backends are found as Twisted plugins
 that provide ``IBackendFactory``.
 
-Every method here is synchronous: the sans-IO core calls them directly, once
-per request, and the reply is built only after the call returned.  That is
-what makes "a write is acknowledged only after it reached the backend" hold.
+The sans-IO core (``aoe_twisted.core``) never calls a backend itself: it
+asks for a read, a write or a sync as an ``aoe_twisted.core.operations``
+value, and the Twisted layer carries it out on the backend and hands the
+result back.  Every ``IBlockBackend`` method is synchronous, so the built-in
+backends are carried out inline; the reply is built only after the call
+returned.  That is what makes "a write is acknowledged only after it reached
+the backend" hold.
+
+Optional abilities are interfaces of their own, each extending the one it
+refines, declared with ``@implementer`` and checked once with
+``providedBy`` when the object is accepted (never per frame):
+
+- ``IZeroCopyBackend``: reads straight into the reply's buffer, writes from
+  the request's buffer (the data path of the ``PACKET_MMAP`` rings);
+- ``IDataSyncBackend``: a cheaper sync than ``flush`` for ``--sync``;
+- ``IDescriptorBackend``: the disk is one open file descriptor, which
+  ``--workers`` hands to its worker processes;
+- ``IProcessShareableBackend``: a disk that can move somewhere other
+  processes reach (``memory:`` into a memfd) before ``--workers`` starts;
+- ``IDirectIOFactory``: a factory that can bypass the page cache (``--direct``);
+- ``ITransactionalACLStore``: a store that several processes change together;
+- ``IStatePersister``: a store that can persist another store's whole state.
+
+A plugin that provides none of them works exactly as one that does, only
+without what each brings.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import Any
+
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
 
-__all__ = ["IACLStore", "IBackendFactory", "IBlockBackend", "IIdentifier"]
+__all__ = [
+    "IACLStore",
+    "IBackendFactory",
+    "IBlockBackend",
+    "IDataSyncBackend",
+    "IDescriptorBackend",
+    "IDirectIOFactory",
+    "IIdentifier",
+    "IProcessShareableBackend",
+    "IStatePersister",
+    "ITransactionalACLStore",
+    "IZeroCopyBackend",
+]
 
 
 class IBlockBackend(Interface):
@@ -51,18 +88,99 @@ class IBlockBackend(Interface):
         """
         Make every completed write durable (``fsync`` for files and devices).
 
-        Raise ``OSError`` on failure.
-
-        A backend may also have an optional ``sync_data()`` method, not part
-        of this interface so that older backends still provide it: the same
-        promise, done as cheaply as the backend can (``fdatasync`` for the
-        built-in file and block backends).  ``--sync`` calls it once per group
-        of writes before acknowledging them, and calls ``flush`` on a backend
-        without it.
+        Raise ``OSError`` on failure.  ``--sync`` calls this once per group
+        of writes before acknowledging them, unless the backend provides
+        ``IDataSyncBackend``.
         """
 
     def close() -> None:
         """Release the backend's resources; no call follows this one."""
+
+
+class IZeroCopyBackend(IBlockBackend):
+    """
+    A backend that reads into, and writes from, buffers it does not own.
+
+    The fast path gives such a backend a ``memoryview`` of the reply's
+    transmit ring slot to read into, and a ``memoryview`` of the request's
+    receive ring slot to write from; both slots are reused as soon as the
+    call returns.  Provide it only if both promises below hold: a backend
+    that queues the data it is given (to write it later, or from another
+    thread) must not, or it would write whatever the next frame put in the
+    slot.
+    """
+
+    def read_into(offset: int, view: memoryview) -> int:
+        """
+        Copy ``len(view)`` bytes from byte ``offset`` into ``view``; return how many.
+
+        Raise ``OSError`` as ``read`` does.  Keep no reference to ``view``.
+        """
+
+    def write(offset: int, data: bytes | memoryview) -> None:
+        """
+        As ``IBlockBackend.write``, for any bytes-like ``data``.
+
+        The promise this interface adds: when ``write`` returns (or raises)
+        the backend holds no reference to ``data`` and has copied what it
+        needs; ``data`` may be a view of a ring slot that is reused at once.
+        """
+
+
+class IDataSyncBackend(IBlockBackend):
+    """A backend with a cheaper way than ``flush`` to make completed writes durable."""
+
+    def sync_data() -> None:
+        """
+        Make every completed write durable, as cheaply as the backend can.
+
+        The same promise as ``flush`` (``fdatasync`` where ``flush`` is
+        ``fsync`` for the built-in file and block backends: the data and what
+        reading it back needs, not the modification time).  ``--sync`` calls
+        it once per group of writes before acknowledging them.  Raise
+        ``OSError`` on failure; the writes of the group are then refused.
+        """
+
+
+class IDescriptorBackend(IBlockBackend):
+    """
+    A disk kept in one open file descriptor (a file, a block device, a memfd).
+
+    ``--workers`` passes the descriptor to each worker process, which builds
+    an equivalent backend on it with ``adopt``: every process then reads and
+    writes the same disk, with no copy and no second ``open``.
+    """
+
+    def fileno() -> int:
+        """Return the descriptor the disk is read and written through."""
+
+    def handoff() -> dict[str, Any]:
+        """
+        Return what another process needs, besides the descriptor, to adopt this disk.
+
+        A JSON-serialisable dict; ``adopt`` of the same class takes it back.
+        """
+
+    def adopt(fd: int, handoff: dict[str, Any]) -> IDescriptorBackend:
+        """
+        Build an equivalent backend on ``fd`` (inherited from the process that
+        called ``handoff``).  A class method: it is called on the class.
+        """
+
+
+class IProcessShareableBackend(IBlockBackend):
+    """
+    A disk that lives in this process's memory but can move where other processes reach it.
+
+    ``--workers`` calls ``share`` once, before the server starts, and serves
+    what it returns (an ``IDescriptorBackend``) in every process.
+    """
+
+    def share() -> IDescriptorBackend:
+        """
+        Return a backend with the same size, contents and read-only flag in
+        memory other processes can map, and close this one.
+        """
 
 
 class IIdentifier(Interface):
@@ -81,10 +199,10 @@ class IACLStore(Interface):
     the target can confirm the change in its reply.  MAC addresses are 6-byte
     ``bytes``.
 
-    A store that several processes share (``aoe_twisted.sharedacl``) may also
-    have a ``transaction()`` method returning a context manager; the target
-    then reads, decides and changes the state of each config, mask and
-    reserve request inside it, so no other process changes it in between.
+    A store that several processes share provides ``ITransactionalACLStore``
+    as well.  A ``set_*`` that raises ``OSError`` leaves the state as it was;
+    the target then answers AoE error ``DEVICE_UNAVAILABLE`` and the server
+    logs the error.
     """
 
     config_string = Attribute("The config string (bytes, at most 1024).")
@@ -104,6 +222,33 @@ class IACLStore(Interface):
 
     def set_reserve_list(macs: tuple[bytes, ...]) -> None:
         """Replace the reserve list."""
+
+
+class ITransactionalACLStore(IACLStore):
+    """
+    A store that several processes share and change (``aoe_twisted.sharedacl``).
+
+    The target reads, decides and changes the state of each config, mask
+    and reserve request inside ``transaction()``, so that no other process
+    changes it in between.
+    """
+
+    def transaction() -> AbstractContextManager[None]:
+        """Return a context manager holding the store's lock and its latest state."""
+
+
+class IStatePersister(IACLStore):
+    """A store that can write a whole state at once (``aoe_twisted.statefile.FileACLStore``)."""
+
+    def replace_state(
+        config_string: bytes, mask_list: tuple[bytes, ...], reserve_list: tuple[bytes, ...]
+    ) -> None:
+        """
+        Replace all three parts of the state, durably, in one write.
+
+        What a store shared between processes persists through, since any of
+        them may have changed any part.  Raise ``OSError`` on failure.
+        """
 
 
 class IBackendFactory(IPlugin):
@@ -128,9 +273,20 @@ class IBackendFactory(IPlugin):
         With ``read_only`` the backend must refuse writes.  Raise
         ``aoe_twisted.errors.BackendSpecError`` with a one-line message that
         names the problem if ``spec`` is wrong or the backend cannot be opened.
+        """
 
-        A factory that can bypass a cache (``--direct``) also takes a keyword
-        argument ``direct: bool = False``; ``open_backend`` passes it only
-        when ``--direct`` is given, and refuses ``--direct`` for a factory
-        whose ``open`` does not take it.
+
+class IDirectIOFactory(IBackendFactory):
+    """
+    A backend factory that can bypass the page cache (``--direct``).
+
+    ``open_backend`` refuses ``--direct`` for a factory that does not
+    provide this.
+    """
+
+    def open(spec: str, read_only: bool = False, direct: bool = False) -> IBlockBackend:
+        """
+        As ``IBackendFactory.open``; with ``direct`` the backend does its I/O
+        without the page cache (``O_DIRECT``), or the factory raises
+        ``BackendSpecError`` saying why it cannot.
         """

@@ -18,30 +18,24 @@ targets' backends when it stops.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from attrs import evolve
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from aoe_twisted.dispatch import Dispatcher
-from aoe_twisted.interfaces import IBlockBackend
-from aoe_twisted.port import AoEPort, CannotOpenInterface, max_sectors_for_mtu
-from aoe_twisted.target import Target
-from aoe_twisted.wire import (
-    SECTOR_SIZE,
-    ATACmdStatus,
-    ATAError,
-    Command,
-    EthernetFrame,
-    Header,
-    WireError,
-    format_mac,
-)
+from aoe_twisted.core.decision import Decision
+from aoe_twisted.core.dispatch import Dispatcher
+from aoe_twisted.core.operations import perform
+from aoe_twisted.core.target import Pending, Target
+from aoe_twisted.core.wire import SECTOR_SIZE, format_mac
+from aoe_twisted.interfaces import IBlockBackend, IDataSyncBackend
+from aoe_twisted.net.packetsystem import CannotOpenInterface
+from aoe_twisted.net.port import AoEPort, IZeroCopyFrameSink, max_sectors_for_mtu
 
 __all__ = ["MALFORMED_LOG_INTERVAL", "AoEProtocol", "AoEService"]
 
@@ -59,54 +53,22 @@ floods garbage costs one log line per interval, not one per frame.
 #: The smallest MTU whose frames hold one sector: 10-byte AoE header, 12-byte ATA argument, 512.
 _MIN_USEFUL_MTU = 22 + SECTOR_SIZE
 
-# Where group commit looks in a frame (Ethernet header 14 bytes, then AoE):
-#: the AoE flags (high nibble version, low nibble flags; E is 0x04),
-_FLAGS_AT = 14
-_ERROR_FLAG = 0x04
-#: the shelf (2 bytes) and slot (1 byte),
-_MAJOR_AT = 16
-_MINOR_AT = 18
-#: the AoE command,
-_COMMAND_AT = 19
-#: and, in an ATA request, the command register (in a reply the status register).
-_CMD_STATUS_AT = 27
-_ATA = int(Command.ISSUE_ATA_COMMAND)
-_WRITES = frozenset({int(ATACmdStatus.WRITE_28BIT), int(ATACmdStatus.WRITE_48BIT)})
-_ERR = int(ATACmdStatus.ERR_STATUS)
-_ERR_DRDY = _ERR | int(ATACmdStatus.READY_STATUS)
-_ABRT = int(ATAError.ABRT)
 
-
-def _sync_backend(backend: IBlockBackend) -> None:
+def _durability_call(backend: IBlockBackend) -> Callable[[], None]:
     """
-    Make every completed write to ``backend`` durable, as cheaply as it can.
+    Return what makes every completed write to ``backend`` durable, as cheaply as it can.
 
-    ``sync_data`` (``fdatasync`` for the built-in file and block backends) if
-    the backend has one; otherwise ``flush``, which ``IBlockBackend`` defines
-    as "make every completed write durable", so a third-party backend gets
-    ``--sync`` right without knowing about it.
+    ``sync_data`` (``fdatasync`` for the built-in file and block backends)
+    if it provides ``IDataSyncBackend``; otherwise ``flush``, which
+    ``IBlockBackend`` defines as "make every completed write durable", so a
+    third-party backend gets ``--sync`` right without knowing about it.
     """
-    sync = getattr(backend, "sync_data", None)
-    if sync is None:
-        backend.flush()
-    else:
-        sync()
+    if IDataSyncBackend.providedBy(backend):
+        return backend.sync_data  # type: ignore[attr-defined, no-any-return]
+    return backend.flush  # type: ignore[no-any-return]
 
 
-def _abort_write_reply(frame: bytes) -> bytes:
-    """
-    Turn the success reply to a write into ATA ``ERR|DRDY``, error ``ABRT``.
-
-    What a write whose ``fdatasync`` failed answers: the initiator must not
-    take it as done.  Only the status and error registers change.
-    """
-    ethernet = EthernetFrame.from_bytes(frame)
-    header = Header.from_bytes(ethernet.payload)
-    arg = evolve(header.arg, cmd_status=_ERR_DRDY, err_feature=_ABRT)
-    payload = evolve(header, arg=arg).to_bytes()
-    return evolve(ethernet, payload=payload).to_bytes(pad=True)
-
-
+@implementer(IZeroCopyFrameSink)
 class AoEProtocol(AbstractDatagramProtocol):
     """
     Serve ``targets`` on the port this protocol is connected to.
@@ -160,23 +122,25 @@ class AoEProtocol(AbstractDatagramProtocol):
         self.malformed_interval = malformed_interval
         self.dispatcher: Dispatcher | None = None
         self.interface = "?"
-        self._malformed_seen = 0
         self._quiet_until = float("-inf")
         self._suppressed = 0
         self._suppressed_reason = ""
         self._summary: IDelayedCall | None = None
+        self._faults_quiet_until = float("-inf")
+        self._faults_unlogged = 0
         self.sync = sync
         self.syncs = 0
         self.synced_writes = 0
         self.sync_failures = 0
-        self._by_address = {(t.shelf, t.slot): t for t in self.targets}
         # Group commit state for the current drain: the replies held back (in
-        # order), which of them acknowledge writes (index -> target), and the
-        # targets whose disks must be synced before they go out.
+        # order), which of them acknowledge writes (index -> their decision),
+        # and the targets whose disks must be synced before they go out.
         self._held: list[bytes] = []
-        self._held_writes: dict[int, Target] = {}
+        self._held_writes: dict[int, Decision] = {}
         self._dirty: dict[int, Target] = {}
         self._drain_fallback: IDelayedCall | None = None
+        #: How each target's disk is made durable (by ``id`` of the target), learnt once.
+        self._durability: dict[int, Callable[[], None]] = {}
 
     def startProtocol(self) -> None:
         """Size the targets for the port's MTU, build the dispatcher and announce every target."""
@@ -195,7 +159,8 @@ class AoEProtocol(AbstractDatagramProtocol):
             )
         for target in self.targets:
             target.max_sectors = sectors
-        self.dispatcher = Dispatcher(host.mac, self.targets)
+        self.dispatcher = Dispatcher(host.mac, self.targets, hold_writes=self.sync)
+        self._durability = {id(t): _durability_call(t.backend) for t in self.targets}
         for target in self.targets:
             _log.info(
                 "serving e{shelf}.{slot} ({size} bytes, {mode}) on {interface} "
@@ -224,23 +189,10 @@ class AoEProtocol(AbstractDatagramProtocol):
             self.transport.write(frame)  # type: ignore[call-arg]
 
     def datagramReceived(self, datagram: bytes, addr: Any = None) -> None:
-        """Answer one received Ethernet frame: the dispatcher decides, the port sends."""
+        """Answer one received Ethernet frame: the dispatcher decides, this carries it out."""
         dispatcher = self.dispatcher
-        if dispatcher is None:
-            return
-        replies = dispatcher.frame_received(datagram)
-        malformed = dispatcher.counters["malformed"]
-        if malformed != self._malformed_seen:
-            self._note_malformed(malformed - self._malformed_seen, dispatcher.last_malformed)
-            self._malformed_seen = malformed
-        if not replies:
-            return
-        if self.sync and (self._hold_writes(datagram, replies) or self._held):
-            self._held.extend(replies)
-            return
-        write = self.transport.write  # type: ignore[union-attr]
-        for reply in replies:
-            write(reply)  # type: ignore[call-arg]
+        if dispatcher is not None:
+            self._act(dispatcher.frame_received(datagram))
 
     def frameReceivedInto(self, frame: memoryview, reply: memoryview | None) -> int:
         """
@@ -248,59 +200,74 @@ class AoEProtocol(AbstractDatagramProtocol):
 
         The port's zero-copy entry: a plain read or write is answered by the
         fast path straight into ``reply`` (a view of a transmit ring slot,
-        ``None`` when none is free) and the port sends it.  Anything else,
-        and under ``sync`` every write and every frame while replies are
-        held, goes to ``datagramReceived`` with a copy of the frame (what
-        ``sync`` holds must outlive the slot) and 0 is returned.  Neither
-        view is kept after the call.
+        ``None`` when none is free) and the port sends it.  Anything else
+        goes to the general path (which copies what it keeps), and 0 is
+        returned.  While ``sync`` holds replies, every frame is answered
+        with ``bytes`` so that its reply can wait its turn behind them (the
+        fast path still serves reads, in place from the receive slot).
+        Neither view is kept after the call.
         """
         dispatcher = self.dispatcher
         if dispatcher is None:
             return 0
-        if reply is not None and not (
-            self.sync
-            and (self._held or (len(frame) > _CMD_STATUS_AT and frame[_CMD_STATUS_AT] in _WRITES))
-        ):
-            length = dispatcher.frame_received_into(frame, reply)
-            if length:
-                return length
-        self.datagramReceived(bytes(frame))
-        return 0
+        if reply is None or self._held:
+            self._act(dispatcher.frame_received(frame))
+            return 0
+        length = dispatcher.frame_received_into(frame, reply)
+        if not length:
+            self._act(dispatcher.general(frame))
+        return length
 
-    def _hold_writes(self, datagram: bytes, replies: list[bytes]) -> bool:
-        """
-        Note the successful write replies among ``replies``; return whether there are any.
+    def _act(self, decision: Decision) -> None:
+        """Carry out ``decision``: log what it says, send its replies, do its disk operations."""
+        if decision.malformed is not None:
+            self._note_malformed(decision.malformed)
+        if decision.fault is not None:
+            self._note_fault(decision.fault)
+        if decision.replies:
+            self._deliver(decision)
+        for pending in decision.pending:
+            self._carry_out(pending)
 
-        ``datagram`` is the request: an Issue ATA Command whose command
-        register is WRITE SECTORS (EXT).  A reply is a success if its AoE E
-        flag is clear and its ATA status has no ERR; its shelf.slot names the
-        target, whose disk the drain must sync.  The dispatcher has decoded
-        both frames already, so fixed offsets are safe here.
+    def _carry_out(self, pending: Pending) -> None:
         """
-        if (
-            len(datagram) <= _CMD_STATUS_AT
-            or datagram[_COMMAND_AT] != _ATA
-            or datagram[_CMD_STATUS_AT] not in _WRITES
-        ):
-            return False
-        base = len(self._held)
-        held = False
-        for index, reply in enumerate(replies):
-            if reply[_FLAGS_AT] & _ERROR_FLAG or reply[_CMD_STATUS_AT] & _ERR:
-                continue
-            address = (int.from_bytes(reply[_MAJOR_AT:_MINOR_AT], "big"), reply[_MINOR_AT])
-            target = self._by_address.get(address)
-            if target is None:
-                continue
-            self._held_writes[base + index] = target
-            self._dirty[id(target.backend)] = target
-            held = True
-        if not held:
-            return False
-        if self._drain_fallback is None:
-            # The port calls drainFinished; this covers a transport that does not.
-            self._drain_fallback = self.clock.callLater(0, self.drainFinished)
-        return True
+        Do ``pending``'s disk operation now, synchronously, and act on its completion.
+
+        Every ``IBlockBackend`` is synchronous, so this is a direct call in
+        the reactor thread; the completion goes through the dispatcher, as
+        one that arrived later would.
+        """
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        try:
+            result = perform(pending.io, pending.target.backend)
+        except OSError as e:
+            decision = dispatcher.complete(pending, None, e)
+        else:
+            decision = dispatcher.complete(pending, result)
+        if decision.replies:
+            self._deliver(decision)
+
+    def _deliver(self, decision: Decision) -> None:
+        """
+        Send ``decision``'s replies, or hold them for group commit.
+
+        Under ``sync`` a reply acknowledging a write is held until its disk
+        is synced, and so is every reply after it in the same drain.
+        """
+        if self.sync and (decision.written is not None or self._held):
+            written = decision.written
+            if written is not None:
+                self._held_writes[len(self._held)] = decision
+                self._dirty[id(written)] = written
+                if self._drain_fallback is None:
+                    # The port calls drainFinished; this covers a transport that does not.
+                    self._drain_fallback = self.clock.callLater(0, self.drainFinished)
+            self._held.extend(decision.replies)
+            return
+        write = self.transport.write  # type: ignore[union-attr]
+        for reply in decision.replies:
+            write(reply)  # type: ignore[call-arg]
 
     def drainFinished(self) -> None:
         """
@@ -323,7 +290,7 @@ class AoEProtocol(AbstractDatagramProtocol):
         failed: set[int] = set()
         for key, target in dirty.items():
             try:
-                _sync_backend(target.backend)
+                self._durability[key]()
             except OSError as e:
                 failed.add(key)
                 _log.error(
@@ -334,20 +301,13 @@ class AoEProtocol(AbstractDatagramProtocol):
                     error=e.strerror or str(e),
                 )
         self.syncs += len(dirty)
-        if failed:
-            for index, target in writes.items():
-                if id(target.backend) in failed:
-                    self.sync_failures += 1
-                    try:
-                        held[index] = _abort_write_reply(held[index])
-                    except WireError:
-                        # Cannot happen for a reply we built; never acknowledge it anyway.
-                        held[index] = b""
-            self.synced_writes += len(writes) - sum(
-                1 for target in writes.values() if id(target.backend) in failed
-            )
-        else:
-            self.synced_writes += len(writes)
+        for index, decision in writes.items():
+            if id(decision.written) in failed:
+                self.sync_failures += 1
+                # Built by the core with the reply: never acknowledged.
+                held[index] = decision.refusal
+            else:
+                self.synced_writes += 1
         if self.transport is None:
             return
         write = self.transport.write
@@ -355,7 +315,27 @@ class AoEProtocol(AbstractDatagramProtocol):
             if reply:
                 write(reply)  # type: ignore[call-arg]
 
-    def _note_malformed(self, count: int, reason: str) -> None:
+    def _note_fault(self, fault: str) -> None:
+        """
+        Log a target's failure (an ACL store that cannot be written) at error level.
+
+        At most one line per ``malformed_interval``; the next line says how
+        many went unlogged in between, so a peer repeating a request that
+        fails cannot flood the log.
+        """
+        now = self.clock.seconds()
+        if now < self._faults_quiet_until:
+            self._faults_unlogged += 1
+            return
+        _log.error(
+            "{fault} ({unlogged} more failures since the last line)",
+            fault=fault,
+            unlogged=self._faults_unlogged,
+        )
+        self._faults_unlogged = 0
+        self._faults_quiet_until = now + self.malformed_interval
+
+    def _note_malformed(self, reason: str) -> None:
         """Log a malformed frame now, or count it for the summary at the end of the interval."""
         now = self.clock.seconds()
         if now >= self._quiet_until and self._summary is None:
@@ -367,10 +347,8 @@ class AoEProtocol(AbstractDatagramProtocol):
                 interval=self.malformed_interval,
             )
             self._quiet_until = now + self.malformed_interval
-            count -= 1
-            if count == 0:
-                return
-        self._suppressed += count
+            return
+        self._suppressed += 1
         self._suppressed_reason = reason
         if self._summary is None:
             self._summary = self.clock.callLater(
@@ -404,9 +382,9 @@ class AoEProtocol(AbstractDatagramProtocol):
                 "stopped serving on {interface}: {received} frames received, "
                 "{answered} answered, {malformed} malformed",
                 interface=self.interface,
-                received=counters["received"],
-                answered=counters["answered"],
-                malformed=counters["malformed"],
+                received=counters.received,
+                answered=counters.answered,
+                malformed=counters.malformed,
             )
         if self.sync:
             _log.info(
@@ -451,7 +429,7 @@ class AoEService(service.Service):
         @param netns: the network namespace (``ip netns``) holding ``interface``.
         @param reactor: the reactor to run on (the global one by default).
         @param max_sectors: cap the sectors per ATA command below what the MTU allows.
-        @param system: the port's ``_IPacketSystem`` (``MemoryPacketSystem`` in tests).
+        @param system: the port's ``IPacketSystem`` (``MemoryPacketSystem`` in tests).
         @param exit_on_error: if the port cannot open, raise ``SystemExit`` with
             the one-line message (``"twistd aoe: cannot open interface ..."``)
             instead of ``CannotOpenInterface``: ``twistd`` prints a traceback

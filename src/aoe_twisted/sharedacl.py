@@ -24,8 +24,9 @@ is per process, which is what makes it work between workers that share the
 descriptor; ``flock`` would not.
 
 With ``--state-dir`` each store also persists every change through its
-``persist`` callable (``FileACLStore.replace_state``) before the shared
-state changes, so what the workers see is always what is on disk.
+``persist`` callable (the ``replace_state`` of an ``IStatePersister``, such
+as ``FileACLStore``) before the shared state changes, so what the workers
+see is always what is on disk.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from contextlib import contextmanager
 
 from zope.interface import implementer
 
-from aoe_twisted.acl import MASK_LIST_CEILING, RESERVE_LIST_LIMIT
-from aoe_twisted.interfaces import IACLStore
-from aoe_twisted.wire import MAX_CONFIG_STRING
+from aoe_twisted.core.acl import MASK_LIST_CEILING, RESERVE_LIST_LIMIT
+from aoe_twisted.core.wire import MAX_CONFIG_STRING
+from aoe_twisted.interfaces import ITransactionalACLStore
 
 __all__ = ["REGION_SIZE", "SharedACLStore", "SharedState"]
 
@@ -137,10 +138,10 @@ class SharedState:
             os.close(fd)
 
 
-@implementer(IACLStore)
+@implementer(ITransactionalACLStore)
 class SharedACLStore:
     """
-    One target's ``IACLStore`` in a ``SharedState`` region at byte ``base``.
+    One target's ``ITransactionalACLStore`` in a ``SharedState`` region at byte ``base``.
 
     Reads are local unless another worker changed the state; ``set_*`` and
     ``transaction()`` write through to the shared region (and ``persist``).

@@ -48,9 +48,9 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from aoe_twisted.acl import MASK_LIST_CEILING, RESERVE_LIST_LIMIT
-from aoe_twisted.interfaces import IACLStore
-from aoe_twisted.wire import MAX_CONFIG_STRING, format_mac, parse_mac
+from aoe_twisted.core.acl import MASK_LIST_CEILING, RESERVE_LIST_LIMIT, mac_tuple
+from aoe_twisted.core.wire import MAX_CONFIG_STRING, format_mac, parse_mac
+from aoe_twisted.interfaces import IStatePersister
 
 __all__ = ["STATE_VERSION", "FileACLStore", "StateFileError", "state_path"]
 
@@ -73,15 +73,6 @@ class StateFileError(Exception):
 def state_path(state_dir: Path | str, shelf: int, slot: int) -> Path:
     """Return the path of the state file of target ``shelf``.``slot`` in ``state_dir``."""
     return Path(state_dir) / f"e{shelf}.{slot}.json"
-
-
-def _macs(value: Iterable[bytes]) -> tuple[bytes, ...]:
-    """Return ``value`` as the tuple of 6-byte ``bytes`` the store keeps."""
-    macs = tuple(bytes(mac) for mac in value)
-    for mac in macs:
-        if len(mac) != 6:
-            raise ValueError(f"a MAC address is 6 bytes, not {len(mac)}: {mac!r}")
-    return macs
 
 
 def encode_state(
@@ -172,10 +163,13 @@ def decode_state(
     return config, lists[0], lists[1]
 
 
-@implementer(IACLStore)
+@implementer(IStatePersister)
 class FileACLStore:
     """
     An ``IACLStore`` kept in ``path``: every ``set_*`` is durable when it returns.
+
+    It provides ``IStatePersister``: ``replace_state`` writes a whole state,
+    which is how the shared store of ``--workers`` persists through it.
 
     Open one with ``FileACLStore.open(state_dir, shelf, slot)``.  Reads come
     from memory; the file is read once, when the store is opened.  ``fs`` is
@@ -201,8 +195,8 @@ class FileACLStore:
         self.shelf = shelf
         self.slot = slot
         self.config_string = bytes(config_string)
-        self.mask_list = _macs(mask_list)
-        self.reserve_list = _macs(reserve_list)
+        self.mask_list = mac_tuple(mask_list)
+        self.reserve_list = mac_tuple(reserve_list)
         self.fs = fs
 
     @property
@@ -270,11 +264,11 @@ class FileACLStore:
 
     def set_mask_list(self, macs: tuple[bytes, ...]) -> None:
         """Replace the MAC mask list, durably."""
-        self._store(self.config_string, _macs(macs), self.reserve_list)
+        self._store(self.config_string, mac_tuple(macs), self.reserve_list)
 
     def set_reserve_list(self, macs: tuple[bytes, ...]) -> None:
         """Replace the reserve list, durably."""
-        self._store(self.config_string, self.mask_list, _macs(macs))
+        self._store(self.config_string, self.mask_list, mac_tuple(macs))
 
     def seed(
         self,
@@ -288,7 +282,7 @@ class FileACLStore:
         target whose file exists keeps what the file says.
         """
         config = self.config_string if config_string is None else bytes(config_string)
-        masks = self.mask_list if mask_list is None else _macs(mask_list)
+        masks = self.mask_list if mask_list is None else mac_tuple(mask_list)
         self._store(config, masks, self.reserve_list)
 
     def replace_state(
@@ -301,7 +295,7 @@ class FileACLStore:
         worker may have changed the parts this store last saw, so each change
         writes all three.
         """
-        self._store(bytes(config_string), _macs(mask_list), _macs(reserve_list))
+        self._store(bytes(config_string), mac_tuple(mask_list), mac_tuple(reserve_list))
 
     # -- writing ------------------------------------------------------------
 

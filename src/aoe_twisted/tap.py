@@ -15,8 +15,9 @@ from attrs import frozen
 from twisted.application import service
 from twisted.python import usage
 
-from aoe_twisted.acl import MASK_LIST_LIMIT
-from aoe_twisted.wire import BROADCAST_MAJOR, BROADCAST_MINOR, MAX_CONFIG_STRING, parse_mac
+from aoe_twisted.core.acl import MASK_LIST_LIMIT
+from aoe_twisted.core.wire import BROADCAST_MAJOR, BROADCAST_MINOR, MAX_CONFIG_STRING, parse_mac
+from aoe_twisted.units import parse_address
 
 if TYPE_CHECKING:
     from aoe_twisted.interfaces import IACLStore
@@ -47,16 +48,20 @@ def _int_in(option: str, text: str, low: int, high: int) -> int:
 
 
 def parse_target(text: str) -> TargetSpec:
-    """Parse ``SHELF.SLOT=SCHEME:SPEC`` as given to ``--target``."""
+    """
+    Parse ``SHELF.SLOT=SCHEME:SPEC`` as given to ``--target``.
+
+    The address is in the grammar of ``aoe_twisted.units.parse_address``
+    (``1.2``, ``e1.2``, ``0x10.0``); the backend is checked when it is opened.
+    """
     address, sep, backend = text.partition("=")
-    shelf, dot, slot = address.partition(".")
-    if not sep or not dot or not backend:
+    if not sep or not backend:
         raise usage.UsageError(f"--target: expected SHELF.SLOT=SCHEME:SPEC, not {text!r}")
-    return TargetSpec(
-        _int_in("target shelf", shelf, 0, BROADCAST_MAJOR - 1),
-        _int_in("target slot", slot, 0, BROADCAST_MINOR - 1),
-        backend,
-    )
+    try:
+        shelf, slot = parse_address(address)
+    except ValueError as e:
+        raise usage.UsageError(f"--target: {e}") from None
+    return TargetSpec(shelf, slot, backend)
 
 
 class Options(usage.Options):
@@ -140,7 +145,7 @@ class Options(usage.Options):
         self["buffer-count"] = _int_in("buffer-count", self["buffer-count"], 1, _MAX_BUFFER_COUNT)
         if self["max-sectors"] is not None:
             self["max-sectors"] = _int_in("max-sectors", self["max-sectors"], 1, 255)
-        from aoe_twisted.fanout import MAX_WORKERS
+        from aoe_twisted.net.fanout import MAX_WORKERS
 
         self["workers"] = _int_in("workers", self["workers"], 1, MAX_WORKERS)
         config = self["config-string"]
@@ -169,12 +174,12 @@ class Options(usage.Options):
 
 def makeService(options: Options | dict[str, Any]) -> service.IService:
     """Open every target's backend and return the service that serves them."""
-    from aoe_twisted.acl import MemoryACLStore
     from aoe_twisted.backendspec import open_backend
+    from aoe_twisted.core.acl import MemoryACLStore
+    from aoe_twisted.core.target import Target
     from aoe_twisted.errors import BackendSpecError
     from aoe_twisted.server import AoEService
     from aoe_twisted.statefile import StateFileError
-    from aoe_twisted.target import Target
 
     targets = []
     try:

@@ -4,7 +4,7 @@
 
 One Python process answers frames on one core.  ``WorkersService`` opens N
 packet sockets on the interface while it still has ``CAP_NET_RAW``, joins
-them to one ``PACKET_FANOUT`` group (``aoe_twisted.fanout``: all frames of
+them to one ``PACKET_FANOUT`` group (``aoe_twisted.net.fanout``: all frames of
 one initiator for one target go to the same socket, in order) and serves the
 first itself; after ``twistd`` has dropped its privileges it starts N-1
 worker processes (``python -m aoe_twisted.workers``), each handed one socket
@@ -12,10 +12,12 @@ by descriptor.  Workers need no privilege of their own.
 
 What the workers share, so that they are one target to an initiator:
 
-- the disks: a ``file:`` or ``block:`` disk (any ``FDBackend``) is passed by
-  descriptor, a ``memory:`` disk is moved into shared memory first
-  (``SharedMemoryBackend``), and a third-party backend is opened again in
-  each worker from its ``SCHEME:SPEC``;
+- the disks: one that provides ``IDescriptorBackend`` (``file:``,
+  ``block:``) is passed by descriptor and rebuilt in each worker with its
+  class's ``adopt``; one that provides ``IProcessShareableBackend``
+  (``memory:``) is first moved where every process reaches it with
+  ``share()`` (a ``SharedMemoryBackend``, passed by descriptor); any other
+  backend is opened again in each worker from its ``SCHEME:SPEC``;
 - the config string, mask list and reserve list: in shared memory
   (``aoe_twisted.sharedacl``), persisted to ``--state-dir`` when given.
 
@@ -47,16 +49,14 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.python.reflect import fullyQualifiedName, namedAny
 
-from aoe_twisted.backends._fd import FDBackend
-from aoe_twisted.backends.memory import MemoryBackend
-from aoe_twisted.backends.shared_memory import SharedMemoryBackend
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import ETHERTYPE
 from aoe_twisted.errors import BackendSpecError
-from aoe_twisted.fanout import MAX_WORKERS, FanoutError, join_fanout
-from aoe_twisted.port import CannotOpenInterface, _network_namespace
+from aoe_twisted.interfaces import IDescriptorBackend, IProcessShareableBackend, IStatePersister
+from aoe_twisted.net.fanout import MAX_WORKERS, FanoutError, join_fanout
+from aoe_twisted.net.packetsystem import CannotOpenInterface, open_packet_socket
 from aoe_twisted.server import AoEService
 from aoe_twisted.sharedacl import SharedState
-from aoe_twisted.target import Target
-from aoe_twisted.wire import ETHERTYPE
 
 __all__ = ["MAX_WORKERS", "WorkersService", "main", "share_targets"]
 
@@ -76,35 +76,35 @@ def share_targets(targets: Sequence[Target]) -> SharedState:
     Make ``targets`` servable by several processes; return the shared state to pass on.
 
     Each target's ACL store becomes a ``SharedACLStore`` holding what the
-    old store held (persisting through it if it is a ``FileACLStore``), and a
-    ``MemoryBackend`` (still all zeros: the server has not started) becomes a
-    ``SharedMemoryBackend`` of the same size.
+    old store held (persisting through it if it provides ``IStatePersister``,
+    as a ``FileACLStore`` does), and a backend that provides
+    ``IProcessShareableBackend`` (a ``MemoryBackend``) is replaced by what its
+    ``share()`` returns: the same disk where the workers reach it.
     """
     state = SharedState.create(len(targets))
     for index, target in enumerate(targets):
         old = target.acl
-        persist = getattr(old, "replace_state", None)
+        persist = old.replace_state if IStatePersister.providedBy(old) else None
         store = state.store(index, persist)
         store.publish(old.config_string, old.mask_list, old.reserve_list)
         target.acl = store
-        backend = target.backend
-        if isinstance(backend, MemoryBackend):
-            target.backend = SharedMemoryBackend.create(backend.size, backend.read_only)
-            backend.close()
+        if IProcessShareableBackend.providedBy(target.backend):
+            target.backend = target.backend.share()
     return state
 
 
 def _describe_backend(backend: Any, spec: str, direct: bool) -> dict[str, Any]:
-    """Say how a worker gets ``backend``: its descriptor, or its spec to open again."""
-    if isinstance(backend, FDBackend):
+    """
+    Say how a worker gets ``backend``: its descriptor and handoff, or its spec to open again.
+
+    An ``IDescriptorBackend`` is described by its class (for ``adopt``), its
+    descriptor (``fd``, which ``_spawn`` passes on) and its ``handoff()``.
+    """
+    if IDescriptorBackend.providedBy(backend):
         return {
             "class": fullyQualifiedName(type(backend)),
-            "fd": backend._fd,
-            "path": backend.path,
-            "size": backend.size,
-            "read_only": backend.read_only,
-            "direct": backend.direct,
-            "alignment": backend.alignment,
+            "fd": backend.fileno(),
+            "handoff": backend.handoff(),
         }
     return {"spec": spec, "read_only": bool(backend.read_only), "direct": direct}
 
@@ -226,15 +226,7 @@ class WorkersService(service.MultiService):
         group = None
         for _ in range(self.workers):
             try:
-                with _network_namespace(self.netns):
-                    sock = socket.socket(
-                        socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE)
-                    )
-                try:
-                    sock.bind((self.interface, ETHERTYPE))
-                except BaseException:
-                    sock.close()
-                    raise
+                sock = open_packet_socket(self.interface, ETHERTYPE, self.netns)
             except OSError as e:
                 self._fail(str(CannotOpenInterface(self.interface, e, self.netns)))
             self.sockets.append(sock)
@@ -418,17 +410,16 @@ class _ParentWatch(protocol.Protocol):
 
 
 def _open_backend(description: dict[str, Any]) -> Any:
-    """Return a worker's backend: adopt the descriptor passed, or open the spec again."""
+    """
+    Return a worker's backend: adopt the descriptor passed, or open the spec again.
+
+    What ``_describe_backend`` said in the parent: a class and a descriptor
+    go to the class's ``IDescriptorBackend.adopt``, anything else is a
+    ``SCHEME:SPEC`` for ``open_backend``.
+    """
     if "fd" in description:
         cls = namedAny(description["class"])
-        return cls(
-            path=description["path"],
-            size=description["size"],
-            read_only=description["read_only"],
-            fd=description["fd"],
-            direct=description["direct"],
-            alignment=description["alignment"],
-        )
+        return cls.adopt(description["fd"], description["handoff"])
     from aoe_twisted.backendspec import open_backend
 
     return open_backend(

@@ -7,6 +7,12 @@ What the ``file`` and ``block`` backends share: a disk behind one file descripto
 ``os.pwrite``, flushes with ``os.fsync`` and makes writes durable for
 ``--sync`` with ``os.fdatasync`` (``sync_data``).
 
+Every ``FDBackend`` provides ``IZeroCopyBackend`` (``read_into`` with
+``preadv``; ``write`` copies into the kernel before it returns),
+``IDataSyncBackend`` (``sync_data``) and ``IDescriptorBackend``: ``--workers``
+passes the descriptor and ``handoff()`` to each worker, which rebuilds the
+backend with ``adopt``.
+
 With ``direct=True`` (``--direct``) the descriptor is opened ``O_DIRECT``:
 reads and writes bypass the page cache and go through one page-aligned buffer
 (anonymous ``mmap``), in whole blocks of ``alignment`` bytes, the size the
@@ -21,16 +27,16 @@ import errno
 import mmap
 import os
 import stat
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from attrs import define, field
 from zope.interface import implementer
 
 from aoe_twisted.backends._range import check_range
+from aoe_twisted.core.wire import SECTOR_SIZE
 from aoe_twisted.errors import BackendSpecError
-from aoe_twisted.interfaces import IBlockBackend
+from aoe_twisted.interfaces import IDataSyncBackend, IDescriptorBackend, IZeroCopyBackend
 from aoe_twisted.units import check_disk_size
-from aoe_twisted.wire import SECTOR_SIZE
 
 __all__ = ["FDBackend", "describe_file_type"]
 
@@ -66,7 +72,7 @@ def _open_failure(kind: str, path: str, read_only: bool, error: OSError) -> Back
     return BackendSpecError(f"cannot open {kind} {path}: {reason}")
 
 
-@implementer(IBlockBackend)
+@implementer(IZeroCopyBackend, IDataSyncBackend, IDescriptorBackend)
 @define
 class FDBackend:
     """
@@ -74,7 +80,8 @@ class FDBackend:
 
     Subclasses set ``kind`` and implement ``_check_type`` and ``_measure``
     (and ``_kernel_read_only`` if the kernel can refuse writes that ``open``
-    allowed); build them with ``open``.
+    allowed); build them with ``open``, or with ``adopt`` on a descriptor
+    another process handed over.
     """
 
     kind: ClassVar[str] = "disk"
@@ -141,6 +148,42 @@ class FDBackend:
         return cls(
             path=path, size=size, read_only=read_only, fd=fd, direct=direct, alignment=alignment
         )
+
+    @classmethod
+    def adopt(cls, fd: int, handoff: dict[str, Any]) -> Self:
+        """
+        Build the backend another process opened, on its descriptor ``fd``.
+
+        ``handoff`` is what that process's ``handoff()`` returned; nothing is
+        opened, checked or measured again, and the new backend owns ``fd``
+        (``close`` closes it).
+        """
+        return cls(
+            path=handoff["path"],
+            size=handoff["size"],
+            read_only=handoff["read_only"],
+            fd=fd,
+            direct=handoff["direct"],
+            alignment=handoff["alignment"],
+        )
+
+    def fileno(self) -> int:
+        """Return the descriptor the disk is read and written through (-1 once closed)."""
+        return self._fd
+
+    def handoff(self) -> dict[str, Any]:
+        """
+        Return what ``adopt`` needs besides the descriptor: path, size and how it was opened.
+
+        A JSON-serialisable dict: ``--workers`` sends it to each worker.
+        """
+        return {
+            "path": self.path,
+            "size": self.size,
+            "read_only": self.read_only,
+            "direct": self.direct,
+            "alignment": self.alignment,
+        }
 
     @classmethod
     def _direct_alignment(cls, fd: int, path: str, size: int) -> int:
@@ -213,8 +256,8 @@ class FDBackend:
         The zero-copy read of the fast path: ``preadv`` into the caller's
         buffer (a TX ring slot), where ``read`` makes a new ``bytes``.  With
         ``direct`` it goes through the aligned buffer as ``read`` does, and
-        copies once from it.  Having it also promises that ``write`` takes
-        any bytes-like object and keeps no reference to it.
+        copies once from it.  ``IZeroCopyBackend`` also promises that
+        ``write`` takes any bytes-like object and keeps no reference to it.
 
         @raise OSError: as ``read``.
         """
@@ -234,9 +277,12 @@ class FDBackend:
             done += got
         return length
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         """
         Write all of ``data`` at byte ``offset``, looping on short writes.
+
+        ``data`` is in the kernel (or, with ``direct``, copied into the
+        aligned buffer) when this returns: no reference to it is kept.
 
         @raise OSError: ``EROFS`` if the disk was opened read-only, or what
             ``pwrite`` raised.
@@ -321,7 +367,7 @@ class FDBackend:
         self._pread_exact(view, start)
         return bytes(view[offset - start : offset - start + length])
 
-    def _write_direct(self, offset: int, data: bytes) -> None:
+    def _write_direct(self, offset: int, data: bytes | memoryview) -> None:
         """
         Write ``data`` through the aligned buffer, whole blocks.
 

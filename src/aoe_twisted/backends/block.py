@@ -10,10 +10,8 @@ import struct
 from typing import ClassVar
 
 from attrs import define
-from zope.interface import implementer
 
 from aoe_twisted.backends._fd import FDBackend
-from aoe_twisted.interfaces import IBlockBackend
 
 __all__ = ["BlockDeviceBackend"]
 
@@ -24,7 +22,6 @@ _BLKSSZGET = 0x1268
 """``ioctl`` request ``_IO(0x12, 104)``: the device's logical block size (an ``int``)."""
 
 
-@implementer(IBlockBackend)
 @define
 class BlockDeviceBackend(FDBackend):
     """

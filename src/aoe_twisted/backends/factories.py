@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from aoe_twisted.interfaces import IBackendFactory
+from aoe_twisted.interfaces import IBackendFactory, IDirectIOFactory
 
 if TYPE_CHECKING:
     from aoe_twisted.interfaces import IBlockBackend
@@ -38,7 +38,7 @@ class MemoryBackendFactory:
         return MemoryBackend(parse_size(spec), read_only=read_only)
 
 
-@implementer(IBackendFactory, IPlugin)
+@implementer(IDirectIOFactory, IPlugin)
 class FileBackendFactory:
     """Opens ``file:PATH``, e.g. ``file:/srv/aoe/disk0.img``."""
 
@@ -53,7 +53,7 @@ class FileBackendFactory:
         return FileBackend.open(spec, read_only=read_only, direct=direct)
 
 
-@implementer(IBackendFactory, IPlugin)
+@implementer(IDirectIOFactory, IPlugin)
 class BlockDeviceBackendFactory:
     """Opens ``block:/dev/XXX``, e.g. ``block:/dev/vg0/aoe0``."""
 

@@ -8,15 +8,12 @@ import stat
 from typing import ClassVar
 
 from attrs import define
-from zope.interface import implementer
 
 from aoe_twisted.backends._fd import FDBackend
-from aoe_twisted.interfaces import IBlockBackend
 
 __all__ = ["FileBackend"]
 
 
-@implementer(IBlockBackend)
 @define
 class FileBackend(FDBackend):
     """

@@ -10,21 +10,23 @@ from attrs import define, field
 from zope.interface import implementer
 
 from aoe_twisted.backends._range import check_range
+from aoe_twisted.backends.shared_memory import SharedMemoryBackend
 from aoe_twisted.errors import BackendSpecError
-from aoe_twisted.interfaces import IBlockBackend
+from aoe_twisted.interfaces import IDataSyncBackend, IProcessShareableBackend, IZeroCopyBackend
 from aoe_twisted.units import check_disk_size
 
 __all__ = ["MemoryBackend"]
 
 
-@implementer(IBlockBackend)
+@implementer(IZeroCopyBackend, IDataSyncBackend, IProcessShareableBackend)
 @define
 class MemoryBackend:
     """
     A disk of ``size`` bytes in memory, all zeros at first.
 
     Reads copy once (into the returned ``bytes``); writes copy straight into
-    the buffer through a ``memoryview``.
+    the buffer through a ``memoryview``.  ``share`` moves the disk into a
+    ``SharedMemoryBackend``, which ``--workers`` serves from every process.
     """
 
     size: int = field()
@@ -51,18 +53,18 @@ class MemoryBackend:
         """
         Copy ``len(view)`` bytes from byte ``offset`` into ``view``; return how many.
 
-        The zero-copy read of the fast path (into a TX ring slot).  Having it
-        also promises that ``write`` takes any bytes-like object and keeps no
-        reference to it.
+        The zero-copy read of the fast path (into a TX ring slot).
+        ``IZeroCopyBackend`` also promises that ``write`` takes any
+        bytes-like object and keeps no reference to it: it copies.
         """
         length = len(view)
         check_range(offset, length, self.size)
         view[:length] = self._view[offset : offset + length]
         return length
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         """
-        Store ``data`` at byte ``offset``.
+        Copy ``data`` to byte ``offset``; no reference to it is kept.
 
         @raise OSError: ``EROFS`` if the disk is read-only.
         """
@@ -76,6 +78,19 @@ class MemoryBackend:
 
     def sync_data(self) -> None:
         """Do nothing, as ``flush``: ``--sync`` costs a memory disk nothing."""
+
+    def share(self) -> SharedMemoryBackend:
+        """
+        Move this disk into shared memory: return a ``SharedMemoryBackend``
+        with its size, contents and read-only flag, and close this one.
+
+        Other processes reach the new disk through its descriptor
+        (``IDescriptorBackend``).  If it cannot be made this disk stays open
+        and the error (``BackendSpecError``) propagates.
+        """
+        shared = SharedMemoryBackend.create(self.size, self.read_only, contents=self._view)
+        self.close()
+        return shared
 
     def close(self) -> None:
         """Release the buffer; reads and writes fail afterwards."""

@@ -8,12 +8,12 @@ from typing import TypeAlias
 
 from attrs import frozen
 
-from aoe_twisted.wire.ata import ATAArg
-from aoe_twisted.wire.config import ConfigArg
-from aoe_twisted.wire.constants import VERSION, Command, Error
-from aoe_twisted.wire.errors import FrameTooShort, ProtocolError, WireError
-from aoe_twisted.wire.macmask import MACMaskArg
-from aoe_twisted.wire.reserve import ReserveReleaseArg
+from aoe_twisted.core.wire.ata import ATAArg
+from aoe_twisted.core.wire.config import ConfigArg
+from aoe_twisted.core.wire.constants import VERSION, Command, Error
+from aoe_twisted.core.wire.errors import FrameTooShort, ProtocolError, WireError
+from aoe_twisted.core.wire.macmask import MACMaskArg
+from aoe_twisted.core.wire.reserve import ReserveReleaseArg
 
 __all__ = ["HEADER_SIZE", "Arg", "Header", "RawArg"]
 

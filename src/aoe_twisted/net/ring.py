@@ -20,7 +20,9 @@ A slot (``tpacket2_hdr`` then the frame)::
 
 The layout is Linux's (``linux/if_packet.h``); everything here is a thin
 wrapper over ``setsockopt`` and ``mmap``, with the slot walking left to the
-caller's loop for speed (see ``AoEPort``).
+caller's loop for speed (see ``AoEPort``).  This module also holds the one
+copy of the ``SOL_PACKET`` socket options this package uses, the fanout
+ones (``aoe_twisted.net.fanout``) included.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from attrs import frozen
 
 __all__ = [
     "PACKET_FANOUT",
+    "PACKET_FANOUT_CBPF",
+    "PACKET_FANOUT_DATA",
+    "PACKET_FANOUT_FLAG_UNIQUEID",
     "PACKET_FANOUT_HASH",
     "RX_PKTTYPE_AT",
     "RX_SLOT_HEADER",
@@ -51,7 +56,7 @@ __all__ = [
     "RingGeometry",
 ]
 
-#: ``SOL_PACKET`` and the ``PACKET_*`` socket options used here (``linux/if_packet.h``).
+#: ``SOL_PACKET`` and the ``PACKET_*`` socket options of this package (``linux/if_packet.h``).
 SOL_PACKET = 263
 PACKET_RX_RING = 5
 PACKET_VERSION = 10
@@ -59,9 +64,13 @@ PACKET_TX_RING = 13
 PACKET_LOSS = 14
 PACKET_FANOUT = 18
 PACKET_QDISC_BYPASS = 20
+PACKET_FANOUT_DATA = 22
 PACKET_IGNORE_OUTGOING = 23
-#: Fanout mode: spread frames over the group by flow hash.
+#: Fanout modes: spread frames over the group by flow hash, or by a classic BPF program.
 PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_CBPF = 6
+#: Fanout flag: let the kernel pick an unused group id.
+PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 #: ``tpacket_versions``: ``TPACKET_V2`` (per-frame slots, VLAN fields; fixed slot size).
 TPACKET_V2 = 1
 
@@ -230,10 +239,19 @@ class PacketRings:
         return cls(buffer, rx, tx)
 
     def tx_commit(self, index: int, length: int) -> None:
-        """Hand TX slot ``index``, holding a frame of ``length`` bytes, to the kernel."""
+        """
+        Hand TX slot ``index``, holding a frame of ``length`` bytes, to the kernel.
+
+        The slot is marked ``TP_STATUS_SEND_REQUEST`` (the next ``send`` of
+        nothing transmits it) and ``tx_next`` moves on to the slot after it.
+        ``AoEPort`` inlines these lines in its receive loop, for speed, and
+        calls this everywhere else.
+        """
         offset = self.tx_offsets[index]
         TX_LEN.pack_into(self.view, offset + 4, length)
         self.status[offset >> 2] = TP_STATUS_SEND_REQUEST
+        index += 1
+        self.tx_next = 0 if index == len(self.tx_offsets) else index
 
     def tx_available(self, index: int) -> bool:
         """Return whether TX slot ``index`` is free to fill."""

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from attrs import define, field, frozen
 from zope.interface import implementer
 
+from aoe_twisted.core.wire import DirectiveCommand, MACMaskError
+from aoe_twisted.core.wire.macmask import Directive
 from aoe_twisted.interfaces import IACLStore
-from aoe_twisted.wire import DirectiveCommand, MACMaskError
-from aoe_twisted.wire.macmask import Directive
 
 __all__ = [
     "MASK_LIST_CEILING",
@@ -25,6 +25,7 @@ __all__ = [
     "MaskEditResult",
     "MemoryACLStore",
     "edit_mask_list",
+    "mac_tuple",
     "mask_allows",
     "reserve_allows",
 ]
@@ -50,9 +51,17 @@ RESERVE_LIST_LIMIT = 255
 """The most MACs a reserve list holds: its count (NMACs) is one byte."""
 
 
-def _macs(value: Iterable[bytes]) -> tuple[bytes, ...]:
-    """Convert a list of MACs to the tuple of ``bytes`` a store keeps."""
-    return tuple(bytes(mac) for mac in value)
+def mac_tuple(value: Iterable[bytes]) -> tuple[bytes, ...]:
+    """
+    Return ``value`` as the tuple of 6-byte ``bytes`` every ``IACLStore`` keeps.
+
+    @raise ValueError: if an item is not 6 bytes long.
+    """
+    macs = tuple(bytes(mac) for mac in value)
+    for mac in macs:
+        if len(mac) != 6:
+            raise ValueError(f"a MAC address is 6 bytes, not {len(mac)}: {mac!r}")
+    return macs
 
 
 @implementer(IACLStore)
@@ -61,8 +70,8 @@ class MemoryACLStore:
     """An ``IACLStore`` in memory: each ``set_*`` takes effect at once; all is lost on exit."""
 
     config_string: bytes = b""
-    mask_list: tuple[bytes, ...] = field(default=(), converter=_macs)
-    reserve_list: tuple[bytes, ...] = field(default=(), converter=_macs)
+    mask_list: tuple[bytes, ...] = field(default=(), converter=mac_tuple)
+    reserve_list: tuple[bytes, ...] = field(default=(), converter=mac_tuple)
 
     def set_config_string(self, value: bytes) -> None:
         """Replace the config string."""
@@ -70,11 +79,11 @@ class MemoryACLStore:
 
     def set_mask_list(self, macs: tuple[bytes, ...]) -> None:
         """Replace the MAC mask list."""
-        self.mask_list = macs
+        self.mask_list = mac_tuple(macs)
 
     def set_reserve_list(self, macs: tuple[bytes, ...]) -> None:
         """Replace the reserve list."""
-        self.reserve_list = macs
+        self.reserve_list = mac_tuple(macs)
 
 
 @frozen

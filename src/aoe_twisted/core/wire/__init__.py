@@ -8,9 +8,9 @@ classmethod ``from_bytes(data)``.  Decoding raises only ``WireError``:
 ``code``).
 """
 
-from aoe_twisted.wire.ata import ATA_ARG_SIZE, ATAArg
-from aoe_twisted.wire.config import CONFIG_ARG_SIZE, ConfigArg
-from aoe_twisted.wire.constants import (
+from aoe_twisted.core.wire.ata import ATA_ARG_SIZE, ATAArg
+from aoe_twisted.core.wire.config import CONFIG_ARG_SIZE, ConfigArg
+from aoe_twisted.core.wire.constants import (
     BROADCAST_MAJOR,
     BROADCAST_MINOR,
     ETHERTYPE,
@@ -28,8 +28,8 @@ from aoe_twisted.wire.constants import (
     MACMaskError,
     ReserveReleaseCommand,
 )
-from aoe_twisted.wire.errors import FrameTooShort, ProtocolError, WireError
-from aoe_twisted.wire.ethernet import (
+from aoe_twisted.core.wire.errors import FrameTooShort, ProtocolError, WireError
+from aoe_twisted.core.wire.ethernet import (
     BROADCAST_MAC,
     ETHERNET_HEADER_SIZE,
     MIN_FRAME_SIZE,
@@ -37,9 +37,9 @@ from aoe_twisted.wire.ethernet import (
     format_mac,
     parse_mac,
 )
-from aoe_twisted.wire.header import HEADER_SIZE, Arg, Header, RawArg
-from aoe_twisted.wire.macmask import DIRECTIVE_SIZE, MACMASK_ARG_SIZE, Directive, MACMaskArg
-from aoe_twisted.wire.reserve import RESERVE_ARG_SIZE, ReserveReleaseArg
+from aoe_twisted.core.wire.header import HEADER_SIZE, Arg, Header, RawArg
+from aoe_twisted.core.wire.macmask import DIRECTIVE_SIZE, MACMASK_ARG_SIZE, Directive, MACMaskArg
+from aoe_twisted.core.wire.reserve import RESERVE_ARG_SIZE, ReserveReleaseArg
 
 __all__ = [
     "ATA_ARG_SIZE",

@@ -7,7 +7,7 @@ import struct
 
 from attrs import frozen
 
-from aoe_twisted.wire.errors import FrameTooShort, WireError
+from aoe_twisted.core.wire.errors import FrameTooShort, WireError
 
 __all__ = [
     "BROADCAST_MAC",

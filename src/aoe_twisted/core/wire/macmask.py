@@ -7,8 +7,8 @@ import struct
 
 from attrs import field, frozen
 
-from aoe_twisted.wire.constants import Error
-from aoe_twisted.wire.errors import FrameTooShort, ProtocolError
+from aoe_twisted.core.wire.constants import Error
+from aoe_twisted.core.wire.errors import FrameTooShort, ProtocolError
 
 __all__ = ["DIRECTIVE_SIZE", "MACMASK_ARG_SIZE", "Directive", "MACMaskArg"]
 

@@ -22,7 +22,7 @@ It behaves like the Linux driver where that matters on the wire
   other's replies.
 
 Three layers: ``AoEClientProtocol`` owns tags, timers and retransmission
-over any transport with ``write(frame)`` (an ``aoe_twisted.port.AoEPort``
+over any transport with ``write(frame)`` (an ``aoe_twisted.net.port.AoEPort``
 or a test fake); ``AoEClient`` discovers and opens targets; ``RemoteDisk``
 reads and writes one target with a window of requests in flight.  Failures
 are exceptions whose ``str()`` is one line naming the target and the
@@ -45,7 +45,7 @@ from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aoe_twisted.wire import (
+from aoe_twisted.core.wire import (
     ATA_ARG_SIZE,
     BROADCAST_MAC,
     BROADCAST_MAJOR,
@@ -65,7 +65,7 @@ from aoe_twisted.wire import (
     WireError,
     format_mac,
 )
-from aoe_twisted.wire import ATAError as ATAErrorBit
+from aoe_twisted.core.wire import ATAError as ATAErrorBit
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -752,12 +752,12 @@ class AoEClient:
         """
         Open a raw AoE socket on ``interface`` (in network namespace ``netns``).
 
-        Needs ``CAP_NET_RAW``.  Raises ``aoe_twisted.port.CannotOpenInterface``
+        Needs ``CAP_NET_RAW``.  Raises ``aoe_twisted.net.port.CannotOpenInterface``
         (a ``CannotListenError`` whose ``str()`` is one line) for a missing
         interface or namespace or no permission.  ``system`` replaces the
         operating system's packet sockets (``aoe_twisted.testing``).
         """
-        from aoe_twisted.port import AoEPort
+        from aoe_twisted.net.port import AoEPort
 
         protocol = AoEClientProtocol(reactor, retry)
         port = AoEPort(

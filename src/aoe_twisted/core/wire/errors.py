@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aoe_twisted.wire.constants import Error
+from aoe_twisted.core.wire.constants import Error
 
 if TYPE_CHECKING:
-    from aoe_twisted.wire.header import Header
+    from aoe_twisted.core.wire.header import Header
 
 __all__ = ["FrameTooShort", "ProtocolError", "WireError"]
 

@@ -2,9 +2,13 @@
 """
 One exported disk at shelf.slot: which requests it answers and what it answers (AoEr11 2, 3).
 
-``Target.handle`` turns a decoded request into zero or one reply headers;
-``Target.reject`` answers a request the codec could not decode.  Nothing here
-does I/O beyond the synchronous backend and ACL store calls.
+``Target.decide`` turns a decoded request into its answers: reply headers,
+and for a read, write or flush a ``Pending`` — the disk operation to carry
+out (``aoe_twisted.core.operations``) and how to answer once it is done.
+``Target.handle`` does both steps synchronously, for callers with a
+synchronous backend.  ``Target.reject`` answers a request the codec could
+not decode.  The only I/O here is the ACL store's: a config, mask or
+reserve change is stored before it is confirmed.
 """
 
 from __future__ import annotations
@@ -12,21 +16,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from attrs import Factory, define, evolve, field
+from attrs import Factory, define, evolve, field, frozen, setters
 from attrs.validators import instance_of
 from zope.interface.interface import InterfaceClass
 
-from aoe_twisted.acl import (
+from aoe_twisted.core.acl import (
     MASK_LIST_CEILING,
     MASK_LIST_LIMIT,
     RESERVE_LIST_LIMIT,
     MemoryACLStore,
     edit_mask_list,
+    mask_allows,
+    reserve_allows,
 )
-from aoe_twisted.ata import serve_ata
-from aoe_twisted.identify import DefaultIdentifier
-from aoe_twisted.interfaces import IACLStore, IBlockBackend, IIdentifier
-from aoe_twisted.wire import (
+from aoe_twisted.core.ata import finish_ata, plan_ata
+from aoe_twisted.core.identify import DefaultIdentifier
+from aoe_twisted.core.operations import BackendIO, IOKind, perform
+from aoe_twisted.core.wire import (
     BROADCAST_MAJOR,
     BROADCAST_MINOR,
     SECTOR_SIZE,
@@ -47,8 +53,15 @@ from aoe_twisted.wire import (
     ReserveReleaseArg,
     ReserveReleaseCommand,
 )
+from aoe_twisted.interfaces import (
+    IACLStore,
+    IBlockBackend,
+    IIdentifier,
+    ITransactionalACLStore,
+    IZeroCopyBackend,
+)
 
-__all__ = ["FIRMWARE_VERSION", "Target"]
+__all__ = ["FIRMWARE_VERSION", "Pending", "StoreFailure", "Target"]
 
 FIRMWARE_VERSION = 0x0001
 """
@@ -89,6 +102,77 @@ def _provides(interface: InterfaceClass) -> Callable[[object, Any, object], None
     return check
 
 
+@define(eq=False, on_setattr=setters.NO_OP)
+class Pending:
+    """
+    An answer that waits for a disk operation: ``io`` on ``target``'s backend.
+
+    Whoever carries out ``io`` (``operations.perform``, or later and in any
+    order) calls ``reply`` with its result.  ``initiator`` is the MAC the
+    reply goes to.
+    """
+
+    target: Target
+    initiator: bytes
+    request: Header
+    io: BackendIO
+    # Not frozen, for speed (one per request on the general path): a value all the same.
+
+    @property
+    def writes(self) -> bool:
+        """Whether a successful ``reply`` acknowledges a write."""
+        return self.io.kind is IOKind.WRITE
+
+    def reply(self, result: bytes | None, error: OSError | None = None) -> Header:
+        """Return the reply once ``io`` gave ``result`` (or raised ``error``)."""
+        request = self.request
+        target = self.target
+        return Header(
+            VERSION,
+            True,
+            False,
+            0,
+            target.shelf,
+            target.slot,
+            request.command,
+            request.tag,
+            finish_ata(request.arg, self.io, result, error),  # type: ignore[arg-type]
+        )
+
+
+@frozen
+class StoreFailure:
+    """
+    A config, mask or reserve change that the ACL store could not keep.
+
+    ``reply`` is what the initiator gets (AoE error ``DEVICE_UNAVAILABLE``;
+    the state is unchanged); ``error`` is the store's ``OSError``, for the
+    server's log.
+    """
+
+    target: Target
+    reply: Header
+    error: OSError
+
+
+Answer = Header | Pending | StoreFailure
+"""One of ``Target.decide``'s answers to a request."""
+
+
+def _note_backend(instance: Target, attribute: Any, value: IBlockBackend) -> IBlockBackend:
+    """Check a new backend and learn, once, whether it takes ring buffers (zero copy)."""
+    _provides(IBlockBackend)(instance, attribute, value)
+    instance.zero_copy = IZeroCopyBackend.providedBy(value)
+    return value
+
+
+def _note_acl(instance: Target, attribute: Any, value: IACLStore) -> IACLStore:
+    """Check a new ACL store and learn, once, whether it needs transactions."""
+    _provides(IACLStore)(instance, attribute, value)
+    instance.transactional = ITransactionalACLStore.providedBy(value)
+    return value
+
+
 @define
 class Target:
     """
@@ -99,21 +183,35 @@ class Target:
     ``identifier`` defaults to a ``DefaultIdentifier`` for the backend's size
     with the serial ``serial`` (default ``"shelf.slot"``).  ``mask_limit`` is
     how many MACs a mask list edit may grow the list to.
+
+    ``zero_copy`` and ``transactional`` say which optional interfaces the
+    backend and the ACL store provide; they are learnt when either is set,
+    so the per-frame paths test a bool instead of an interface.
     """
 
     shelf: int = field(validator=_between(0, BROADCAST_MAJOR - 1))
     slot: int = field(validator=_between(0, BROADCAST_MINOR - 1))
-    backend: IBlockBackend = field(validator=_provides(IBlockBackend))
-    acl: IACLStore = field(default=Factory(MemoryACLStore), validator=_provides(IACLStore))
+    backend: IBlockBackend = field(
+        validator=_provides(IBlockBackend), on_setattr=setters.pipe(_note_backend)
+    )
+    acl: IACLStore = field(
+        default=Factory(MemoryACLStore),
+        validator=_provides(IACLStore),
+        on_setattr=setters.pipe(_note_acl),
+    )
     buffer_count: int = field(default=16, validator=_between(0, 0xFFFF))
     max_sectors: int = field(default=2, validator=_between(1, 0xFF))
     firmware_version: int = field(default=FIRMWARE_VERSION, validator=_between(0, 0xFFFF))
     identifier: IIdentifier | None = field(default=None)
     mask_limit: int = field(default=MASK_LIST_LIMIT, validator=_between(0, MASK_LIST_CEILING))
     serial: str | None = field(default=None, validator=instance_of((str, type(None))))
+    zero_copy: bool = field(init=False, default=False)
+    transactional: bool = field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
-        """Build the default identifier once, from the backend's size."""
+        """Learn the backend's and store's abilities; build the default identifier once."""
+        self.zero_copy = IZeroCopyBackend.providedBy(self.backend)
+        self.transactional = ITransactionalACLStore.providedBy(self.acl)
         if self.identifier is None:
             serial = f"{self.shelf}.{self.slot}" if self.serial is None else self.serial
             self.identifier = DefaultIdentifier(self.backend.size // SECTOR_SIZE, serial=serial)
@@ -130,8 +228,33 @@ class Target:
         """
         Return the replies (none or one) to ``request`` from the host with MAC ``src``.
 
-        Responses, requests for other addresses and, while the mask list is
-        not empty, requests from hosts not on it get no reply at all.
+        ``decide``, with any disk operation carried out at once
+        (``operations.perform``): for synchronous backends and tests.
+        """
+        replies = []
+        for answer in self.decide(src, request):
+            if isinstance(answer, Pending):
+                try:
+                    result = perform(answer.io, self.backend)
+                except OSError as e:
+                    replies.append(answer.reply(None, e))
+                else:
+                    replies.append(answer.reply(result))
+            elif isinstance(answer, StoreFailure):
+                replies.append(answer.reply)
+            else:
+                replies.append(answer)
+        return replies
+
+    def decide(self, src: bytes, request: Header) -> list[Answer]:
+        """
+        Return the answers (none or one) to ``request`` from the host with MAC ``src``.
+
+        A ``Header`` is a reply; a ``Pending`` a reply that waits for a disk
+        operation; a ``StoreFailure`` the error reply to a change the ACL
+        store could not keep.  Responses, requests for other addresses and,
+        while the mask list is not empty, requests from hosts not on it get
+        no answer at all.
         """
         if request.flag_response:
             return []
@@ -143,21 +266,22 @@ class Target:
         ):
             return []
         acl = self.acl
-        mask = acl.mask_list
-        if mask and src not in mask:
+        if not mask_allows(acl.mask_list, src):
             return []
-        command = request.command
-        if command == _ATA:
+        if request.command == _ATA:
             return [self._ata(src, request, acl)]
-        transaction = getattr(acl, "transaction", None)
-        if transaction is None:
-            return self._control(src, request, acl)
-        # A store shared between processes: decide on its latest state, and
-        # let no other worker change it between our reading and our writing.
-        with transaction():
-            return self._control(src, request, acl)
+        try:
+            if not self.transactional:
+                return self._control(src, request, acl)
+            # A store shared between processes: decide on its latest state, and
+            # let no other worker change it between our reading and our writing.
+            with acl.transaction():  # type: ignore[attr-defined]
+                return self._control(src, request, acl)
+        except OSError as e:
+            reply = self._error(request, Error.DEVICE_UNAVAILABLE, _raw(request.arg))
+            return [StoreFailure(self, reply, e)]
 
-    def _control(self, src: bytes, request: Header, acl: IACLStore) -> list[Header]:
+    def _control(self, src: bytes, request: Header, acl: IACLStore) -> list[Answer]:
         """Answer a request other than Issue ATA Command: config, mask list, reserve."""
         command = request.command
         if command == _CONFIG:
@@ -180,8 +304,7 @@ class Target:
             return []
         if not self.addresses(header.major, header.minor):
             return []
-        mask = self.acl.mask_list
-        if mask and src not in mask:
+        if not mask_allows(self.acl.mask_list, src):
             return []
         return [self._error(header, error.code, _raw(header.arg))]
 
@@ -215,22 +338,17 @@ class Target:
 
     # -- command 0: ATA -------------------------------------------------
 
-    def _ata(self, src: bytes, request: Header, acl: IACLStore) -> Header:
-        """Serve an ATA command unless the target is reserved by other hosts (IDENTIFY always)."""
+    def _ata(self, src: bytes, request: Header, acl: IACLStore) -> Header | Pending:
+        """Plan an ATA command unless the target is reserved by other hosts (IDENTIFY always)."""
         arg = request.arg
         if not isinstance(arg, ATAArg):
             return self._error(request, Error.BAD_ARGUMENT_PARAMETER, _raw(arg))
-        reserve = acl.reserve_list
-        if reserve and src not in reserve and arg.cmd_status != _IDENTIFY:
+        if arg.cmd_status != _IDENTIFY and not reserve_allows(acl.reserve_list, src):
             return self._error(request, Error.TARGET_IS_RESERVED, evolve(arg, data=b""))
-        return serve_ata(
-            request,
-            self.backend,
-            self.identifier,
-            max_sectors=self.max_sectors,
-            major=self.shelf,
-            minor=self.slot,
-        )
+        planned = plan_ata(arg, self.backend, self.identifier, self.max_sectors)
+        if isinstance(planned, BackendIO):
+            return Pending(self, src, request, planned)
+        return self._reply(request, planned)
 
     # -- command 1: config ----------------------------------------------
 

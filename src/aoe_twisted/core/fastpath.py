@@ -14,9 +14,10 @@ returns ``None`` for anything else, which the general path then handles as
 it always did: every AoE error, every refused ATA command, every unusual flag.
 
 The one failure it answers itself is the backend's: a read or write that
-raises ``OSError`` (or a short read) gets the ``ERR|DRDY`` reply
-``serve_ata`` gives (``UNC`` for a read, ``ABRT`` for a write), so a failed
-write is never attempted twice.
+raises ``OSError`` (or a short read) gets the ``ERR|DRDY`` reply the ATA
+engine gives (``UNC`` for a read, ``ABRT`` for a write), so a failed write
+is never attempted twice.  It calls the backend directly: it serves only
+``IBlockBackend``'s synchronous methods, as ``operations.perform`` would.
 
 A request it answers, byte by byte (offsets in the Ethernet frame)::
 
@@ -49,8 +50,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from aoe_twisted.target import Target
-from aoe_twisted.wire import (
+from aoe_twisted.core.decision import Decision
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import (
     ETHERTYPE,
     MIN_FRAME_SIZE,
     SECTOR_SIZE,
@@ -60,9 +62,9 @@ from aoe_twisted.wire import (
     ATAFlag,
     Command,
 )
-from aoe_twisted.wire.ata import _ATA as _ATA_ARG
-from aoe_twisted.wire.ethernet import _ETHERNET
-from aoe_twisted.wire.header import _FLAG_RESPONSE, _HEADER
+from aoe_twisted.core.wire.ata import _ATA as _ATA_ARG
+from aoe_twisted.core.wire.ethernet import _ETHERNET
+from aoe_twisted.core.wire.header import _FLAG_RESPONSE, _HEADER
 
 __all__ = ["FRAME_HEADER", "fast_reply", "fast_reply_into"]
 
@@ -101,7 +103,6 @@ _COMMANDS: dict[int, tuple[bool, int, int]] = {
 }
 
 _pack = FRAME_HEADER.pack
-_pack_into = FRAME_HEADER.pack_into
 _unpack_from = FRAME_HEADER.unpack_from
 _HEADER_SIZE = FRAME_HEADER.size
 _PADDING = bytes(MIN_FRAME_SIZE - _HEADER_SIZE)
@@ -111,38 +112,62 @@ _PADDING = bytes(MIN_FRAME_SIZE - _HEADER_SIZE)
 _Plan = tuple[bytes, Target, int, int, bytes, bytes, int, bool]
 
 
-def fast_reply(frame: bytes, mac: bytes, targets: Sequence[Target]) -> bytes | None:
+def fast_reply(
+    frame: bytes | memoryview, mac: bytes, targets: Sequence[Target], writes: bool = True
+) -> Decision | None:
     """
-    Return the reply frame to ``frame`` from the interface ``mac``, or ``None``.
+    Return the decision answering ``frame`` from the interface ``mac``, or ``None``.
 
     ``None`` means the frame is not one this path answers (see the module
-    docstring); the caller then gives it to the general path, to which
-    nothing has happened: no counter, no backend call.
+    docstring; with ``writes`` false, no write is); the caller then gives it
+    to the general path, to which nothing has happened: no counter, no
+    backend call.  A write's decision names its target in ``written``.
     """
     plan = _accept(frame, targets)
     if plan is None:
         return None
     src, target, aflags, count, tag, lba, first, write = plan
+    backend = target.backend
     if write:
-        return _write(frame, src, mac, target, aflags, count, tag, lba, first)
-    return _read(src, mac, target, aflags, count, tag, lba, first)
+        end = _HEADER_SIZE + count * SECTOR_SIZE
+        if not writes or backend.read_only or len(frame) < end:
+            return None
+        data = frame[_HEADER_SIZE:end]
+        if not target.zero_copy and not isinstance(data, bytes):
+            data = bytes(data)
+        try:
+            backend.write(first * SECTOR_SIZE, data)
+        except OSError:
+            return Decision((_header(src, mac, target, tag, aflags, lba, _ABRT, count) + _PADDING,))
+        return Decision((_header(src, mac, target, tag, aflags, lba) + _PADDING,), target)
+    length = count * SECTOR_SIZE
+    try:
+        data = backend.read(first * SECTOR_SIZE, length)
+    except OSError:
+        data = b""
+    if len(data) != length:
+        return Decision((_header(src, mac, target, tag, aflags, lba, _UNC, count) + _PADDING,))
+    return Decision((_header(src, mac, target, tag, aflags, lba) + data,))
 
 
 def fast_reply_into(
-    frame: bytes | memoryview, reply: memoryview, mac: bytes, targets: Sequence[Target]
+    frame: bytes | memoryview,
+    reply: memoryview,
+    mac: bytes,
+    targets: Sequence[Target],
+    writes: bool = True,
 ) -> int:
     """
     Write the reply to ``frame`` into ``reply`` and return its length, or return 0.
 
     The zero-copy twin of ``fast_reply``, for a transmit buffer (a TX ring
-    slot): the same frames answered with the same bytes, but the headers
-    are packed in place and a read's sectors land in ``reply`` straight from
-    the backend (``read_into``, if it has one).  A write's sectors go to the
-    backend as a ``memoryview`` of ``frame`` if it has ``read_into`` (which
-    promises it keeps no reference), else as ``bytes``.  0 means not
-    answered, as ``None`` from ``fast_reply``; so does a ``reply`` too small
-    for the answer.  Nothing is kept: ``frame`` and ``reply`` may be reused
-    as soon as this returns.
+    slot): the same frames answered with the same bytes, but a read's
+    sectors land in ``reply`` straight from the backend if it provides
+    ``IZeroCopyBackend`` (``Target.zero_copy``), and a write's sectors go to
+    such a backend as a ``memoryview`` of ``frame`` (others get ``bytes``).
+    0 means not answered, as ``None`` from ``fast_reply``; so does a
+    ``reply`` too small for the answer.  Nothing is kept: ``frame`` and
+    ``reply`` may be reused as soon as this returns.
     """
     plan = _accept(frame, targets)
     if plan is None:
@@ -151,43 +176,63 @@ def fast_reply_into(
     backend = target.backend
     if write:
         end = _HEADER_SIZE + count * SECTOR_SIZE
-        if backend.read_only or len(frame) < end or len(reply) < MIN_FRAME_SIZE:
+        if not writes or backend.read_only or len(frame) < end or len(reply) < MIN_FRAME_SIZE:
             return 0
         data = frame[_HEADER_SIZE:end]
-        if getattr(backend, "read_into", None) is None:
+        if not target.zero_copy:
             data = bytes(data)
         try:
             backend.write(first * SECTOR_SIZE, data)
         except OSError:
-            return _failed_into(reply, src, mac, target, aflags, count, tag, lba, _ABRT)
-        _pack_into(
-            reply, 0, src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA,
-            tag, aflags & _ECHOED_AFLAGS, 0, 0, _DRDY, lba, 0,
-        )
+            reply[:_HEADER_SIZE] = _header(src, mac, target, tag, aflags, lba, _ABRT, count)
+        else:
+            reply[:_HEADER_SIZE] = _header(src, mac, target, tag, aflags, lba)
         reply[_HEADER_SIZE:MIN_FRAME_SIZE] = _PADDING
         return MIN_FRAME_SIZE
     length = count * SECTOR_SIZE
     end = _HEADER_SIZE + length
     if len(reply) < end:
         return 0
-    read_into = getattr(backend, "read_into", None)
     try:
-        if read_into is None:
+        if target.zero_copy:
+            got = backend.read_into(first * SECTOR_SIZE, reply[_HEADER_SIZE:end])  # type: ignore[attr-defined]
+        else:
             data = backend.read(first * SECTOR_SIZE, length)
             got = len(data)
             if got == length:
                 reply[_HEADER_SIZE:end] = data
-        else:
-            got = read_into(first * SECTOR_SIZE, reply[_HEADER_SIZE:end])
     except OSError:
-        return _failed_into(reply, src, mac, target, aflags, count, tag, lba, _UNC)
+        got = -1
     if got != length:
-        return _failed_into(reply, src, mac, target, aflags, count, tag, lba, _UNC)
-    _pack_into(
-        reply, 0, src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
-        aflags & _ECHOED_AFLAGS, 0, 0, _DRDY, lba, 0,
-    )
+        reply[:_HEADER_SIZE] = _header(src, mac, target, tag, aflags, lba, _UNC, count)
+        reply[_HEADER_SIZE:MIN_FRAME_SIZE] = _PADDING
+        return MIN_FRAME_SIZE
+    reply[:_HEADER_SIZE] = _header(src, mac, target, tag, aflags, lba)
     return end
+
+
+def _header(
+    src: bytes,
+    mac: bytes,
+    target: Target,
+    tag: bytes,
+    aflags: int,
+    lba: bytes,
+    error: int = 0,
+    count: int = 0,
+) -> bytes:
+    """
+    Return the 36 header bytes of the reply to a request this path answers.
+
+    From us (``mac``) to ``src``, from ``target``'s address, echoing the tag,
+    the known AFlags bits and the LBA; with ``error`` it is ``ERR|DRDY``
+    carrying that error register and the request's ``count``, without it
+    ``DRDY`` with count 0.
+    """
+    return _pack(
+        src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
+        aflags & _ECHOED_AFLAGS, error, count, _ERR_DRDY if error else _DRDY, lba, 0,
+    )
 
 
 def _accept(frame: bytes | memoryview, targets: Sequence[Target]) -> _Plan | None:
@@ -196,6 +241,8 @@ def _accept(frame: bytes | memoryview, targets: Sequence[Target]) -> _Plan | Non
 
     The plan is the source MAC, the target, the AFlags, the sector count,
     the tag, the raw LBA bytes, the first sector and whether it is a write.
+    The access rule is ``acl.mask_allows`` and ``acl.reserve_allows``
+    written out inline, as every check here is: this runs for every frame.
     """
     if len(frame) < _HEADER_SIZE:
         return None
@@ -237,66 +284,3 @@ def _accept(frame: bytes | memoryview, targets: Sequence[Target]) -> _Plan | Non
     if first + count > backend.size // SECTOR_SIZE:
         return None
     return src, target, aflags, count, tag, lba, first, write
-
-
-def _read(
-    src: bytes, mac: bytes, target: Target, aflags: int, count: int, tag: bytes, lba: bytes,
-    first: int,
-) -> bytes:
-    """Read ``count`` sectors from sector ``first`` and return the reply carrying them."""
-    length = count * SECTOR_SIZE
-    try:
-        data = target.backend.read(first * SECTOR_SIZE, length)
-    except OSError:
-        return _failed(src, mac, target, aflags, count, tag, lba, _UNC)
-    if len(data) != length:
-        return _failed(src, mac, target, aflags, count, tag, lba, _UNC)
-    return _pack(
-        src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
-        aflags & _ECHOED_AFLAGS, 0, 0, _DRDY, lba, 0,
-    ) + data
-
-
-def _write(
-    frame: bytes, src: bytes, mac: bytes, target: Target, aflags: int, count: int, tag: bytes,
-    lba: bytes, first: int,
-) -> bytes | None:
-    """Write the frame's ``count`` sectors at sector ``first`` and return the padded reply."""
-    backend = target.backend
-    end = _HEADER_SIZE + count * SECTOR_SIZE
-    if backend.read_only or len(frame) < end:
-        return None
-    try:
-        backend.write(first * SECTOR_SIZE, frame[_HEADER_SIZE:end])
-    except OSError:
-        return _failed(src, mac, target, aflags, count, tag, lba, _ABRT)
-    return _pack(
-        src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
-        aflags & _ECHOED_AFLAGS, 0, 0, _DRDY, lba, 0,
-    ) + _PADDING
-
-
-def _failed(
-    src: bytes, mac: bytes, target: Target, aflags: int, count: int, tag: bytes, lba: bytes,
-    error: int,
-) -> bytes:
-    """Return the padded ``ERR|DRDY`` reply with ``error``, the count and LBA as requested."""
-    return _pack(
-        src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
-        aflags & _ECHOED_AFLAGS, error, count, _ERR_DRDY, lba, 0,
-    ) + _PADDING
-
-
-def _failed_into(
-    reply: memoryview, src: bytes, mac: bytes, target: Target, aflags: int, count: int,
-    tag: bytes, lba: bytes, error: int,
-) -> int:
-    """Write the padded ``ERR|DRDY`` reply (as ``_failed``) into ``reply``; return its length."""
-    if len(reply) < MIN_FRAME_SIZE:
-        return 0
-    _pack_into(
-        reply, 0, src, mac, ETHERTYPE, _REPLY_VERFLAGS, 0, target.shelf, target.slot, _ATA, tag,
-        aflags & _ECHOED_AFLAGS, error, count, _ERR_DRDY, lba, 0,
-    )
-    reply[_HEADER_SIZE:MIN_FRAME_SIZE] = _PADDING
-    return MIN_FRAME_SIZE

@@ -27,6 +27,14 @@ import errno
 import socket
 import struct
 
+from aoe_twisted.net.ring import (
+    PACKET_FANOUT,
+    PACKET_FANOUT_CBPF,
+    PACKET_FANOUT_DATA,
+    PACKET_FANOUT_FLAG_UNIQUEID,
+    SOL_PACKET,
+)
+
 __all__ = [
     "FANOUT_HASH_MULTIPLIER",
     "MAX_WORKERS",
@@ -35,13 +43,6 @@ __all__ = [
     "fanout_program",
     "join_fanout",
 ]
-
-#: ``SOL_PACKET`` socket options and values (``linux/if_packet.h``).
-_SOL_PACKET = 263
-_PACKET_FANOUT = 18
-_PACKET_FANOUT_DATA = 22
-_PACKET_FANOUT_CBPF = 6
-_PACKET_FANOUT_FLAG_UNIQUEID = 0x2000
 
 #: Classic BPF opcodes (``linux/filter.h``) the program uses.
 _LD_W_ABS = 0x20
@@ -126,17 +127,17 @@ def join_fanout(sock: socket.socket, group: int | None = None) -> int:
 
     @raise FanoutError: if the kernel refuses (too old, or a group id in use).
     """
-    mode = _PACKET_FANOUT_CBPF
+    mode = PACKET_FANOUT_CBPF
     try:
         if group is None:
             sock.setsockopt(
-                _SOL_PACKET, _PACKET_FANOUT, mode << 16 | _PACKET_FANOUT_FLAG_UNIQUEID << 16
+                SOL_PACKET, PACKET_FANOUT, mode << 16 | PACKET_FANOUT_FLAG_UNIQUEID << 16
             )
-            group = _INT.unpack(sock.getsockopt(_SOL_PACKET, _PACKET_FANOUT, _INT.size))[0]
+            group = _INT.unpack(sock.getsockopt(SOL_PACKET, PACKET_FANOUT, _INT.size))[0]
             group &= 0xFFFF
             _set_program(sock, fanout_program())
         else:
-            sock.setsockopt(_SOL_PACKET, _PACKET_FANOUT, mode << 16 | group)
+            sock.setsockopt(SOL_PACKET, PACKET_FANOUT, mode << 16 | group)
     except OSError as e:
         raise FanoutError(f"cannot join a PACKET_FANOUT group: {e.strerror or e}") from None
     _discard_queued(sock)
@@ -148,7 +149,7 @@ def _set_program(sock: socket.socket, program: bytes) -> None:
     instructions = ctypes.create_string_buffer(program, len(program))
     fprog = _FPROG.pack(len(program) // _INSTRUCTION.size, ctypes.addressof(instructions))
     # The kernel copies the instructions during the call; the buffer may go afterwards.
-    sock.setsockopt(_SOL_PACKET, _PACKET_FANOUT_DATA, fprog)
+    sock.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, fprog)
 
 
 def _discard_queued(sock: socket.socket) -> None:

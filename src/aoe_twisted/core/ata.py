@@ -2,8 +2,11 @@
 """
 The ATA engine: one AoE Issue ATA Command request in, its reply out.
 
-``serve_ata`` is the seed's ``ServeATA`` as a pure function over an
-``IBlockBackend``: no reactor, no logging, no I/O but the backend's own calls.
+``plan_ata`` decides what a request needs without touching the disk: its
+reply at once, or a ``BackendIO`` (``aoe_twisted.core.operations``) to carry
+out first, whose result ``finish_ata`` turns into the reply.  ``serve_ata``
+is the seed's ``ServeATA``: both steps with the operation carried out
+synchronously in between (``operations.perform``).
 It serves what AoE initiators send (the Linux driver only IDENTIFY DEVICE and
 READ/WRITE SECTORS (EXT); iPXE and others also FLUSH CACHE and CHECK POWER
 MODE) and aborts everything else.
@@ -13,10 +16,10 @@ its status register and ``ABRT``, ``IDNF`` or ``UNC`` in its error register,
 with the AoE error flag clear, as a real disk would answer.  Every check runs
 before the backend is touched, so a refused command changes no byte of the disk.
 
-This runs once per Ethernet frame: the opcode picks a handler from a dict, the
-checks are integer comparisons, a read costs the backend's one ``bytes`` and a
-write passes the request's data on without copying it (unless Ethernet padding
-has to be cut off).
+This runs once per Ethernet frame that the fast path does not answer: the
+opcode picks a handler from a dict, the checks are integer comparisons, a
+read costs the backend's one ``bytes`` and a write passes the request's data
+on without copying it (unless Ethernet padding has to be cut off).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from aoe_twisted.identify import IDENTIFY_SIZE, DefaultIdentifier
-from aoe_twisted.interfaces import IBlockBackend, IIdentifier
-from aoe_twisted.wire import (
+from aoe_twisted.core.identify import IDENTIFY_SIZE, DefaultIdentifier
+from aoe_twisted.core.operations import BackendIO, IOKind, perform
+from aoe_twisted.core.wire import (
     SECTOR_SIZE,
     VERSION,
     ATAArg,
@@ -35,8 +38,9 @@ from aoe_twisted.wire import (
     Command,
     Header,
 )
+from aoe_twisted.interfaces import IBlockBackend, IIdentifier
 
-__all__ = ["serve_ata"]
+__all__ = ["finish_ata", "plan_ata", "serve_ata"]
 
 _DRDY = int(ATACmdStatus.READY_STATUS)
 _ERR_DRDY = int(ATACmdStatus.ERR_STATUS) | _DRDY
@@ -83,76 +87,65 @@ def _done(request: ATAArg, data: bytes = b"") -> ATAArg:
     return _reply(request, _DRDY, 0, 0, request.lba, data)
 
 
-def _read(request: ATAArg, backend: IBlockBackend, max_sectors: int, mask: int) -> ATAArg:
-    """READ SECTORS (EXT) of the LBA the request holds, cut to ``mask``."""
+def _transfer(
+    request: ATAArg, backend: IBlockBackend, max_sectors: int, mask: int, write: bool
+) -> ATAArg | BackendIO:
+    """
+    READ or WRITE SECTORS (EXT) of the LBA the request holds, cut to ``mask``.
+
+    Return the ``BackendIO`` the transfer needs, or the ``ERR|DRDY`` reply if
+    a check refuses it.  Every check runs before any I/O is asked for.
+    """
     count = request.sector_count
     # A count of 0 means 256 (65536 for EXT) in ATA: more than any target advertises.
-    if request.flag_write or not 0 < count <= max_sectors:
+    if request.flag_write != write or not 0 < count <= max_sectors:
         return _failed(request, _ABRT)
+    length = count * SECTOR_SIZE
+    if write:
+        if backend.read_only:
+            return _failed(request, _ABRT)
+        data = request.data
+        if len(data) < length:
+            return _failed(request, _ABRT)
     lba = request.lba & mask
     if lba + count > backend.size // SECTOR_SIZE:
         return _failed(request, _IDNF)
-    length = count * SECTOR_SIZE
-    try:
-        data = backend.read(lba * SECTOR_SIZE, length)
-    except OSError:
-        return _failed(request, _UNC)
-    if len(data) != length:
-        # The initiator fails a short read reply anyway; say why.
-        return _failed(request, _UNC)
-    return _done(request, data)
-
-
-def _write(request: ATAArg, backend: IBlockBackend, max_sectors: int, mask: int) -> ATAArg:
-    """WRITE SECTORS (EXT) of the request's data at its LBA, cut to ``mask``."""
-    count = request.sector_count
-    if not request.flag_write or not 0 < count <= max_sectors or backend.read_only:
-        return _failed(request, _ABRT)
-    length = count * SECTOR_SIZE
-    data = request.data
-    if len(data) < length:
-        return _failed(request, _ABRT)
-    lba = request.lba & mask
-    if lba + count > backend.size // SECTOR_SIZE:
-        return _failed(request, _IDNF)
+    if not write:
+        return BackendIO(IOKind.READ, lba * SECTOR_SIZE, length)
     if len(data) != length:
         # Ethernet padding after the sectors: keep it off the disk.
         data = data[:length]
-    try:
-        backend.write(lba * SECTOR_SIZE, data)
-    except OSError:
-        return _failed(request, _ABRT)
-    return _done(request)
+    return BackendIO(IOKind.WRITE, lba * SECTOR_SIZE, length, data)
 
 
 def _read28(
     request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg:
+) -> ATAArg | BackendIO:
     """READ SECTORS (0x20): a 28-bit LBA, whatever the E flag says."""
-    return _read(request, backend, max_sectors, _MASK28)
+    return _transfer(request, backend, max_sectors, _MASK28, False)
 
 
 def _read48(
     request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg:
+) -> ATAArg | BackendIO:
     """READ SECTORS EXT (0x24): a 48-bit LBA when the E flag says the registers hold one."""
-    return _read(request, backend, max_sectors, _MASK48 if request.flag_lba48_extended else _MASK28)
+    mask = _MASK48 if request.flag_lba48_extended else _MASK28
+    return _transfer(request, backend, max_sectors, mask, False)
 
 
 def _write28(
     request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg:
+) -> ATAArg | BackendIO:
     """WRITE SECTORS (0x30): a 28-bit LBA, whatever the E flag says."""
-    return _write(request, backend, max_sectors, _MASK28)
+    return _transfer(request, backend, max_sectors, _MASK28, True)
 
 
 def _write48(
     request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg:
+) -> ATAArg | BackendIO:
     """WRITE SECTORS EXT (0x34): a 48-bit LBA when the E flag says the registers hold one."""
-    return _write(
-        request, backend, max_sectors, _MASK48 if request.flag_lba48_extended else _MASK28
-    )
+    mask = _MASK48 if request.flag_lba48_extended else _MASK28
+    return _transfer(request, backend, max_sectors, mask, True)
 
 
 @lru_cache(maxsize=16)
@@ -178,15 +171,14 @@ def _identify(
     return _done(request, page)
 
 
+_FLUSH_IO = BackendIO(IOKind.FLUSH)
+
+
 def _flush(
     request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg:
+) -> BackendIO:
     """FLUSH CACHE (EXT) (0xE7, 0xEA): make every acknowledged write durable."""
-    try:
-        backend.flush()
-    except OSError:
-        return _failed(request, _ABRT)
-    return _reply(request, _DRDY, 0, request.sector_count, request.lba)
+    return _FLUSH_IO
 
 
 def _check_power(
@@ -196,7 +188,7 @@ def _check_power(
     return _reply(request, _DRDY, 0, _POWER_ACTIVE, request.lba)
 
 
-_Handler = Callable[[ATAArg, IBlockBackend, "IIdentifier | None", int], ATAArg]
+_Handler = Callable[[ATAArg, IBlockBackend, "IIdentifier | None", int], "ATAArg | BackendIO"]
 
 _HANDLERS: dict[int, _Handler] = {
     int(ATACmdStatus.READ_28BIT): _read28,
@@ -215,6 +207,46 @@ def _unknown(
 ) -> ATAArg:
     """Any other ATA command: aborted, as a disk aborts what it does not implement."""
     return _failed(request, _ABRT)
+
+
+def plan_ata(
+    request: ATAArg,
+    backend: IBlockBackend,
+    identifier: IIdentifier | None = None,
+    max_sectors: int = 255,
+) -> ATAArg | BackendIO:
+    """
+    Decide what the ATA command ``request`` needs: its reply now, or a disk operation first.
+
+    An ``ATAArg`` is the whole answer (every refusal, IDENTIFY, CHECK POWER
+    MODE); a ``BackendIO`` is the read, write or flush to carry out, whose
+    result ``finish_ata`` turns into the reply.  Only ``backend.size`` and
+    ``backend.read_only`` are looked at: no I/O happens here.
+    """
+    return _HANDLERS.get(request.cmd_status, _unknown)(request, backend, identifier, max_sectors)
+
+
+def finish_ata(
+    request: ATAArg, io: BackendIO, result: bytes | None, error: OSError | None = None
+) -> ATAArg:
+    """
+    Return the reply to ``request`` once ``io`` (from ``plan_ata``) was carried out.
+
+    ``result`` is what the operation gave (the bytes read, or ``None``);
+    ``error`` the ``OSError`` it raised instead.  A failed or short read is
+    ``UNC``; a failed write or flush is ``ABRT``: never acknowledged.
+    """
+    kind = io.kind
+    if kind is IOKind.READ:
+        if error is not None or result is None or len(result) != io.length:
+            # The initiator fails a short read reply anyway; say why.
+            return _failed(request, _UNC)
+        return _done(request, result)
+    if error is not None:
+        return _failed(request, _ABRT)
+    if kind is IOKind.WRITE:
+        return _done(request)
+    return _reply(request, _DRDY, 0, request.sector_count, request.lba)
 
 
 def serve_ata(
@@ -260,7 +292,14 @@ def serve_ata(
             f"serve_ata needs an Issue ATA Command with an ATAArg, not command "
             f"{request.command} with {type(arg).__name__}"
         )
-    reply = _HANDLERS.get(arg.cmd_status, _unknown)(arg, backend, identifier, max_sectors)
+    reply = plan_ata(arg, backend, identifier, max_sectors)
+    if isinstance(reply, BackendIO):
+        try:
+            result = perform(reply, backend)
+        except OSError as e:
+            reply = finish_ata(arg, reply, None, e)
+        else:
+            reply = finish_ata(arg, reply, result)
     return Header(
         VERSION,
         True,

@@ -2,7 +2,7 @@
 """
 ``aoe-twisted``: find, inspect, read, write and benchmark AoE targets from a shell.
 
-The command is the user-space initiator of ``aoe_twisted.client`` with a
+The command is the user-space initiator of ``aoe_twisted.initiator.client`` with a
 command line around it, so a target can be checked without the Linux
 ``aoe`` module::
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import sys
 import time
 from collections import deque
@@ -35,12 +34,13 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 from twisted.internet.defer import Deferred, gatherResults
 
 from aoe_twisted import __version__
-from aoe_twisted.wire import BROADCAST_MAJOR, BROADCAST_MINOR, SECTOR_SIZE, format_mac
+from aoe_twisted.core.wire import SECTOR_SIZE, format_mac
+from aoe_twisted.units import parse_address, parse_byte_count
 
 if TYPE_CHECKING:
-    from aoe_twisted.client import AoEClient, RemoteDisk, TargetInfo
+    from aoe_twisted.initiator.client import AoEClient, RemoteDisk, TargetInfo
 
-__all__ = ["build_parser", "main", "parse_bytes", "parse_target", "twistd_command"]
+__all__ = ["build_parser", "main", "twistd_command"]
 
 PROG = "aoe-twisted"
 _T = TypeVar("_T")
@@ -51,9 +51,6 @@ SEGMENT = 4 << 20
 #: Transfers shorter than this finish too fast for a progress bar to help.
 _PROGRESS_THRESHOLD = 1 << 20
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "s": SECTOR_SIZE}
-_BYTES = re.compile(r"(0x[0-9a-f]+|[0-9]+)\s*(?:([kmgt])(?:i?b)?|(s))?", re.ASCII | re.IGNORECASE)
-_TARGET = re.compile(r"e?([0-9]+)\.([0-9]+)", re.ASCII)
 
 
 class UsageError(Exception):
@@ -65,41 +62,6 @@ class CommandError(Exception):
 
 
 # -- argument types ------------------------------------------------------------
-
-
-def parse_bytes(text: str) -> int:
-    """
-    Return the byte count ``text`` names: ``4096``, ``0x1000``, ``4K``, ``64M``, ``2G``, ``8s``.
-
-    ``K``/``M``/``G``/``T`` (also ``KiB``, ``MB``... in any case) are powers
-    of 1024; ``s`` counts 512-byte sectors.
-
-    @raise ValueError: if ``text`` is none of these.
-    """
-    match = _BYTES.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 4K, 64M, 1G or 8s for sectors)")
-    number, unit, sectors = match.groups()
-    value = int(number, 0)
-    return value * _UNITS[(unit or sectors or "").lower()]
-
-
-def parse_target(text: str) -> tuple[int, int]:
-    """
-    Return ``(shelf, slot)`` of a target name: ``e1.0`` (or ``1.0``).
-
-    @raise ValueError: if ``text`` is not a name or names a wildcard address.
-    """
-    match = _TARGET.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"not a target name: {text!r} (expected eSHELF.SLOT, e.g. e1.0)")
-    shelf, slot = int(match.group(1)), int(match.group(2))
-    if shelf >= BROADCAST_MAJOR or slot >= BROADCAST_MINOR:
-        raise ValueError(
-            f"{text!r}: the shelf must be 0..{BROADCAST_MAJOR - 1} and the slot "
-            f"0..{BROADCAST_MINOR - 1}"
-        )
-    return shelf, slot
 
 
 def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -149,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="An ATA over Ethernet (AoEr11) initiator in user space: find targets, "
         "read and write them, measure them.  Needs root or CAP_NET_RAW.",
-        epilog="Sizes and offsets take K, M, G, T suffixes (powers of 1024) or s (sectors).",
+        epilog="Sizes and offsets are bytes, decimal or 0x hex, optionally followed by K, M, G "
+        "or T (powers of 1024; KiB or KB too) or s (512-byte sectors): 4096, 64M, 8s.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -169,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("-v", "--verbose", action="store_true",
                      help="log every retransmission and port event to standard error")
     target_arg: dict[str, Any] = {
-        "type": _argtype(parse_target), "metavar": "TARGET",
+        "type": _argtype(parse_address), "metavar": "TARGET",
         "help": "the target, as eSHELF.SLOT (e.g. e1.0)",
     }
     progress = _Parser(add_help=False)
@@ -191,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "read", parents=[common, progress], help="read bytes from a target",
         description="Read bytes from a target to a file or standard output.")
     read.add_argument("target", **target_arg)
-    read.add_argument("--offset", type=_argtype(parse_bytes), default=0, metavar="BYTES",
+    read.add_argument("--offset", type=_argtype(parse_byte_count), default=0, metavar="BYTES",
                       help="where to start (default 0)")
-    read.add_argument("--length", type=_argtype(parse_bytes), metavar="BYTES",
+    read.add_argument("--length", type=_argtype(parse_byte_count), metavar="BYTES",
                       help="how much to read (default: to the end of the disk)")
     read.add_argument("-o", "--output", metavar="FILE",
                       help="write to FILE instead of standard output")
@@ -205,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a file (or standard input, '-') to a target, then flush it.")
     write.add_argument("target", **target_arg)
     write.add_argument("file", metavar="FILE", help="what to write ('-' for standard input)")
-    write.add_argument("--offset", type=_argtype(parse_bytes), default=0, metavar="BYTES",
+    write.add_argument("--offset", type=_argtype(parse_byte_count), default=0, metavar="BYTES",
                        help="where to write it (default 0)")
     write.add_argument("--no-flush", action="store_true",
                        help="do not send FLUSH CACHE after the write")
@@ -216,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one frame's worth, each for DURATION seconds (or COUNT operations), within the "
         "first SIZE bytes.  With --write, the same with writes: this destroys that data.")
     bench.add_argument("target", **target_arg)
-    bench.add_argument("--size", type=_argtype(parse_bytes), default=16 << 20, metavar="BYTES",
+    bench.add_argument("--size", type=_argtype(parse_byte_count), default=16 << 20,
+                       metavar="BYTES",
                        help="the sequential transfer, and the region of the random ones "
                        "(default 16M)")
     bench.add_argument("--duration", type=_argtype(_positive_float), default=2.0,
@@ -359,7 +323,7 @@ def _progress(args: argparse.Namespace, label: str, total: int | None) -> Progre
 
 def _open_client(reactor: Any, args: argparse.Namespace) -> AoEClient:
     """Open the raw socket the command works through."""
-    from aoe_twisted.client import AoEClient, RetryPolicy
+    from aoe_twisted.initiator.client import AoEClient, RetryPolicy
 
     retry = RetryPolicy(args.timeout, args.timeout * 8, args.retries)
     return AoEClient.listen(args.iface, reactor=reactor, netns=args.netns, retry=retry)
@@ -702,7 +666,7 @@ async def run_command(reactor: Any, args: argparse.Namespace) -> int:
     """
     from twisted.internet.error import CannotListenError
 
-    from aoe_twisted.client import AoEClientError
+    from aoe_twisted.initiator.client import AoEClientError
 
     handler = _COMMANDS[args.command]
     try:

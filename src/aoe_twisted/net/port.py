@@ -4,34 +4,33 @@ The raw Ethernet port: AoE frames in and out of one interface.
 
 ``AoEPort`` is written the way Twisted writes ``twisted.pair.tuntap.TuntapPort``:
 a ``FileDescriptor`` the reactor polls, an injectable ``system`` that stands
-for the operating system (``_RealPacketSystem`` here, ``MemoryPacketSystem``
-from ``aoe_twisted.testing`` in unit tests), ``startListening`` /
-``stopListening`` and a datagram protocol it feeds one whole frame at a time.
+for the operating system (an ``IPacketSystem`` from
+``aoe_twisted.net.packetsystem``: ``RealPacketSystem`` by default,
+``MemoryPacketSystem`` from ``aoe_twisted.testing`` in unit tests),
+``startListening`` / ``stopListening`` and a datagram protocol it feeds one
+whole frame at a time.
 
 The socket is a Linux ``AF_PACKET``/``SOCK_RAW`` socket bound to one
 interface and to EtherType 0x88A2, so the kernel filters out everything that
 is not AoE.  Frames come with their Ethernet header and leave with it.
 
-Where the system offers them (the real one does), the port maps
-``PACKET_MMAP`` rings (``aoe_twisted.ring``) on the socket: frames are read
-in place from the RX ring with no system call each, and frames written go
-into the TX ring and leave by one ``send`` per batch.  A protocol with
-``frameReceivedInto`` is even given the frame and a TX slot as
-``memoryview``s to answer into (``AoEProtocol`` does, for plain reads and
-writes); others get ``datagramReceived`` with a copy.  If the kernel
-refuses the rings, the port says so once and uses ``recvfrom`` and ``send``.
+Where the system offers them (it provides ``IRingPacketSystem``; the real
+one does), the port maps ``PACKET_MMAP`` rings (``aoe_twisted.net.ring``) on
+the socket: frames are read in place from the RX ring with no system call
+each, and frames written go into the TX ring and leave by one ``send`` per
+batch.  A protocol providing ``IZeroCopyFrameSink`` is even given the frame
+and a TX slot as ``memoryview``s to answer into (``AoEProtocol`` does, for
+plain reads and writes); others get ``datagramReceived`` with a copy.  If the
+kernel refuses the rings, the port says so once and uses ``recvfrom`` and
+``send``.  A protocol providing ``IFrameSink`` is told where each burst of
+frames ends (``drainFinished``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import os
 import socket
-import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from attrs import frozen
@@ -42,7 +41,14 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import fullyQualifiedName
 from zope.interface import Interface, implementer
 
-from aoe_twisted.ring import (
+from aoe_twisted.core.wire import ETHERTYPE, MIN_FRAME_SIZE, format_mac
+from aoe_twisted.net.packetsystem import (
+    CannotOpenInterface,
+    IPacketSystem,
+    IRingPacketSystem,
+    RealPacketSystem,
+)
+from aoe_twisted.net.ring import (
     RX_PKTTYPE_AT,
     RX_SLOT_HEADER,
     SOCKADDR_LL,
@@ -55,13 +61,12 @@ from aoe_twisted.ring import (
     PacketRings,
     RingGeometry,
 )
-from aoe_twisted.wire import ETHERTYPE, MIN_FRAME_SIZE, format_mac
 
 __all__ = [
-    "NETNS_RUN_DIR",
     "AoEPort",
-    "CannotOpenInterface",
     "EthernetAddress",
+    "IFrameSink",
+    "IZeroCopyFrameSink",
     "max_sectors_for_mtu",
 ]
 
@@ -71,16 +76,6 @@ _log = Logger()
 _ATA_OVERHEAD = 22
 #: The sector count is one byte on the wire.
 _MAX_SECTORS = 255
-#: ``ioctl`` request that reads an interface's MTU (``linux/sockios.h``).
-_SIOCGIFMTU = 0x8921
-#: ``struct ifreq``: a 16-byte name, then a 24-byte union whose first int is the MTU.
-_IFREQ_MTU = struct.Struct("16si20x")
-#: ``setns`` flag for a network namespace (``linux/sched.h``).
-_CLONE_NEWNET = 0x40000000
-#: Where ``ip netns add NAME`` mounts its namespaces.
-NETNS_RUN_DIR = "/var/run/netns"
-#: ``SO_RCVBUFFORCE`` (``asm-generic/socket.h``); Python 3.11 does not name it.
-_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 #: Slack over the MTU for the receive buffer: the 14-byte Ethernet header and a VLAN tag.
 _RECV_SLACK = 64
 #: An untagged frame is at most the MTU plus this Ethernet header.
@@ -130,238 +125,47 @@ class EthernetAddress:
         return f"{self.interface} ({format_mac(self.mac)}, MTU {self.mtu})"
 
 
-class CannotOpenInterface(error.CannotListenError):
+class IFrameSink(Interface):
     """
-    The port could not open its raw socket; ``str()`` is one line naming the cause.
+    A protocol fed by ``AoEPort`` that wants to know where a burst of frames ends.
 
-    A ``CannotListenError`` (``interface`` is the interface name, ``port`` the
-    EtherType, ``socketError`` the ``OSError``) so code that handles Twisted's
-    listening errors handles this one too.
-    """
-
-    def __init__(self, interface: str, socket_error: OSError, netns: str | None = None) -> None:
-        super().__init__(interface, ETHERTYPE, socket_error)
-        self.netns = netns
-
-    @property
-    def reason(self) -> str:
-        """Why the socket could not be opened, in words an operator can act on."""
-        e = self.socketError
-        code = e.errno
-        if e.filename and self.netns is not None:
-            if code == errno.ENOENT:
-                return "no such network namespace"
-            if code in (errno.EPERM, errno.EACCES):
-                return "needs CAP_SYS_ADMIN to enter the network namespace"
-        if code in (errno.ENODEV, errno.ENXIO):
-            return "no such interface"
-        if code in (errno.EPERM, errno.EACCES):
-            return "needs CAP_NET_RAW (run as root or grant the capability)"
-        if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
-            return "AF_PACKET sockets are not supported on this system"
-        return e.strerror or str(e)
-
-    def __str__(self) -> str:
-        where = f"interface {self.interface}"
-        if self.netns is not None:
-            where += f" in network namespace {self.netns}"
-        return f"cannot open {where}: {self.reason}"
-
-
-def _setns(fd: int) -> None:
-    """Move the calling thread into the network namespace ``fd`` refers to."""
-    native = getattr(os, "setns", None)  # Python 3.12+
-    if native is not None:
-        native(fd, _CLONE_NEWNET)
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-
-
-@contextmanager
-def _network_namespace(name: str | None) -> Iterator[None]:
-    """
-    Run the body with the calling thread in the named network namespace.
-
-    ``name`` is a namespace made by ``ip netns add`` (a file in
-    ``/var/run/netns``); ``None`` leaves the thread where it is.  Only this
-    thread moves, and it moves back afterwards: a socket keeps the namespace it
-    was created in, which is what lets one process serve in one namespace and
-    talk to itself from another.  Errors entering the namespace are
-    ``OSError`` whose ``filename`` is the namespace's path.
-    """
-    if name is None:
-        yield
-        return
-    path = os.path.join(NETNS_RUN_DIR, name)
-    if "/" in name or name in ("", ".", ".."):
-        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, path) from None
-        try:
-            _setns(target)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, path) from None
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            # Failing to return would leave the reactor thread in the wrong
-            # namespace for every later socket: let that error propagate.
-            _setns(own)
-    finally:
-        os.close(own)
-
-
-class _IPacketSystem(Interface):
-    """
-    The operating system as ``AoEPort`` sees it: packet sockets named by descriptor.
-
-    Errors are ``OSError`` with the ``errno`` the kernel would give.
+    The port calls ``datagramReceived`` for each frame, as for any datagram
+    protocol (``frameReceivedInto`` instead for an ``IZeroCopyFrameSink`` on
+    rings) and, if the protocol provides this interface, ``drainFinished``
+    once after each drain that delivered frames.  A protocol providing
+    neither interface gets ``datagramReceived`` only.  The port reads what a
+    protocol provides once, when it is built.
     """
 
-    def open(interface: str, ethertype: int, netns: str | None = None) -> int:  # noqa: N805
+    def drainFinished() -> None:
         """
-        Open a non-blocking raw packet socket bound to ``interface`` and ``ethertype``.
+        Called once after the frames of one drain (one ``doRead``), if there were any.
 
-        Create it inside network namespace ``netns`` if that is not ``None``.
-        Return its file descriptor.
-        """
-
-    def adopt(fd: int) -> int:  # noqa: N805
-        """
-        Take over ``fd``, an open packet socket already bound (by another process, say).
-
-        Make it non-blocking and return the descriptor to use from now on; the
-        system closes it in ``close``.  ``EBADF`` if it is not an open socket.
+        The end of a burst: where ``AoEProtocol`` makes the writes of the
+        drain durable at once.  What it writes goes out with the drain's last
+        TX batch.  An exception is logged and reading goes on.
         """
 
-    def hardware_address(fd: int) -> bytes:  # noqa: N805
-        """Return the 6-byte MAC address of the interface ``fd`` is bound to."""
 
-    def mtu(fd: int, interface: str) -> int:  # noqa: N805
-        """Return the MTU of ``interface`` (as seen from ``fd``'s namespace)."""
+class IZeroCopyFrameSink(IFrameSink):
+    """
+    A protocol that answers frames in place: read from the RX ring, written into the TX ring.
 
-    def set_receive_buffer(fd: int, size: int) -> int:  # noqa: N805
-        """Ask for at least ``size`` bytes of receive buffer; return what the socket has."""
+    On a port with ``PACKET_MMAP`` rings such a protocol gets
+    ``frameReceivedInto`` instead of ``datagramReceived`` (which it still
+    gets, with a copy, on a port without rings).
+    """
 
-    def recvfrom(fd: int, bufsize: int) -> tuple[bytes, tuple[Any, ...]]:  # noqa: N805
+    def frameReceivedInto(frame: memoryview, reply: memoryview | None) -> int:  # noqa: N805
         """
-        Return the next frame (at most ``bufsize`` bytes) and its ``sockaddr_ll``.
+        Handle ``frame`` (a view of its RX slot) and answer, if it can, into ``reply``.
 
-        The address is ``(interface, protocol, pkttype, hatype, source MAC)``.
-        Raise ``OSError(EAGAIN)`` when nothing is waiting.
+        ``reply`` is a view of the next free TX slot (``None`` if the TX ring
+        is full).  Return the length of the reply written there, or 0 if none:
+        the protocol may have answered through ``transport.write`` instead, but
+        not both.  Neither view may be kept after the call returns: the port
+        releases ``frame`` and gives the slot back to the kernel.
         """
-
-    def send(fd: int, frame: bytes) -> int:  # noqa: N805
-        """Transmit ``frame`` (with its Ethernet header) as one frame."""
-
-    def close(fd: int) -> None:  # noqa: N805
-        """Close the socket."""
-
-
-@implementer(_IPacketSystem)
-class _RealPacketSystem:
-    """Linux ``AF_PACKET`` sockets, kept by descriptor so the port can speak in ``fileno``s."""
-
-    def __init__(self) -> None:
-        self._sockets: dict[int, socket.socket] = {}
-
-    def _socket(self, fd: int) -> socket.socket:
-        """Return the socket ``fd`` names; ``EBADF`` if this system did not open it."""
-        try:
-            return self._sockets[fd]
-        except KeyError:
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
-
-    def open(self, interface: str, ethertype: int, netns: str | None = None) -> int:
-        """Create, bind and unblock a packet socket (see ``_IPacketSystem.open``)."""
-        with _network_namespace(netns):
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
-        try:
-            sock.bind((interface, ethertype))
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self._sockets[sock.fileno()] = sock
-        return sock.fileno()
-
-    def adopt(self, fd: int) -> int:
-        """Wrap the bound packet socket ``fd`` (see ``_IPacketSystem.adopt``)."""
-        if fd in self._sockets:
-            return fd
-        sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_PACKET:
-            sock.detach()
-            raise OSError(errno.ENOTSOCK, "not an AF_PACKET socket")
-        sock.setblocking(False)
-        self._sockets[fd] = sock
-        return fd
-
-    def map_rings(self, fd: int, rx: RingGeometry, tx: RingGeometry) -> PacketRings:
-        """
-        Give ``fd`` an RX and a TX ring of these shapes (``PACKET_MMAP``) and map them.
-
-        Optional in an ``_IPacketSystem``: the port uses ``recvfrom`` and
-        ``send`` on a system without it or when it returns ``None`` (no rings
-        on offer), and falls back to them, with a warning, if it raises ``OSError``.
-        """
-        return PacketRings.setup(self._socket(fd), rx, tx)
-
-    def flush(self, fd: int) -> int:
-        """Ask the kernel to send every TX ring slot marked ``TP_STATUS_SEND_REQUEST``."""
-        return self._socket(fd).send(b"", socket.MSG_DONTWAIT)
-
-    def hardware_address(self, fd: int) -> bytes:
-        """Read the bound interface's MAC from ``getsockname()`` (``sll_addr``)."""
-        return bytes(self._socket(fd).getsockname()[4])
-
-    def mtu(self, fd: int, interface: str) -> int:
-        """Ask the kernel with ``SIOCGIFMTU``."""
-        request = _IFREQ_MTU.pack(interface.encode("utf-8", "surrogateescape"), 0)
-        reply = fcntl.ioctl(fd, _SIOCGIFMTU, request)
-        mtu: int = _IFREQ_MTU.unpack(reply)[1]
-        return mtu
-
-    def set_receive_buffer(self, fd: int, size: int) -> int:
-        """
-        Grow ``SO_RCVBUF`` to ``size`` if it is smaller.
-
-        ``SO_RCVBUFFORCE`` (root) may exceed ``net.core.rmem_max``; without the
-        privilege ``SO_RCVBUF`` is capped there.  The kernel reports twice what
-        was asked (it counts its bookkeeping), so compare against half.
-        """
-        sock = self._socket(fd)
-        current: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        if current // 2 >= size:
-            return current
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-        result: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        return result
-
-    def recvfrom(self, fd: int, bufsize: int) -> tuple[bytes, tuple[Any, ...]]:
-        """``socket.recvfrom``."""
-        return self._socket(fd).recvfrom(bufsize)
-
-    def send(self, fd: int, frame: bytes) -> int:
-        """``socket.send`` on the bound socket: the kernel sends on its interface."""
-        return self._socket(fd).send(frame)
-
-    def close(self, fd: int) -> None:
-        """Close and forget the socket."""
-        self._socket(fd).close()
-        del self._sockets[fd]
 
 
 @implementer(interfaces.IListeningPort)
@@ -401,9 +205,11 @@ class AoEPort(abstract.FileDescriptor):
     ) -> None:
         """
         @param interface: the interface to bind to, e.g. ``"eth0"``.
-        @param protocol: the protocol fed with every frame received.
+        @param protocol: the protocol fed with every frame received; what it
+            provides (``IFrameSink``, ``IZeroCopyFrameSink``) is read here, once.
         @param reactor: the reactor to register with (the global one by default).
-        @param system: an ``_IPacketSystem`` (a ``MemoryPacketSystem`` in tests).
+        @param system: an ``IPacketSystem`` (``RealPacketSystem`` by default, a
+            ``MemoryPacketSystem`` in tests); rings need an ``IRingPacketSystem``.
         @param max_frames_per_read: how many frames one ``doRead`` takes at most,
             so a flood on one interface cannot starve the rest of the reactor.
         @param netns: the name of the network namespace (``ip netns``) that
@@ -422,9 +228,12 @@ class AoEPort(abstract.FileDescriptor):
             (``False``: one ``recvfrom`` and one ``send`` per frame).
         """
         abstract.FileDescriptor.__init__(self, reactor)
-        self._system = _RealPacketSystem() if system is None else system
+        self._system: IPacketSystem = RealPacketSystem() if system is None else system
+        self._ring_system = IRingPacketSystem.providedBy(self._system)
         self.interface = interface
         self.protocol = protocol
+        self._frame_sink = IFrameSink.providedBy(protocol)
+        self._zero_copy_sink = IZeroCopyFrameSink.providedBy(protocol)
         self.max_frames_per_read = max_frames_per_read
         self.netns = netns
         self.receive_frames = receive_frames
@@ -504,13 +313,12 @@ class AoEPort(abstract.FileDescriptor):
 
     def _map_rings(self, fd: int, mtu: int) -> PacketRings | None:
         """Set up the RX and TX rings if the system can; ``None`` (logged) if it cannot."""
-        map_rings = getattr(self._system, "map_rings", None)
-        if not self.rings or map_rings is None:
+        if not self.rings or not self._ring_system:
             return None
         rx = RingGeometry.for_mtu(mtu, max(_RX_RING_FRAMES, self.receive_frames or 0))
         tx = RingGeometry.for_mtu(mtu, _TX_RING_FRAMES)
         try:
-            rings: PacketRings | None = map_rings(fd, rx, tx)
+            rings: PacketRings | None = self._system.map_rings(fd, rx, tx)
         except OSError as e:
             _log.warn(
                 "AoE port {interface}: no PACKET_MMAP rings ({error}); "
@@ -533,9 +341,9 @@ class AoEPort(abstract.FileDescriptor):
         event drains a burst instead of costing a reactor turn per frame.  An
         exception from the protocol is logged and reading goes on.
 
-        If the protocol has a ``drainFinished()`` method, it is called once
-        after the frames of the drain (if there were any): the end of a burst,
-        where ``AoEProtocol`` makes a group of writes durable at once.
+        If the protocol provides ``IFrameSink``, its ``drainFinished()`` is
+        called once after the frames of the drain (if there were any): the end
+        of a burst, where ``AoEProtocol`` makes a group of writes durable at once.
 
         With rings, the frames are read from the RX ring in place (no system
         call), and the replies written during the drain (and its
@@ -560,24 +368,22 @@ class AoEPort(abstract.FileDescriptor):
                     self._batching = False
 
     def _drain_finished(self, received: int) -> None:
-        """Call the protocol's ``drainFinished`` if frames were received since ``received``."""
-        if self.frames_received == received:
+        """Call an ``IFrameSink``'s ``drainFinished`` if frames came since ``received``."""
+        if self.frames_received == received or not self._frame_sink:
             return
-        drain_finished = getattr(self.protocol, "drainFinished", None)
-        if drain_finished is not None:
-            try:
-                drain_finished()
-            except Exception:
-                _log.failure(
-                    "Unhandled exception from {protocol}.drainFinished",
-                    protocol=fullyQualifiedName(type(self.protocol)),
-                )
+        try:
+            self.protocol.drainFinished()  # type: ignore[attr-defined]
+        except Exception:
+            _log.failure(
+                "Unhandled exception from {protocol}.drainFinished",
+                protocol=fullyQualifiedName(type(self.protocol)),
+            )
 
     def _drain_ring(self, rings: PacketRings) -> None:
         """
         Pass the frames waiting in the RX ring to the protocol, in place.
 
-        A protocol with ``frameReceivedInto(frame, reply) -> int`` gets each
+        An ``IZeroCopyFrameSink`` gets ``frameReceivedInto(frame, reply)``: each
         frame as a ``memoryview`` of its RX slot and ``reply``, a view of the
         next free TX slot (``None`` if the TX ring is full); it returns the
         length of the reply it wrote there (0 if none: it may have answered
@@ -595,7 +401,7 @@ class AoEPort(abstract.FileDescriptor):
         max_frame = self._max_frame
         accept_other = self.accept_other_hosts
         protocol = self.protocol
-        into = getattr(protocol, "frameReceivedInto", None)
+        into = protocol.frameReceivedInto if self._zero_copy_sink else None  # type: ignore[attr-defined]
         tx_frames = rings.tx_frames
         tx_offsets = rings.tx_offsets
         tx_slots = len(tx_offsets)
@@ -640,7 +446,8 @@ class AoEPort(abstract.FileDescriptor):
                                 if tx < 0 or (written < MIN_FRAME_SIZE and pad):
                                     self._tx_queue(rings, tx, written)
                                 else:
-                                    # _tx_queue inlined: the common case, a reply in a free slot.
+                                    # _tx_queue (and PacketRings.tx_commit) inlined: the
+                                    # common case, a reply in a free slot.
                                     tx_offset = tx_offsets[tx]
                                     pack_len(view, tx_offset + 4, written)
                                     status[tx_offset >> 2] = TP_STATUS_SEND_REQUEST
@@ -695,11 +502,7 @@ class AoEPort(abstract.FileDescriptor):
         if length < MIN_FRAME_SIZE and self.pad_frames:
             rings.tx_frames[tx][length:MIN_FRAME_SIZE] = bytes(MIN_FRAME_SIZE - length)
             length = MIN_FRAME_SIZE
-        offset = rings.tx_offsets[tx]
-        TX_LEN.pack_into(rings.view, offset + 4, length)
-        rings.status[offset >> 2] = TP_STATUS_SEND_REQUEST
-        tx += 1
-        rings.tx_next = 0 if tx == len(rings.tx_offsets) else tx
+        rings.tx_commit(tx, length)
         self.frames_sent += 1
         self._unflushed += 1
         if not self._batching or self._unflushed >= self.tx_batch:

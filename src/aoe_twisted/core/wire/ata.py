@@ -7,8 +7,8 @@ import struct
 
 from attrs import frozen
 
-from aoe_twisted.wire.constants import ATAFlag, Error
-from aoe_twisted.wire.errors import FrameTooShort, ProtocolError
+from aoe_twisted.core.wire.constants import ATAFlag, Error
+from aoe_twisted.core.wire.errors import FrameTooShort, ProtocolError
 
 __all__ = ["ATA_ARG_SIZE", "ATAArg"]
 

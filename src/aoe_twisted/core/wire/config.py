@@ -7,8 +7,8 @@ import struct
 
 from attrs import frozen
 
-from aoe_twisted.wire.constants import MAX_CONFIG_STRING, Error
-from aoe_twisted.wire.errors import FrameTooShort, ProtocolError
+from aoe_twisted.core.wire.constants import MAX_CONFIG_STRING, Error
+from aoe_twisted.core.wire.errors import FrameTooShort, ProtocolError
 
 __all__ = ["CONFIG_ARG_SIZE", "ConfigArg"]
 

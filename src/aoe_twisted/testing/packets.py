@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_port -*-
 """
-Fakes for testing code built on ``aoe_twisted.port``, as ``twisted.pair.testing`` is for tuntap.
+Fakes for testing code built on ``aoe_twisted.net.port``, as ``twisted.pair.testing`` is for tuntap.
 
-``MemoryPacketSystem`` stands in for the kernel's packet sockets: give it
+``MemoryPacketSystem`` (an ``IRingPacketSystem``, from
+``aoe_twisted.net.packetsystem``) stands in for the kernel's packet sockets: give it
 interfaces (optionally joined in pairs, like a veth pair), hand it to
 ``AoEPort(..., system=...)``, then push frames in and look at what came out.
 Failures are injected the way the kernel reports them: an ``OSError`` with
@@ -22,8 +23,10 @@ from typing import Any
 from attrs import define, field
 from zope.interface import implementer
 
-from aoe_twisted.port import _IPacketSystem
-from aoe_twisted.ring import (
+from aoe_twisted.core.wire import BROADCAST_MAC
+from aoe_twisted.net.netns import NETNS_RUN_DIR
+from aoe_twisted.net.packetsystem import IRingPacketSystem
+from aoe_twisted.net.ring import (
     SOCKADDR_LL,
     TP_STATUS_AVAILABLE,
     TP_STATUS_KERNEL,
@@ -34,7 +37,6 @@ from aoe_twisted.ring import (
     PacketRings,
     RingGeometry,
 )
-from aoe_twisted.wire import BROADCAST_MAC
 
 __all__ = ["MemoryInterface", "MemoryPacketSocket", "MemoryPacketSystem"]
 
@@ -175,19 +177,20 @@ class MemoryInterface:
             self.peer.receive(frame)
 
 
-@implementer(_IPacketSystem)
+@implementer(IRingPacketSystem)
 class MemoryPacketSystem:
     """
-    An in-memory ``_IPacketSystem``: interfaces, namespaces and packet sockets.
+    An in-memory ``IRingPacketSystem``: interfaces, namespaces and packet sockets.
 
     ``privileged`` false makes ``open`` fail with ``EPERM``, as it does
     without ``CAP_NET_RAW``; an unknown interface gives ``ENODEV`` and an
     unknown namespace ``ENOENT``, just as the real system does.
 
-    With ``rings`` it also offers ``map_rings`` and ``flush``: sockets then
-    get ``PACKET_MMAP`` rings in memory (a ``bytearray``), filled and emptied
-    the way the kernel fills and empties them, so the port's ring walk runs
-    in unit tests.  Put an ``OSError`` in ``ring_errors`` to make the next
+    With ``rings`` on, ``map_rings`` gives sockets ``PACKET_MMAP`` rings in
+    memory (a ``bytearray``), filled and emptied the way the kernel fills and
+    empties them, so the port's ring walk runs in unit tests; with it off,
+    ``map_rings`` returns ``None`` (no rings on offer) and the port uses
+    ``recvfrom`` and ``send``.  Put an ``OSError`` in ``ring_errors`` to make the next
     ``map_rings`` fail with it.
     """
 
@@ -246,9 +249,10 @@ class MemoryPacketSystem:
         return sock
 
     def open(self, interface: str, ethertype: int, netns: str | None = None) -> int:
-        """Open a socket on ``interface`` (see ``_IPacketSystem.open``)."""
+        """Open a socket on ``interface`` (see ``IPacketSystem.open``)."""
         if netns is not None and netns not in self.namespaces:
-            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), f"/var/run/netns/{netns}")
+            path = os.path.join(NETNS_RUN_DIR, netns)
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         if not self.privileged:
             raise _oserror(errno.EPERM)
         try:
@@ -268,7 +272,7 @@ class MemoryPacketSystem:
         return fd
 
     def map_rings(self, fd: int, rx: RingGeometry, tx: RingGeometry) -> PacketRings | None:
-        """Give the socket rings in memory (see the class docstring); ``None`` without ``rings``."""
+        """Give the socket rings in memory, or ``None`` if ``rings`` is off."""
         sock = self._socket(fd)
         if not self.rings:
             return None

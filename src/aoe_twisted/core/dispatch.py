@@ -1,0 +1,317 @@
+# -*- test-case-name: tests.test_dispatch -*-
+"""
+One interface's frames in, to the targets behind it, and decisions out.
+
+``Dispatcher.frame_received`` is the whole sans-IO core for one Ethernet
+interface: it decodes the frame, lets every target answer and returns a
+``Decision``: the reply frames to send, the disk operations still to carry
+out (each completes, through ``Dispatcher.complete``, into one more
+decision), the target a reply acknowledges a write to, and why a frame was
+dropped as malformed.  The Twisted layer acts on decisions; it never looks
+inside a frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field, setters
+
+from aoe_twisted.core.decision import NOTHING, Decision
+from aoe_twisted.core.fastpath import fast_reply, fast_reply_into
+from aoe_twisted.core.operations import perform
+from aoe_twisted.core.target import Pending, StoreFailure, Target
+from aoe_twisted.core.wire import (
+    BROADCAST_MAC,
+    ETHERTYPE,
+    EthernetFrame,
+    FrameTooShort,
+    Header,
+    ProtocolError,
+    WireError,
+    format_mac,
+)
+
+__all__ = ["Dispatcher", "FrameCounters"]
+
+
+@define(slots=True)
+class FrameCounters:
+    """
+    Frames counted by fate, as plain ints (an increment is one attribute store).
+
+    ``received`` (every frame), ``not_aoe``, ``malformed``, ``response``
+    (other targets' replies, never answered), ``unaddressed`` (for no target
+    here), ``silent`` (addressed, but masked or a config test that did not
+    match), ``answered`` (frames that got a reply), ``replies`` (reply
+    frames produced), ``unencodable`` (replies that could not be encoded, a
+    bug), ``faults`` (failures of a target's ACL store).  ``fast`` counts the
+    frames the fast path answered, which are also in ``received``,
+    ``answered`` and ``replies``.  ``counters["received"]`` reads one by name.
+    """
+
+    received: int = 0
+    not_aoe: int = 0
+    malformed: int = 0
+    response: int = 0
+    unaddressed: int = 0
+    silent: int = 0
+    answered: int = 0
+    replies: int = 0
+    unencodable: int = 0
+    faults: int = 0
+    fast: int = 0
+
+    def __getitem__(self, name: str) -> int:
+        """Return the counter ``name``; ``KeyError`` for a name that is not one."""
+        if name not in _COUNTER_NAMES:
+            raise KeyError(name)
+        value: int = getattr(self, name)
+        return value
+
+    def as_dict(self) -> dict[str, int]:
+        """Return every counter by name."""
+        return {name: getattr(self, name) for name in _COUNTER_NAMES}
+
+
+_COUNTER_NAMES = tuple(f.name for f in FrameCounters.__attrs_attrs__)  # type: ignore[attr-defined]
+
+
+def _check_mac(instance: object, attribute: object, value: object) -> None:
+    """Accept a 6-byte unicast MAC: replies are sent from it."""
+    if not isinstance(value, bytes) or len(value) != 6:
+        raise ValueError(f"mac must be 6 bytes, not {value!r}")
+    if value[0] & 1:
+        raise ValueError(f"mac must be a unicast address, not {format_mac(value)}")
+
+
+def _check_targets(instance: object, attribute: object, value: list[Target]) -> None:
+    """Refuse two targets at the same shelf.slot: an initiator could not tell them apart."""
+    seen: set[tuple[int, int]] = set()
+    for target in value:
+        address = (target.shelf, target.slot)
+        if address in seen:
+            raise ValueError(f"two targets at e{target.shelf}.{target.slot}")
+        seen.add(address)
+
+
+# Validators run at construction only: no __setattr__ hook, so per-frame
+# attribute stores cost an attribute store and not a call through attrs.
+@define(on_setattr=setters.NO_OP)
+class Dispatcher:
+    """
+    The targets exported on one interface whose MAC address is ``mac``.
+
+    ``counters`` (a ``FrameCounters``) counts frames by fate.
+
+    With ``fast_path`` (the default) plain ATA reads and writes are answered
+    by ``aoe_twisted.core.fastpath`` straight from the frame's bytes, with the
+    same reply bytes and counters as the general path.  With ``hold_writes``
+    (``--sync``: writes are acknowledged only once durable) the fast path
+    leaves writes to the general path, and every decision acknowledging a
+    write carries its ``refusal``.
+    """
+
+    mac: bytes = field(validator=_check_mac)
+    targets: list[Target] = field(factory=list, validator=_check_targets)
+    counters: FrameCounters = field(factory=FrameCounters)
+    fast_path: bool = True
+    hold_writes: bool = False
+
+    def frame_received(self, frame: bytes | memoryview) -> Decision:
+        """
+        Decide about one received Ethernet frame.
+
+        ``frame`` may be a ``memoryview`` (of a receive ring slot) that is
+        reused once this returns: the fast path reads it in place, and
+        anything else is copied before the general path decodes it.
+        """
+        if self.fast_path:
+            decision = fast_reply(frame, self.mac, self.targets, not self.hold_writes)
+            if decision is not None:
+                counters = self.counters
+                counters.received += 1
+                counters.answered += 1
+                counters.replies += 1
+                counters.fast += 1
+                return decision
+        return self.general(frame)
+
+    def frame_received_into(self, frame: bytes | memoryview, reply: memoryview) -> int:
+        """
+        Answer ``frame`` into ``reply`` by the fast path; return the reply's length, or 0.
+
+        The zero-copy entry (``fastpath.fast_reply_into``), counted as
+        ``frame_received`` counts when it answers.  0 means nothing was done
+        or counted: the caller then hands the frame to ``general`` (not to
+        ``frame_received``, which would try the fast path again).  Nothing
+        refers to ``frame`` or ``reply`` afterwards.
+        """
+        if not self.fast_path:
+            return 0
+        length = fast_reply_into(frame, reply, self.mac, self.targets, not self.hold_writes)
+        if length:
+            counters = self.counters
+            counters.received += 1
+            counters.answered += 1
+            counters.replies += 1
+            counters.fast += 1
+        return length
+
+    def general(self, frame: bytes | memoryview) -> Decision:
+        """Decide about ``frame`` by the general path alone: the codec and the targets."""
+        counters = self.counters
+        counters.received += 1
+        if not isinstance(frame, bytes):
+            # What the targets keep (a write's data) must outlive a ring slot.
+            frame = bytes(frame)
+        try:
+            ethernet = EthernetFrame.from_bytes(frame)
+        except FrameTooShort as e:
+            return self._malformed(str(e))
+        if ethernet.ethertype != ETHERTYPE:
+            counters.not_aoe += 1
+            return NOTHING
+        src = ethernet.src
+        if src[0] & 1:
+            return self._malformed(f"multicast source address {format_mac(src)}")
+        try:
+            header = Header.from_bytes(ethernet.payload)
+        except ProtocolError as e:
+            headers = [reply for target in self.targets for reply in target.reject(src, e)]
+            decision = self._decision(src, headers, [])
+            counters.malformed += 1
+            decision.malformed = f"from {format_mac(src)}: {e}"
+            return decision
+        except WireError as e:
+            return self._malformed(f"from {format_mac(src)}: {e}")
+        if header.flag_response:
+            counters.response += 1
+            return NOTHING
+        headers: list[Header] = []
+        pending: list[Pending] = []
+        faults: list[str] = []
+        for target in self.targets:
+            for answer in target.decide(src, header):
+                if isinstance(answer, Header):
+                    headers.append(answer)
+                elif isinstance(answer, Pending):
+                    pending.append(answer)
+                else:
+                    headers.append(answer.reply)
+                    faults.append(_describe(answer))
+        if not headers and not pending:
+            major = header.major
+            minor = header.minor
+            if any(target.addresses(major, minor) for target in self.targets):
+                counters.silent += 1
+            else:
+                counters.unaddressed += 1
+            return NOTHING
+        decision = self._decision(src, headers, pending)
+        if faults:
+            counters.faults += len(faults)
+            decision.fault = "; ".join(faults)
+        return decision
+
+    def complete(
+        self, pending: Pending, result: bytes | None, error: OSError | None = None
+    ) -> Decision:
+        """
+        Decide the reply to ``pending`` once its disk operation gave ``result`` (or ``error``).
+
+        May be called at any time after the frame's decision, in any order
+        with other operations: nothing in the dispatcher waits for it.  A
+        successful write's decision names its target in ``written`` and,
+        with ``hold_writes``, carries its ``refusal``.
+        """
+        frames = self._frames(pending.initiator, [pending.reply(result, error)])
+        if not frames:
+            return NOTHING
+        decision = Decision(tuple(frames))
+        if error is None and pending.writes:
+            decision.written = pending.target
+            if self.hold_writes:
+                decision.refusal = self.refusal(pending)
+        return decision
+
+    def serve(self, frame: bytes | memoryview) -> list[bytes]:
+        """
+        Decide about ``frame``, carry out its disk operations at once, return every reply.
+
+        ``settle(frame_received(frame))``: the whole answer, synchronously
+        and without group commit, for synchronous callers such as the fuzz
+        harness, the benchmarks and the tests.  The server acts on decisions
+        itself.
+        """
+        return self.settle(self.frame_received(frame))
+
+    def settle(self, decision: Decision) -> list[bytes]:
+        """Carry out ``decision``'s disk operations now (``perform``); return its replies."""
+        replies = list(decision.replies)
+        for pending in decision.pending:
+            try:
+                result = perform(pending.io, pending.target.backend)
+            except OSError as e:
+                replies.extend(self.complete(pending, None, e).replies)
+            else:
+                replies.extend(self.complete(pending, result).replies)
+        return replies
+
+    def refusal(self, pending: Pending) -> bytes:
+        """Return the ``ERR|DRDY``/``ABRT`` reply refusing ``pending``'s write (frame)."""
+        refused = pending.reply(None, OSError("not durable"))
+        frames = self._frames(pending.initiator, [refused], count=False)
+        return frames[0] if frames else b""
+
+    def announcements(self) -> list[bytes]:
+        """
+        Return every target's start-up announcement frame.
+
+        Each goes to the broadcast address or, while the target's mask list is
+        not empty, to each MAC on that list (as vblade does).
+        """
+        frames = []
+        for target in self.targets:
+            payload = target.announcement().to_bytes()
+            for dst in target.acl.mask_list or (BROADCAST_MAC,):
+                frames.append(EthernetFrame(dst, self.mac, ETHERTYPE, payload).to_bytes(pad=True))
+        return frames
+
+    def _decision(self, dst: bytes, headers: list[Header], pending: list[Pending]) -> Decision:
+        """Return the decision sending ``headers`` to ``dst`` once encoded, after ``pending``."""
+        frames = self._frames(dst, headers)
+        if frames or pending:
+            # Answered now, or once its operations complete: counted once either way.
+            self.counters.answered += 1
+        return Decision(tuple(frames), pending=tuple(pending))
+
+    def _frames(self, dst: bytes, headers: list[Header], count: bool = True) -> list[bytes]:
+        """Encode reply ``headers`` into padded frames from us to ``dst``, counting ``replies``."""
+        counters = self.counters
+        frames = []
+        for header in headers:
+            try:
+                payload = header.to_bytes()
+            except WireError:
+                counters.unencodable += 1
+                continue
+            frames.append(EthernetFrame(dst, self.mac, ETHERTYPE, payload).to_bytes(pad=True))
+        if count:
+            counters.replies += len(frames)
+        return frames
+
+    def _malformed(self, reason: str) -> Decision:
+        """Count a frame that is not a valid AoE request and say why."""
+        self.counters.malformed += 1
+        return Decision(malformed=reason)
+
+
+def _describe(failure: StoreFailure) -> str:
+    """Say, in one line, which target's store failed and why."""
+    target: Any = failure.target
+    error = failure.error
+    return (
+        f"e{target.shelf}.{target.slot}: cannot store its config/mask/reserve state "
+        f"({error.strerror or error}); answered DEVICE_UNAVAILABLE"
+    )
