@@ -15,19 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from aoe_twisted.core.wire import ETHERTYPE
+from aoe_twisted.core.wire import BROADCAST_MAC, ETHERTYPE
 from aoe_twisted.net.fanout import FanoutError, fanout_index, fanout_program, join_fanout
 from aoe_twisted.net.packetsystem import open_packet_socket
 from aoe_twisted.net.ring import PACKET_FANOUT, PACKET_FANOUT_HASH, SOL_PACKET
+from aoe_twisted.testing import INITIATOR_MAC, config_request, ethernet_frame
 from tests.netns import VethPair
 
 _MACS = st.binary(min_size=6, max_size=6).map(lambda b: bytes([b[0] & 0xFE]) + b[1:])
-
-
-def _frame(src: bytes, shelf: int, slot: int, tag: int) -> bytes:
-    """A config query from ``src`` to ``shelf``.``slot``, numbered by ``tag``."""
-    aoe = bytes([0x10, 0]) + shelf.to_bytes(2, "big") + bytes([slot, 1]) + tag.to_bytes(4, "big")
-    return b"\xff" * 6 + src + ETHERTYPE.to_bytes(2, "big") + aoe + bytes(40)
 
 
 class IndexTests(SynchronousTestCase):
@@ -53,8 +48,7 @@ class IndexTests(SynchronousTestCase):
 
     def test_spreads_targets(self) -> None:
         """One initiator's frames for different slots spread over the workers too."""
-        src = bytes.fromhex("020000000001")
-        workers = {fanout_index(src, 1, slot, 4) for slot in range(32)}
+        workers = {fanout_index(INITIATOR_MAC, 1, slot, 4) for slot in range(32)}
         self.assertEqual(workers, {0, 1, 2, 3})
 
 
@@ -96,7 +90,8 @@ class KernelTests(SynchronousTestCase):
             src = bytes([2, 0x10, 0x20, 0x30, n * 7 % 256, n])
             for shelf, slot in ((0, 1), (7, 3), (65000, 200)):
                 tag += 1
-                sender.send(_frame(src, shelf, slot, tag))
+                query = config_request(shelf=shelf, slot=slot, tag=tag)
+                sender.send(ethernet_frame(query, src, BROADCAST_MAC, pad=True))
                 expected[fanout_index(src, shelf, slot, 3)].add(tag)
         received = [
             {int.from_bytes(f[20:24], "big") for f in self._received(sock)}
@@ -110,7 +105,8 @@ class KernelTests(SynchronousTestCase):
         first = self._socket()
         second = self._socket()
         sender = self._sender()
-        sender.send(_frame(bytes.fromhex("020000000001"), 1, 1, 99))
+        query = config_request(shelf=1, slot=1, tag=99)
+        sender.send(ethernet_frame(query, INITIATOR_MAC, BROADCAST_MAC, pad=True))
         select.select([second], [], [], 1.0)
         group = join_fanout(first)
         join_fanout(second, group)

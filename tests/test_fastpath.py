@@ -41,11 +41,15 @@ from aoe_twisted.core.wire import (
     Header,
 )
 from aoe_twisted.interfaces import IBlockBackend
+from aoe_twisted.testing import (
+    INITIATOR_MAC,
+    OTHER_MAC,
+    TARGET_MAC,
+    ata_request,
+    ethernet_frame,
+)
 from tests import strategies
 
-OURS = bytes.fromhex("02aa00000001")
-HOST = bytes.fromhex("020000000001")
-OTHER = bytes.fromhex("020000000002")
 MULTICAST = bytes.fromhex("030000000001")
 TAG = b"\x01\x02\x03\x04"
 SECTORS = 64
@@ -108,36 +112,7 @@ class Setup:
             backend: Any = FailingBackend(disk) if self.failing else disk
             acl = MemoryACLStore(mask_list=self.mask, reserve_list=self.reserve)
             targets.append(Target(1, slot, backend, acl=acl, max_sectors=self.max_sectors))
-        return Dispatcher(OURS, targets, fast_path=fast_path)
-
-
-def request(
-    cmd: int = ATACmdStatus.READ_48BIT,
-    count: int = 1,
-    lba: int = 0,
-    data: bytes = b"",
-    *,
-    aflags: int | None = None,
-    verflags: int = 0x10,
-    error: int = 0,
-    major: int = 1,
-    minor: int = 0,
-    command: int = 0,
-    feature: int = 0,
-    reserved: int = 0,
-    src: bytes = HOST,
-    ethertype: int = ETHERTYPE,
-) -> bytes:
-    """Return an ATA request frame built byte by byte (Linux's flags by default)."""
-    if aflags is None:
-        aflags = 0x40 | (0x01 if cmd in _WRITES else 0)
-    return (
-        FRAME_HEADER.pack(
-            OURS, src, ethertype, verflags, error, major, minor, command, TAG,
-            aflags, feature, count, cmd, lba.to_bytes(6, "little"), reserved,
-        )
-        + data
-    )
+        return Dispatcher(TARGET_MAC, targets, fast_path=fast_path)
 
 
 def sectors(count: int, fill: int = 0xA5) -> bytes:
@@ -148,7 +123,9 @@ def sectors(count: int, fill: int = 0xA5) -> bytes:
 @st.composite
 def setups(draw: st.DrawFn) -> Setup:
     """Target configurations: usually plain, sometimes masked, reserved, read-only or failing."""
-    lists = st.sampled_from([(), (), (), (HOST,), (OTHER,), (OTHER, HOST)])
+    lists = st.sampled_from(
+        [(), (), (), (INITIATOR_MAC,), (OTHER_MAC,), (OTHER_MAC, INITIATOR_MAC)]
+    )
     unusual = draw(st.sets(st.sampled_from(["read_only", "failing", "mask", "reserve"])))
     return Setup(
         max_sectors=draw(st.integers(1, 4)),
@@ -202,20 +179,24 @@ def near_requests(draw: st.DrawFn) -> bytes:
         st.sampled_from([length, length, length + 1, length + 24]),
         st.integers(0, 5 * SECTOR_SIZE + 1),
     )
-    frame = request(
+    message = ata_request(
         cmd,
-        count,
-        lba,
-        draw(st.binary(min_size=length, max_size=length)),
+        count=count,
+        lba=lba,
+        data=draw(st.binary(min_size=length, max_size=length)),
         aflags=aflags,
         verflags=pick("verflags", st.just(0x10), st.sampled_from([0x14, 0x18, 0x1C, 0x20, 0])),
         error=pick("error", st.just(0), strategies.uint8),
-        major=pick("major", st.just(1), st.sampled_from([0, 2, 0xFFFF])),
-        minor=pick("minor", st.sampled_from([0, 1]), st.sampled_from([2, 0xFF])),
-        command=pick("command", st.just(0), st.integers(1, 5)),
+        shelf=pick("major", st.just(1), st.sampled_from([0, 2, 0xFFFF])),
+        slot=pick("minor", st.sampled_from([0, 1]), st.sampled_from([2, 0xFF])),
+        aoe_command=pick("command", st.just(0), st.integers(1, 5)),
         feature=pick("feature", st.just(0), strategies.uint8),
         reserved=pick("reserved", st.just(0), strategies.uint16),
-        src=pick("src", st.just(HOST), st.sampled_from([OTHER, MULTICAST])),
+        tag=TAG,
+    )
+    frame = ethernet_frame(
+        message,
+        pick("src", st.just(INITIATOR_MAC), st.sampled_from([OTHER_MAC, MULTICAST])),
         ethertype=pick("ethertype", st.just(ETHERTYPE), st.sampled_from([0x0800, 0x88A3])),
     )
     if "mutate" in unusual:
@@ -227,9 +208,7 @@ def near_requests(draw: st.DrawFn) -> bytes:
 frames = st.one_of(
     near_requests(),
     near_requests(),
-    strategies.aoe_frames.map(lambda f: EthernetFrame(OURS, f.src, f.ethertype, f.payload)).map(
-        EthernetFrame.to_bytes
-    ),
+    strategies.aoe_frames.map(lambda f: ethernet_frame(f.payload, f.src, ethertype=f.ethertype)),
 )
 
 
@@ -338,8 +317,10 @@ class EquivalenceTests(SynchronousTestCase):
         write = cmd in _WRITES
         aflags = aflags | 0x01 if write else aflags & ~0x01
         data = sectors(count) + bytes(extra) if write else b""
-        frame = request(cmd, count, lba, data, aflags=aflags, feature=feature)
-        frame = frame[:20] + tag + frame[24:]
+        message = ata_request(
+            cmd, count=count, lba=lba, data=data, aflags=aflags, feature=feature, tag=tag
+        )
+        frame = ethernet_frame(message)
         setup = Setup(max_sectors=4)
         fast = setup.dispatcher(fast_path=True)
         general = setup.dispatcher(fast_path=False)
@@ -364,13 +345,14 @@ class FastPathTests(SynchronousTestCase):
         """
         dispatcher = Setup().dispatcher(fast_path=True)
         dispatcher.targets[0].backend.write(5 * SECTOR_SIZE, sectors(2, 0x5A))
-        [reply] = dispatcher.serve(request(0x24, 2, 5, aflags=0x52))
+        frame = ethernet_frame(ata_request(0x24, count=2, lba=5, aflags=0x52, tag=TAG))
+        [reply] = dispatcher.serve(frame)
         self.assertEqual(dispatcher.counters.fast, 1)
         self.assertEqual(
             reply,
             EthernetFrame(
-                HOST,
-                OURS,
+                INITIATOR_MAC,
+                TARGET_MAC,
                 ETHERTYPE,
                 Header(
                     flag_response=True,
@@ -390,7 +372,8 @@ class FastPathTests(SynchronousTestCase):
         A write lands on the disk (without the padding) and its reply is padded to 60 bytes.
         """
         dispatcher = Setup().dispatcher(fast_path=True)
-        frame = request(0x34, 2, 7, sectors(2, 0x33) + b"\xee" * 10)
+        data = sectors(2, 0x33) + b"\xee" * 10
+        frame = ethernet_frame(ata_request(0x34, count=2, lba=7, data=data))
         [reply] = dispatcher.serve(frame)
         self.assertEqual(dispatcher.counters.fast, 1)
         self.assertEqual(len(reply), MIN_FRAME_SIZE)
@@ -404,7 +387,8 @@ class FastPathTests(SynchronousTestCase):
         A write the backend fails is answered ERR|DRDY/ABRT by the fast path, tried only once.
         """
         dispatcher = Setup(failing=True).dispatcher(fast_path=True)
-        [reply] = dispatcher.serve(request(0x34, 1, BAD_SECTOR, sectors(1)))
+        frame = ethernet_frame(ata_request(0x34, lba=BAD_SECTOR, data=sectors(1)))
+        [reply] = dispatcher.serve(frame)
         self.assertEqual(dispatcher.counters.fast, 1)
         self.assertEqual(writes(dispatcher), [1, 0])
         arg = Header.from_bytes(EthernetFrame.from_bytes(reply).payload).arg
@@ -418,7 +402,7 @@ class FastPathTests(SynchronousTestCase):
         A read the backend fails is answered ERR|DRDY/UNC by the fast path.
         """
         dispatcher = Setup(failing=True).dispatcher(fast_path=True)
-        [reply] = dispatcher.serve(request(0x24, 1, BAD_SECTOR))
+        [reply] = dispatcher.serve(ethernet_frame(ata_request(0x24, lba=BAD_SECTOR)))
         self.assertEqual(dispatcher.counters.fast, 1)
         arg = Header.from_bytes(EthernetFrame.from_bytes(reply).payload).arg
         self.assertEqual((arg.cmd_status, arg.err_feature), (0x41, ATAError.UNC))
@@ -427,8 +411,9 @@ class FastPathTests(SynchronousTestCase):
         """
         A source on both a non-empty mask list and reserve list still takes the fast path.
         """
-        dispatcher = Setup(mask=(OTHER, HOST), reserve=(HOST,)).dispatcher(fast_path=True)
-        self.assertEqual(len(dispatcher.serve(request())), 1)
+        setup = Setup(mask=(OTHER_MAC, INITIATOR_MAC), reserve=(INITIATOR_MAC,))
+        dispatcher = setup.dispatcher(fast_path=True)
+        self.assertEqual(len(dispatcher.serve(ethernet_frame(ata_request()))), 1)
         self.assertEqual(dispatcher.counters.fast, 1)
 
     def test_lists_read_each_time(self) -> None:
@@ -436,9 +421,9 @@ class FastPathTests(SynchronousTestCase):
         A mask list set after the first frame stops the next one from taking the fast path.
         """
         dispatcher = Setup().dispatcher(fast_path=True)
-        dispatcher.serve(request())
-        dispatcher.targets[0].acl.set_mask_list((OTHER,))
-        self.assertEqual(dispatcher.serve(request()), [])
+        dispatcher.serve(ethernet_frame(ata_request()))
+        dispatcher.targets[0].acl.set_mask_list((OTHER_MAC,))
+        self.assertEqual(dispatcher.serve(ethernet_frame(ata_request())), [])
         self.assertEqual(dispatcher.counters.fast, 1)
         self.assertEqual(dispatcher.counters["silent"], 1)
 
@@ -447,7 +432,7 @@ class FastPathTests(SynchronousTestCase):
         With ``fast_path=False`` nothing takes the fast path.
         """
         dispatcher = Setup().dispatcher(fast_path=False)
-        self.assertEqual(len(dispatcher.serve(request())), 1)
+        self.assertEqual(len(dispatcher.serve(ethernet_frame(ata_request()))), 1)
         self.assertEqual(dispatcher.counters.fast, 0)
 
     def test_header_struct(self) -> None:
@@ -455,36 +440,41 @@ class FastPathTests(SynchronousTestCase):
         The joined struct is the 36 bytes of Ethernet, AoE and ATA headers.
         """
         self.assertEqual(FRAME_HEADER.size, 14 + 10 + 12)
-        self.assertEqual(FRAME_HEADER.unpack_from(request(major=0x1234))[5], 0x1234)
+        frame = ethernet_frame(ata_request(shelf=0x1234))
+        self.assertEqual(FRAME_HEADER.unpack_from(frame)[5], 0x1234)
         self.assertEqual(struct.calcsize(FRAME_HEADER.format), 36)
 
 
 #: Each way a frame must fall back: (name, setup, frame).
 FALLBACKS: list[tuple[str, Setup, bytes]] = [
-    ("masked target", Setup(mask=(OTHER,)), request()),
-    ("reserved target", Setup(reserve=(OTHER,)), request()),
-    ("broadcast shelf", Setup(), request(major=0xFFFF)),
-    ("broadcast slot", Setup(), request(minor=0xFF)),
-    ("no such target", Setup(), request(minor=2)),
-    ("out of range", Setup(), request(count=2, lba=SECTORS - 1)),
-    ("28-bit LBA out of range", Setup(), request(0x20, lba=SECTORS, aflags=0x40)),
-    ("read-only write", Setup(read_only=True), request(0x34, data=sectors(1))),
-    ("short write data", Setup(), request(0x34, count=2, data=sectors(2)[:-1])),
-    ("count 0", Setup(), request(count=0)),
-    ("count over max", Setup(max_sectors=2), request(count=3)),
-    ("read with W", Setup(), request(0x24, aflags=0x41)),
-    ("write without W", Setup(), request(0x34, aflags=0x40, data=sectors(1))),
-    ("R flag", Setup(), request(verflags=0x18)),
-    ("E flag", Setup(), request(verflags=0x14)),
-    ("bad version", Setup(), request(verflags=0x20)),
-    ("AoE error set", Setup(), request(error=1)),
-    ("not command 0", Setup(), request(command=1)),
-    ("ATA reserved", Setup(), request(reserved=1)),
-    ("IDENTIFY", Setup(), request(0xEC)),
-    ("FLUSH", Setup(), request(0xE7)),
-    ("multicast source", Setup(), request(src=MULTICAST)),
-    ("not AoE", Setup(), request(ethertype=0x0800)),
-    ("truncated", Setup(), request()[:35]),
+    ("masked target", Setup(mask=(OTHER_MAC,)), ethernet_frame(ata_request())),
+    ("reserved target", Setup(reserve=(OTHER_MAC,)), ethernet_frame(ata_request())),
+    ("broadcast shelf", Setup(), ethernet_frame(ata_request(shelf=0xFFFF))),
+    ("broadcast slot", Setup(), ethernet_frame(ata_request(slot=0xFF))),
+    ("no such target", Setup(), ethernet_frame(ata_request(slot=2))),
+    ("out of range", Setup(), ethernet_frame(ata_request(count=2, lba=SECTORS - 1))),
+    (
+        "28-bit LBA out of range",
+        Setup(),
+        ethernet_frame(ata_request(0x20, lba=SECTORS, aflags=0x40)),
+    ),
+    ("read-only write", Setup(read_only=True), ethernet_frame(ata_request(0x34, data=sectors(1)))),
+    ("short write data", Setup(), ethernet_frame(ata_request(0x34, count=2, data=sectors(2)[:-1]))),
+    ("count 0", Setup(), ethernet_frame(ata_request(count=0))),
+    ("count over max", Setup(max_sectors=2), ethernet_frame(ata_request(count=3))),
+    ("read with W", Setup(), ethernet_frame(ata_request(0x24, aflags=0x41))),
+    ("write without W", Setup(), ethernet_frame(ata_request(0x34, aflags=0x40, data=sectors(1)))),
+    ("R flag", Setup(), ethernet_frame(ata_request(verflags=0x18))),
+    ("E flag", Setup(), ethernet_frame(ata_request(verflags=0x14))),
+    ("bad version", Setup(), ethernet_frame(ata_request(verflags=0x20))),
+    ("AoE error set", Setup(), ethernet_frame(ata_request(error=1))),
+    ("not command 0", Setup(), ethernet_frame(ata_request(aoe_command=1))),
+    ("ATA reserved", Setup(), ethernet_frame(ata_request(reserved=1))),
+    ("IDENTIFY", Setup(), ethernet_frame(ata_request(0xEC))),
+    ("FLUSH", Setup(), ethernet_frame(ata_request(0xE7))),
+    ("multicast source", Setup(), ethernet_frame(ata_request(), MULTICAST)),
+    ("not AoE", Setup(), ethernet_frame(ata_request(), ethertype=0x0800)),
+    ("truncated", Setup(), ethernet_frame(ata_request())[:35]),
 ]
 
 
@@ -498,7 +488,7 @@ class FallbackTests(SynchronousTestCase):
         for name, setup, frame in FALLBACKS:
             fast = setup.dispatcher(fast_path=True)
             general = setup.dispatcher(fast_path=False)
-            self.assertIsNone(fast_reply(frame, OURS, fast.targets), name)
+            self.assertIsNone(fast_reply(frame, TARGET_MAC, fast.targets), name)
             self.assertEqual(fast.serve(frame), general.serve(frame), name)
             self.assertEqual(fast.counters.fast, 0, name)
             self.assertEqual(fates(fast), fates(general), name)
@@ -508,9 +498,10 @@ class FallbackTests(SynchronousTestCase):
         """
         The fallback list's base frames take the fast path, so each case tests one thing.
         """
-        for frame in (request(), request(0x34, data=sectors(1)), request(count=2)):
+        for message in (ata_request(), ata_request(0x34, data=sectors(1)), ata_request(count=2)):
+            frame = ethernet_frame(message)
             dispatcher = Setup().dispatcher(fast_path=True)
-            self.assertIsNotNone(fast_reply(frame, OURS, dispatcher.targets))
+            self.assertIsNotNone(fast_reply(frame, TARGET_MAC, dispatcher.targets))
 
 
 @implementer(IBlockBackend)
@@ -552,10 +543,11 @@ class IntoTests(SynchronousTestCase):
         """
         dispatcher = Setup().dispatcher(fast_path=True)
         dispatcher.targets[0].backend.write(5 * SECTOR_SIZE, sectors(2, 0x5A))
-        frame = request(0x24, 2, 5)
+        frame = ethernet_frame(ata_request(0x24, count=2, lba=5))
         [expected] = dispatcher.serve(frame)
         slot = bytearray([_STALE]) * 2000
-        length = fast_reply_into(memoryview(frame), memoryview(slot), OURS, dispatcher.targets)
+        targets = dispatcher.targets
+        length = fast_reply_into(memoryview(frame), memoryview(slot), TARGET_MAC, targets)
         self.assertEqual(length, 36 + 2 * SECTOR_SIZE)
         self.assertEqual(bytes(slot[:length]), expected)
         self.assertEqual(slot[length:], bytearray([_STALE]) * (2000 - length))
@@ -565,12 +557,13 @@ class IntoTests(SynchronousTestCase):
         A write's reply is 60 bytes, its padding zeros whatever the buffer held.
         """
         dispatcher = Setup().dispatcher(fast_path=True)
-        frame = request(0x34, 1, 3, sectors(1, 0x33))
+        frame = ethernet_frame(ata_request(0x34, lba=3, data=sectors(1, 0x33)))
         slot = bytearray([_STALE]) * 100
-        length = fast_reply_into(memoryview(frame), memoryview(slot), OURS, dispatcher.targets)
+        targets = dispatcher.targets
+        length = fast_reply_into(memoryview(frame), memoryview(slot), TARGET_MAC, targets)
         self.assertEqual(length, MIN_FRAME_SIZE)
         self.assertEqual(slot[36:60], bytes(24))
-        decision = fast_reply(frame, OURS, dispatcher.targets)
+        decision = fast_reply(frame, TARGET_MAC, dispatcher.targets)
         assert decision is not None
         self.assertEqual([bytes(slot[:60])], list(decision.replies))
         self.assertEqual(slot[60:], bytearray([_STALE]) * 40)
@@ -581,7 +574,9 @@ class IntoTests(SynchronousTestCase):
         """
         A failed read and a failed write are answered in place as ``fast_reply`` answers them.
         """
-        for frame in (request(0x24, 1, BAD_SECTOR), request(0x34, 1, BAD_SECTOR, sectors(1))):
+        read = ata_request(0x24, lba=BAD_SECTOR)
+        write = ata_request(0x34, lba=BAD_SECTOR, data=sectors(1))
+        for frame in (ethernet_frame(read), ethernet_frame(write)):
             dispatcher = Setup(failing=True).dispatcher(fast_path=True)
             reference = Setup(failing=True).dispatcher(fast_path=True)
             self.assertEqual(received_into(dispatcher, frame), reference.serve(frame))
@@ -591,8 +586,9 @@ class IntoTests(SynchronousTestCase):
         """
         A buffer too small for the reply gets nothing: 0, no backend call, no counter.
         """
-        cases = ((request(0x24, 2, 0), 36 + 1023), (request(0x34, 1, 0, sectors(1)), 59))
-        for frame, size in cases:
+        cases = ((ata_request(0x24, count=2), 36 + 1023), (ata_request(0x34, data=sectors(1)), 59))
+        for message, size in cases:
+            frame = ethernet_frame(message)
             dispatcher = Setup().dispatcher(fast_path=True)
             slot = bytearray([_STALE]) * size
             self.assertEqual(dispatcher.frame_received_into(memoryview(frame), memoryview(slot)), 0)
@@ -616,7 +612,8 @@ class IntoTests(SynchronousTestCase):
         With ``fast_path=False`` nothing is answered into the buffer.
         """
         dispatcher = Setup().dispatcher(fast_path=False)
-        self.assertEqual(dispatcher.frame_received_into(request(), memoryview(bytearray(99))), 0)
+        frame = ethernet_frame(ata_request())
+        self.assertEqual(dispatcher.frame_received_into(frame, memoryview(bytearray(99))), 0)
         self.assertEqual(dispatcher.counters, FrameCounters())
 
     def test_views_only_to_backends_with_read_into(self) -> None:
@@ -625,8 +622,8 @@ class IntoTests(SynchronousTestCase):
         """
         backend = KeepingBackend()
         target = Target(1, 0, backend, max_sectors=2)
-        frame = bytearray(request(0x34, 1, 2, sectors(1, 0x44)))
-        length = fast_reply_into(memoryview(frame), memoryview(bytearray(99)), OURS, [target])
+        frame = bytearray(ethernet_frame(ata_request(0x34, lba=2, data=sectors(1, 0x44))))
+        length = fast_reply_into(memoryview(frame), memoryview(bytearray(99)), TARGET_MAC, [target])
         self.assertEqual(length, MIN_FRAME_SIZE)
         frame[36:] = bytes(len(frame) - 36)
         [given] = backend.given
@@ -634,7 +631,8 @@ class IntoTests(SynchronousTestCase):
         self.assertEqual(given, sectors(1, 0x44))
         # And one without read_into is read with read().
         slot = bytearray(2000)
-        length = fast_reply_into(request(0x24, 1, 2), memoryview(slot), OURS, [target])
+        read = ethernet_frame(ata_request(0x24, lba=2))
+        length = fast_reply_into(read, memoryview(slot), TARGET_MAC, [target])
         self.assertEqual(bytes(slot[36:length]), sectors(1, 0x44))
 
 

@@ -41,8 +41,15 @@ from aoe_twisted.core.wire import (
     ATACmdStatus,
 )
 from aoe_twisted.net.port import max_sectors_for_mtu
+from aoe_twisted.net.ring import SOL_PACKET
 from aoe_twisted.server import AoEService
-from aoe_twisted.testing import MemoryPacketSystem, ata_request, config_request, ethernet_frame
+from aoe_twisted.testing import (
+    TARGET_MAC,
+    MemoryPacketSystem,
+    ata_request,
+    config_request,
+    ethernet_frame,
+)
 from tests.netns import VethPair, require, run
 from tests.peer import Peer, Reply
 
@@ -69,8 +76,7 @@ BURST = 3000
 #: How much the process's resident memory may grow over a flood or a burst.
 RSS_SLACK = 24 * 1024 * 1024
 _DRDY = int(ATACmdStatus.READY_STATUS)
-#: ``SOL_PACKET`` / ``PACKET_STATISTICS`` (``linux/if_packet.h``): packets and drops.
-_SOL_PACKET = getattr(socket, "SOL_PACKET", 263)
+#: ``PACKET_STATISTICS`` (``linux/if_packet.h``): packets and drops.
 _PACKET_STATISTICS = 6
 
 
@@ -203,7 +209,7 @@ class HostileInputTests(TestCase):
 
     def drops(self) -> tuple[int, int]:
         """Return (and reset) the server socket's kernel counters: frames queued, dropped."""
-        raw = self.server_socket().getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
+        raw = self.server_socket().getsockopt(SOL_PACKET, _PACKET_STATISTICS, 8)
         packets, dropped = struct.unpack("II", raw)  # packets counts the dropped ones too
         return packets - dropped, dropped
 
@@ -360,7 +366,7 @@ class GiantFrameTests(SynchronousTestCase):
         (EMSGSIZE, logged with a traceback per frame).  One at the MTU is answered.
         """
         system = MemoryPacketSystem()
-        interface = system.add_interface("eth0", mtu=MTU)
+        interface = system.add_interface("eth0", mac=TARGET_MAC, mtu=MTU)
         service = AoEService("eth0", [Target(SHELF, SLOT, MemoryBackend(SECTORS * SECTOR_SIZE))],
                              reactor=MemoryReactorClock(), system=system)
         service.startService()
@@ -369,10 +375,9 @@ class GiantFrameTests(SynchronousTestCase):
         assert port is not None and port.mac is not None
         sock = system.socket_for(port)
         sent = len(sock.sent)
-        payload = bytes([0x20, 0, SHELF >> 8, SHELF & 0xFF, SLOT, 0]) + b"tag!"
-        peer = bytes.fromhex("020000000099")
+        payload = ata_request(shelf=SHELF, slot=SLOT, tag=b"tag!", verflags=0x20)
         for size in (MTU + 4, MTU):
-            frame = port.mac + peer + b"\x88\xa2" + payload.ljust(size, b"\x00")
+            frame = ethernet_frame(payload.ljust(size, b"\x00"))
             interface.receive(frame)
             port.doRead()
         self.assertEqual(port.frames_ignored, 1)

@@ -40,19 +40,18 @@ from aoe_twisted.net.port import (
     max_sectors_for_mtu,
 )
 from aoe_twisted.net.ring import PACKET_FANOUT, PACKET_FANOUT_HASH, SOL_PACKET, RingGeometry
-from aoe_twisted.testing import MemoryPacketSystem
+from aoe_twisted.testing import (
+    INITIATOR_MAC,
+    OTHER_MAC,
+    TARGET_MAC,
+    MemoryPacketSystem,
+    config_request,
+    ethernet_frame,
+)
 from tests.netns import VethPair
 
-SERVER_MAC = bytes.fromhex("02aa00000001")
-HOST_MAC = bytes.fromhex("020000000001")
-OTHER_MAC = bytes.fromhex("020000000009")
-
-
-def aoe_frame(
-    dst: bytes, src: bytes, body: bytes = b"\x10" * 18, ethertype: int = ETHERTYPE
-) -> bytes:
-    """Return an unpadded Ethernet frame of ``ethertype`` carrying ``body``."""
-    return dst + src + ethertype.to_bytes(2, "big") + body
+#: On no interface: not ``OTHER_MAC``, which ``MemoryPacketSystem`` gives a veth pair's second end.
+NOBODY_MAC = bytes.fromhex("020000000009")
 
 
 class RecordingProtocol(AbstractDatagramProtocol):
@@ -148,7 +147,7 @@ class PacketSystemContractMixin:
 
     def test_unicast(self) -> None:
         """A frame to the other end's MAC arrives whole and unpadded, marked ``PACKET_HOST``."""
-        frame = aoe_frame(self.mac_b, self.mac_a)
+        frame = ethernet_frame(config_request(), self.mac_a, self.mac_b)
         self.assertEqual(self.system.send(self.a, frame), len(frame))  # type: ignore[attr-defined]
         data, addr = receive(self.system, self.b)
         self.assertEqual(data, frame)  # type: ignore[attr-defined]
@@ -159,18 +158,19 @@ class PacketSystemContractMixin:
 
     def test_packet_types(self) -> None:
         """Broadcast and other hosts' frames arrive too, marked as such; forged sources are kept."""
-        self.system.send(self.a, aoe_frame(BROADCAST_MAC, self.mac_a))
-        self.system.send(self.a, aoe_frame(OTHER_MAC, HOST_MAC))
+        self.system.send(self.a, ethernet_frame(config_request(), self.mac_a, BROADCAST_MAC))
+        self.system.send(self.a, ethernet_frame(config_request(), INITIATOR_MAC, NOBODY_MAC))
         first = receive(self.system, self.b)[1]
         second = receive(self.system, self.b)[1]
         self.assertEqual(first[2], socket.PACKET_BROADCAST)  # type: ignore[attr-defined]
         self.assertEqual(second[2], socket.PACKET_OTHERHOST)  # type: ignore[attr-defined]
-        self.assertEqual(second[4], HOST_MAC)  # type: ignore[attr-defined]
+        self.assertEqual(second[4], INITIATOR_MAC)  # type: ignore[attr-defined]
 
     def test_own_frames_and_other_ethertypes_filtered(self) -> None:
         """A socket does not see its own frames, nor frames of another EtherType."""
-        self.system.send(self.a, aoe_frame(self.mac_b, self.mac_a, ethertype=0x88B5))
-        frame = aoe_frame(self.mac_b, self.mac_a)
+        other = ethernet_frame(config_request(), self.mac_a, self.mac_b, ethertype=0x88B5)
+        self.system.send(self.a, other)
+        frame = ethernet_frame(config_request(), self.mac_a, self.mac_b)
         self.system.send(self.a, frame)
         self.assertEqual(receive(self.system, self.b)[0], frame)  # type: ignore[attr-defined]
         for fd in (self.a, self.b):
@@ -180,7 +180,7 @@ class PacketSystemContractMixin:
     def test_oversize(self) -> None:
         """A frame longer than the MTU plus the Ethernet header is refused with ``EMSGSIZE``."""
         with self.assertRaises(OSError) as caught:  # type: ignore[attr-defined]
-            self.system.send(self.a, aoe_frame(self.mac_b, self.mac_a, b"x" * 1501))
+            self.system.send(self.a, ethernet_frame(b"x" * 1501, self.mac_a, self.mac_b))
         self.assertEqual(caught.exception.errno, errno.EMSGSIZE)  # type: ignore[attr-defined]
 
     def test_receive_buffer(self) -> None:
@@ -280,7 +280,7 @@ class AoEPortTestsMixin:
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.system = MemoryPacketSystem()
-        self.interface = self.system.add_interface("eth0", mac=SERVER_MAC, mtu=1500)
+        self.interface = self.system.add_interface("eth0", mac=TARGET_MAC, mtu=1500)
         self.protocol = RecordingProtocol()
         self.port = AoEPort(
             "eth0", self.protocol, reactor=self.reactor, system=self.system, max_frames_per_read=8
@@ -317,19 +317,19 @@ class AoEPortLifecycleTests(AoEPortTestsMixin, SynchronousTestCase):
         """After ``startListening`` the port knows its interface's MAC and MTU."""
         self.interface.mtu = 9000
         self.start()
-        self.assertEqual(self.port.mac, SERVER_MAC)
+        self.assertEqual(self.port.mac, TARGET_MAC)
         self.assertEqual(self.port.mtu, 9000)
-        self.assertEqual(self.port.getHost(), EthernetAddress("eth0", SERVER_MAC, 9000))
+        self.assertEqual(self.port.getHost(), EthernetAddress("eth0", TARGET_MAC, 9000))
         self.assertEqual(str(self.port.getHost()), "eth0 (02:aa:00:00:00:01, MTU 9000)")
 
     def test_namespace(self) -> None:
         """With ``netns`` the socket is opened on that namespace's interface."""
-        self.system.add_interface("eth0", mac=HOST_MAC, netns="other")
+        self.system.add_interface("eth0", mac=INITIATOR_MAC, netns="other")
         port = AoEPort("eth0", RecordingProtocol(), reactor=self.reactor, system=self.system,
                        netns="other")
         port.startListening()
         self.assertEqual(self.system.socket_for(port).netns, "other")
-        self.assertEqual(port.mac, HOST_MAC)
+        self.assertEqual(port.mac, INITIATOR_MAC)
 
     def test_receive_buffer(self) -> None:
         """``receive_frames`` grows the receive buffer to hold that many full frames."""
@@ -429,12 +429,12 @@ class AoEPortReadTests(AoEPortTestsMixin, SynchronousTestCase):
     def test_delivers_in_order(self) -> None:
         """Every waiting frame reaches the protocol, whole, in order, with its address."""
         sock = self.start()
-        frames = [aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 4) for i in range(3)]
+        frames = [ethernet_frame(bytes([i]) * 4, INITIATOR_MAC, TARGET_MAC) for i in range(3)]
         for frame in frames:
             self.interface.receive(frame)
         self.port.doRead()
         self.assertEqual([f for f, _ in self.protocol.frames], frames)
-        self.assertEqual(self.protocol.frames[0][1][4], HOST_MAC)
+        self.assertEqual(self.protocol.frames[0][1][4], INITIATOR_MAC)
         self.assertEqual(len(sock.inbound), 0)
         self.assertEqual(self.port.frames_received, 3)
 
@@ -442,7 +442,7 @@ class AoEPortReadTests(AoEPortTestsMixin, SynchronousTestCase):
         """One ``doRead`` takes at most ``max_frames_per_read`` frames; the next takes the rest."""
         sock = self.start()
         for i in range(11):
-            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i])))
+            self.interface.receive(ethernet_frame(bytes([i]), INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual(len(self.protocol.frames), 8)
         self.assertEqual(len(sock.inbound), 3)
@@ -454,7 +454,7 @@ class AoEPortReadTests(AoEPortTestsMixin, SynchronousTestCase):
         sock = self.start()
         for code in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
             sock.recv_errors.append(OSError(code, "later"))
-            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+            self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, TARGET_MAC))
             self.port.doRead()
             self.assertEqual(len(sock.inbound), 1)
             self.port.doRead()
@@ -479,17 +479,18 @@ class AoEPortReadTests(AoEPortTestsMixin, SynchronousTestCase):
     def test_skips_outgoing(self) -> None:
         """Frames marked ``PACKET_OUTGOING`` (our own) never reach the protocol."""
         self.start()
-        self.interface.receive(aoe_frame(HOST_MAC, SERVER_MAC), pkttype=socket.PACKET_OUTGOING)
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        ours = ethernet_frame(config_request(), TARGET_MAC, INITIATOR_MAC)
+        self.interface.receive(ours, pkttype=socket.PACKET_OUTGOING)
+        self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
-        self.assertEqual([f[:6] for f, _ in self.protocol.frames], [SERVER_MAC])
+        self.assertEqual([f[:6] for f, _ in self.protocol.frames], [TARGET_MAC])
         self.assertEqual(self.port.frames_ignored, 1)
 
     def test_skips_other_hosts(self) -> None:
         """Frames for other stations (seen in promiscuous mode) never reach the protocol."""
         self.start()
-        self.interface.receive(aoe_frame(OTHER_MAC, HOST_MAC))
-        self.interface.receive(aoe_frame(BROADCAST_MAC, HOST_MAC))
+        self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, OTHER_MAC))
+        self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, BROADCAST_MAC))
         self.port.doRead()
         self.assertEqual([f[:6] for f, _ in self.protocol.frames], [BROADCAST_MAC])
 
@@ -497,14 +498,14 @@ class AoEPortReadTests(AoEPortTestsMixin, SynchronousTestCase):
         """With ``accept_other_hosts`` frames for other stations are passed on too."""
         self.port.accept_other_hosts = True
         self.start()
-        self.interface.receive(aoe_frame(OTHER_MAC, HOST_MAC))
+        self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, OTHER_MAC))
         self.port.doRead()
         self.assertEqual(len(self.protocol.frames), 1)
 
     def test_short_frames(self) -> None:
         """Frames shorter than 60 bytes (as Linux sends on virtio) are passed on unpadded."""
         self.start()
-        frame = aoe_frame(SERVER_MAC, HOST_MAC, b"\x10" * 18)
+        frame = ethernet_frame(b"\x10" * 18, INITIATOR_MAC, TARGET_MAC)
         self.assertEqual(len(frame), 32)
         self.interface.receive(frame)
         self.port.doRead()
@@ -514,7 +515,7 @@ class AoEPortReadTests(AoEPortTestsMixin, SynchronousTestCase):
         """The receive size follows the MTU: a full jumbo frame arrives whole."""
         self.interface.mtu = 9000
         self.start()
-        frame = aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 9000)
+        frame = ethernet_frame(b"x" * 9000, INITIATOR_MAC, TARGET_MAC)
         self.interface.receive(frame)
         self.port.doRead()
         self.assertEqual(self.protocol.frames[0][0], frame)
@@ -522,9 +523,9 @@ class AoEPortReadTests(AoEPortTestsMixin, SynchronousTestCase):
     def test_protocol_exception(self) -> None:
         """An exception from the protocol is logged and the following frames are still read."""
         self.start()
-        self.protocol.raise_for = SERVER_MAC + HOST_MAC + b"\x88\xa2boom"
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"boom"))
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"fine"))
+        self.protocol.raise_for = ethernet_frame(b"boom", INITIATOR_MAC, TARGET_MAC)
+        self.interface.receive(ethernet_frame(b"boom", INITIATOR_MAC, TARGET_MAC))
+        self.interface.receive(ethernet_frame(b"fine", INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual(len(self.protocol.frames), 1)
         errors = self.flushLoggedErrors(RuntimeError)
@@ -537,7 +538,7 @@ class AoEPortWriteTests(AoEPortTestsMixin, SynchronousTestCase):
     def test_pads_short_frames(self) -> None:
         """A frame shorter than 60 bytes is padded with zeros to 60."""
         sock = self.start()
-        frame = aoe_frame(HOST_MAC, SERVER_MAC, b"\x18" * 18)
+        frame = ethernet_frame(b"\x18" * 18, TARGET_MAC, INITIATOR_MAC)
         self.port.write(frame)
         self.assertEqual(sock.sent, [frame + bytes(MIN_FRAME_SIZE - len(frame))])
 
@@ -545,14 +546,14 @@ class AoEPortWriteTests(AoEPortTestsMixin, SynchronousTestCase):
         """With ``pad_frames`` off (a peer acting like Linux on virtio) short frames go as is."""
         self.port.pad_frames = False
         sock = self.start()
-        frame = aoe_frame(HOST_MAC, SERVER_MAC, b"\x18" * 18)
+        frame = ethernet_frame(b"\x18" * 18, TARGET_MAC, INITIATOR_MAC)
         self.port.write(frame)
         self.assertEqual(sock.sent, [frame])
 
     def test_one_frame_per_write(self) -> None:
         """Each ``write`` sends exactly one frame, long ones unchanged; nothing is buffered."""
         sock = self.start()
-        frames = [aoe_frame(HOST_MAC, SERVER_MAC, bytes([i]) * 1000) for i in range(3)]
+        frames = [ethernet_frame(bytes([i]) * 1000, TARGET_MAC, INITIATOR_MAC) for i in range(3)]
         for frame in frames:
             self.port.write(frame)
         self.assertEqual(sock.sent, frames)
@@ -561,14 +562,14 @@ class AoEPortWriteTests(AoEPortTestsMixin, SynchronousTestCase):
     def test_write_sequence(self) -> None:
         """``writeSequence`` sends its pieces joined as one frame."""
         sock = self.start()
-        self.port.writeSequence([HOST_MAC, SERVER_MAC, b"\x88\xa2", b"x" * 100])
-        self.assertEqual(sock.sent, [HOST_MAC + SERVER_MAC + b"\x88\xa2" + b"x" * 100])
+        self.port.writeSequence([INITIATOR_MAC, TARGET_MAC, b"\x88\xa2", b"x" * 100])
+        self.assertEqual(sock.sent, [INITIATOR_MAC + TARGET_MAC + b"\x88\xa2" + b"x" * 100])
 
     def test_eintr_retried(self) -> None:
         """A send interrupted by a signal is retried."""
         sock = self.start()
         sock.send_errors.append(OSError(errno.EINTR, "Interrupted"))
-        self.port.write(aoe_frame(HOST_MAC, SERVER_MAC, b"x" * 100))
+        self.port.write(ethernet_frame(b"x" * 100, TARGET_MAC, INITIATOR_MAC))
         self.assertEqual(len(sock.sent), 1)
 
     def test_no_buffer_space(self) -> None:
@@ -580,7 +581,7 @@ class AoEPortWriteTests(AoEPortTestsMixin, SynchronousTestCase):
         with capturedLogs() as events:
             for i in range(5):
                 sock.send_errors.append(OSError(errno.ENOBUFS if i % 2 else errno.EAGAIN, "full"))
-                self.port.write(aoe_frame(HOST_MAC, SERVER_MAC))
+                self.port.write(ethernet_frame(config_request(), TARGET_MAC, INITIATOR_MAC))
         self.assertEqual(sock.sent, [])
         self.assertEqual(self.port.frames_dropped, 5)
         counts = [e["count"] for e in events if "dropped" in e["log_format"]]
@@ -590,7 +591,7 @@ class AoEPortWriteTests(AoEPortTestsMixin, SynchronousTestCase):
         """A send error that is not transient (an oversize frame) raises."""
         self.start()
         exc = self.assertRaises(
-            OSError, self.port.write, aoe_frame(HOST_MAC, SERVER_MAC, b"x" * 2000)
+            OSError, self.port.write, ethernet_frame(b"x" * 2000, TARGET_MAC, INITIATOR_MAC)
         )
         self.assertEqual(exc.errno, errno.EMSGSIZE)
 
@@ -646,13 +647,13 @@ class RingAoEPortReadTests(RingAoEPortTestsMixin, AoEPortReadTests):
     def test_delivers_in_order(self) -> None:
         """Frames arrive whole, in order, with the address ``recvfrom`` gives; slots go back."""
         sock = self.start()
-        frames = [aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 4) for i in range(3)]
+        frames = [ethernet_frame(bytes([i]) * 4, INITIATOR_MAC, TARGET_MAC) for i in range(3)]
         for frame in frames:
             self.interface.receive(frame)
         self.port.doRead()
         self.assertEqual([f for f, _ in self.protocol.frames], frames)
         for _, addr in self.protocol.frames:
-            self.assertEqual(addr, ("eth0", ETHERTYPE, socket.PACKET_HOST, 1, HOST_MAC))
+            self.assertEqual(addr, ("eth0", ETHERTYPE, socket.PACKET_HOST, 1, INITIATOR_MAC))
             self.assertIsInstance(_, bytes)
         self.assertEqual(self.port.frames_received, 3)
         rings = sock.rings
@@ -662,7 +663,7 @@ class RingAoEPortReadTests(RingAoEPortTestsMixin, AoEPortReadTests):
         """One ``doRead`` takes at most ``max_frames_per_read`` frames; the rest wait."""
         sock = self.start()
         for i in range(11):
-            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i])))
+            self.interface.receive(ethernet_frame(bytes([i]), INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual(len(self.protocol.frames), 8)
         self.assertEqual(sum(sock.rings.rx_ready(i) for i in range(len(sock.rings.rx_offsets))), 3)
@@ -674,7 +675,7 @@ class RingAoEPortReadTests(RingAoEPortTestsMixin, AoEPortReadTests):
         sock = self.start()
         slots = len(sock.rings.rx_offsets)
         for i in range(slots * 2 + 5):
-            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, i.to_bytes(4, "big")))
+            self.interface.receive(ethernet_frame(i.to_bytes(4, "big"), INITIATOR_MAC, TARGET_MAC))
             if i % 7 == 6:
                 self.port.doRead()
         self.port.doRead()
@@ -687,7 +688,7 @@ class RingAoEPortReadTests(RingAoEPortTestsMixin, AoEPortReadTests):
         sock = self.start()
         sock.recv_errors.append(OSError(errno.EBADF, "recvfrom must not be called"))
         self.port.doRead()
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual(len(self.protocol.frames), 1)
         self.assertEqual(len(sock.recv_errors), 1)
@@ -713,7 +714,7 @@ class RingAoEPortWriteTests(RingAoEPortTestsMixin, AoEPortWriteTests):
         """Outside a drain each ``write`` is flushed at once: nothing waits in the ring."""
         sock = self.start()
         for i in range(3):
-            self.port.write(aoe_frame(HOST_MAC, SERVER_MAC, bytes([i]) * 100))
+            self.port.write(ethernet_frame(bytes([i]) * 100, TARGET_MAC, INITIATOR_MAC))
             self.assertEqual(len(sock.sent), i + 1)
         self.assertEqual(sock.flushes, 3)
 
@@ -723,11 +724,11 @@ class RingAoEPortWriteTests(RingAoEPortTestsMixin, AoEPortWriteTests):
         sock.tx_stalled = True
         slots = len(sock.rings.tx_offsets)
         for _ in range(slots + 3):
-            self.port.write(aoe_frame(HOST_MAC, SERVER_MAC, b"x" * 100))
+            self.port.write(ethernet_frame(b"x" * 100, TARGET_MAC, INITIATOR_MAC))
         self.assertEqual(self.port.frames_sent, slots)
         self.assertEqual(self.port.frames_dropped, 3)
         sock.tx_stalled = False
-        self.port.write(aoe_frame(HOST_MAC, SERVER_MAC, b"y" * 100))
+        self.port.write(ethernet_frame(b"y" * 100, TARGET_MAC, INITIATOR_MAC))
         self.assertEqual(len(sock.sent), slots + 1)
         self.assertEqual(sock.sent[-1][14:15], b"y")
 
@@ -758,7 +759,7 @@ class IntoProtocol(RecordingProtocol):
         if self.keep:
             self.kept.append(frame)
         answer = self.reply_for(data)
-        if not answer.startswith(HOST_MAC) or reply is None:
+        if not answer.startswith(INITIATOR_MAC) or reply is None:
             assert self.transport is not None
             self.transport.write(answer)  # type: ignore[call-arg]
             return 0
@@ -778,8 +779,8 @@ class RingIntoTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.system = MemoryPacketSystem(rings=True)
         self.interface, self.peer = self.system.add_veth("eth0", "peer0", mtu=1500)
-        self.interface.mac = SERVER_MAC
-        self.peer.mac = HOST_MAC
+        self.interface.mac = TARGET_MAC
+        self.peer.mac = INITIATOR_MAC
         self.peer_sock = self.system.sockets[self.system.open("peer0", ETHERTYPE)]
         self.protocol = IntoProtocol()
         self.port = AoEPort("eth0", self.protocol, reactor=self.reactor, system=self.system)
@@ -793,7 +794,7 @@ class RingIntoTests(SynchronousTestCase):
 
     def test_replies_in_place(self) -> None:
         """Each reply goes out as written into the slot, in order, padded to 60 bytes."""
-        frames = [aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 20) for i in range(5)]
+        frames = [ethernet_frame(bytes([i]) * 20, INITIATOR_MAC, TARGET_MAC) for i in range(5)]
         for frame in frames:
             self.interface.receive(frame)
         self.port.doRead()
@@ -805,7 +806,7 @@ class RingIntoTests(SynchronousTestCase):
     def test_batched(self) -> None:
         """Replies are sent ``tx_batch`` at a time and at the end of the drain: few sends."""
         for i in range(20):
-            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 100))
+            self.interface.receive(ethernet_frame(bytes([i]) * 100, INITIATOR_MAC, TARGET_MAC))
         self.port.tx_batch = 8
         self.port.doRead()
         self.assertEqual(len(self.seen), 20)
@@ -814,19 +815,19 @@ class RingIntoTests(SynchronousTestCase):
     def test_general_path_writes_batched(self) -> None:
         """Replies the protocol writes (not into the slot) join the same batches, in order."""
         self.protocol.reply_for = lambda frame: (  # type: ignore[method-assign]
-            (HOST_MAC if frame[14] % 2 else OTHER_MAC) + frame[:6] + frame[12:]
+            (INITIATOR_MAC if frame[14] % 2 else OTHER_MAC) + frame[:6] + frame[12:]
         )
         for i in range(6):
-            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 100))
+            self.interface.receive(ethernet_frame(bytes([i]) * 100, INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual([f[14] for f in self.seen], list(range(6)))
         self.assertEqual(self.sock.flushes, 1)
 
     def test_drain_finished_writes_in_last_batch(self) -> None:
         """What ``drainFinished`` writes goes out with the drain's last batch."""
-        late = aoe_frame(HOST_MAC, SERVER_MAC, b"late" * 20)
+        late = ethernet_frame(b"late" * 20, TARGET_MAC, INITIATOR_MAC)
         self.protocol.written_in_drain_finished = [late]
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 50))
+        self.interface.receive(ethernet_frame(b"x" * 50, INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual(self.seen[-1], late)
         self.assertEqual(len(self.seen), 2)
@@ -835,7 +836,7 @@ class RingIntoTests(SynchronousTestCase):
     def test_views_released(self) -> None:
         """The frame's view is released when the call returns: a kept one cannot be read."""
         self.protocol.keep = True
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 50))
+        self.interface.receive(ethernet_frame(b"x" * 50, INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         [kept] = self.protocol.kept
         self.assertRaises(ValueError, bytes, kept)
@@ -845,7 +846,8 @@ class RingIntoTests(SynchronousTestCase):
         self.sock.tx_stalled = True
         slots = len(self.sock.rings.tx_offsets)
         for i in range(slots + 2):
-            self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, i.to_bytes(2, "big") * 30))
+            frame = ethernet_frame(i.to_bytes(2, "big") * 30, INITIATOR_MAC, TARGET_MAC)
+            self.interface.receive(frame)
             self.port.doRead()
         self.assertIsNone(self.protocol.slots[-1])
         self.assertEqual(self.port.frames_sent, slots)
@@ -854,17 +856,17 @@ class RingIntoTests(SynchronousTestCase):
     def test_flush_errors(self) -> None:
         """A transient flush error counts a drop; the queued replies go with the next flush."""
         self.sock.send_errors.append(OSError(errno.ENOBUFS, "full"))
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"a" * 50))
+        self.interface.receive(ethernet_frame(b"a" * 50, INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual((self.seen, self.port.frames_dropped), ([], 1))
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"b" * 50))
+        self.interface.receive(ethernet_frame(b"b" * 50, INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual([f[14:15] for f in self.seen], [b"a", b"b"])
 
     def test_other_flush_errors_logged_in_a_drain(self) -> None:
         """Any other flush error in a drain is logged, not raised: the port stays open."""
         self.sock.send_errors.append(OSError(errno.EINVAL, "bad"))
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"a" * 50))
+        self.interface.receive(ethernet_frame(b"a" * 50, INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.assertTrue(self.port.connected)
@@ -885,7 +887,7 @@ class RingSetupTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.system = MemoryPacketSystem(rings=True)
-        self.interface = self.system.add_interface("eth0", mac=SERVER_MAC, mtu=9000)
+        self.interface = self.system.add_interface("eth0", mac=TARGET_MAC, mtu=9000)
         self.protocol = RecordingProtocol()
 
     def port(self, **kwargs: Any) -> AoEPort:
@@ -906,7 +908,7 @@ class RingSetupTests(SynchronousTestCase):
         """``rings=False`` keeps one system call per frame."""
         port = self.port(rings=False)
         self.assertIsNone(port._rings)
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, TARGET_MAC))
         self.assertEqual(len(self.system.socket_for(port).inbound), 1)
 
     def test_no_rings_on_offer(self) -> None:
@@ -925,16 +927,17 @@ class RingSetupTests(SynchronousTestCase):
         self.assertIsNone(port._rings)
         warnings = [e for e in events if "no PACKET_MMAP rings" in e["log_format"]]
         self.assertEqual(len(warnings), 1)
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, TARGET_MAC))
         port.doRead()
         self.assertEqual(len(self.protocol.frames), 1)
-        port.write(aoe_frame(HOST_MAC, SERVER_MAC))
+        port.write(ethernet_frame(config_request(), TARGET_MAC, INITIATOR_MAC))
         self.assertEqual(len(self.system.socket_for(port).sent), 1)
 
     def test_oversize_write(self) -> None:
         """A frame longer than the MTU allows is refused with ``EMSGSIZE``, as ``send`` does."""
         port = self.port()
-        exc = self.assertRaises(OSError, port.write, aoe_frame(HOST_MAC, SERVER_MAC, b"x" * 9001))
+        frame = ethernet_frame(b"x" * 9001, TARGET_MAC, INITIATOR_MAC)
+        exc = self.assertRaises(OSError, port.write, frame)
         self.assertEqual(exc.errno, errno.EMSGSIZE)
         self.assertEqual(port.frames_sent, 0)
 
@@ -952,13 +955,13 @@ class NoRingSystemTests(SynchronousTestCase):
         system = _NoRingSystem(rings=True)
         self.assertTrue(verifyObject(IPacketSystem, system))
         self.assertFalse(IRingPacketSystem.providedBy(system))
-        interface = system.add_interface("eth0", mac=SERVER_MAC)
+        interface = system.add_interface("eth0", mac=TARGET_MAC)
         protocol = RecordingProtocol()
         port = AoEPort("eth0", protocol, reactor=MemoryReactorClock(), system=system)
         port.startListening()
         self.assertIsNone(port._rings)
         self.assertIsNone(system.socket_for(port).rings)
-        interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, TARGET_MAC))
         port.doRead()
         self.assertEqual(len(protocol.frames), 1)
 
@@ -995,7 +998,7 @@ class FrameSinkTests(SynchronousTestCase):
     def port(self, protocol: RecordingProtocol, rings: bool) -> tuple[AoEPort, Any]:
         """Start a port on a fake ``eth0`` (with or without rings) for ``protocol``."""
         system = MemoryPacketSystem(rings=rings)
-        interface = system.add_interface("eth0", mac=SERVER_MAC)
+        interface = system.add_interface("eth0", mac=TARGET_MAC)
         port = AoEPort("eth0", protocol, reactor=MemoryReactorClock(), system=system)
         port.startListening()
         self.assertEqual(port._rings is not None, rings)
@@ -1007,7 +1010,7 @@ class FrameSinkTests(SynchronousTestCase):
         self.assertFalse(IFrameSink.providedBy(protocol))
         port, interface = self.port(protocol, rings)
         for i in range(3):
-            interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 20))
+            interface.receive(ethernet_frame(bytes([i]) * 20, INITIATOR_MAC, TARGET_MAC))
         port.doRead()
         self.assertEqual(len(protocol.frames), 3)
         self.assertTrue(all(type(frame) is bytes for frame, _ in protocol.frames))
@@ -1028,7 +1031,7 @@ class FrameSinkTests(SynchronousTestCase):
         self.assertFalse(IZeroCopyFrameSink.providedBy(protocol))
         port, interface = self.port(protocol, rings)
         for i in range(3):
-            interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, bytes([i]) * 20))
+            interface.receive(ethernet_frame(bytes([i]) * 20, INITIATOR_MAC, TARGET_MAC))
         port.doRead()
         self.assertEqual((len(protocol.frames), protocol.drains), (3, 1))
         port.doRead()
@@ -1052,10 +1055,10 @@ class FrameSinkTests(SynchronousTestCase):
     def test_zero_copy_sink_without_rings(self) -> None:
         """Without rings an ``IZeroCopyFrameSink`` gets ``datagramReceived``, ``drainFinished``."""
         protocol = IntoProtocol()
-        late = aoe_frame(HOST_MAC, SERVER_MAC, b"late" * 20)
+        late = ethernet_frame(b"late" * 20, TARGET_MAC, INITIATOR_MAC)
         protocol.written_in_drain_finished = [late]
         port, interface = self.port(protocol, rings=False)
-        interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 50))
+        interface.receive(ethernet_frame(b"x" * 50, INITIATOR_MAC, TARGET_MAC))
         port.doRead()
         self.assertEqual(len(protocol.frames), 1)
         self.assertEqual(protocol.slots, [])
@@ -1068,7 +1071,7 @@ class AdoptTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.system = MemoryPacketSystem()
-        self.interface = self.system.add_interface("eth0", mac=SERVER_MAC, mtu=9000)
+        self.interface = self.system.add_interface("eth0", mac=TARGET_MAC, mtu=9000)
         self.protocol = RecordingProtocol()
 
     def test_adopts(self) -> None:
@@ -1079,8 +1082,8 @@ class AdoptTests(SynchronousTestCase):
         port.startListening()
         self.assertEqual(port.fileno(), fd)
         self.assertEqual(list(self.system.sockets), [fd])
-        self.assertEqual((port.mac, port.mtu), (SERVER_MAC, 9000))
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC))
+        self.assertEqual((port.mac, port.mtu), (TARGET_MAC, 9000))
+        self.interface.receive(ethernet_frame(config_request(), INITIATOR_MAC, TARGET_MAC))
         port.doRead()
         self.assertEqual(len(self.protocol.frames), 1)
         port.connectionLost(None)
@@ -1125,7 +1128,7 @@ class RealRingPortTests(SynchronousTestCase):
     def exchange(self, port: AoEPort, protocol: IntoProtocol) -> None:
         """Send 40 frames to ``port``, let it answer them in place, and check the replies."""
         assert self.client.mac is not None and port.mac is not None
-        frames = [aoe_frame(port.mac, self.client.mac, bytes([i]) * 100) for i in range(40)]
+        frames = [ethernet_frame(bytes([i]) * 100, self.client.mac, port.mac) for i in range(40)]
         protocol.reply_for = lambda frame: frame[6:12] + frame[:6] + frame[12:]  # type: ignore[method-assign]
         for frame in frames:
             self.client.write(frame)
@@ -1197,11 +1200,11 @@ class RingMisuseTests(RingIntoTests):
 
         def both(frame: memoryview, reply: memoryview | None) -> int:
             assert self.protocol.transport is not None
-            self.protocol.transport.write(aoe_frame(HOST_MAC, SERVER_MAC, b"w" * 50))  # type: ignore[call-arg]
+            self.protocol.transport.write(ethernet_frame(b"w" * 50, TARGET_MAC, INITIATOR_MAC))  # type: ignore[call-arg]
             return into(frame, reply)
 
         self.protocol.frameReceivedInto = both  # type: ignore[method-assign]
-        self.interface.receive(aoe_frame(SERVER_MAC, HOST_MAC, b"x" * 50))
+        self.interface.receive(ethernet_frame(b"x" * 50, INITIATOR_MAC, TARGET_MAC))
         self.port.doRead()
         [error] = self.flushLoggedErrors(RuntimeError)
         self.assertIn("as well", str(error.value))

@@ -33,6 +33,7 @@ from aoe_twisted.net.ring import (
     PacketRings,
     RingGeometry,
 )
+from aoe_twisted.testing import ethernet_frame
 from tests.netns import VethPair
 
 
@@ -152,7 +153,7 @@ class RealRingTests(SynchronousTestCase):
 
     def frame(self, n: int) -> bytes:
         """Return an AoE-typed frame from the client to the server, numbered ``n``."""
-        return self.server_mac + self.client_mac + b"\x88\xa2" + n.to_bytes(2, "big") * 40
+        return ethernet_frame(n.to_bytes(2, "big") * 40, self.client_mac, self.server_mac)
 
     def wait_rx(self, rings: PacketRings, count: int) -> list[tuple[bytes, int]]:
         """Wait for ``count`` frames in the RX ring; return (frame, pkttype) and free the slots."""
@@ -187,8 +188,8 @@ class RealRingTests(SynchronousTestCase):
     def test_tx(self) -> None:
         """Slots committed to the TX ring leave with one ``send`` of nothing."""
         rings = self.rings(self.server)
-        frames = [self.client_mac + self.server_mac + b"\x88\xa2" + bytes([n]) * 60
-                  for n in range(10)]  # fmt: skip
+        server, client = self.server_mac, self.client_mac
+        frames = [ethernet_frame(bytes([n]) * 60, server, client) for n in range(10)]
         for index, frame in enumerate(frames):
             self.assertTrue(rings.tx_available(index))
             rings.tx_frames[index][: len(frame)] = frame

@@ -20,7 +20,6 @@ from aoe_twisted.core.acl import MemoryACLStore
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import (
     BROADCAST_MAC,
-    ETHERTYPE,
     MIN_FRAME_SIZE,
     SECTOR_SIZE,
     ATAArg,
@@ -35,10 +34,15 @@ from aoe_twisted.core.wire import (
 from aoe_twisted.net.packetsystem import CannotOpenInterface
 from aoe_twisted.net.port import AoEPort
 from aoe_twisted.server import AoEProtocol, AoEService
-from aoe_twisted.testing import MemoryPacketSystem
+from aoe_twisted.testing import (
+    INITIATOR_MAC,
+    TARGET_MAC,
+    MemoryPacketSystem,
+    ata_request,
+    config_request,
+    ethernet_frame,
+)
 
-SERVER_MAC = bytes.fromhex("02aa00000001")
-HOST_MAC = bytes.fromhex("020000000001")
 SIZE = 64 * SECTOR_SIZE
 
 
@@ -47,31 +51,16 @@ def target(shelf: int = 1, slot: int = 2, size: int = SIZE, **kwargs: Any) -> Ta
     return Target(shelf, slot, MemoryBackend(size), **kwargs)
 
 
-def request(header: Header, dst: bytes = SERVER_MAC, src: bytes = HOST_MAC) -> bytes:
-    """Return ``header`` in an unpadded Ethernet frame from the host to ``dst``."""
-    return EthernetFrame(dst, src, ETHERTYPE, header.to_bytes()).to_bytes()
-
-
 def decode(frame: bytes) -> tuple[EthernetFrame, Header]:
     """Decode a frame the server sent."""
     ethernet = EthernetFrame.from_bytes(frame)
     return ethernet, Header.from_bytes(ethernet.payload)
 
 
-def discovery(tag: bytes = b"\x00\x00\x00\x07") -> bytes:
-    """A broadcast config query, as Linux sends it."""
-    return request(
-        Header(major=0xFFFF, minor=0xFF, command=Command.QUERY_CONFIG_INFORMATION, tag=tag,
-               arg=ConfigArg()),
-        dst=BROADCAST_MAC,
-    )
-
-
-def bad_version(tag: bytes = b"\x00\x00\x00\x08") -> bytes:
-    """A request with AoE version 2: malformed, answered with an error by the target."""
-    frame = bytearray(discovery(tag))
-    frame[14] = 0x20
-    return bytes(frame)
+#: A broadcast config query, as Linux sends it.
+DISCOVERY = ethernet_frame(config_request(tag=7), dst=BROADCAST_MAC)
+#: A request with AoE version 2: malformed, answered with an error by the target.
+BAD_VERSION = ethernet_frame(config_request(tag=8, verflags=0x20), dst=BROADCAST_MAC)
 
 
 class ServiceTestsMixin:
@@ -82,7 +71,7 @@ class ServiceTestsMixin:
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.system = MemoryPacketSystem()
-        self.interface = self.system.add_interface("eth0", mac=SERVER_MAC, mtu=self.mtu)
+        self.interface = self.system.add_interface("eth0", mac=TARGET_MAC, mtu=self.mtu)
 
     def serve(self, *targets: Target, **kwargs: Any) -> AoEService:
         """Start a service for ``targets`` (one at 1.2 by default); return it."""
@@ -172,7 +161,7 @@ class AoEServiceTests(ServiceTestsMixin, SynchronousTestCase):
         for frame in self.sock.sent:
             self.assertEqual(len(frame), MIN_FRAME_SIZE)
             ethernet, header = decode(frame)
-            self.assertEqual((ethernet.dst, ethernet.src), (BROADCAST_MAC, SERVER_MAC))
+            self.assertEqual((ethernet.dst, ethernet.src), (BROADCAST_MAC, TARGET_MAC))
             self.assertTrue(header.flag_response)
             self.assertEqual(header.command, Command.QUERY_CONFIG_INFORMATION)
             self.assertEqual(header.tag, bytes(4))
@@ -225,22 +214,19 @@ class AoEProtocolTests(ServiceTestsMixin, SynchronousTestCase):
     def test_replies(self) -> None:
         """A request gets its reply, written to the requester as one frame."""
         self.serve()
-        replies = self.answer(discovery())
+        replies = self.answer(DISCOVERY)
         self.assertEqual(len(replies), 1)
         ethernet, header = decode(replies[0])
-        self.assertEqual((ethernet.dst, ethernet.src), (HOST_MAC, SERVER_MAC))
+        self.assertEqual((ethernet.dst, ethernet.src), (INITIATOR_MAC, TARGET_MAC))
         self.assertEqual(header.tag, b"\x00\x00\x00\x07")
         self.assertEqual((header.major, header.minor), (1, 2))
 
     def test_several_targets(self) -> None:
         """A broadcast query gets one reply per target; a unicast one only its target's."""
         self.serve(target(1, 1), target(1, 2), target(2, 1))
-        self.assertEqual(len(self.answer(discovery())), 3)
-        identify = Header(
-            major=1, minor=2, command=Command.ISSUE_ATA_COMMAND, tag=b"\x00\x00\x00\x09",
-            arg=ATAArg(sector_count=1, cmd_status=ATACmdStatus.IDENTIFY),
-        )
-        replies = self.answer(request(identify))
+        self.assertEqual(len(self.answer(DISCOVERY)), 3)
+        identify = ata_request(ATACmdStatus.IDENTIFY, slot=2, tag=9)
+        replies = self.answer(ethernet_frame(identify))
         self.assertEqual([decode(r)[1].minor for r in replies], [2])
 
     def test_write_reaches_backend(self) -> None:
@@ -248,12 +234,8 @@ class AoEProtocolTests(ServiceTestsMixin, SynchronousTestCase):
         disk = target()
         self.serve(disk)
         data = bytes(range(256)) * 2
-        write = Header(
-            major=1, minor=2, command=Command.ISSUE_ATA_COMMAND, tag=b"\x00\x00\x00\x0a",
-            arg=ATAArg(flag_lba48_extended=True, flag_write=True, sector_count=1,
-                       cmd_status=ATACmdStatus.WRITE_48BIT, lba=5, data=data),
-        )
-        (reply,) = self.answer(request(write))
+        write = ata_request(ATACmdStatus.WRITE_48BIT, slot=2, lba=5, data=data, tag=10)
+        (reply,) = self.answer(ethernet_frame(write))
         arg = decode(reply)[1].arg
         assert isinstance(arg, ATAArg)
         self.assertEqual(arg.cmd_status, ATACmdStatus.READY_STATUS)
@@ -262,15 +244,14 @@ class AoEProtocolTests(ServiceTestsMixin, SynchronousTestCase):
     def test_drops(self) -> None:
         """Responses and truncated frames get no reply."""
         self.serve()
-        response = bytearray(discovery())
-        response[14] |= 0x08
-        self.assertEqual(self.answer(bytes(response)), [])
-        self.assertEqual(self.answer(discovery()[:20]), [])
+        response = ethernet_frame(config_request(tag=7, verflags=0x18), dst=BROADCAST_MAC)
+        self.assertEqual(self.answer(response), [])
+        self.assertEqual(self.answer(DISCOVERY[:20]), [])
 
     def test_not_started(self) -> None:
         """A protocol that was never connected ignores frames."""
         protocol = AoEProtocol([target()], clock=self.reactor)
-        protocol.datagramReceived(discovery())
+        protocol.datagramReceived(DISCOVERY)
         self.assertIsNone(protocol.dispatcher)
 
 
@@ -284,7 +265,7 @@ class MalformedLoggingTests(ServiceTestsMixin, SynchronousTestCase):
         """The first malformed frame is logged immediately, with the reason."""
         self.serve()
         with capturedLogs() as events:
-            self.answer(bad_version())
+            self.answer(BAD_VERSION)
         (line,) = self.malformed_lines(events)
         self.assertIn("AoE version 2", line["reason"])
         self.assertEqual(line["interface"], "eth0")
@@ -297,8 +278,8 @@ class MalformedLoggingTests(ServiceTestsMixin, SynchronousTestCase):
         self.serve()
         with capturedLogs() as events:
             for _ in range(100):
-                self.answer(bad_version())
-            self.answer(discovery()[:20])
+                self.answer(BAD_VERSION)
+            self.answer(DISCOVERY[:20])
             self.assertEqual(len(self.malformed_lines(events)), 1)
             self.reactor.advance(10)
         _first, summary = self.malformed_lines(events)
@@ -309,15 +290,15 @@ class MalformedLoggingTests(ServiceTestsMixin, SynchronousTestCase):
         """After a summary the next malformed frame waits for the next one; after quiet, not."""
         self.serve()
         with capturedLogs() as events:
-            self.answer(bad_version())
-            self.answer(bad_version())
+            self.answer(BAD_VERSION)
+            self.answer(BAD_VERSION)
             self.reactor.advance(10)
-            self.answer(bad_version())
+            self.answer(BAD_VERSION)
             self.assertEqual(len(self.malformed_lines(events)), 2)
             self.reactor.advance(10)
             self.assertEqual(len(self.malformed_lines(events)), 3)
             self.reactor.advance(60)
-            self.answer(bad_version())
+            self.answer(BAD_VERSION)
             self.assertEqual(len(self.malformed_lines(events)), 4)
         self.assertEqual([e.get("count") for e in self.malformed_lines(events)],
                          [None, 1, 1, None])
@@ -327,7 +308,7 @@ class MalformedLoggingTests(ServiceTestsMixin, SynchronousTestCase):
         service = self.serve()
         with capturedLogs() as events:
             for _ in range(3):
-                self.answer(bad_version())
+                self.answer(BAD_VERSION)
             service.stopService()
             self.reactor.advance(0)
         self.assertEqual(self.malformed_lines(events)[-1]["count"], 2)
@@ -337,7 +318,7 @@ class MalformedLoggingTests(ServiceTestsMixin, SynchronousTestCase):
         """Valid requests and their replies log nothing about malformed input."""
         self.serve()
         with capturedLogs() as events:
-            self.answer(discovery())
+            self.answer(DISCOVERY)
         self.assertEqual(self.malformed_lines(events), [])
 
 
@@ -351,14 +332,6 @@ class _FullStore(MemoryACLStore):
         raise OSError(28, "No space left on device")
 
 
-def config_set(string: bytes, tag: bytes = b"\x00\x00\x00\x09") -> bytes:
-    """A config force-set of ``string`` to e1.2."""
-    arg = ConfigArg(command=ConfigCommand.FORCE_SET, string_length=len(string), string=string)
-    return request(
-        Header(major=1, minor=2, command=Command.QUERY_CONFIG_INFORMATION, tag=tag, arg=arg)
-    )
-
-
 class StoreFailureTests(ServiceTestsMixin, SynchronousTestCase):
     """An ACL store that fails: answered, logged at error level, never a flood."""
 
@@ -369,9 +342,11 @@ class StoreFailureTests(ServiceTestsMixin, SynchronousTestCase):
         """
         self.serve(target(acl=_FullStore()))
         with capturedLogs() as events:
-            replies = [self.answer(config_set(b"x")) for _ in range(5)]
+            set_x = config_request(ConfigCommand.FORCE_SET, b"x", shelf=1, slot=2, tag=9)
+            replies = [self.answer(ethernet_frame(set_x)) for _ in range(5)]
             self.reactor.advance(10)
-            self.answer(config_set(b"y"))
+            set_y = config_request(ConfigCommand.FORCE_SET, b"y", shelf=1, slot=2, tag=9)
+            self.answer(ethernet_frame(set_y))
         for [reply] in replies:
             _, header = decode(reply)
             self.assertTrue(header.flag_error)
@@ -419,21 +394,14 @@ class RingMalformedLoggingTests(RingSystemMixin, MalformedLoggingTests):
 
 def read(lba: int, count: int = 1, tag: bytes = b"\x00\x00\x01\x00") -> bytes:
     """A READ SECTORS EXT of ``count`` sectors at ``lba``, for target 1.2."""
-    return request(Header(
-        major=1, minor=2, command=Command.ISSUE_ATA_COMMAND, tag=tag,
-        arg=ATAArg(flag_lba48_extended=True, sector_count=count,
-                   cmd_status=ATACmdStatus.READ_48BIT, lba=lba),
-    ))  # fmt: skip
+    return ethernet_frame(ata_request(lba=lba, count=count, slot=2, tag=tag))
 
 
 def write(lba: int, fill: int, tag: bytes = b"\x00\x00\x02\x00") -> bytes:
     """A WRITE SECTORS EXT of one sector of ``fill`` at ``lba``, for target 1.2."""
-    return request(Header(
-        major=1, minor=2, command=Command.ISSUE_ATA_COMMAND, tag=tag,
-        arg=ATAArg(flag_lba48_extended=True, flag_write=True, sector_count=1,
-                   cmd_status=ATACmdStatus.WRITE_48BIT, lba=lba,
-                   data=bytes([fill]) * SECTOR_SIZE),
-    ))  # fmt: skip
+    data = bytes([fill]) * SECTOR_SIZE
+    message = ata_request(ATACmdStatus.WRITE_48BIT, lba=lba, data=data, slot=2, tag=tag)
+    return ethernet_frame(message)
 
 
 class FrameReceivedIntoTests(RingSystemMixin, SynchronousTestCase):
@@ -453,7 +421,7 @@ class FrameReceivedIntoTests(RingSystemMixin, SynchronousTestCase):
         assert protocol is not None and protocol.dispatcher is not None
         self.assertEqual(protocol.dispatcher.counters.fast, 1)
         reference = AoEProtocol([target()], clock=self.reactor)
-        reference.dispatcher = type(protocol.dispatcher)(SERVER_MAC, reference.targets)
+        reference.dispatcher = type(protocol.dispatcher)(TARGET_MAC, reference.targets)
         reference.targets[0].max_sectors = 2
         reference.targets[0].backend.write(3 * SECTOR_SIZE, b"\x5a" * 2 * SECTOR_SIZE)
         self.assertEqual([reply], reference.dispatcher.serve(read(3, 2)))
@@ -470,7 +438,7 @@ class FrameReceivedIntoTests(RingSystemMixin, SynchronousTestCase):
     def test_general_path(self) -> None:
         """Anything else reaches ``datagramReceived`` as ``bytes`` and is answered by ``write``."""
         self.serve()
-        (reply,) = self.answer(discovery())
+        (reply,) = self.answer(DISCOVERY)
         self.assertEqual(self.written, [reply])
 
     def test_sync_write_copied(self) -> None:

@@ -25,7 +25,7 @@ on without copying it (unless Ethernet padding has to be cut off).
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from aoe_twisted.core.identify import IDENTIFY_SIZE, DefaultIdentifier
 from aoe_twisted.core.operations import BackendIO, IOKind, perform
@@ -88,11 +88,18 @@ def _done(request: ATAArg, data: bytes = b"") -> ATAArg:
 
 
 def _transfer(
-    request: ATAArg, backend: IBlockBackend, max_sectors: int, mask: int, write: bool
+    write: bool,
+    extended: bool,
+    request: ATAArg,
+    backend: IBlockBackend,
+    identifier: IIdentifier | None,
+    max_sectors: int,
 ) -> ATAArg | BackendIO:
     """
-    READ or WRITE SECTORS (EXT) of the LBA the request holds, cut to ``mask``.
+    READ or WRITE SECTORS (``extended``: EXT) of the LBA the request holds.
 
+    The plain commands address 28 bits whatever the E flag says; the EXT
+    commands address 48 bits when the E flag says the registers hold them.
     Return the ``BackendIO`` the transfer needs, or the ``ERR|DRDY`` reply if
     a check refuses it.  Every check runs before any I/O is asked for.
     """
@@ -107,7 +114,7 @@ def _transfer(
         data = request.data
         if len(data) < length:
             return _failed(request, _ABRT)
-    lba = request.lba & mask
+    lba = request.lba & (_MASK48 if extended and request.flag_lba48_extended else _MASK28)
     if lba + count > backend.size // SECTOR_SIZE:
         return _failed(request, _IDNF)
     if not write:
@@ -116,36 +123,6 @@ def _transfer(
         # Ethernet padding after the sectors: keep it off the disk.
         data = data[:length]
     return BackendIO(IOKind.WRITE, lba * SECTOR_SIZE, length, data)
-
-
-def _read28(
-    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg | BackendIO:
-    """READ SECTORS (0x20): a 28-bit LBA, whatever the E flag says."""
-    return _transfer(request, backend, max_sectors, _MASK28, False)
-
-
-def _read48(
-    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg | BackendIO:
-    """READ SECTORS EXT (0x24): a 48-bit LBA when the E flag says the registers hold one."""
-    mask = _MASK48 if request.flag_lba48_extended else _MASK28
-    return _transfer(request, backend, max_sectors, mask, False)
-
-
-def _write28(
-    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg | BackendIO:
-    """WRITE SECTORS (0x30): a 28-bit LBA, whatever the E flag says."""
-    return _transfer(request, backend, max_sectors, _MASK28, True)
-
-
-def _write48(
-    request: ATAArg, backend: IBlockBackend, identifier: IIdentifier | None, max_sectors: int
-) -> ATAArg | BackendIO:
-    """WRITE SECTORS EXT (0x34): a 48-bit LBA when the E flag says the registers hold one."""
-    mask = _MASK48 if request.flag_lba48_extended else _MASK28
-    return _transfer(request, backend, max_sectors, mask, True)
 
 
 @lru_cache(maxsize=16)
@@ -191,10 +168,11 @@ def _check_power(
 _Handler = Callable[[ATAArg, IBlockBackend, "IIdentifier | None", int], "ATAArg | BackendIO"]
 
 _HANDLERS: dict[int, _Handler] = {
-    int(ATACmdStatus.READ_28BIT): _read28,
-    int(ATACmdStatus.READ_48BIT): _read48,
-    int(ATACmdStatus.WRITE_28BIT): _write28,
-    int(ATACmdStatus.WRITE_48BIT): _write48,
+    # (write, extended) bound positionally: the cheapest partial to call.
+    int(ATACmdStatus.READ_28BIT): partial(_transfer, False, False),
+    int(ATACmdStatus.READ_48BIT): partial(_transfer, False, True),
+    int(ATACmdStatus.WRITE_28BIT): partial(_transfer, True, False),
+    int(ATACmdStatus.WRITE_48BIT): partial(_transfer, True, True),
     int(ATACmdStatus.IDENTIFY): _identify,
     int(ATACmdStatus.FLUSH): _flush,
     int(ATACmdStatus.FLUSH_EXT): _flush,

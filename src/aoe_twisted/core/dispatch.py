@@ -280,7 +280,7 @@ class Dispatcher:
 
     def _decision(self, dst: bytes, headers: list[Header], pending: list[Pending]) -> Decision:
         """Return the decision sending ``headers`` to ``dst`` once encoded, after ``pending``."""
-        frames = self._frames(dst, headers)
+        frames = self._frames(dst, headers) if headers else []
         if frames or pending:
             # Answered now, or once its operations complete: counted once either way.
             self.counters.answered += 1
