@@ -27,10 +27,12 @@ memory-disk targets and ACL state (its first byte) and holds up to
 - an ACL list or config string changed only by a request of the command that
   owns it, addressed to that target and admitted, as the AoE rules allow;
 - a second dispatcher on its own identical targets, with the fast path
-  (``aoe_twisted.core.fastpath``), gave the same replies, counters and disks, and
-  so did a third answering in place into a buffer (``frame_received_into``,
-  as from the rings): the checks above run on the general path
-  (``fast_path=False``), the reference.
+  (``aoe_twisted.core.fastpath``), gave the same replies, counters and disks;
+  so did a third holding writes for group commit (``hold_writes``, as under
+  ``--sync``: every acknowledged write carries its refusal), and a fourth
+  answering in place into a buffer (``frame_received_into``, as from the
+  rings): the checks above run on the general path (``fast_path=False``),
+  the reference.
 
 Every iteration builds its targets anew, so no state carries from one input
 to the next and a crasher replays alone.
@@ -531,6 +533,8 @@ def check_frames(data: bytes) -> FrameCounters:
     fast = Dispatcher(SERVER_MAC, fast_targets)
     into_targets = build_targets(scenario)
     into = Dispatcher(SERVER_MAC, into_targets)
+    held_targets = build_targets(scenario)
+    held = Dispatcher(SERVER_MAC, held_targets, hold_writes=True)
     slot = memoryview(bytearray(16384))
     for number, frame in enumerate(frames, 1):
         before = [_State.of(t) for t in targets]
@@ -600,6 +604,18 @@ def check_frames(data: bytes) -> FrameCounters:
         _check(
             [_State.of(t) for t in fast_targets] == [_State.of(t) for t in targets],
             "the fast path left other disks or ACL state",
+        )
+        # As under --sync: the same replies, and a refusal with every acknowledged write.
+        decision = held.frame_received(frame)
+        _check(
+            (decision.written is None) == (decision.refusal == b""),
+            "a held write without its refusal, or a refusal without a write",
+        )
+        _check(held.settle(decision) == replies, "holding writes answered otherwise")
+        _check(_fates(held) == _fates(dispatcher), "holding writes counted otherwise")
+        _check(
+            [_State.of(t) for t in held_targets] == [_State.of(t) for t in targets],
+            "holding writes left other disks or ACL state",
         )
         # In place, as from a receive ring slot into a transmit ring slot; what
         # that path declines goes the general way, as AoEProtocol does.

@@ -346,26 +346,35 @@ class DecisionTests(SynchronousTestCase):
             self.assertEqual(decision.refusal, b"", fast_path)
 
     def test_held_write_carries_its_refusal(self) -> None:
-        """With ``hold_writes`` a write goes the general way and carries its ABRT reply."""
-        target = make_target()
-        dispatcher = Dispatcher(TARGET_MAC, [target], hold_writes=True)
-        decision = dispatcher.frame_received(write_frame())
-        self.assertEqual(dispatcher.counters.fast, 0)
-        [pending] = decision.pending
-        done = dispatcher.complete(pending, None)
-        self.assertIs(done.written, target)
-        _, ok = decode(done.replies[0])
-        _, refused = decode(done.refusal)
+        """
+        With ``hold_writes`` a write's decision carries its ABRT reply, the
+        same by either path; the fast path still answers it, but not in place.
+        """
+        decisions = []
+        for fast_path in (True, False):
+            target = make_target()
+            dispatcher = Dispatcher(TARGET_MAC, [target], fast_path=fast_path, hold_writes=True)
+            slot = memoryview(bytearray(100))
+            self.assertEqual(dispatcher.frame_received_into(write_frame(), slot), 0)
+            decision = dispatcher.frame_received(write_frame())
+            if fast_path:
+                self.assertEqual(dispatcher.counters.fast, 1)
+            else:
+                [pending] = decision.pending
+                decision = dispatcher.complete(pending, None)
+            self.assertIs(decision.written, target)
+            self.assertEqual(dispatcher.counters.replies, 1)
+            decisions.append(decision)
+        fast, general = decisions
+        self.assertEqual((fast.replies, fast.refusal), (general.replies, general.refusal))
+        _, ok = decode(fast.replies[0])
+        _, refused = decode(fast.refusal)
         self.assertEqual(ok.arg.cmd_status, ATACmdStatus.READY_STATUS)
         self.assertEqual(
             refused.arg.cmd_status, ATACmdStatus.ERR_STATUS | ATACmdStatus.READY_STATUS
         )
         self.assertEqual(refused.arg.err_feature, 0x04)  # ABRT
         self.assertEqual((refused.tag, refused.minor), (ok.tag, ok.minor))
-        self.assertEqual(dispatcher.counters.replies, 1)
-        # Reads still take the fast path.
-        dispatcher.frame_received(ethernet_frame(ata_request(slot=1, count=2)))
-        self.assertEqual(dispatcher.counters.fast, 1)
 
     def test_failed_write_is_not_written(self) -> None:
         """A write whose operation failed acknowledges nothing."""

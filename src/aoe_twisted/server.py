@@ -202,10 +202,15 @@ class AoEProtocol(AbstractDatagramProtocol):
         fast path straight into ``reply`` (a view of a transmit ring slot,
         ``None`` when none is free) and the port sends it.  Anything else
         goes to the general path (which copies what it keeps), and 0 is
-        returned.  While ``sync`` holds replies, every frame is answered
-        with ``bytes`` so that its reply can wait its turn behind them (the
-        fast path still serves reads, in place from the receive slot).
-        Neither view is kept after the call.
+        returned.
+
+        Under ``sync`` a reply may have to wait for group commit, so it
+        cannot go into a slot that is sent at once: the fast path answers
+        writes (and, while replies are held, reads too) as ``bytes`` through
+        ``frame_received``, still reading and writing the ring slot in
+        place.  A write is then looked at twice (once by the in-place path,
+        which declines it): one header unpack, so that reads keep their
+        zero-copy path.  Neither view is kept after the call.
         """
         dispatcher = self.dispatcher
         if dispatcher is None:
@@ -215,7 +220,10 @@ class AoEProtocol(AbstractDatagramProtocol):
             return 0
         length = dispatcher.frame_received_into(frame, reply)
         if not length:
-            self._act(dispatcher.general(frame))
+            if self.sync:
+                self._act(dispatcher.frame_received(frame))
+            else:
+                self._act(dispatcher.general(frame))
         return length
 
     def _act(self, decision: Decision) -> None:

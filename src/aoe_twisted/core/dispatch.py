@@ -19,7 +19,7 @@ from attrs import define, field, setters
 
 from aoe_twisted.core.decision import NOTHING, Decision
 from aoe_twisted.core.fastpath import fast_reply, fast_reply_into
-from aoe_twisted.core.operations import perform
+from aoe_twisted.core.operations import IOKind, perform
 from aoe_twisted.core.target import Pending, StoreFailure, Target
 from aoe_twisted.core.wire import (
     BROADCAST_MAC,
@@ -30,6 +30,8 @@ from aoe_twisted.core.wire import (
     ProtocolError,
     WireError,
     format_mac,
+    join_frame,
+    split_frame,
 )
 
 __all__ = ["Dispatcher", "FrameCounters"]
@@ -107,9 +109,10 @@ class Dispatcher:
     With ``fast_path`` (the default) plain ATA reads and writes are answered
     by ``aoe_twisted.core.fastpath`` straight from the frame's bytes, with the
     same reply bytes and counters as the general path.  With ``hold_writes``
-    (``--sync``: writes are acknowledged only once durable) the fast path
-    leaves writes to the general path, and every decision acknowledging a
-    write carries its ``refusal``.
+    (``--sync``: writes are acknowledged only once durable) every decision
+    acknowledging a write carries its ``refusal``, and
+    ``frame_received_into`` leaves writes to ``frame_received`` (a reply
+    that waits cannot be written into a slot that is sent at once).
     """
 
     mac: bytes = field(validator=_check_mac)
@@ -127,7 +130,7 @@ class Dispatcher:
         anything else is copied before the general path decodes it.
         """
         if self.fast_path:
-            decision = fast_reply(frame, self.mac, self.targets, not self.hold_writes)
+            decision = fast_reply(frame, self.mac, self.targets, self.hold_writes)
             if decision is not None:
                 counters = self.counters
                 counters.received += 1
@@ -166,17 +169,16 @@ class Dispatcher:
             # What the targets keep (a write's data) must outlive a ring slot.
             frame = bytes(frame)
         try:
-            ethernet = EthernetFrame.from_bytes(frame)
+            _dst, src, ethertype, payload = split_frame(frame)
         except FrameTooShort as e:
             return self._malformed(str(e))
-        if ethernet.ethertype != ETHERTYPE:
+        if ethertype != ETHERTYPE:
             counters.not_aoe += 1
             return NOTHING
-        src = ethernet.src
         if src[0] & 1:
             return self._malformed(f"multicast source address {format_mac(src)}")
         try:
-            header = Header.from_bytes(ethernet.payload)
+            header = Header.from_bytes(payload)
         except ProtocolError as e:
             headers = [reply for target in self.targets for reply in target.reject(src, e)]
             decision = self._decision(src, headers, [])
@@ -229,7 +231,7 @@ class Dispatcher:
         if not frames:
             return NOTHING
         decision = Decision(tuple(frames))
-        if error is None and pending.writes:
+        if error is None and pending.io.kind is IOKind.WRITE:
             decision.written = pending.target
             if self.hold_writes:
                 decision.refusal = self.refusal(pending)
@@ -290,13 +292,12 @@ class Dispatcher:
         """Encode reply ``headers`` into padded frames from us to ``dst``, counting ``replies``."""
         counters = self.counters
         frames = []
+        mac = self.mac
         for header in headers:
             try:
-                payload = header.to_bytes()
+                frames.append(join_frame(dst, mac, ETHERTYPE, header.to_bytes(), True))
             except WireError:
                 counters.unencodable += 1
-                continue
-            frames.append(EthernetFrame(dst, self.mac, ETHERTYPE, payload).to_bytes(pad=True))
         if count:
             counters.replies += len(frames)
         return frames

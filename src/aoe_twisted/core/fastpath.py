@@ -113,15 +113,17 @@ _Plan = tuple[bytes, Target, int, int, bytes, bytes, int, bool]
 
 
 def fast_reply(
-    frame: bytes | memoryview, mac: bytes, targets: Sequence[Target], writes: bool = True
+    frame: bytes | memoryview, mac: bytes, targets: Sequence[Target], hold: bool = False
 ) -> Decision | None:
     """
     Return the decision answering ``frame`` from the interface ``mac``, or ``None``.
 
     ``None`` means the frame is not one this path answers (see the module
-    docstring; with ``writes`` false, no write is); the caller then gives it
-    to the general path, to which nothing has happened: no counter, no
-    backend call.  A write's decision names its target in ``written``.
+    docstring); the caller then gives it to the general path, to which
+    nothing has happened: no counter, no backend call.  A write's decision
+    names its target in ``written`` and, with ``hold`` (its reply waits for
+    group commit), carries its ``refusal``: the ``ABRT`` reply to send
+    instead if the write cannot be made durable.
     """
     plan = _accept(frame, targets)
     if plan is None:
@@ -130,7 +132,7 @@ def fast_reply(
     backend = target.backend
     if write:
         end = _HEADER_SIZE + count * SECTOR_SIZE
-        if not writes or backend.read_only or len(frame) < end:
+        if backend.read_only or len(frame) < end:
             return None
         data = frame[_HEADER_SIZE:end]
         if not target.zero_copy and not isinstance(data, bytes):
@@ -139,7 +141,11 @@ def fast_reply(
             backend.write(first * SECTOR_SIZE, data)
         except OSError:
             return Decision((_header(src, mac, target, tag, aflags, lba, _ABRT, count) + _PADDING,))
-        return Decision((_header(src, mac, target, tag, aflags, lba) + _PADDING,), target)
+        reply = _header(src, mac, target, tag, aflags, lba) + _PADDING
+        if hold:
+            refusal = _header(src, mac, target, tag, aflags, lba, _ABRT, count) + _PADDING
+            return Decision((reply,), target, refusal)
+        return Decision((reply,), target)
     length = count * SECTOR_SIZE
     try:
         data = backend.read(first * SECTOR_SIZE, length)
@@ -166,8 +172,10 @@ def fast_reply_into(
     ``IZeroCopyBackend`` (``Target.zero_copy``), and a write's sectors go to
     such a backend as a ``memoryview`` of ``frame`` (others get ``bytes``).
     0 means not answered, as ``None`` from ``fast_reply``; so does a
-    ``reply`` too small for the answer.  Nothing is kept: ``frame`` and
-    ``reply`` may be reused as soon as this returns.
+    ``reply`` too small for the answer, and a write when ``writes`` is false
+    (its reply must wait for group commit, so it cannot go into a slot that
+    is sent at once).  Nothing is kept: ``frame`` and ``reply`` may be
+    reused as soon as this returns.
     """
     plan = _accept(frame, targets)
     if plan is None:

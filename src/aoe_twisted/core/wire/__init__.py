@@ -35,7 +35,9 @@ from aoe_twisted.core.wire.ethernet import (
     MIN_FRAME_SIZE,
     EthernetFrame,
     format_mac,
+    join_frame,
     parse_mac,
+    split_frame,
 )
 from aoe_twisted.core.wire.header import HEADER_SIZE, Arg, Header, RawArg
 from aoe_twisted.core.wire.macmask import DIRECTIVE_SIZE, MACMASK_ARG_SIZE, Directive, MACMaskArg
@@ -80,5 +82,7 @@ __all__ = [
     "ReserveReleaseCommand",
     "WireError",
     "format_mac",
+    "join_frame",
     "parse_mac",
+    "split_frame",
 ]

@@ -15,7 +15,9 @@ __all__ = [
     "MIN_FRAME_SIZE",
     "EthernetFrame",
     "format_mac",
+    "join_frame",
     "parse_mac",
+    "split_frame",
 ]
 
 #: dst(6) src(6) ethertype(2)
@@ -58,19 +60,45 @@ class EthernetFrame:
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> EthernetFrame:
         """Decode a frame; any padding stays in ``payload`` for the message codec to ignore."""
-        if len(data) < ETHERNET_HEADER_SIZE:
-            raise FrameTooShort(f"Ethernet frame of {len(data)} bytes")
-        dst, src, ethertype = _ETHERNET.unpack_from(data)
-        return cls(dst, src, ethertype, bytes(data[ETHERNET_HEADER_SIZE:]))
+        return cls(*split_frame(data))
 
     def to_bytes(self, pad: bool = False) -> bytes:
         """Encode the frame; with ``pad``, fill it with zeros to the 60-byte Ethernet minimum."""
-        if len(self.dst) != 6 or len(self.src) != 6:
-            raise WireError("a MAC address must be 6 bytes")
-        try:
-            frame = _ETHERNET.pack(self.dst, self.src, self.ethertype) + self.payload
-        except struct.error as e:
-            raise WireError(f"cannot encode Ethernet frame: {e}") from None
-        if pad and len(frame) < MIN_FRAME_SIZE:
-            frame += bytes(MIN_FRAME_SIZE - len(frame))
-        return frame
+        return join_frame(self.dst, self.src, self.ethertype, self.payload, pad)
+
+
+def split_frame(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes, int, bytes]:
+    """
+    Return a frame's ``(dst, src, ethertype, payload)``, as ``EthernetFrame`` holds them.
+
+    The function behind ``EthernetFrame.from_bytes``, for the per-frame path
+    that needs the fields but not an object.  ``payload`` is a copy (any
+    padding included).
+
+    @raise FrameTooShort: if ``data`` is shorter than the 14-byte header.
+    """
+    if len(data) < ETHERNET_HEADER_SIZE:
+        raise FrameTooShort(f"Ethernet frame of {len(data)} bytes")
+    dst, src, ethertype = _ETHERNET.unpack_from(data)
+    return dst, src, ethertype, bytes(data[ETHERNET_HEADER_SIZE:])
+
+
+def join_frame(
+    dst: bytes, src: bytes, ethertype: int, payload: bytes, pad: bool = False
+) -> bytes:
+    """
+    Return the frame of these fields; with ``pad``, zero-filled to the 60-byte minimum.
+
+    The function behind ``EthernetFrame.to_bytes``.
+
+    @raise WireError: if a MAC address is not 6 bytes or ``ethertype`` does not fit.
+    """
+    if len(dst) != 6 or len(src) != 6:
+        raise WireError("a MAC address must be 6 bytes")
+    try:
+        frame = _ETHERNET.pack(dst, src, ethertype) + payload
+    except struct.error as e:
+        raise WireError(f"cannot encode Ethernet frame: {e}") from None
+    if pad and len(frame) < MIN_FRAME_SIZE:
+        frame += bytes(MIN_FRAME_SIZE - len(frame))
+    return frame
