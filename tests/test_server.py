@@ -137,18 +137,33 @@ class AoEServiceTests(ServiceTestsMixin, SynchronousTestCase):
             "needs CAP_NET_RAW (run as root or grant the capability)",
         )
 
+    def served_sectors(self) -> list[int]:
+        """The sector count each target is served with on the interface."""
+        protocol = self.service.protocol
+        assert protocol is not None and protocol.dispatcher is not None
+        return [t.max_sectors for t in protocol.dispatcher.targets]
+
     def test_max_sectors_from_mtu(self) -> None:
-        """Each target advertises the sector count that fits the interface's MTU."""
+        """
+        Each target is served with the sector count that fits the interface's
+        MTU; the targets themselves keep their own cap (none).
+        """
         targets = [target(1, 1), target(1, 2)]
         self.serve(*targets)
-        self.assertEqual([t.max_sectors for t in targets], [2, 2])
+        self.assertEqual(self.served_sectors(), [2, 2])
+        self.assertEqual([t.max_sectors for t in targets], [255, 255])
+
+    def test_target_cap_kept(self) -> None:
+        """A target's own cap below the MTU's count is what it is served with."""
+        self.interface.mtu = 9000
+        self.serve(target(1, 1), target(1, 2, max_sectors=4))
+        self.assertEqual(self.served_sectors(), [17, 4])
 
     def test_max_sectors_capped(self) -> None:
         """``max_sectors`` caps the count below what the MTU allows."""
         self.interface.mtu = 9000
-        capped = target()
-        self.serve(capped, max_sectors=8)
-        self.assertEqual(capped.max_sectors, 8)
+        self.serve(target(), max_sectors=8)
+        self.assertEqual(self.served_sectors(), [8])
 
     def test_announces(self) -> None:
         """

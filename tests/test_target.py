@@ -235,7 +235,7 @@ class ConstructionTests(SynchronousTestCase):
         target = make_target()
         self.assertEqual(
             (target.buffer_count, target.max_sectors, target.firmware_version, target.mask_limit),
-            (16, 2, FIRMWARE_VERSION, MASK_LIST_LIMIT),
+            (16, 255, FIRMWARE_VERSION, MASK_LIST_LIMIT),
         )
         self.assertIsInstance(target.acl, MemoryACLStore)
 

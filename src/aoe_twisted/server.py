@@ -34,8 +34,14 @@ from aoe_twisted.core.operations import perform
 from aoe_twisted.core.target import Pending, Target
 from aoe_twisted.core.wire import SECTOR_SIZE, format_mac
 from aoe_twisted.interfaces import IBlockBackend, IDataSyncBackend
+from aoe_twisted.net.link import LinkEvent, LinkMonitor
 from aoe_twisted.net.packetsystem import CannotOpenInterface
-from aoe_twisted.net.port import AoEPort, IZeroCopyFrameSink, max_sectors_for_mtu
+from aoe_twisted.net.port import (
+    AoEPort,
+    ILinkAwareProtocol,
+    IZeroCopyFrameSink,
+    max_sectors_for_mtu,
+)
 
 __all__ = ["MALFORMED_LOG_INTERVAL", "AoEProtocol", "AoEService"]
 
@@ -68,7 +74,7 @@ def _durability_call(backend: IBlockBackend) -> Callable[[], None]:
     return backend.flush  # type: ignore[no-any-return]
 
 
-@implementer(IZeroCopyFrameSink)
+@implementer(IZeroCopyFrameSink, ILinkAwareProtocol)
 class AoEProtocol(AbstractDatagramProtocol):
     """
     Serve ``targets`` on the port this protocol is connected to.
@@ -144,6 +150,26 @@ class AoEProtocol(AbstractDatagramProtocol):
 
     def startProtocol(self) -> None:
         """Size the targets for the port's MTU, build the dispatcher and announce every target."""
+        self._configure()
+        if self.sync:
+            _log.info(
+                "writes are acknowledged once durable (--sync): one sync per disk per "
+                "drain of the socket (group commit)"
+            )
+
+    def linkChanged(self) -> None:
+        """
+        The port is bound again, or its MAC or MTU changed: serve as the interface is now.
+
+        Replies held for group commit go out first (their disks are synced);
+        then the dispatcher is built anew for the MAC and sector count, and
+        the targets are announced from the new address.
+        """
+        self.drainFinished()
+        self._configure()
+
+    def _configure(self) -> None:
+        """Build the dispatcher for the port's MAC and MTU, log what is served, announce."""
         assert self.transport is not None
         host: Any = self.transport.getHost()
         self.interface = host.interface
@@ -157,11 +183,12 @@ class AoEProtocol(AbstractDatagramProtocol):
                 interface=host.interface,
                 sector=SECTOR_SIZE,
             )
-        for target in self.targets:
-            target.max_sectors = sectors
-        self.dispatcher = Dispatcher(host.mac, self.targets, hold_writes=self.sync)
-        self._durability = {id(t): _durability_call(t.backend) for t in self.targets}
-        for target in self.targets:
+        # Each interface serves the targets with its own sector count: copies
+        # sharing the disk and the state, so several interfaces can differ.
+        served = [target.for_interface(sectors) for target in self.targets]
+        self.dispatcher = Dispatcher(host.mac, served, hold_writes=self.sync)
+        self._durability = {id(t): _durability_call(t.backend) for t in served}
+        for target in served:
             _log.info(
                 "serving e{shelf}.{slot} ({size} bytes, {mode}) on {interface} "
                 "({mac}, MTU {mtu}, {sectors} sectors per frame)",
@@ -172,12 +199,7 @@ class AoEProtocol(AbstractDatagramProtocol):
                 interface=host.interface,
                 mac=format_mac(host.mac),
                 mtu=host.mtu,
-                sectors=sectors,
-            )
-        if self.sync:
-            _log.info(
-                "writes are acknowledged once durable (--sync): one sync per disk per "
-                "drain of the socket (group commit)"
+                sectors=target.max_sectors,
             )
         if self.announces:
             self.announce()
@@ -408,19 +430,32 @@ class AoEProtocol(AbstractDatagramProtocol):
 
 class AoEService(service.Service):
     """
-    Serve ``targets`` on ``interface`` from when the service starts until it stops.
+    Serve ``targets`` on one or several interfaces, from when the service starts until it stops.
 
-    The port opens in ``privilegedStartService`` (before ``twistd`` drops
-    privileges); a missing interface or privilege raises ``CannotOpenInterface``,
-    whose ``str`` is one line naming the cause.  ``stopService`` closes the
-    port, then flushes and closes every target's backend: the service owns them.
+    Each interface has its own port and protocol: it answers from its own
+    MAC with a sector count from its own MTU, and a request is answered on
+    the interface it arrived on; the targets (disks and ACL state) are the
+    same on all.  The ports open in ``privilegedStartService`` (before
+    ``twistd`` drops privileges).  A missing privilege, or a missing
+    interface when it is the only one, raises ``CannotOpenInterface``, whose
+    ``str`` is one line naming the cause; with several interfaces, one that
+    does not exist yet is waited for (a warning), and only none at all is
+    an error.
+
+    Links that come and go are followed through the kernel's link
+    notifications (``aoe_twisted.net.link.LinkMonitor``): an interface that
+    goes down stops nothing else and serves again when it is up; one that
+    is removed and created again (a VLAN, a bond, a USB NIC) is bound
+    again, its MAC and MTU read again; each transition is one log line.
+    ``stopService`` closes the ports, then flushes and closes every
+    target's backend: the service owns them.
     """
 
     name = "aoe"
 
     def __init__(
         self,
-        interface: str,
+        interfaces: str | Sequence[str],
         targets: Sequence[Target],
         netns: str | None = None,
         reactor: Any = None,
@@ -430,15 +465,16 @@ class AoEService(service.Service):
         sync: bool = False,
         socket_fd: int | None = None,
         announce: bool = True,
+        follow_links: bool | None = None,
     ) -> None:
         """
-        @param interface: the Ethernet interface to serve on.
+        @param interfaces: the Ethernet interface(s) to serve on.
         @param targets: the targets to serve there, at distinct shelf.slot addresses.
-        @param netns: the network namespace (``ip netns``) holding ``interface``.
+        @param netns: the network namespace (``ip netns``) holding the interfaces.
         @param reactor: the reactor to run on (the global one by default).
         @param max_sectors: cap the sectors per ATA command below what the MTU allows.
-        @param system: the port's ``IPacketSystem`` (``MemoryPacketSystem`` in tests).
-        @param exit_on_error: if the port cannot open, raise ``SystemExit`` with
+        @param system: the ports' ``IPacketSystem`` (``MemoryPacketSystem`` in tests).
+        @param exit_on_error: if a port cannot open, raise ``SystemExit`` with
             the one-line message (``"twistd aoe: cannot open interface ..."``)
             instead of ``CannotOpenInterface``: ``twistd`` prints a traceback
             for an exception from ``privilegedStartService`` but just the
@@ -447,11 +483,21 @@ class AoEService(service.Service):
             commit; see ``AoEProtocol``).
         @param socket_fd: serve on this already open and bound packet socket
             (a ``--workers`` worker's share of the interface) instead of
-            opening one.
+            opening one; only with one interface.
         @param announce: send the targets' start-up announcements (the
             first worker does; the others stay quiet).
+        @param follow_links: follow the kernel's link notifications; by
+            default when the ports use the real system (not a test fake) and
+            open their own sockets (not ``socket_fd``).  Without it a port
+            still survives its link going down and up (it keeps its socket).
         """
-        self.interface = interface
+        self.interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
+        if not self.interfaces:
+            raise ValueError("no interface to serve on")
+        if len(set(self.interfaces)) != len(self.interfaces):
+            raise ValueError(f"an interface is named twice in {self.interfaces}")
+        if socket_fd is not None and len(self.interfaces) != 1:
+            raise ValueError("socket_fd serves one interface")
         self.targets = list(targets)
         self.netns = netns
         self.reactor = reactor
@@ -461,12 +507,41 @@ class AoEService(service.Service):
         self.sync = sync
         self.socket_fd = socket_fd
         self.announce = announce
-        self.protocol: AoEProtocol | None = None
-        self.port: AoEPort | None = None
+        if follow_links is None:
+            # A --workers socket was opened by the parent, maybe in another
+            # namespace than this process's: its link is the parent's to follow.
+            follow_links = system is None and socket_fd is None
+        self.follow_links = follow_links
+        self.ports: dict[str, AoEPort] = {}
+        self.protocols: dict[str, AoEProtocol] = {}
+        self.monitor: LinkMonitor | None = None
+        self._links: dict[str, LinkEvent] = {}
         self._backends_closed = False
 
-    def _listen(self) -> AoEPort:
-        """Open the port and connect a fresh protocol to it."""
+    @property
+    def port(self) -> AoEPort | None:
+        """The first interface's port (the only one, when there is one interface)."""
+        return self.ports.get(self.interfaces[0])
+
+    @property
+    def protocol(self) -> AoEProtocol | None:
+        """The first interface's protocol (the only one, when there is one interface)."""
+        return self.protocols.get(self.interfaces[0])
+
+    def _fail(self, error: CannotOpenInterface | str) -> None:
+        """Close what is open and stop start-up with one line."""
+        for port in self.ports.values():
+            port.connectionLost(None)
+        self.ports.clear()
+        self.protocols.clear()
+        if self.exit_on_error:
+            raise SystemExit(f"twistd aoe: {error}") from None
+        if isinstance(error, CannotOpenInterface):
+            raise error
+        raise RuntimeError(error)
+
+    def _listen(self, interface: str, wait: bool) -> AoEPort:
+        """Open ``interface``'s port and connect a fresh protocol to it."""
         protocol = AoEProtocol(self.targets, self.max_sectors, clock=self.reactor, sync=self.sync)
         protocol.announces = self.announce
         # Room for four initiators each keeping every target's buffer count in flight:
@@ -474,43 +549,96 @@ class AoEService(service.Service):
         # receive ring has at least this many slots).
         in_flight = 4 * sum(target.buffer_count for target in self.targets)
         port = AoEPort(
-            self.interface,
+            interface,
             protocol,
             reactor=self.reactor,
             system=self.system,
             netns=self.netns,
             receive_frames=max(64, in_flight),
             socket_fd=self.socket_fd,
+            wait_for_interface=wait,
         )
-        try:
-            port.startListening()
-        except CannotOpenInterface as e:
-            if self.exit_on_error:
-                raise SystemExit(f"twistd aoe: {e}") from None
-            raise
-        self.protocol = protocol
+        port.startListening()
+        self.protocols[interface] = protocol
         return port
 
+    def _open(self) -> None:
+        """Open every interface's port and start following the links."""
+        wait = len(self.interfaces) > 1 and self.socket_fd is None
+        for interface in self.interfaces:
+            try:
+                self.ports[interface] = self._listen(interface, wait)
+            except CannotOpenInterface as e:
+                self._fail(e)
+        if not any(port.bound for port in self.ports.values()):
+            names = ", ".join(self.interfaces)
+            self._fail(f"cannot open interfaces {names}: none of them exists")
+        if self.follow_links:
+            monitor = LinkMonitor(self._link_event, self.netns, self.reactor)
+            try:
+                monitor.start()
+            except OSError as e:
+                _log.warn(
+                    "cannot follow link changes ({error}): an interface that is removed "
+                    "and created again will not be served again until a restart",
+                    error=e.strerror or str(e),
+                )
+            else:
+                self.monitor = monitor
+
+    def _link_event(self, event: LinkEvent) -> None:
+        """
+        Follow one interface's change: log the transition, bind again when it is back.
+
+        The kernel's first answer (the state dump at start) is logged only
+        if the interface is not usable; after that, one line per change.
+        """
+        port = self.ports.get(event.name)
+        if port is None:
+            return
+        previous = self._links.get(event.name)
+        self._links[event.name] = event
+        if previous == event:
+            return
+        if previous is not None or not event.usable:
+            _log.info(
+                "link {interface}: {state}", interface=event.name, state=event.describe()
+            )
+        if not event.usable:
+            return
+        moved = previous is not None and (not previous.present or previous.index != event.index)
+        changed = event.mtu != port.mtu or (len(event.mac) == 6 and event.mac != port.mac)
+        if not port.bound or moved or changed:
+            port.rebind()
+        elif previous is not None and not previous.usable:
+            protocol = self.protocols.get(event.name)
+            if protocol is not None and protocol.announces and protocol.dispatcher is not None:
+                protocol.announce()
+
     def privilegedStartService(self) -> None:
-        """Open the raw socket while the process still has ``CAP_NET_RAW``."""
-        self.port = self._listen()
+        """Open the raw sockets while the process still has ``CAP_NET_RAW``."""
+        self._open()
         super().privilegedStartService()
 
     def startService(self) -> None:
-        """Start serving (opening the port now if ``privilegedStartService`` did not)."""
-        if self.port is None:
-            self.port = self._listen()
+        """Start serving (opening the ports now if ``privilegedStartService`` did not)."""
+        if not self.ports:
+            self._open()
         super().startService()
 
     def stopService(self) -> defer.Deferred[None]:
-        """Close the port; when it is closed, flush and close every backend."""
+        """Close the ports; when they are closed, flush and close every backend."""
         super().stopService()
-        port, self.port = self.port, None
-        d: defer.Deferred[None] = (
-            port.stopListening() if port is not None else defer.succeed(None)
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.stop()
+        ports = list(self.ports.values())
+        self.ports.clear()
+        d: defer.Deferred[Any] = defer.gatherResults(
+            [port.stopListening() for port in ports], consumeErrors=True
         )
         d.addCallback(lambda _: self._close_backends())
-        return d
+        return d  # type: ignore[return-value]
 
     def _close_backends(self) -> None:
         """Flush then close each target's backend (once), logging (not raising) failures."""

@@ -67,11 +67,18 @@ def parse_target(text: str) -> TargetSpec:
 class Options(usage.Options):
     """The options of ``twistd aoe``."""
 
-    synopsis = "[options] --iface IFACE (--backend SCHEME:SPEC | --target S.N=SCHEME:SPEC ...)"
+    synopsis = (
+        "[options] --iface IFACE [--iface IFACE ...] "
+        "(--backend SCHEME:SPEC | --target S.N=SCHEME:SPEC ...)"
+    )
     longdesc = (
-        "Export disks as ATA over Ethernet (AoEr11) targets on one Ethernet "
-        "interface. Needs CAP_NET_RAW. Example: "
-        "twistd -n aoe --iface eth0 --backend file:disk.img"
+        "Export disks as ATA over Ethernet (AoEr11) targets on one or more Ethernet "
+        "interfaces. Needs CAP_NET_RAW. Example: "
+        "twistd -n aoe --iface eth0 --backend file:disk.img. "
+        "Each --iface answers from its own MAC with a sector count from its own MTU, "
+        "so initiators use every one (AoE multipath). An interface that goes down, or "
+        "is removed and created again, is served again when it is back; with several, "
+        "one that does not exist yet at start-up is waited for."
     )
 
     optFlags = [
@@ -84,7 +91,6 @@ class Options(usage.Options):
         ["help-backends", None, "List the installed backend schemes and exit."],
     ]
     optParameters = [
-        ["iface", "i", None, "The Ethernet interface to serve on (required)."],
         ["backend", "b", None, "The disk of the target SHELF.SLOT, as SCHEME:SPEC "
          "(e.g. file:disk.img, memory:64M, block:/dev/sdb)."],
         ["shelf", "s", "0", "The shelf (major) address of --backend, 0..65534."],
@@ -112,6 +118,17 @@ class Options(usage.Options):
         super().__init__()
         self["masks"] = []
         self["targets"] = []
+        self["iface"] = []
+
+    def opt_iface(self, name: str) -> None:
+        """An Ethernet interface to serve every target on (required; repeatable)."""
+        if not name or "/" in name or len(name) > 15:
+            raise usage.UsageError(f"--iface: {name!r} is not an interface name")
+        if name in self["iface"]:
+            raise usage.UsageError(f"--iface: {name} is given twice")
+        self["iface"].append(name)
+
+    opt_i = opt_iface
 
     def opt_mask(self, mac: str) -> None:
         """Allow only this MAC address (repeatable): starts the target with a MAC mask list."""
@@ -140,6 +157,7 @@ class Options(usage.Options):
             raise SystemExit(0)
         if not self["iface"]:
             raise usage.UsageError("--iface: required (the Ethernet interface to serve on)")
+
         self["shelf"] = _int_in("shelf", self["shelf"], 0, BROADCAST_MAJOR - 1)
         self["slot"] = _int_in("slot", self["slot"], 0, BROADCAST_MINOR - 1)
         self["buffer-count"] = _int_in("buffer-count", self["buffer-count"], 1, _MAX_BUFFER_COUNT)
@@ -148,6 +166,8 @@ class Options(usage.Options):
         from aoe_twisted.net.fanout import MAX_WORKERS
 
         self["workers"] = _int_in("workers", self["workers"], 1, MAX_WORKERS)
+        if self["workers"] > 1 and len(self["iface"]) > 1:
+            raise usage.UsageError("--workers: serves one --iface (several are not supported yet)")
         config = self["config-string"]
         if config is not None:
             encoded = config.encode("utf-8", "surrogateescape")
@@ -219,7 +239,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         from aoe_twisted.workers import WorkersService, share_targets
 
         return WorkersService(
-            options["iface"],
+            options["iface"][0],
             targets,
             [spec.backend for spec in options["targets"]],
             share_targets(targets),

@@ -179,7 +179,10 @@ class Target:
     An AoE target: one disk (``backend``) answering at ``shelf``.``slot``.
 
     ``max_sectors`` is the sector count advertised in config replies and
-    enforced on ATA requests; the server sets it from the interface MTU.
+    enforced on ATA requests: the target's own cap (255, none, by default).
+    An interface whose MTU allows fewer serves a copy of the target with
+    the smaller count (``for_interface``): the copy shares the backend and
+    the ACL store, so every interface serves the same disk and state.
     ``identifier`` defaults to a ``DefaultIdentifier`` for the backend's size
     with the serial ``serial`` (default ``"shelf.slot"``).  ``mask_limit`` is
     how many MACs a mask list edit may grow the list to.
@@ -200,7 +203,7 @@ class Target:
         on_setattr=setters.pipe(_note_acl),
     )
     buffer_count: int = field(default=16, validator=_between(0, 0xFFFF))
-    max_sectors: int = field(default=2, validator=_between(1, 0xFF))
+    max_sectors: int = field(default=0xFF, validator=_between(1, 0xFF))
     firmware_version: int = field(default=FIRMWARE_VERSION, validator=_between(0, 0xFFFF))
     identifier: IIdentifier | None = field(default=None)
     mask_limit: int = field(default=MASK_LIST_LIMIT, validator=_between(0, MASK_LIST_CEILING))
@@ -217,6 +220,19 @@ class Target:
             self.identifier = DefaultIdentifier(self.backend.size // SECTOR_SIZE, serial=serial)
         elif not IIdentifier.providedBy(self.identifier):
             raise TypeError(f"identifier must provide IIdentifier, not {self.identifier!r}")
+
+    def for_interface(self, max_sectors: int) -> Target:
+        """
+        Return this target as an interface carrying at most ``max_sectors`` per frame serves it.
+
+        The same disk, store and identity (``backend``, ``acl``,
+        ``identifier`` are shared, not copied), with ``max_sectors`` no larger
+        than the interface allows; ``self`` if the target's own cap is
+        already that small.
+        """
+        if self.max_sectors <= max_sectors:
+            return self
+        return evolve(self, max_sectors=max_sectors)
 
     def addresses(self, major: int, minor: int) -> bool:
         """Return whether ``major``.``minor`` names this target; each wildcard applies alone."""

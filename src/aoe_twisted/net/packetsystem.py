@@ -101,14 +101,31 @@ def open_packet_socket(interface: str, ethertype: int, netns: str | None = None)
         the namespace carries the namespace's path as ``filename``.
         ``CannotOpenInterface`` turns any of them into one line for an operator.
     """
-    with network_namespace(netns):
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+    # Protocol 0 until bound: a socket created with the EtherType would get
+    # that EtherType's frames from every interface until ``bind`` narrows it.
+    sock = open_unbound_packet_socket(netns)
     try:
         sock.bind((interface, ethertype))
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def open_unbound_packet_socket(netns: str | None = None) -> socket.socket:
+    """
+    Return a blocking ``AF_PACKET``/``SOCK_RAW`` socket that receives nothing until bound.
+
+    Created (inside ``netns``) with protocol 0, so no frame reaches it; a
+    later ``bind((interface, ethertype))`` makes it receive that
+    interface's frames of that EtherType.  Binding needs no privilege, so a
+    server that dropped ``CAP_NET_RAW`` can still bind such a socket to an
+    interface that appears, or comes back with a new index, later.
+
+    @raise OSError: as ``open_packet_socket``.
+    """
+    with network_namespace(netns):
+        return socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
 
 
 class IPacketSystem(Interface):
@@ -217,6 +234,22 @@ class RealPacketSystem:
             raise
         self._sockets[sock.fileno()] = sock
         return sock.fileno()
+
+    def open_unbound(self, netns: str | None = None) -> int:
+        """Open a socket that receives nothing until ``rebind`` (see ``IPacketSystem``)."""
+        sock = open_unbound_packet_socket(netns)
+        sock.setblocking(False)
+        self._sockets[sock.fileno()] = sock
+        return sock.fileno()
+
+    def rebind(self, fd: int, interface: str, ethertype: int) -> None:
+        """``bind`` again, by name (see ``IPacketSystem.rebind``)."""
+        self._socket(fd).bind((interface, ethertype))
+
+    def socket_error(self, fd: int) -> int:
+        """Read (and so clear) ``SO_ERROR`` (see ``IPacketSystem.socket_error``)."""
+        error: int = self._socket(fd).getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return error
 
     def adopt(self, fd: int) -> int:
         """Wrap the bound packet socket ``fd`` (see ``IPacketSystem.adopt``)."""

@@ -147,6 +147,17 @@ class IFrameSink(Interface):
         """
 
 
+class ILinkAwareProtocol(Interface):
+    """A protocol that wants to know when its port's interface changed under it."""
+
+    def linkChanged() -> None:
+        """
+        The port is bound again (the interface came back, maybe as a new
+        device with the same name) or its MAC or MTU changed: read them
+        again from ``transport.getHost()`` and announce what is served.
+        """
+
+
 class IZeroCopyFrameSink(IFrameSink):
     """
     A protocol that answers frames in place: read from the RX ring, written into the TX ring.
@@ -168,7 +179,12 @@ class IZeroCopyFrameSink(IFrameSink):
         """
 
 
-@implementer(interfaces.IListeningPort)
+def _missing(error: OSError) -> bool:
+    """Whether ``error`` says the interface does not exist."""
+    return error.errno in (errno.ENODEV, errno.ENXIO) and not error.filename
+
+
+@implementer(interfaces.IListeningPort, interfaces.IHalfCloseableDescriptor)
 class AoEPort(abstract.FileDescriptor):
     """
     A raw Ethernet port for AoE on one interface, feeding a datagram protocol.
@@ -202,6 +218,7 @@ class AoEPort(abstract.FileDescriptor):
         pad_frames: bool = True,
         socket_fd: int | None = None,
         rings: bool = True,
+        wait_for_interface: bool = False,
     ) -> None:
         """
         @param interface: the interface to bind to, e.g. ``"eth0"``.
@@ -226,6 +243,9 @@ class AoEPort(abstract.FileDescriptor):
             closes it when it stops.  ``netns`` is then ignored.
         @param rings: use ``PACKET_MMAP`` rings where the system offers them
             (``False``: one ``recvfrom`` and one ``send`` per frame).
+        @param wait_for_interface: if ``interface`` does not exist, open a
+            socket that receives nothing and wait (``bound`` stays false)
+            instead of failing; ``rebind`` binds it once it appears.
         """
         abstract.FileDescriptor.__init__(self, reactor)
         self._system: IPacketSystem = RealPacketSystem() if system is None else system
@@ -234,6 +254,10 @@ class AoEPort(abstract.FileDescriptor):
         self.protocol = protocol
         self._frame_sink = IFrameSink.providedBy(protocol)
         self._zero_copy_sink = IZeroCopyFrameSink.providedBy(protocol)
+        self._link_aware = ILinkAwareProtocol.providedBy(protocol)
+        self.wait_for_interface = wait_for_interface
+        self.bound = False
+        self._resume: Any = None
         self.max_frames_per_read = max_frames_per_read
         self.netns = netns
         self.receive_frames = receive_frames
@@ -268,13 +292,17 @@ class AoEPort(abstract.FileDescriptor):
         """
         Open the socket, learn the MAC and MTU, connect the protocol and start reading.
 
+        With ``wait_for_interface`` and no such interface yet, the socket is
+        open but unbound: the protocol is connected when ``rebind`` succeeds.
+
         @raise CannotOpenInterface: (a ``CannotListenError``) if the socket
             cannot be opened or bound; its ``str`` is one line naming the
             interface and the cause.
         """
         self._bindSocket()
-        self.protocol.makeConnection(self)  # type: ignore[arg-type]
-        self.startReading()
+        if self.bound:
+            self.protocol.makeConnection(self)  # type: ignore[arg-type]
+            self.startReading()
 
     def _bindSocket(self) -> None:
         """Open and bind the socket and read the interface's properties."""
@@ -284,32 +312,127 @@ class AoEPort(abstract.FileDescriptor):
             else:
                 fd = self._system.adopt(self.socket_fd)
         except OSError as e:
-            raise CannotOpenInterface(self.interface, e, self.netns) from None
+            if not (self.wait_for_interface and self.socket_fd is None and _missing(e)):
+                raise CannotOpenInterface(self.interface, e, self.netns) from None
+            try:
+                fd = self._system.open_unbound(self.netns)
+            except OSError as e:
+                raise CannotOpenInterface(self.interface, e, self.netns) from None
+            self._fileno = fd
+            self.connected = 1
+            _log.warn(
+                "interface {interface} does not exist: waiting for it to appear",
+                interface=self.interface,
+            )
+            return
         try:
-            mac = self._system.hardware_address(fd)
-            if len(mac) != 6:
-                # A tun or other non-Ethernet device: no MAC to answer from.
-                raise OSError(errno.EINVAL, "not an Ethernet interface (no 6-byte MAC address)")
-            mtu = self._system.mtu(fd, self.interface)
-            if self.receive_frames:
-                # The kernel charges each frame its buffer's true size; MTU plus
-                # 1 KiB of slack per frame covers it at any MTU.
-                self._system.set_receive_buffer(fd, self.receive_frames * (mtu + 1024))
+            self._configure(fd)
         except OSError as e:
             self._system.close(fd)
             raise CannotOpenInterface(self.interface, e, self.netns) from None
-        self.mac = mac
-        self.mtu = mtu
         self._fileno = fd
-        self._bufsize = mtu + _RECV_SLACK
-        self._max_frame = mtu + _ETHERNET_HEADER
-        self._rings = self._map_rings(fd, mtu)
+        self._rings = self._map_rings(fd, self.mtu or 1500)
         self.connected = 1
+        self.bound = True
         _log.info(
             "AoE port open on {address}{rings}",
             address=self.getHost(),
             rings=" (PACKET_MMAP rings)" if self._rings is not None else "",
         )
+
+    def _configure(self, fd: int) -> None:
+        """Learn the bound interface's MAC and MTU and size the receive buffer for them."""
+        mac = self._system.hardware_address(fd)
+        if len(mac) != 6:
+            # A tun or other non-Ethernet device: no MAC to answer from.
+            raise OSError(errno.EINVAL, "not an Ethernet interface (no 6-byte MAC address)")
+        mtu = self._system.mtu(fd, self.interface)
+        if self.receive_frames:
+            # The kernel charges each frame its buffer's true size; MTU plus
+            # 1 KiB of slack per frame covers it at any MTU.
+            self._system.set_receive_buffer(fd, self.receive_frames * (mtu + 1024))
+        self.mac = mac
+        self.mtu = mtu
+        self._bufsize = mtu + _RECV_SLACK
+        self._max_frame = mtu + _ETHERNET_HEADER
+
+    def rebind(self) -> bool:
+        """
+        Bind the socket to the interface again and re-read its MAC and MTU; return success.
+
+        For an interface that appeared, or came back as a new device with the
+        same name (a VLAN, a bond, a USB NIC re-created), or whose MAC or MTU
+        changed.  The socket stays the same, so no privilege is needed; rings
+        are mapped anew if the MTU changed.  The protocol is connected now if
+        it was waiting, else told (``ILinkAwareProtocol.linkChanged``).
+        Failure (the interface went away again) is logged and leaves the
+        port waiting for the next try.
+        """
+        if not self.connected or self.disconnecting:
+            return False
+        fd = self._fileno
+        old_mtu = self.mtu
+        try:
+            self._system.rebind(fd, self.interface, ETHERTYPE)
+            self._configure(fd)
+        except OSError as e:
+            _log.warn(
+                "cannot bind to {interface} again: {error}",
+                interface=self.interface,
+                error=e.strerror or str(e),
+            )
+            return False
+        if self.mtu != old_mtu and self._rings is not None:
+            rings, self._rings = self._rings, None
+            rings.close()
+            self._rings = self._map_rings(fd, self.mtu or 1500)
+        elif self._rings is None and not self.bound:
+            self._rings = self._map_rings(fd, self.mtu or 1500)
+        was_bound, self.bound = self.bound, True
+        if not was_bound:
+            _log.info("AoE port open on {address}", address=self.getHost())
+            self.protocol.makeConnection(self)  # type: ignore[arg-type]
+        elif self._link_aware:
+            self.protocol.linkChanged()  # type: ignore[attr-defined]
+        self.startReading()
+        return True
+
+    def readConnectionLost(self, reason: Failure) -> None:
+        """
+        The socket polls as in error (its interface went down or away): clear it, read on.
+
+        The reactor calls this (the port provides ``IHalfCloseableDescriptor``)
+        instead of closing the port.  Reading the error (``SO_ERROR``)
+        clears it; the socket stays bound, and frames flow again when the
+        interface is up (a new device with the same name needs ``rebind``).
+        If there was no error to clear, reading resumes a second later, so a
+        socket that keeps polling as closed cannot spin the reactor.
+        """
+        if not self.connected or self.disconnecting:
+            return
+        try:
+            code = self._system.socket_error(self._fileno)
+        except OSError as e:
+            code = e.errno or 0
+        if code:
+            _log.info(
+                "AoE port {interface}: {error}; the socket is kept for when it is back",
+                interface=self.interface,
+                error=os.strerror(code),
+            )
+            self.startReading()
+            return
+        if self._resume is None or not self._resume.active():
+            self._resume = self.reactor.callLater(1.0, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        """Read again after a pause (see ``readConnectionLost``)."""
+        self._resume = None
+        if self.connected and not self.disconnecting:
+            self.startReading()
+
+    def writeConnectionLost(self, reason: Failure) -> None:
+        """Nothing to do: the port never waits to write (``IHalfCloseableDescriptor``)."""
 
     def _map_rings(self, fd: int, mtu: int) -> PacketRings | None:
         """Set up the RX and TX rings if the system can; ``None`` (logged) if it cannot."""
@@ -645,7 +768,11 @@ class AoEPort(abstract.FileDescriptor):
             _log.failure("AoE port {interface} failed", reason, interface=self.interface)
         _log.info("AoE port closed on {interface}", interface=self.interface)
         abstract.FileDescriptor.connectionLost(self, reason)  # type: ignore[arg-type]
-        self.protocol.doStop()
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        if self.bound:
+            self.protocol.doStop()
+        self.bound = False
         self.connected = 0
         rings, self._rings = self._rings, None
         if rings is not None and not rings.close():

@@ -84,6 +84,7 @@ class MemoryPacketSocket:
     rx_dropped: int = 0
     flushes: int = 0
     tx_stalled: bool = False
+    pending_error: int = 0
     _rx_next: int = 0
     _tx_next: int = 0
 
@@ -265,6 +266,29 @@ class MemoryPacketSystem:
         self.sockets[fd] = sock
         iface.sockets.append(sock)
         return fd
+
+    def open_unbound(self, netns: str | None = None) -> int:
+        """Not modelled: interfaces of a memory system exist from the start (``ENODEV``)."""
+        raise _oserror(errno.ENODEV)
+
+    def rebind(self, fd: int, interface: str, ethertype: int) -> None:
+        """Move the socket to ``interface`` of its namespace, as ``bind`` by name does."""
+        sock = self._socket(fd)
+        try:
+            iface = self.interfaces[(sock.netns, interface)]
+        except KeyError:
+            raise _oserror(errno.ENODEV) from None
+        if iface is not sock.interface:
+            sock.interface.sockets.remove(sock)
+            iface.sockets.append(sock)
+            sock.interface = iface
+        sock.ethertype = ethertype
+
+    def socket_error(self, fd: int) -> int:
+        """Return and clear the socket's ``pending_error`` (0 if none)."""
+        sock = self._socket(fd)
+        error, sock.pending_error = sock.pending_error, 0
+        return error
 
     def adopt(self, fd: int) -> int:
         """Take over a socket this system opened (``open``); ``EBADF`` for any other."""
