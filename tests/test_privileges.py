@@ -205,6 +205,49 @@ class DropPrivilegesTests(_ServerCase):
 
 
     @defer.inlineCallbacks
+    def test_links_after_drop(self) -> Gen:
+        """
+        Running as nobody with no capability, the server serves again after
+        its link goes down and up, and after its interface is removed and
+        created again (binding needs no privilege): the process never exits.
+        """
+        from tests.netns import run
+        from tests.peer import Peer
+        from tests.test_statefile import _discover
+
+        self.prepare(owner=None)
+        proc = self.start([], ["--uid", USER, "--gid", GROUP])
+        server = yield _discover(self, self.peer, proc, 4, 4)
+        ns, interface = self.pair.server_ns, self.pair.server_if
+        run("ip", "-n", ns, "link", "set", "dev", interface, "down")
+        run("ip", "-n", ns, "link", "set", "dev", interface, "up")
+        self.pair.wait_until_up()
+        self.assertEqual((yield _discover(self, self.peer, proc, 4, 4)), server)
+        run("ip", "-n", ns, "link", "delete", interface)
+        run(
+            "ip", "link", "add", interface, "netns", ns, "type", "veth", "peer",
+            "name", self.pair.client_if, "netns", self.pair.client_ns,
+        )  # fmt: skip
+        for namespace, name in self.pair.ends():
+            run("ip", "-n", namespace, "link", "set", "dev", name, "up")
+        self.pair.wait_until_up()
+        peer = Peer(self.pair.client_if, self.pair.client_ns)
+        peer.start()
+        self.addCleanup(peer.stop)
+        server = yield _discover(self, peer, proc, 4, 4)
+        data = b"\x7e" * SECTOR_SIZE
+        replies = yield peer.write(server, 4, 4, 11, data)
+        self.assertEqual(replies[0].arg.cmd_status, ATACmdStatus.READY_STATUS)
+        self.assertIsNone(proc.poll())
+        self.assertRunsAs(_status(proc.pid), 0)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=20)[0]
+        self.assertIn("link aoesrv0: removed", out)
+        self.assertIn("link aoesrv0: up", out)
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(self.image.read_bytes()[11 * SECTOR_SIZE : 12 * SECTOR_SIZE], data)
+
+    @defer.inlineCallbacks
     def test_workers_after_drop(self) -> Gen:
         """
         With ``--workers 2`` the worker process is started after the drop: it

@@ -45,7 +45,7 @@ from aoe_twisted.core.wire import (
 )
 from aoe_twisted.net.fanout import fanout_index
 from aoe_twisted.workers import WorkersService, _WorkerProcess, share_targets
-from tests.netns import VethPair, require
+from tests.netns import VethPair, require, run
 from tests.peer import Peer, Reply
 from tests.test_twistd import _PLUGIN, TwistdProcessMixin, _twistd, child_pids
 
@@ -188,6 +188,33 @@ class WorkersTests(TwistdProcessMixin, TestCase):
         self.assertEqual(
             self.image.read_bytes()[7 * SECTOR_SIZE : 8 * SECTOR_SIZE], at_seven[FILE]
         )
+
+    @defer.inlineCallbacks
+    def test_link_bounce(self) -> Any:
+        """
+        After the interface goes down and up, both workers serve again (the
+        issue: every socket closed and no worker was restarted), and no
+        worker was restarted to get there.
+        """
+        proc = self.start()
+        server = yield self.discover(proc)
+        workers = child_pids(proc.pid)
+        ns, interface = self.pair.server_ns, self.pair.server_if
+        run("ip", "-n", ns, "link", "set", "dev", interface, "down")
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        run("ip", "-n", ns, "link", "set", "dev", interface, "up")
+        self.pair.wait_until_up()
+        for worker in (0, 1):
+            src = _mac_for(worker, *FILE)
+            data = bytes([0x30 + worker]) * SECTOR_SIZE
+            replies = yield self.until_answered(
+                lambda src=src, data=data: self.peer.write(server, *FILE, 20, data, src=src,
+                                                           timeout=0.3),
+                timeout=5,
+            )
+            self.ok(replies)
+        self.assertIsNone(proc.poll())
+        self.assertEqual(child_pids(proc.pid), workers)
 
     @defer.inlineCallbacks
     def test_third_party_backend(self) -> Any:
