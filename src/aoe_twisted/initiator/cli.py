@@ -11,6 +11,7 @@ command line around it, so a target can be checked without the Linux
     aoe-twisted read e1.0 -i eth0 --offset 1M --length 4K -o part.bin
     aoe-twisted write e1.0 -i eth0 --offset 1M part.bin
     aoe-twisted bench e1.0 -i eth0 [--write]
+    aoe-twisted read e1.0 -i eth0 -i eth1 -o disk.img     (several paths)
     aoe-twisted serve --iface eth0 --backend memory:64M     (twistd -n aoe ...)
 
 Every command but ``serve`` opens a raw socket, so it needs root or
@@ -18,6 +19,13 @@ Every command but ``serve`` opens a raw socket, so it needs root or
 (as made by ``ip netns add``).  A failure is one line on standard error and
 exit status 1; a usage error is one line and status 2.  Long transfers show
 a progress bar on standard error when it is a terminal.
+
+``-i`` may be repeated (or given a comma-separated list): the client then
+listens on every interface, uses every server MAC that answers on each as a
+path, spreads frames over the paths and routes around one that stops
+answering (``aoe_twisted.initiator.client``).  ``info`` lists the paths;
+``read``, ``write`` and ``bench`` name them, and what each carried, when
+there is more than one.
 """
 
 from __future__ import annotations
@@ -98,6 +106,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _Interfaces(argparse.Action):
+    """
+    ``-i`` repeated or comma-separated: ``iface`` is the first interface, ``ifaces`` all.
+
+    ``iface`` stays a string so that one interface reads as it always did.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        names = [name for name in str(values).split(",") if name]
+        if not names:
+            raise argparse.ArgumentError(self, "needs an interface name")
+        known = list(getattr(namespace, "ifaces", None) or [])
+        known += [name for name in names if name not in known]
+        namespace.ifaces = known
+        setattr(namespace, self.dest, known[0])
+
+
 class _Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line, raised rather than printed."""
 
@@ -120,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = _Parser(add_help=False)
     net = common.add_argument_group("network")
-    net.add_argument("-i", "--iface", required=True, metavar="IFACE",
-                     help="the Ethernet interface the targets are on")
+    net.add_argument("-i", "--iface", required=True, metavar="IFACE", action=_Interfaces,
+                     help="the Ethernet interface the targets are on; repeat it (or give "
+                     "IFACE,IFACE) to use several paths")
     net.add_argument("--netns", metavar="NAME",
                      help="open the socket in network namespace NAME (ip netns)")
     net.add_argument("--timeout", type=_argtype(_positive_float), default=0.5, metavar="SECONDS",
@@ -220,13 +252,15 @@ def _config_text(config: bytes) -> str:
     return repr(config.decode("utf-8", "backslashreplace"))
 
 
-def format_targets(targets: Sequence[TargetInfo]) -> str:
-    """Return the table ``discover`` prints."""
-    rows = [("TARGET", "MAC", "SIZE", "BUFFERS", "SECTORS", "FIRMWARE", "CONFIG")]
+def format_targets(targets: Sequence[TargetInfo], interfaces: bool = False) -> str:
+    """Return the table ``discover`` prints (with an IFACE column if ``interfaces``)."""
+    rows = [("TARGET", "MAC", *(("IFACE",) if interfaces else ()), "SIZE", "BUFFERS", "SECTORS",
+             "FIRMWARE", "CONFIG")]
     for t in targets:
         rows.append((
             t.name,
             format_mac(t.mac),
+            *((t.interface or "?",) if interfaces else ()),
             "?" if t.size is None else human(t.size),
             str(t.buffer_count),
             str(t.sector_count),
@@ -326,22 +360,45 @@ def _open_client(reactor: Any, args: argparse.Namespace) -> AoEClient:
     from aoe_twisted.initiator.client import AoEClient, RetryPolicy
 
     retry = RetryPolicy(args.timeout, args.timeout * 8, args.retries)
-    return AoEClient.listen(args.iface, reactor=reactor, netns=args.netns, retry=retry)
+    interfaces = getattr(args, "ifaces", None) or [args.iface]
+    return AoEClient.listen(interfaces, reactor=reactor, netns=args.netns, retry=retry)
+
+
+def _where(args: argparse.Namespace) -> str:
+    """The interfaces (and namespace) of the command line, for messages."""
+    interfaces = ", ".join(getattr(args, "ifaces", None) or [args.iface])
+    return interfaces + (f" in {args.netns}" if args.netns else "")
+
+
+def _several(client: AoEClient, disk: RemoteDisk) -> bool:
+    """Whether to speak of paths: more than one interface or more than one path."""
+    return len(client.links) > 1 or len(disk.paths.paths) > 1
 
 
 async def _open_disk(client: AoEClient, args: argparse.Namespace) -> RemoteDisk:
     shelf, slot = args.target
-    return await client.open(shelf, slot)
+    disk = await client.open(shelf, slot)
+    if _several(client, disk) and args.command in ("read", "write"):
+        paths = ", ".join(p.describe() for p in disk.paths.paths)
+        _note(f"{disk.name}: {len(disk.paths.paths)} path(s): {paths}")
+    return disk
+
+
+def _path_report(client: AoEClient, disk: RemoteDisk) -> None:
+    """After a transfer over several paths, say what each carried (standard error)."""
+    if not _several(client, disk):
+        return
+    for path in disk.paths.paths:
+        _note(f"  path {path.state()}")
 
 
 async def cmd_discover(reactor: Any, client: AoEClient, args: argparse.Namespace) -> int:
     """Print the table of targets that answer; exit 1 if none does."""
     targets = await client.discover(args.wait)
     if not targets:
-        where = args.iface + (f" in {args.netns}" if args.netns else "")
-        _error(f"no AoE target answered on {where} within {args.wait:g} s")
+        _error(f"no AoE target answered on {_where(args)} within {args.wait:g} s")
         return 1
-    print(format_targets(targets))
+    print(format_targets(targets, interfaces=len(client.links) > 1))
     return 0
 
 
@@ -367,6 +424,14 @@ async def cmd_info(reactor: Any, client: AoEClient, args: argparse.Namespace) ->
         ("serial", info.serial or "-"),
         ("firmware", info.firmware or "-"),
     ]
+    if _several(client, disk):
+        fields.append(("interfaces", ", ".join(client.interfaces)))
+    for path in disk.paths.paths:
+        fields.append((
+            "path",
+            f"{path.interface} -> {format_mac(path.mac)} (buffer count {path.buffer_count}, "
+            f"sector count {path.sector_count}, MTU {path.protocol.mtu})",
+        ))
     for name, value in fields:
         print(f"{name + ':':<19}{value}")
     return 0
@@ -463,6 +528,7 @@ async def cmd_read(reactor: Any, client: AoEClient, args: argparse.Namespace) ->
         progress.close()
         if not to_stdout:
             out.close()
+    _path_report(client, disk)
     return 0
 
 
@@ -510,6 +576,7 @@ async def cmd_write(reactor: Any, client: AoEClient, args: argparse.Namespace) -
             source.close()
     flushed = "" if args.no_flush else ", flushed"
     _note(f"wrote {written} bytes to {disk.name} at offset {args.offset}{flushed}")
+    _path_report(client, disk)
     return 0
 
 
@@ -564,8 +631,9 @@ async def cmd_bench(reactor: Any, client: AoEClient, args: argparse.Namespace) -
     if region < per * SECTOR_SIZE:
         raise CommandError(f"{disk.name}: --size {args.size} is smaller than one frame")
     rng = random.Random(args.seed)
-    print(f"bench {disk.name} on {args.iface}: first {human(region)}, {per} sectors per frame, "
-          f"window {disk.window}, {args.depth or disk.window} random operations in flight")
+    print(f"bench {disk.name} on {', '.join(client.interfaces)}: first {human(region)}, "
+          f"{per} sectors per frame, window {disk.window}, "
+          f"{args.depth or disk.window} random operations in flight")
     print(f"{'test':<28}{'ops':>9}{'MiB':>10}{'seconds':>10}{'MB/s':>10}{'IOPS':>10}")
 
     def report(label: str, ops: int, nbytes: int, seconds: float) -> None:
@@ -600,6 +668,9 @@ async def cmd_bench(reactor: Any, client: AoEClient, args: argparse.Namespace) -
             report(label, ops, ops * n * SECTOR_SIZE, seconds)
     except FirstError as e:
         e.subFailure.raiseException()
+    if _several(client, disk):
+        for path in disk.paths.paths:
+            print(f"path {path.state()}")
     return 0
 
 

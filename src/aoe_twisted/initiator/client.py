@@ -19,12 +19,26 @@ It behaves like the Linux driver where that matters on the wire
   earlier copy is recognised as stale and ignored;
 - every tag has bit 31 set, which the Linux driver leaves to user space, so
   this client and the kernel can share an interface without confusing each
-  other's replies.
+  other's replies;
+- several paths, as the Linux driver uses them (``aoecmd.c``): one client
+  may own several local interfaces (``AoEClient.listen(["eth0", "eth1"])``),
+  and every server MAC that answers a target's config query on one of them
+  is a ``Path`` (local interface, server MAC) of that target.  Requests are
+  spread over the live paths round robin, each path keeping at most its own
+  window in flight (no more than its advertised buffer count; halved by a
+  timeout, grown back by one per window of answers).  A request that times
+  out is sent again with a new tag on *another* live path; a path with
+  ``PathPolicy.dead_after`` timeouts in a row is dead, is left out, and is
+  probed with a config query every ``probe_interval`` while the disk is busy
+  until it answers again.  A request completes exactly once: its old tags
+  are retired, so a late reply on the path it left is stale.
 
-Three layers: ``AoEClientProtocol`` owns tags, timers and retransmission
+Four layers: ``AoEClientProtocol`` owns tags, timers and retransmission
 over any transport with ``write(frame)`` (an ``aoe_twisted.net.port.AoEPort``
-or a test fake); ``AoEClient`` discovers and opens targets; ``RemoteDisk``
-reads and writes one target with a window of requests in flight.  Failures
+or a test fake), one per local interface (``Link``); ``PathSet`` owns a
+target's paths and chooses one for each frame; ``AoEClient`` discovers and
+opens targets; ``RemoteDisk`` reads and writes one target with a window of
+requests in flight.  Failures
 are exceptions whose ``str()`` is one line naming the target and the
 operation: ``AoETimeout``, ``AoEProtocolError`` (an AoE error code),
 ``ATAError`` (ATA status and error bits, named ABRT/IDNF/UNC),
@@ -33,6 +47,7 @@ operation: ``AoETimeout``, ``AoEProtocolError`` (an AoE error code),
 
 from __future__ import annotations
 
+import errno
 import random
 import struct
 from collections import deque
@@ -40,7 +55,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, evolve, field, frozen
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -81,6 +97,10 @@ __all__ = [
     "AoETimeout",
     "BadReply",
     "Identity",
+    "Link",
+    "Path",
+    "PathPolicy",
+    "PathSet",
     "RemoteDisk",
     "Reply",
     "RetryPolicy",
@@ -97,9 +117,18 @@ _log = Logger()
 CLIENT_TAG_BIT = 0x8000_0000
 _TAG_COUNTER_MASK = 0x7FFF_FFFF
 
-#: The cap on requests in flight to one target, whatever its buffer count
+#: The cap on requests in flight on one path, whatever its buffer count
 #: (the Linux driver caps at 64 too).
 DEFAULT_MAX_IN_FLIGHT = 64
+#: A path is dead after this many timeouts in a row with no answer between them.
+#: One lost frame is a timeout; three in a row is a path that stopped answering
+#: (a link that goes down with frames in flight counts one per frame, at once).
+DEFAULT_DEAD_AFTER = 3
+#: How often a dead path, or a local interface with no path, is probed (seconds).
+DEFAULT_PROBE_INTERVAL = 1.0
+#: After the first interface finds the target, ``open`` waits at most this long
+#: for the other interfaces' answers (replies after that still add paths).
+DEFAULT_PATH_WAIT = 0.25
 
 #: Status bits that fail an ATA command: BSY, DF, DRQ and ERR (Linux ``ktiocomplete``).
 _STATUS_FAILED = 0xA9
@@ -302,7 +331,8 @@ class TargetInfo:
 
     ``sector_count`` is the most sectors per ATA command the target accepts,
     with AoEr11's "0 means 2" already applied; ``mac`` is the 6-byte address
-    it answered from.  ``size`` (bytes) and the IDENTIFY fields are ``None``
+    it answered from and ``interface`` the local interface that heard it
+    (empty if unknown).  ``size`` (bytes) and the IDENTIFY fields are ``None``
     or empty when IDENTIFY was not asked for or not answered (``lba48`` and
     ``flush_ext`` then assume a modern device).
     """
@@ -320,6 +350,7 @@ class TargetInfo:
     serial: str = ""
     firmware: str = ""
     flush_ext: bool = True
+    interface: str = ""
 
     @property
     def name(self) -> str:
@@ -327,8 +358,8 @@ class TargetInfo:
         return target_name(self.shelf, self.slot)
 
     @classmethod
-    def from_config(cls, src: bytes, header: Header) -> TargetInfo:
-        """Build the info a config reply ``header`` from MAC ``src`` carries."""
+    def from_config(cls, src: bytes, header: Header, interface: str = "") -> TargetInfo:
+        """Build the info in a config reply ``header`` from MAC ``src`` heard on ``interface``."""
         arg = header.arg
         if not isinstance(arg, ConfigArg):
             raise BadReply(f"{target_name(header.major, header.minor)}: config reply without "
@@ -341,6 +372,7 @@ class TargetInfo:
             arg.sector_count or 2,
             arg.firmware_version,
             arg.string,
+            interface=interface,
         )
 
     def with_identity(self, identity: Identity) -> TargetInfo:
@@ -419,6 +451,16 @@ class _Request:
     waited: float = 0.0
     tag: int | None = None
     timer: IDelayedCall | None = None
+    #: The retry policy of this request (the protocol's unless given).
+    retry: RetryPolicy | None = None
+    #: The target's paths, for a request that may move from one path to another.
+    paths: PathSet | None = None
+    #: The path the current copy went out on (it counts in that path's in-flight).
+    path: Path | None = None
+    #: When the current copy was sent, for the path's round-trip time.
+    sent_at: float = 0.0
+    #: The protocol whose tag the current copy carries.
+    owner: Any = None
 
 
 class AoEClientProtocol(AbstractDatagramProtocol):
@@ -433,6 +475,12 @@ class AoEClientProtocol(AbstractDatagramProtocol):
     ``stale_replies`` (replies with our tag bit whose request was already
     answered, retransmitted or given up) and ``ignored`` (everything else
     that is not an answer to us).
+
+    ``config_observers`` are called with ``(source MAC, header)`` for every
+    config reply to one of our tags (answered, stale or gathered), so that a
+    ``PathSet`` learns of every server MAC that answers on this interface.
+    ``closing`` is set by ``AoEClient.close``: a port that stops without it
+    went away under us, and requests that can move to another path do.
     """
 
     noisy = False
@@ -458,6 +506,8 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         self.retransmits = 0
         self.stale_replies = 0
         self.ignored = 0
+        self.closing = False
+        self.config_observers: list[Callable[[bytes, Header], object]] = []
 
     # -- the transport --------------------------------------------------------
 
@@ -487,7 +537,13 @@ class AoEClientProtocol(AbstractDatagramProtocol):
                 return tag
 
     def _send(self, dst: bytes, header: Header) -> None:
-        """Send ``header`` to ``dst`` as one Ethernet frame, padded to 60 bytes."""
+        """
+        Send ``header`` to ``dst`` as one Ethernet frame, padded to 60 bytes.
+
+        @raise OSError: ``ENETDOWN`` if the port is closed (its interface went away).
+        """
+        if self.transport is None:
+            raise OSError(errno.ENETDOWN, "the port is closed")
         frame = EthernetFrame(dst, self.mac, ETHERTYPE, header.to_bytes()).to_bytes(pad=True)
         self.transport.write(frame)  # type: ignore[union-attr]
         self.frames_sent += 1
@@ -504,6 +560,9 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         *,
         what: str = "request",
         target: str | None = None,
+        retry: RetryPolicy | None = None,
+        paths: PathSet | None = None,
+        path: Path | None = None,
     ) -> Deferred[Reply]:
         """
         Send a request and return a Deferred that fires with its ``Reply``.
@@ -512,26 +571,45 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         reply must carry the same command and, unless ``major``/``minor``
         are wildcards, the same address.  Fails with ``AoEProtocolError`` if
         the reply has the error flag and ``AoETimeout`` if the retry policy
-        runs out; cancelling the Deferred abandons the request.  ``what``
-        and ``target`` name the request in those errors.
+        (``retry``, else the protocol's) runs out; cancelling the Deferred
+        abandons the request.  ``what`` and ``target`` name the request in
+        those errors.
+
+        With ``paths`` and ``path`` (a path of ``paths`` on this protocol's
+        interface, whose MAC is ``dst``) the request counts in that path's
+        in-flight and round-trip time, and each retransmission goes where
+        ``paths.reroute`` says: another live path if there is one, with a new
+        tag on that path's protocol.
         """
         header = Header(VERSION, False, False, 0, major, minor, command, bytes(4), arg)
         request = _Request(dst, header, what, target or target_name(major, minor))
-        request.deferred = Deferred(lambda _: self._abandon(request))
-        request.timeout = self.retry.initial_timeout
+        request.retry = retry or self.retry
+        request.paths = paths
+        request.path = path
+        request.deferred = Deferred(lambda _: request.owner._abandon(request))
+        request.timeout = request.retry.initial_timeout
         self._transmit(request)
         return request.deferred
 
     def _transmit(self, request: _Request) -> None:
-        """Send (again) ``request`` under a new tag and start its timer."""
+        """Send (again) ``request`` under a new tag of this protocol and start its timer."""
         tag = self._new_tag()
         request.tag = tag
         request.attempts += 1
+        request.owner = self
         self._pending[tag] = request
+        request.sent_at = self.reactor.seconds()
+        if request.path is not None:
+            request.path.in_flight += 1
+            request.path.sent += 1
         request.timer = self.reactor.callLater(request.timeout, self._expire, request)
         try:
             self._send(request.dst, evolve(request.header, tag=tag.to_bytes(4, "big")))
         except OSError as e:
+            if request.paths is not None and e.errno == errno.ENETDOWN:
+                # The interface is gone for now: this copy is lost like a frame on
+                # a cut wire, and its timer moves the request to another path.
+                return
             # The port itself drops a frame the kernel has no room for (the timer
             # then resends it); what it raises will not get better by retrying.
             self._forget(request)
@@ -540,7 +618,7 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             )
 
     def _forget(self, request: _Request) -> None:
-        """Drop ``request``'s tag and timer: it is answered, given up or abandoned."""
+        """Drop ``request``'s tag, timer and path: it is answered, given up, moved or abandoned."""
         if request.tag is not None:
             self._pending.pop(request.tag, None)
             request.tag = None
@@ -548,30 +626,58 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             if request.timer.active():
                 request.timer.cancel()
             request.timer = None
+        if request.path is not None:
+            request.path.in_flight -= 1
+            request.path = None
 
     def _expire(self, request: _Request) -> None:
-        """No reply in time: retransmit with a new tag, or give up."""
+        """No reply in time: retransmit with a new tag (on another path if any), or give up."""
         request.timer = None
         request.waited += request.timeout
+        failed = request.path
         self._forget(request)
-        if request.attempts > self.retry.retries:
+        paths = request.paths
+        if paths is not None and failed is not None:
+            paths.timed_out(failed)
+        retry = request.retry or self.retry
+        if request.attempts > retry.retries:
             request.deferred.errback(
                 AoETimeout(request.target, request.what, request.attempts, request.waited)
             )
             return
-        request.timeout = min(request.timeout * 2, self.retry.max_timeout)
+        request.timeout = min(request.timeout * 2, retry.max_timeout)
         self.retransmits += 1
+        if paths is None:
+            _log.debug(
+                "{target}: no answer to {what}, sending it again (try {attempt})",
+                target=request.target,
+                what=request.what,
+                attempt=request.attempts + 1,
+            )
+            self._transmit(request)
+            return
+        path = paths.reroute(failed)
+        if path is None:
+            # Every other live path's window is full: wait for room rather than
+            # overflow a server's buffers (they would drop it).
+            paths.hold(request)
+            return
+        request.path = path
+        request.dst = path.mac
         _log.debug(
-            "{target}: no answer to {what}, sending it again (try {attempt})",
+            "{target}: no answer to {what}, sending it again on {path} (try {attempt})",
             target=request.target,
             what=request.what,
+            path=path.describe(),
             attempt=request.attempts + 1,
         )
-        self._transmit(request)
+        path.protocol._transmit(request)
 
     def _abandon(self, request: _Request) -> None:
         """The caller cancelled: forget the request; its Deferred fails with CancelledError."""
         self._forget(request)
+        if request.paths is not None:
+            request.paths.drop(request)
 
     # -- broadcast queries with many answers ----------------------------------
 
@@ -653,14 +759,18 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         if not tag & CLIENT_TAG_BIT:
             self.ignored += 1
             return
+        is_config = (
+            header.command == Command.QUERY_CONFIG_INFORMATION
+            and not header.flag_error
+            and header.major != BROADCAST_MAJOR
+            and header.minor != BROADCAST_MINOR
+        )
+        if is_config:
+            for observe in list(self.config_observers):
+                observe(ethernet.src, header)
         replies = self._collectors.get(tag)
         if replies is not None:
-            if (
-                header.command == Command.QUERY_CONFIG_INFORMATION
-                and not header.flag_error
-                and header.major != BROADCAST_MAJOR
-                and header.minor != BROADCAST_MINOR
-            ):
+            if is_config:
                 replies.append((ethernet.src, header))
             else:
                 self.ignored += 1
@@ -681,21 +791,489 @@ class AoEClientProtocol(AbstractDatagramProtocol):
                 what=request.what,
             )
             return
+        path = request.path
         self._forget(request)
+        if path is not None and request.paths is not None:
+            # Any answer, even an AoE error, shows the path carries frames both ways.
+            request.paths.answered(path, self.reactor.seconds() - request.sent_at)
         if header.flag_error:
             request.deferred.errback(AoEProtocolError(header.error, request.target, request.what))
             return
         request.deferred.callback(Reply(ethernet.src, header))
 
     def stopProtocol(self) -> None:
-        """The port closed: abandon every outstanding request and query."""
-        for request in list(self._pending.values()):
+        """
+        The port closed: abandon every outstanding request and query.
+
+        Unless the client is closing, a request that can move to another path
+        (one of a ``RemoteDisk``'s) is not abandoned: it counts as timed out
+        on its path and goes out again on another, as when a link is cut.
+        """
+        for tag, request in list(self._pending.items()):
+            if self._pending.get(tag) is not request:
+                continue  # answered or cancelled by an earlier one's failure
+            if request.paths is not None and not self.closing:
+                if request.timer is not None and request.timer.active():
+                    request.timer.cancel()
+                self._expire(request)
+                continue
             self._forget(request)
             request.deferred.errback(
                 AoEClientError(f"{request.target}: {request.what} abandoned: the port closed")
             )
         for collector_tag in list(self._collectors):
             self._collectors.pop(collector_tag, None)
+
+
+# -- paths: local interfaces and server MACs -------------------------------------
+
+
+def _mtu_sectors(mtu: int) -> int:
+    """Return how many sectors one frame carries at ``mtu``."""
+    return max(1, (mtu - _ATA_OVERHEAD) // SECTOR_SIZE)
+
+
+@frozen
+class PathPolicy:
+    """
+    When a path counts as dead and how often a dead one is tried again.
+
+    A path is dead after ``dead_after`` timeouts in a row with no answer in
+    between; while a target's disk is busy, each dead path is sent a config
+    query every ``probe_interval`` seconds, and the first answer on it brings
+    it back.  A local interface where no path was found is probed the same
+    way (a broadcast config query), and one whose port closed is reopened.
+    """
+
+    dead_after: int = field(default=DEFAULT_DEAD_AFTER)
+    probe_interval: float = field(default=DEFAULT_PROBE_INTERVAL)
+
+    @dead_after.validator
+    def _check_dead_after(self, attribute: object, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"dead_after must be at least 1, not {value!r}")
+
+    @probe_interval.validator
+    def _check_probe_interval(self, attribute: object, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"probe_interval must be positive, not {value!r}")
+
+
+@define(eq=False)
+class Link:
+    """
+    One local interface of a client: its name, its protocol and port, how to reopen it.
+
+    ``opener(protocol)`` opens a new port for ``protocol`` (``AoEClient.listen``
+    gives one); without it a link whose port closed stays down.  ``up`` is
+    whether the protocol has a port now.
+    """
+
+    name: str
+    protocol: AoEClientProtocol
+    port: Any = None
+    opener: Callable[[AoEClientProtocol], Any] | None = None
+    reopened: int = 0
+    next_reopen: float | None = None
+
+    @property
+    def up(self) -> bool:
+        """Whether the protocol is connected to a port."""
+        return self.protocol.transport is not None
+
+    def reopen(self) -> bool:
+        """Open a new port if this one closed under us (and may be); return whether it is up."""
+        if self.up or self.opener is None or self.protocol.closing:
+            return self.up
+        try:
+            self.port = self.opener(self.protocol)
+        except (CannotListenError, OSError) as e:
+            _log.debug("{interface} still cannot be opened: {error}", interface=self.name, error=e)
+            return False
+        self.reopened += 1
+        _log.info("{interface}: port open again", interface=self.name)
+        return self.up
+
+
+@define(eq=False)
+class Path:
+    """
+    One way to a target: a local interface (``link``) and a server MAC that answered on it.
+
+    ``max_window`` is the most requests it may have in flight: its config
+    reply's buffer count, capped by the client's ``max_in_flight``;
+    ``window`` the present limit (halved by each timeout, grown back by one
+    for each window's worth of answers).  ``timeouts`` counts timeouts in a
+    row; ``dead`` is set after ``PathPolicy.dead_after`` of them.  ``srtt``
+    is the smoothed round-trip time in seconds (``None`` before an answer).
+    ``sent``, ``answered``, ``timeouts_total`` and ``deaths`` count frames
+    sent, answers, timeouts and the times it was declared dead.
+    """
+
+    link: Link
+    mac: bytes
+    buffer_count: int
+    sector_count: int
+    max_window: int
+    window: int
+    in_flight: int = 0
+    srtt: float | None = None
+    rttvar: float = 0.0
+    timeouts: int = 0
+    dead: bool = False
+    sent: int = 0
+    answered: int = 0
+    timeouts_total: int = 0
+    deaths: int = 0
+    next_probe: float = 0.0
+    probe: Deferred[Reply] | None = None
+    growth: int = 0
+
+    @property
+    def interface(self) -> str:
+        """The local interface's name."""
+        return self.link.name
+
+    @property
+    def protocol(self) -> AoEClientProtocol:
+        """The protocol that sends and receives this path's frames."""
+        return self.link.protocol
+
+    @property
+    def usable(self) -> bool:
+        """Neither dead nor on an interface whose port is closed."""
+        return not self.dead and self.link.up
+
+    def describe(self) -> str:
+        """Return ``eth0 -> 02:00:00:00:00:01``."""
+        return f"{self.interface or '?'} -> {format_mac(self.mac)}"
+
+    def state(self) -> str:
+        """Return one line on this path: state, window, frames, timeouts, round-trip time."""
+        status = "dead" if self.dead else ("up" if self.link.up else "interface down")
+        rtt = "-" if self.srtt is None else f"{self.srtt * 1e3:.2f} ms"
+        return (
+            f"{self.describe()}: {status}, window {self.window}/{self.max_window}, "
+            f"{self.sent} frames sent, {self.answered} answered, "
+            f"{self.timeouts_total} timed out, rtt {rtt}"
+        )
+
+
+class PathSet:
+    """
+    The paths to one target, and which one each frame takes.
+
+    ``offer`` adds a path for each (local interface, server MAC) whose config
+    reply it is shown, or brings a dead one back.  ``choose`` returns the
+    next path with room in its window, round robin over the live ones (all
+    of them, when none is live: the retry policy then decides), or ``None``
+    when all are full; ``reroute`` picks the path for a retransmission:
+    another live one if there is any.  ``answered`` and ``timed_out`` keep
+    each path's window, round-trip time and consecutive timeouts.
+
+    A path whose frames are smaller than ``sectors_per_frame`` (the disk's,
+    fixed when it opened) is not used.  ``on_change`` (the disk's pump) is
+    called when a path is added or comes back.  ``failovers`` counts the
+    retransmissions that moved to another path.
+    """
+
+    def __init__(
+        self,
+        shelf: int,
+        slot: int,
+        links: Sequence[Link],
+        *,
+        reactor: IReactorTime,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        policy: PathPolicy | None = None,
+    ) -> None:
+        self.shelf = shelf
+        self.slot = slot
+        self.name = target_name(shelf, slot)
+        self.links = list(links)
+        self.reactor = reactor
+        self.max_in_flight = max_in_flight
+        self.policy = policy or PathPolicy()
+        self.paths: list[Path] = []
+        self.sectors_per_frame: int | None = None
+        self.on_change: Callable[[], object] | None = None
+        self.failovers = 0
+        self._held: deque[_Request] = deque()
+        self._next = 0
+        self._link_probes: dict[int, float] = {}
+        self._observers: list[tuple[AoEClientProtocol, Callable[[bytes, Header], object]]] = []
+
+    # -- learning paths -------------------------------------------------------
+
+    def watch(self) -> None:
+        """Hear every config reply on every link from now on (``offer``)."""
+        for link in self.links:
+
+            def observe(src: bytes, header: Header, link: Link = link) -> None:
+                self.offer(link, src, header)
+
+            link.protocol.config_observers.append(observe)
+            self._observers.append((link.protocol, observe))
+
+    def unwatch(self) -> None:
+        """Stop hearing config replies."""
+        for protocol, observe in self._observers:
+            if observe in protocol.config_observers:
+                protocol.config_observers.remove(observe)
+        self._observers.clear()
+
+    def find(self, link: Link, mac: bytes) -> Path | None:
+        """Return the path through ``link`` to ``mac``, if known."""
+        for path in self.paths:
+            if path.link is link and path.mac == mac:
+                return path
+        return None
+
+    def add(self, link: Link, mac: bytes, buffer_count: int, sector_count: int) -> Path | None:
+        """Add the path through ``link`` to ``mac`` (or return it if known); ``None`` if unfit."""
+        path = self.find(link, mac)
+        if path is not None:
+            return path
+        carries = min(sector_count, _mtu_sectors(link.protocol.mtu))
+        if self.sectors_per_frame is not None and carries < self.sectors_per_frame:
+            _log.warn(
+                "{target}: not using {interface} -> {mac}: it carries {carries} sectors a "
+                "frame, the disk sends {per}",
+                target=self.name, interface=link.name, mac=format_mac(mac), carries=carries,
+                per=self.sectors_per_frame,
+            )
+            return None
+        window = max(1, min(buffer_count, self.max_in_flight))
+        path = Path(link, mac, buffer_count, sector_count, window, window)
+        self.paths.append(path)
+        if len(self.paths) > 1:
+            _log.info("{target}: path {path} added ({count} paths)", target=self.name,
+                      path=path.describe(), count=len(self.paths))
+        return path
+
+    def offer(self, link: Link, src: bytes, header: Header) -> Path | None:
+        """A config reply from ``src`` heard on ``link``: add its path, or revive it."""
+        arg = header.arg
+        if (header.major, header.minor) != (self.shelf, self.slot) or not isinstance(
+            arg, ConfigArg
+        ):
+            return None
+        known = self.find(link, src)
+        path = self.add(link, src, arg.buffer_count, arg.sector_count or 2)
+        if path is None:
+            return None
+        if path.dead:
+            self._revive(path)
+        elif known is not None:
+            return path
+        if self.on_change is not None:
+            self.on_change()
+        return path
+
+    # -- choosing -------------------------------------------------------------
+
+    def usable(self) -> list[Path]:
+        """The live paths; if none is, every path (requests then wait for the retry policy)."""
+        live = [p for p in self.paths if p.usable]
+        if live:
+            return live
+        return [p for p in self.paths if p.link.up] or list(self.paths)
+
+    @property
+    def window(self) -> int:
+        """How many requests the usable paths may have in flight together now."""
+        return sum(p.window for p in self.usable())
+
+    @property
+    def in_flight(self) -> int:
+        """How many requests are in flight on all paths."""
+        return sum(p.in_flight for p in self.paths)
+
+    def has_room(self, path: Path) -> bool:
+        """
+        Whether ``path`` may take one more request.
+
+        Its window must have room, and the server MAC's buffer count must too:
+        two local interfaces reaching one server MAC share that MAC's buffers.
+        """
+        if path.in_flight >= path.window:
+            return False
+        same_mac = sum(p.in_flight for p in self.paths if p.mac == path.mac)
+        return same_mac < max(1, path.buffer_count)
+
+    def choose(self) -> Path | None:
+        """
+        Return the next usable path with room, round robin; ``None`` if all are full.
+
+        Retransmissions waiting for room (``hold``) are sent first: while one
+        waits, no new frame gets a path.
+        """
+        self.probe_due()
+        self._send_held()
+        if self._held:
+            return None
+        return self._next_with_room()
+
+    def _next_with_room(self) -> Path | None:
+        """The next usable path with room, round robin."""
+        candidates = self.usable()
+        count = len(candidates)
+        for i in range(count):
+            path = candidates[(self._next + i) % count]
+            if self.has_room(path):
+                self._next = (self._next + i + 1) % count
+                return path
+        return None
+
+    def reroute(self, failed: Path | None) -> Path:
+        """
+        Return the path for a retransmission after ``failed`` timed out.
+
+        Another live path with room if there is one (the least loaded);
+        ``None`` if there are others but all are full (the caller then
+        ``hold``s the request); with no other live path, ``failed`` itself
+        (or any path).
+        """
+        self.probe_due()
+        others = [p for p in self.paths if p.usable and p is not failed]
+        if others:
+            roomy = [p for p in others if self.has_room(p)]
+            if failed is not None:
+                self.failovers += 1
+            if not roomy:
+                return None
+            return min(roomy, key=lambda p: p.in_flight / p.window)
+        if failed is not None and failed in self.paths:
+            return failed
+        return self.usable()[0]
+
+    def hold(self, request: _Request) -> None:
+        """Keep a retransmission until a path has room (``choose`` sends it first)."""
+        self._held.append(request)
+
+    def drop(self, request: _Request) -> None:
+        """Forget a held retransmission (its caller gave up on it)."""
+        if request in self._held:
+            self._held.remove(request)
+
+    def _send_held(self) -> None:
+        """Send held retransmissions, each on the next usable path with room."""
+        while self._held:
+            path = self._next_with_room()
+            if path is None:
+                return
+            request = self._held.popleft()
+            request.path = path
+            request.dst = path.mac
+            path.protocol._transmit(request)
+
+    # -- what happened --------------------------------------------------------
+
+    def answered(self, path: Path, rtt: float) -> None:
+        """A reply came on ``path`` after ``rtt`` seconds: it is alive; its window may grow."""
+        path.answered += 1
+        path.timeouts = 0
+        if path.srtt is None:
+            path.srtt, path.rttvar = rtt, rtt / 2
+        else:
+            path.rttvar += (abs(path.srtt - rtt) - path.rttvar) / 4
+            path.srtt += (rtt - path.srtt) / 8
+        if path.dead:
+            self._revive(path)
+            if self.on_change is not None:
+                self.on_change()
+            return
+        path.growth += 1
+        if path.growth >= path.window and path.window < path.max_window:
+            path.window += 1
+            path.growth = 0
+
+    def timed_out(self, path: Path) -> None:
+        """A request on ``path`` got no reply in time: halve its window; dead after too many."""
+        path.timeouts += 1
+        path.timeouts_total += 1
+        path.window = max(1, path.window // 2)
+        path.growth = 0
+        if not path.dead and path.timeouts >= self.policy.dead_after:
+            path.dead = True
+            path.deaths += 1
+            path.next_probe = self.reactor.seconds() + self.policy.probe_interval
+            others = sum(1 for p in self.paths if p.usable)
+            _log.warn(
+                "{target}: path {path} stopped answering ({count} timeouts in a row); "
+                "{others} other path(s) live",
+                target=self.name, path=path.describe(), count=path.timeouts, others=others,
+            )
+
+    def _revive(self, path: Path) -> None:
+        """``path`` answered again: use it again, starting with a window of one."""
+        path.dead = False
+        path.timeouts = 0
+        path.window = 1
+        path.growth = 0
+        _log.warn("{target}: path {path} answers again", target=self.name,
+                  path=path.describe())
+
+    # -- probing --------------------------------------------------------------
+
+    def probe_due(self) -> None:
+        """
+        Probe what is due: reopen closed ports, query dead paths and pathless interfaces.
+
+        Called whenever a frame is about to be sent, so probing costs nothing
+        while the disk is idle.  Dead paths and interfaces without a path are
+        probed only while another path is live: with none, the requests
+        themselves go everywhere.
+        """
+        now = self.reactor.seconds()
+        interval = self.policy.probe_interval
+        for link in self.links:
+            if link.up or link.opener is None:
+                link.next_reopen = None
+            elif link.next_reopen is None:
+                # Just noticed: the interface may come back by itself (its port then
+                # never closed); try a new port one interval from now.
+                link.next_reopen = now + interval
+            elif now >= link.next_reopen:
+                link.next_reopen = now + interval
+                link.reopen()
+        if not any(p.usable for p in self.paths):
+            return
+        for path in self.paths:
+            if path.dead and path.probe is None and now >= path.next_probe and path.link.up:
+                path.next_probe = now + interval
+                self._probe(path)
+        for link in self.links:
+            if not link.up or any(p.link is link for p in self.paths):
+                continue
+            key = id(link)
+            if now >= self._link_probes.get(key, 0.0):
+                self._link_probes[key] = now + interval
+                d = link.protocol.query_config(interval / 2, major=self.shelf, minor=self.slot,
+                                               sends=1)
+                d.addErrback(lambda _: None)
+
+    def _probe(self, path: Path) -> None:
+        """Send one config query to ``path``'s MAC; its answer (``offer``) revives the path."""
+        arg = ConfigArg(0, 0, 0, 0, ConfigCommand.READ, 0, b"")
+        wait = self.policy.probe_interval / 2
+        d = path.protocol.request(
+            path.mac, self.shelf, self.slot, Command.QUERY_CONFIG_INFORMATION, arg,
+            what="path probe", target=self.name, retry=RetryPolicy(wait, wait, 0),
+        )
+        path.probe = d
+
+        def done(_: object) -> None:
+            path.probe = None
+
+        d.addBoth(done)
+
+    def stop(self) -> None:
+        """Cancel probes in flight and stop hearing config replies."""
+        self.unwatch()
+        for path in self.paths:
+            if path.probe is not None:
+                path.probe.cancel()
 
 
 # -- discovery and opening --------------------------------------------------------
@@ -718,62 +1296,132 @@ def _check_ata(header: Header, target: str, what: str) -> ATAArg:
 
 class AoEClient:
     """
-    An initiator on one interface: discover targets and open them as ``RemoteDisk``.
+    An initiator on one or several interfaces: discover targets and open them as ``RemoteDisk``.
 
-    Make one with ``AoEClient.listen(interface)`` for a real interface, or
-    around an ``AoEClientProtocol`` already connected to a transport (tests).
-    ``close()`` stops the port when done.
+    Make one with ``AoEClient.listen(interface)`` (or a list of interfaces)
+    for real interfaces, or around an ``AoEClientProtocol`` already connected
+    to a transport, and/or ``links`` (tests).  ``close()`` stops the ports
+    when done.  ``protocol``, ``port`` and ``interface`` are the first
+    interface's; ``links`` lists them all.
     """
 
     def __init__(
         self,
-        protocol: AoEClientProtocol,
+        protocol: AoEClientProtocol | None = None,
         port: Any = None,
         *,
         interface: str = "",
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        links: Sequence[Link] = (),
+        path_policy: PathPolicy | None = None,
+        path_wait: float = DEFAULT_PATH_WAIT,
     ) -> None:
-        self.protocol = protocol
-        self.port = port
-        self.interface = interface
+        self.links: list[Link] = []
+        if protocol is not None:
+            self.links.append(Link(interface, protocol, port))
+        self.links.extend(links)
+        if not self.links:
+            raise ValueError("an AoEClient needs a protocol or at least one link")
         self.max_in_flight = max_in_flight
+        self.path_policy = path_policy or PathPolicy()
+        self.path_wait = path_wait
+        self._path_sets: list[PathSet] = []
+
+    @property
+    def protocol(self) -> AoEClientProtocol:
+        """The first interface's protocol."""
+        return self.links[0].protocol
+
+    @property
+    def port(self) -> Any:
+        """The first interface's port (``None`` once closed)."""
+        return self.links[0].port
+
+    @property
+    def interface(self) -> str:
+        """The first interface's name."""
+        return self.links[0].name
+
+    @property
+    def interfaces(self) -> list[str]:
+        """Every interface's name, in the order given."""
+        return [link.name for link in self.links]
+
+    @property
+    def where(self) -> str:
+        """The interfaces, for messages: ``eth0`` or ``eth0, eth1``."""
+        return ", ".join(name for name in self.interfaces if name)
 
     @classmethod
     def listen(
         cls,
-        interface: str,
+        interface: str | Sequence[str],
         *,
         reactor: IReactorTime | None = None,
         netns: str | None = None,
         retry: RetryPolicy | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         system: Any = None,
+        path_policy: PathPolicy | None = None,
+        path_wait: float = DEFAULT_PATH_WAIT,
     ) -> AoEClient:
         """
-        Open a raw AoE socket on ``interface`` (in network namespace ``netns``).
+        Open a raw AoE socket on ``interface``, or on each of several (in namespace ``netns``).
 
         Needs ``CAP_NET_RAW``.  Raises ``aoe_twisted.net.port.CannotOpenInterface``
         (a ``CannotListenError`` whose ``str()`` is one line) for a missing
-        interface or namespace or no permission.  ``system`` replaces the
-        operating system's packet sockets (``aoe_twisted.testing``).
+        interface or namespace or no permission; the interfaces already
+        opened are closed again.  ``system`` replaces the operating system's
+        packet sockets (``aoe_twisted.testing``).  A port that closes under
+        the client (its interface went away) is reopened by the paths'
+        probes (``PathPolicy``).
         """
         from aoe_twisted.net.port import AoEPort
 
-        protocol = AoEClientProtocol(reactor, retry)
-        port = AoEPort(
-            interface, protocol, reactor=reactor, system=system, netns=netns,
-            # Room for a full window of replies, twice over, at any MTU.
-            receive_frames=2 * max_in_flight,
-        )
-        port.startListening()
-        return cls(protocol, port, interface=interface, max_in_flight=max_in_flight)
+        names = [interface] if isinstance(interface, str) else list(dict.fromkeys(interface))
+        if not names:
+            raise ValueError("no interface to listen on")
+        links: list[Link] = []
+
+        def opener(name: str) -> Callable[[AoEClientProtocol], Any]:
+            def open_port(protocol: AoEClientProtocol) -> Any:
+                port = AoEPort(
+                    name, protocol, reactor=reactor, system=system, netns=netns,
+                    # Room for a full window of replies, twice over, at any MTU.
+                    receive_frames=2 * max_in_flight,
+                )
+                port.startListening()
+                return port
+
+            return open_port
+
+        try:
+            for name in names:
+                protocol = AoEClientProtocol(reactor, retry)
+                open_port = opener(name)
+                links.append(Link(name, protocol, open_port(protocol), open_port))
+        except BaseException:
+            for link in links:
+                link.protocol.closing = True
+                link.port.stopListening()
+            raise
+        return cls(links=links, max_in_flight=max_in_flight, path_policy=path_policy,
+                   path_wait=path_wait)
 
     def close(self) -> Deferred[None]:
-        """Stop listening; outstanding requests fail."""
-        if self.port is None:
-            return succeed(None)
-        port, self.port = self.port, None
-        return port.stopListening()  # type: ignore[no-any-return]
+        """Stop listening on every interface; outstanding requests fail."""
+        for paths in self._path_sets:
+            paths.stop()
+        self._path_sets.clear()
+        stopping = []
+        for link in self.links:
+            link.protocol.closing = True
+            port, link.port = link.port, None
+            if port is not None:
+                stopping.append(port.stopListening())
+        d = gatherResults(stopping, consumeErrors=True)
+        d.addCallback(lambda _: None)
+        return d
 
     def discover(
         self,
@@ -786,35 +1434,43 @@ class AoEClient:
         """
         Find every target that answers a broadcast config query within ``timeout`` seconds.
 
-        ``shelf``/``slot`` narrow the query (the defaults ask everyone).  With
-        ``identify`` each target is then asked for IDENTIFY to fill in its
-        size; a target that does not answer that keeps ``size`` ``None``.
-        Fires with the targets sorted by shelf, slot and MAC; a target seen
-        through several of its MACs is listed once per MAC.
+        The query goes out on every interface at once.  ``shelf``/``slot``
+        narrow it (the defaults ask everyone).  With ``identify`` each target
+        is then asked for IDENTIFY to fill in its size; a target that does not
+        answer that keeps ``size`` ``None``.  Fires with the targets sorted by
+        shelf, slot, MAC and interface; a target seen through several of its
+        MACs, or on several interfaces, is listed once per MAC and interface
+        (``TargetInfo.interface``).
         """
         return Deferred.fromCoroutine(self._discover(timeout, shelf, slot, identify))
 
     async def _discover(
         self, timeout: float, shelf: int, slot: int, identify: bool
     ) -> list[TargetInfo]:
-        replies = await self.protocol.query_config(timeout, major=shelf, minor=slot)
-        found: dict[tuple[int, int, bytes], TargetInfo] = {}
-        for src, header in replies:
-            key = (header.major, header.minor, src)
-            if key not in found:
-                try:
-                    found[key] = TargetInfo.from_config(src, header)
-                except BadReply as e:
-                    _log.debug("{error}", error=e)
-        infos = sorted(found.values(), key=lambda i: (i.shelf, i.slot, i.mac))
+        live = [link for link in self.links if link.up]
+        answers = await gatherResults(
+            [link.protocol.query_config(timeout, major=shelf, minor=slot) for link in live],
+            consumeErrors=True,
+        )
+        found: dict[tuple[int, int, bytes, int], tuple[TargetInfo, Link]] = {}
+        for index, (link, replies) in enumerate(zip(live, answers, strict=True)):
+            for src, header in replies:
+                key = (header.major, header.minor, src, index)
+                if key not in found:
+                    try:
+                        found[key] = (TargetInfo.from_config(src, header, link.name), link)
+                    except BadReply as e:
+                        _log.debug("{error}", error=e)
+        ordered = sorted(found.items(), key=lambda item: item[0])
         if not identify:
-            return infos
+            return [info for _, (info, _) in ordered]
         results = await DeferredList(
-            [Deferred.fromCoroutine(self._identify(info)) for info in infos],
+            [Deferred.fromCoroutine(self._identify(info, link.protocol))
+             for _, (info, link) in ordered],
             consumeErrors=True,
         )
         completed = []
-        for info, (ok, result) in zip(infos, results, strict=True):
+        for (_, (info, _link)), (ok, result) in zip(ordered, results, strict=True):
             if ok:
                 completed.append(info.with_identity(result))
             else:
@@ -826,9 +1482,9 @@ class AoEClient:
                 completed.append(info)
         return completed
 
-    async def _identify(self, info: TargetInfo) -> Identity:
-        """Ask ``info``'s target for IDENTIFY DEVICE and decode the page."""
-        reply = await self.protocol.request(
+    async def _identify(self, info: TargetInfo, protocol: AoEClientProtocol) -> Identity:
+        """Ask ``info``'s target for IDENTIFY DEVICE through ``protocol`` and decode the page."""
+        reply = await protocol.request(
             info.mac, info.shelf, info.slot, Command.ISSUE_ATA_COMMAND, _identify_arg(),
             what="IDENTIFY", target=info.name,
         )
@@ -849,10 +1505,14 @@ class AoEClient:
         """
         Find the target at ``shelf``.``slot`` and return it as a ``RemoteDisk``.
 
-        The config query goes to the broadcast MAC with the target's address
-        and is retransmitted like any request; the first target to answer is
-        used, and asked for IDENTIFY.  Fails with ``TargetNotFound`` if no one
-        answers.  ``use_lba28`` and ``max_in_flight`` are passed to the disk.
+        A config query for the target goes to the broadcast MAC on every
+        interface, retransmitted like any request.  Every server MAC that
+        answers on an interface becomes a path of the disk (``disk.paths``);
+        once the first answer came, ``open`` waits for the other interfaces'
+        first answers at most ``path_wait`` seconds (answers after that, and
+        to later probes, still add paths).  The first target to answer is
+        asked for IDENTIFY.  Fails with ``TargetNotFound`` if no one answers.
+        ``use_lba28`` and ``max_in_flight`` (per path) are passed to the disk.
         """
         return Deferred.fromCoroutine(
             self._open(shelf, slot, use_lba28,
@@ -863,17 +1523,86 @@ class AoEClient:
         self, shelf: int, slot: int, use_lba28: bool, max_in_flight: int
     ) -> RemoteDisk:
         name = target_name(shelf, slot)
-        arg = ConfigArg(0, 0, 0, 0, ConfigCommand.READ, 0, b"")
+        protocol = self.protocol
+        paths = PathSet(shelf, slot, self.links, reactor=protocol.reactor,
+                        max_in_flight=max_in_flight, policy=self.path_policy)
+        paths.watch()
         try:
-            reply = await self.protocol.request(
+            reply, link = await self._first_answers(shelf, slot, name)
+        except BaseException:
+            paths.stop()
+            raise
+        info = TargetInfo.from_config(reply.source, reply.header, link.name)
+        try:
+            info = info.with_identity(await self._identify(info, link.protocol))
+        except BaseException:
+            paths.stop()
+            raise
+        self._path_sets.append(paths)
+        return RemoteDisk(link.protocol, info, max_in_flight=max_in_flight, use_lba28=use_lba28,
+                          paths=paths)
+
+    async def _first_answers(self, shelf: int, slot: int, name: str) -> tuple[Reply, Link]:
+        """
+        Query every interface for ``shelf``.``slot``; return the first answer and its link.
+
+        Then wait (at most ``path_wait``) for the other interfaces' answers,
+        which the ``PathSet`` watching them turns into paths.
+        """
+        arg = ConfigArg(0, 0, 0, 0, ConfigCommand.READ, 0, b"")
+        links = [link for link in self.links if link.up]
+        queries = [
+            link.protocol.request(
                 BROADCAST_MAC, shelf, slot, Command.QUERY_CONFIG_INFORMATION, arg,
                 what="config query", target=name,
             )
+            for link in links
+        ]
+        first: Deferred[tuple[Reply, Link]] = Deferred()
+        remaining = [len(queries)]
+        errors: list[Failure] = []
+
+        def answered(reply: Reply, link: Link) -> None:
+            if not first.called:
+                first.callback((reply, link))
+
+        def failed(failure: Failure) -> None:
+            errors.append(failure)
+
+        def settled(_: object) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0 and not first.called:
+                first.errback(errors[0] if errors else Failure(AoETimeout(name, "config query",
+                                                                          0, 0.0)))
+
+        for link, query in zip(links, queries, strict=True):
+            query.addCallbacks(answered, failed, callbackArgs=(link,))
+            query.addBoth(settled)
+        if not queries:
+            first.errback(TargetNotFound(name, self.where))
+        try:
+            reply, link = await first
         except AoETimeout:
-            raise TargetNotFound(name, self.interface) from None
-        info = TargetInfo.from_config(reply.source, reply.header)
-        info = info.with_identity(await self._identify(info))
-        return RemoteDisk(self.protocol, info, max_in_flight=max_in_flight, use_lba28=use_lba28)
+            raise TargetNotFound(name, self.where) from None
+        if remaining[0]:
+            reactor = self.protocol.reactor
+            everyone: Deferred[None] = Deferred()
+
+            def all_settled(_: object) -> None:
+                if remaining[0] == 0 and not everyone.called:
+                    everyone.callback(None)
+
+            for query in queries:
+                query.addBoth(all_settled)
+            timer = reactor.callLater(self.path_wait, lambda: everyone.called
+                                      or everyone.callback(None))
+            await everyone
+            if timer.active():
+                timer.cancel()
+            for query in queries:
+                if not query.called:
+                    query.cancel()
+        return reply, link
 
 
 # -- one target as a disk --------------------------------------------------------
@@ -911,9 +1640,11 @@ class RemoteDisk:
     ``read``/``write`` take LBAs and whole sectors; ``read_at``/``write_at``
     take byte offsets and any length (a write that covers part of a sector
     reads that sector first).  Every transfer is split into frames of
-    ``sectors_per_frame`` sectors, and at most ``window`` of them, across all
-    operations on this disk, are in flight at once.  ``peak_in_flight``
-    records the most there ever were.
+    ``sectors_per_frame`` sectors (the least any path carries when the disk
+    opens), and at most ``window`` of them, across all operations on this
+    disk, are in flight at once: the sum of the live paths' windows
+    (``paths``, a ``PathSet``; one path, to ``info.mac``, unless ``AoEClient.open``
+    found more).  ``peak_in_flight`` records the most there ever were.
 
     Commands are 48-bit (READ/WRITE SECTORS EXT with the E flag) when the
     target's IDENTIFY advertises LBA48.  With ``use_lba28`` a transfer that
@@ -928,6 +1659,7 @@ class RemoteDisk:
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         use_lba28: bool = False,
+        paths: PathSet | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -935,14 +1667,33 @@ class RemoteDisk:
         self.info = info
         self.name = info.name
         self.use_lba28 = use_lba28
-        self.window = max(1, min(info.buffer_count, max_in_flight))
-        mtu_sectors = max(1, (protocol.mtu - _ATA_OVERHEAD) // SECTOR_SIZE)
-        self.sectors_per_frame = max(1, min(info.sector_count, mtu_sectors,
-                                            _MAX_SECTORS_PER_COMMAND))
+        if paths is None:
+            link = Link(info.interface or str(getattr(protocol.transport, "interface", "")),
+                        protocol)
+            paths = PathSet(info.shelf, info.slot, [link], reactor=protocol.reactor,
+                            max_in_flight=max_in_flight)
+        if not paths.paths:
+            link = next((lk for lk in paths.links if lk.protocol is protocol), None)
+            if link is None:
+                link = Link(info.interface, protocol)
+                paths.links.append(link)
+            paths.add(link, info.mac, info.buffer_count, info.sector_count)
+        self.paths = paths
+        self.sectors_per_frame = max(1, min(
+            [_MAX_SECTORS_PER_COMMAND]
+            + [min(p.sector_count, _mtu_sectors(p.protocol.mtu)) for p in paths.paths]
+        ))
+        paths.sectors_per_frame = self.sectors_per_frame
+        paths.on_change = self._pump
         self.in_flight = 0
         self.peak_in_flight = 0
         self._queue: deque[_Chunk] = deque()
         self._pumping = False
+
+    @property
+    def window(self) -> int:
+        """How many frames may be in flight now: the sum of the usable paths' windows."""
+        return self.paths.window
 
     @property
     def size(self) -> int | None:
@@ -1142,21 +1893,25 @@ class RemoteDisk:
         return build
 
     def _pump(self) -> None:
-        """Send queued chunks while fewer than ``window`` are in flight."""
+        """Send queued chunks, each on the path ``PathSet.choose`` gives, while one has room."""
         if self._pumping:
             return
         self._pumping = True
         try:
-            while self._queue and self.in_flight < self.window:
-                chunk = self._queue.popleft()
-                if chunk.operation.failed:
+            while self._queue:
+                if self._queue[0].operation.failed:
+                    self._queue.popleft()
                     continue
+                path = self.paths.choose()
+                if path is None:
+                    break
+                chunk = self._queue.popleft()
                 self.in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 info = self.info
-                d = self.protocol.request(
-                    info.mac, info.shelf, info.slot, Command.ISSUE_ATA_COMMAND, chunk.arg(),
-                    what=chunk.what, target=self.name,
+                d = path.protocol.request(
+                    path.mac, info.shelf, info.slot, Command.ISSUE_ATA_COMMAND, chunk.arg(),
+                    what=chunk.what, target=self.name, paths=self.paths, path=path,
                 )
                 chunk.request = d
                 d.addBoth(self._chunk_done, chunk)
