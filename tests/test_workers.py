@@ -397,7 +397,7 @@ class WorkerProcessTests(SynchronousTestCase):
         state = SharedState.create(1)
         self.addCleanup(state.close)
         config = {
-            "index": 1, "interface": "eth9", "socket_fd": -1, "state_fd": state.fileno(),
+            "index": 1, "sockets": {"eth9": -1}, "state_fd": state.fileno(),
             "max_sectors": None, "sync": False, "state_dir": None,
             "targets": [{
                 "shelf": 1, "slot": 1, "buffer_count": 64,
@@ -415,3 +415,58 @@ class WorkerProcessTests(SynchronousTestCase):
         [event] = [e for e in events if e["log_level"]["name"] == "critical"]
         self.assertIn("cannot open the targets", formatEvent(eventFromJSON(json.dumps(event))))
         self.assertIn("/nonexistent/disk.img", formatEvent(eventFromJSON(json.dumps(event))))
+
+
+class WorkersSeveralInterfacesTests(TwistdProcessMixin, TestCase):
+    """``--workers 2`` with two ``--iface``: one fanout group per interface."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_every_worker_serves_every_interface(self) -> Any:
+        """
+        Each interface answers from its own MAC, and frames that the fanout
+        hash gives to either worker are answered on both interfaces; an
+        interface removed and created again stops the server with one
+        critical line (its sockets cannot be bound again without privilege).
+        """
+        require(self)
+        first = VethPair.create(self)
+        second = VethPair.create(self)
+        run("ip", "-n", second.server_ns, "link", "set", second.server_if, "netns",
+            first.server_ns, "name", "aoesrv1")  # fmt: skip
+        run("ip", "-n", first.server_ns, "link", "set", "aoesrv1", "up")
+        proc = _twistd(
+            "aoe", "--iface", first.server_if, "--iface", "aoesrv1", "--workers", "2",
+            "--target", f"{FILE[0]}.{FILE[1]}=memory:1M",
+            netns=first.server_ns,
+        )  # fmt: skip
+        self.addCleanup(self._kill, proc)
+        servers = []
+        for pair in (first, second):
+            peer = Peer(pair.client_if, pair.client_ns)
+            peer.start()
+            self.addCleanup(peer.stop)
+            deadline = time.monotonic() + 30
+            replies: list[Reply] = []
+            while not replies and time.monotonic() < deadline:
+                replies = yield peer.discover(*FILE, timeout=0.5)
+            self.assertTrue(replies, "an interface did not answer")
+            servers.append(replies[0].src)
+            for worker in (0, 1):
+                src = _mac_for(worker, *FILE)
+                written = yield peer.write(
+                    replies[0].src, *FILE, worker, bytes([worker + 1]) * SECTOR_SIZE, src=src
+                )
+                self.assertEqual(len(written), 1, f"worker {worker} did not answer")
+                self.assertEqual(written[0].arg.cmd_status, ATACmdStatus.READY_STATUS)
+        self.assertNotEqual(servers[0], servers[1])
+        self.assertEqual(len(child_pids(proc.pid)), 1)
+        run("ip", "-n", first.server_ns, "link", "delete", "aoesrv1")
+        run("ip", "-n", first.server_ns, "link", "add", "aoesrv1", "type", "veth", "peer",
+            "name", second.client_if, "netns", second.client_ns)  # fmt: skip
+        code = yield self._exit_status(proc)
+        out = proc.communicate()[0]
+        self.assertIn("interface aoesrv1 was removed and created again", out)
+        self.assertNotIn("Traceback", out)
+        self.assertIsNotNone(code)

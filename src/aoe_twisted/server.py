@@ -18,7 +18,7 @@ targets' backends when it stops.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -463,7 +463,7 @@ class AoEService(service.Service):
         system: Any = None,
         exit_on_error: bool = False,
         sync: bool = False,
-        socket_fd: int | None = None,
+        socket_fds: Mapping[str, int] | None = None,
         announce: bool = True,
         follow_links: bool | None = None,
     ) -> None:
@@ -481,14 +481,14 @@ class AoEService(service.Service):
             message, with exit status 1, for ``SystemExit``.
         @param sync: acknowledge writes only once durable (``--sync``, group
             commit; see ``AoEProtocol``).
-        @param socket_fd: serve on this already open and bound packet socket
-            (a ``--workers`` worker's share of the interface) instead of
-            opening one; only with one interface.
+        @param socket_fds: serve each interface on this already open and
+            bound packet socket (a ``--workers`` worker's share of it, by
+            interface name) instead of opening one; every interface needs one.
         @param announce: send the targets' start-up announcements (the
             first worker does; the others stay quiet).
         @param follow_links: follow the kernel's link notifications; by
             default when the ports use the real system (not a test fake) and
-            open their own sockets (not ``socket_fd``).  Without it a port
+            open their own sockets (not ``socket_fds``).  Without it a port
             still survives its link going down and up (it keeps its socket).
         """
         self.interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
@@ -496,8 +496,8 @@ class AoEService(service.Service):
             raise ValueError("no interface to serve on")
         if len(set(self.interfaces)) != len(self.interfaces):
             raise ValueError(f"an interface is named twice in {self.interfaces}")
-        if socket_fd is not None and len(self.interfaces) != 1:
-            raise ValueError("socket_fd serves one interface")
+        if socket_fds is not None and set(socket_fds) != set(self.interfaces):
+            raise ValueError(f"socket_fds must name every interface of {self.interfaces}")
         self.targets = list(targets)
         self.netns = netns
         self.reactor = reactor
@@ -505,12 +505,12 @@ class AoEService(service.Service):
         self.system = system
         self.exit_on_error = exit_on_error
         self.sync = sync
-        self.socket_fd = socket_fd
+        self.socket_fds = dict(socket_fds) if socket_fds is not None else None
         self.announce = announce
         if follow_links is None:
             # A --workers socket was opened by the parent, maybe in another
             # namespace than this process's: its link is the parent's to follow.
-            follow_links = system is None and socket_fd is None
+            follow_links = system is None and socket_fds is None
         self.follow_links = follow_links
         self.ports: dict[str, AoEPort] = {}
         self.protocols: dict[str, AoEProtocol] = {}
@@ -555,7 +555,7 @@ class AoEService(service.Service):
             system=self.system,
             netns=self.netns,
             receive_frames=max(64, in_flight),
-            socket_fd=self.socket_fd,
+            socket_fd=None if self.socket_fds is None else self.socket_fds[interface],
             wait_for_interface=wait,
         )
         port.startListening()
@@ -564,7 +564,7 @@ class AoEService(service.Service):
 
     def _open(self) -> None:
         """Open every interface's port and start following the links."""
-        wait = len(self.interfaces) > 1 and self.socket_fd is None
+        wait = len(self.interfaces) > 1 and self.socket_fds is None
         for interface in self.interfaces:
             try:
                 self.ports[interface] = self._listen(interface, wait)

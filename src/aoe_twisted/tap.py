@@ -166,8 +166,6 @@ class Options(usage.Options):
         from aoe_twisted.net.fanout import MAX_WORKERS
 
         self["workers"] = _int_in("workers", self["workers"], 1, MAX_WORKERS)
-        if self["workers"] > 1 and len(self["iface"]) > 1:
-            raise usage.UsageError("--workers: serves one --iface (several are not supported yet)")
         config = self["config-string"]
         if config is not None:
             encoded = config.encode("utf-8", "surrogateescape")
@@ -239,7 +237,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
         from aoe_twisted.workers import WorkersService, share_targets
 
         return WorkersService(
-            options["iface"][0],
+            options["iface"],
             targets,
             [spec.backend for spec in options["targets"]],
             share_targets(targets),

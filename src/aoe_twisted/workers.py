@@ -54,6 +54,7 @@ from aoe_twisted.core.wire import ETHERTYPE
 from aoe_twisted.errors import BackendSpecError
 from aoe_twisted.interfaces import IDescriptorBackend, IProcessShareableBackend, IStatePersister
 from aoe_twisted.net.fanout import MAX_WORKERS, FanoutError, join_fanout
+from aoe_twisted.net.link import LinkEvent, LinkMonitor
 from aoe_twisted.net.packetsystem import CannotOpenInterface, open_packet_socket
 from aoe_twisted.server import AoEService
 from aoe_twisted.sharedacl import SharedState
@@ -159,19 +160,28 @@ class _WorkerProcess(protocol.ProcessProtocol):
 
 class WorkersService(service.MultiService):
     """
-    Serve ``targets`` on ``interface`` from ``workers`` processes sharing it by fanout.
+    Serve ``targets`` on ``interfaces`` from ``workers`` processes sharing them by fanout.
 
-    Built by ``twistd aoe --workers N`` (N > 1).  ``specs`` are the targets'
+    Built by ``twistd aoe --workers N`` (N > 1).  Each interface gets N
+    sockets in a ``PACKET_FANOUT`` group of its own, one per process, so
+    every process serves every interface.  ``specs`` are the targets'
     ``SCHEME:SPEC`` strings (for backends a worker opens again),
     ``state`` what ``share_targets`` returned for them.  The other
     parameters are ``AoEService``'s.
+
+    The sockets survive their links going down and up.  A socket in a
+    fanout group cannot be bound again, and opening new ones needs the
+    privilege the server dropped: if an interface is removed and created
+    again, the parent says so in a critical line and stops, so that its
+    supervisor (systemd's ``Restart=``) starts it afresh rather than
+    leaving a process that looks alive and serves nothing there.
     """
 
     name = "aoe"
 
     def __init__(
         self,
-        interface: str,
+        interfaces: str | Sequence[str],
         targets: Sequence[Target],
         specs: Sequence[str],
         state: SharedState,
@@ -191,7 +201,7 @@ class WorkersService(service.MultiService):
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
-        self.interface = interface
+        self.interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
         self.targets = list(targets)
         self.specs = list(specs)
         self.state = state
@@ -203,7 +213,10 @@ class WorkersService(service.MultiService):
         self.direct = direct
         self.state_dir = state_dir
         self.exit_on_error = exit_on_error
-        self.sockets: list[socket.socket] = []
+        #: ``sockets[interface][worker]``: each interface's fanout group, one socket a worker.
+        self.sockets: dict[str, list[socket.socket]] = {}
+        self.monitor: LinkMonitor | None = None
+        self._indexes: dict[str, int] = {}
         self.processes: dict[int, _WorkerProcess] = {}
         self.restarts = 0
         self._delays = dict.fromkeys(range(1, workers), _RESTART_DELAY)
@@ -222,37 +235,72 @@ class WorkersService(service.MultiService):
         raise RuntimeError(message)
 
     def _open_sockets(self) -> None:
-        """Open, bind and join the fanout group ``workers`` packet sockets on the interface."""
-        group = None
-        for _ in range(self.workers):
-            try:
-                sock = open_packet_socket(self.interface, ETHERTYPE, self.netns)
-            except OSError as e:
-                self._fail(str(CannotOpenInterface(self.interface, e, self.netns)))
-            self.sockets.append(sock)
-            try:
-                group = join_fanout(sock, group)
-            except FanoutError as e:
-                self._fail(f"--workers: interface {self.interface}: {e}")
-        _log.info(
-            "--workers {workers}: {workers} packet sockets on {interface} share its frames "
-            "(PACKET_FANOUT group {group}, by initiator and target)",
-            workers=self.workers,
-            interface=self.interface,
-            group=group,
+        """Open, bind and join to a fanout group ``workers`` packet sockets per interface."""
+        for interface in self.interfaces:
+            group = None
+            sockets = self.sockets[interface] = []
+            for _ in range(self.workers):
+                try:
+                    sock = open_packet_socket(interface, ETHERTYPE, self.netns)
+                except OSError as e:
+                    self._fail(str(CannotOpenInterface(interface, e, self.netns)))
+                sockets.append(sock)
+                try:
+                    group = join_fanout(sock, group)
+                except FanoutError as e:
+                    self._fail(f"--workers: interface {interface}: {e}")
+            _log.info(
+                "--workers {workers}: {workers} packet sockets on {interface} share its frames "
+                "(PACKET_FANOUT group {group}, by initiator and target)",
+                workers=self.workers,
+                interface=interface,
+                group=group,
+            )
+
+    def _follow_links(self) -> None:
+        """Watch the interfaces (before privileges are dropped: it may enter a namespace)."""
+        monitor = LinkMonitor(self._link_event, self.netns, self.reactor)
+        try:
+            monitor.start()
+        except OSError as e:
+            _log.warn(
+                "cannot follow link changes ({error}): an interface removed and created "
+                "again will not be noticed",
+                error=e.strerror or str(e),
+            )
+            return
+        self.monitor = monitor
+
+    def _link_event(self, event: LinkEvent) -> None:
+        """Stop, loudly, when a served interface comes back as a new device (see the class)."""
+        if event.name not in self.sockets or not event.present:
+            return
+        known = self._indexes.setdefault(event.name, event.index)
+        if event.index == known or self._stopping:
+            return
+        _log.critical(
+            "interface {interface} was removed and created again: --workers cannot bind "
+            "its sockets again without the privileges it dropped; stopping so that the "
+            "service is restarted",
+            interface=event.name,
         )
+        self.reactor.stop()
 
     def privilegedStartService(self) -> None:
-        """Open the sockets while the process has ``CAP_NET_RAW``; serve the first one here."""
+        """Open the sockets while the process has ``CAP_NET_RAW``; serve the first ones here."""
         self._open_sockets()
+        self._follow_links()
         self.local = AoEService(
-            self.interface,
+            self.interfaces,
             self.targets,
             reactor=self.reactor,
             max_sectors=self.max_sectors,
             exit_on_error=self.exit_on_error,
             sync=self.sync,
-            socket_fd=os.dup(self.sockets[0].fileno()),
+            socket_fds={
+                interface: os.dup(sockets[0].fileno())
+                for interface, sockets in self.sockets.items()
+            },
         )
         self.local.setServiceParent(self)
         super().privilegedStartService()
@@ -269,12 +317,16 @@ class WorkersService(service.MultiService):
         """
         Return what worker ``index`` is told: its socket, the targets and how to get them.
 
-        The socket is -1 until the service has opened the sockets.
+        Each interface's socket is -1 until the service has opened the sockets.
         """
         return {
             "index": index,
-            "interface": self.interface,
-            "socket_fd": self.sockets[index].fileno() if index < len(self.sockets) else -1,
+            "sockets": {
+                interface: (
+                    self.sockets[interface][index].fileno() if interface in self.sockets else -1
+                )
+                for interface in self.interfaces
+            },
             "state_fd": self.state.fileno(),
             "max_sectors": self.max_sectors,
             "sync": self.sync,
@@ -299,7 +351,7 @@ class WorkersService(service.MultiService):
         """
         self._pending.pop(index, None)
         config = self.worker_config(index)
-        fds = [config["socket_fd"], config["state_fd"]]
+        fds = [*config["sockets"].values(), config["state_fd"]]
         fds += [t["backend"]["fd"] for t in config["targets"] if "fd" in t["backend"]]
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         child_fds.update({fd: fd for fd in fds})
@@ -360,6 +412,9 @@ class WorkersService(service.MultiService):
             if call.active():
                 call.cancel()
         self._pending.clear()
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.stop()
         ended = [self._stop_worker(process) for process in list(self.processes.values())]
         d: defer.Deferred[Any] = defer.gatherResults(
             [*ended, defer.maybeDeferred(super().stopService)], consumeErrors=True
@@ -384,9 +439,10 @@ class WorkersService(service.MultiService):
 
     def _close_sockets(self) -> None:
         """Close the packet sockets the parent keeps for restarts."""
-        for sock in self.sockets:
-            sock.close()
-        self.sockets = []
+        for sockets in self.sockets.values():
+            for sock in sockets:
+                sock.close()
+        self.sockets = {}
 
 
 def _kill(transport: Any) -> None:
@@ -469,12 +525,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         _log.critical("cannot open the targets: {error}", error=str(e))
         raise SystemExit(1) from None
     aoe = AoEService(
-        config["interface"],
+        list(config["sockets"]),
         targets,
         reactor=reactor,
         max_sectors=config["max_sectors"],
         sync=config["sync"],
-        socket_fd=config["socket_fd"],
+        socket_fds=config["sockets"],
         announce=False,
     )
     stdio.StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
