@@ -383,6 +383,8 @@ class AoEPort(abstract.FileDescriptor):
             )
             return False
         if self.mtu != old_mtu and self._rings is not None:
+            # Answer what already arrived before the ring it waits in goes away.
+            self.doRead()
             rings, self._rings = self._rings, None
             rings.close()
             self._rings = self._map_rings(fd, self.mtu or 1500)
