@@ -21,6 +21,12 @@ __all__ = ["ATA_ARG_SIZE", "ATAArg"]
 _ATA = struct.Struct("<BBBB6sH")
 ATA_ARG_SIZE = _ATA.size
 _LBA_MAX = (1 << 48) - 1
+# The AFlags bits as plain ints: ``int & IntFlag`` and ``IntFlag | IntFlag``
+# run Python-level operators, and these run for every ATA message.
+_E = int(ATAFlag.LBA48_EXTENDED)
+_DEVICE_HEAD = int(ATAFlag.DEVICE_HEAD)
+_ASYNC = int(ATAFlag.ASYNCHRONOUS)
+_W = int(ATAFlag.WRITE)
 
 
 @frozen
@@ -46,10 +52,10 @@ class ATAArg:
         if reserved:
             raise ProtocolError(Error.BAD_ARGUMENT_PARAMETER, "ATA reserved bytes are not zero")
         return cls(
-            bool(aflags & ATAFlag.LBA48_EXTENDED),
-            bool(aflags & ATAFlag.DEVICE_HEAD),
-            bool(aflags & ATAFlag.ASYNCHRONOUS),
-            bool(aflags & ATAFlag.WRITE),
+            bool(aflags & _E),
+            bool(aflags & _DEVICE_HEAD),
+            bool(aflags & _ASYNC),
+            bool(aflags & _W),
             err,
             count,
             cmd,
@@ -61,10 +67,10 @@ class ATAArg:
     def aflags(self) -> int:
         """The AFlags byte these flags encode to."""
         return (
-            (ATAFlag.LBA48_EXTENDED if self.flag_lba48_extended else 0)
-            | (ATAFlag.DEVICE_HEAD if self.flag_ata_device_head_register else 0)
-            | (ATAFlag.ASYNCHRONOUS if self.flag_asynchronous else 0)
-            | (ATAFlag.WRITE if self.flag_write else 0)
+            (_E if self.flag_lba48_extended else 0)
+            | (_DEVICE_HEAD if self.flag_ata_device_head_register else 0)
+            | (_ASYNC if self.flag_asynchronous else 0)
+            | (_W if self.flag_write else 0)
         )
 
     def to_bytes(self) -> bytes:

@@ -52,6 +52,8 @@ _ARG_CODECS: dict[int, type[ATAArg | ConfigArg | MACMaskArg | ReserveReleaseArg]
     Command.MAC_MASK_LIST: MACMaskArg,
     Command.RESERVE_RELEASE: ReserveReleaseArg,
 }
+#: Each known command's enum member, looked up instead of calling ``Command`` per message.
+_COMMANDS = {int(command): command for command in Command}
 
 
 @frozen
@@ -117,7 +119,7 @@ class Header:
             error,
             major,
             minor,
-            Command(command),
+            _COMMANDS[command],
             tag,
             arg,
         )
