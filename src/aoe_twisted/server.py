@@ -574,17 +574,13 @@ class AoEService(service.Service):
             names = ", ".join(self.interfaces)
             self._fail(f"cannot open interfaces {names}: none of them exists")
         if self.follow_links:
-            monitor = LinkMonitor(self._link_event, self.netns, self.reactor)
-            try:
-                monitor.start()
-            except OSError as e:
-                _log.warn(
-                    "cannot follow link changes ({error}): an interface that is removed "
-                    "and created again will not be served again until a restart",
-                    error=e.strerror or str(e),
-                )
-            else:
-                self.monitor = monitor
+            self.monitor = LinkMonitor.follow(
+                self._link_event,
+                self.netns,
+                self.reactor,
+                unless="an interface that is removed and created again will not be served "
+                "again until a restart",
+            )
 
     def _link_event(self, event: LinkEvent) -> None:
         """

@@ -259,17 +259,12 @@ class WorkersService(service.MultiService):
 
     def _follow_links(self) -> None:
         """Watch the interfaces (before privileges are dropped: it may enter a namespace)."""
-        monitor = LinkMonitor(self._link_event, self.netns, self.reactor)
-        try:
-            monitor.start()
-        except OSError as e:
-            _log.warn(
-                "cannot follow link changes ({error}): an interface removed and created "
-                "again will not be noticed",
-                error=e.strerror or str(e),
-            )
-            return
-        self.monitor = monitor
+        self.monitor = LinkMonitor.follow(
+            self._link_event,
+            self.netns,
+            self.reactor,
+            unless="an interface removed and created again will not be noticed",
+        )
 
     def _link_event(self, event: LinkEvent) -> None:
         """Stop, loudly, when a served interface comes back as a new device (see the class)."""

@@ -184,6 +184,31 @@ class LinkMonitor(abstract.FileDescriptor):
         self._socket: socket.socket | None = None
         self._sequence = 0
 
+    @classmethod
+    def follow(
+        cls,
+        callback: Callable[[LinkEvent], None],
+        netns: str | None,
+        reactor: Any,
+        unless: str,
+    ) -> LinkMonitor | None:
+        """
+        Start a monitor and return it; ``None``, with a warning, if the kernel refuses.
+
+        ``unless`` says in the warning what the server cannot do without one.
+        """
+        monitor = cls(callback, netns, reactor)
+        try:
+            monitor.start()
+        except OSError as e:
+            _log.warn(
+                "cannot follow link changes ({error}): {consequence}",
+                error=e.strerror or str(e),
+                consequence=unless,
+            )
+            return None
+        return monitor
+
     def start(self) -> None:
         """Open and bind the socket, ask for the current state, start reading."""
         with network_namespace(self.netns):
