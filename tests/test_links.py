@@ -23,6 +23,7 @@ from aoe_twisted.net.link import RTM_DELLINK, RTM_NEWLINK, LinkEvent, parse_link
 from aoe_twisted.server import AoEService
 from tests.netns import VethPair, require, run
 from tests.peer import Peer
+from tests.test_e2e import wait_for
 
 Gen = Generator[Any, Any, None]
 
@@ -78,21 +79,6 @@ class ParseTests(SynchronousTestCase):
         for cut in range(len(good)):
             parse_link_messages(good[:cut])
         self.assertEqual(parse_link_messages(b"\xff" * 64), [])
-
-
-def wait_for(condition: Any, timeout: float = 5.0) -> defer.Deferred[None]:
-    """Fire once ``condition()`` is true, polling the reactor; fail after ``timeout`` s."""
-
-    @defer.inlineCallbacks
-    def poll() -> Gen:
-        waited = 0.0
-        while not condition():
-            if waited > timeout:
-                raise AssertionError(f"condition not met within {timeout} s")
-            yield task.deferLater(reactor, 0.01, lambda: None)
-            waited += 0.01
-
-    return poll()
 
 
 class LinkFlapTests(TestCase):
