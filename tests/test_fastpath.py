@@ -234,6 +234,11 @@ def received_into(dispatcher: Dispatcher, frame: bytes, size: int = _SLOT) -> li
     return dispatcher.serve(frame)
 
 
+def index(targets: list[Target]) -> dict[tuple[int, int], Target]:
+    """The targets by address, as ``Dispatcher.index`` holds them for the fast path."""
+    return {(target.shelf, target.slot): target for target in targets}
+
+
 def fates(dispatcher: Dispatcher) -> dict[str, int]:
     """Return the dispatcher's counters but ``fast``, which says which path answered."""
     counts = dispatcher.counters.as_dict()
@@ -488,7 +493,7 @@ class FallbackTests(SynchronousTestCase):
         for name, setup, frame in FALLBACKS:
             fast = setup.dispatcher(fast_path=True)
             general = setup.dispatcher(fast_path=False)
-            self.assertIsNone(fast_reply(frame, TARGET_MAC, fast.targets), name)
+            self.assertIsNone(fast_reply(frame, TARGET_MAC, fast.index), name)
             self.assertEqual(fast.serve(frame), general.serve(frame), name)
             self.assertEqual(fast.counters.fast, 0, name)
             self.assertEqual(fates(fast), fates(general), name)
@@ -501,7 +506,7 @@ class FallbackTests(SynchronousTestCase):
         for message in (ata_request(), ata_request(0x34, data=sectors(1)), ata_request(count=2)):
             frame = ethernet_frame(message)
             dispatcher = Setup().dispatcher(fast_path=True)
-            self.assertIsNotNone(fast_reply(frame, TARGET_MAC, dispatcher.targets))
+            self.assertIsNotNone(fast_reply(frame, TARGET_MAC, dispatcher.index))
 
 
 @implementer(IBlockBackend)
@@ -547,7 +552,7 @@ class IntoTests(SynchronousTestCase):
         [expected] = dispatcher.serve(frame)
         slot = bytearray([_STALE]) * 2000
         targets = dispatcher.targets
-        length = fast_reply_into(memoryview(frame), memoryview(slot), TARGET_MAC, targets)
+        length = fast_reply_into(memoryview(frame), memoryview(slot), TARGET_MAC, index(targets))
         self.assertEqual(length, 36 + 2 * SECTOR_SIZE)
         self.assertEqual(bytes(slot[:length]), expected)
         self.assertEqual(slot[length:], bytearray([_STALE]) * (2000 - length))
@@ -560,10 +565,10 @@ class IntoTests(SynchronousTestCase):
         frame = ethernet_frame(ata_request(0x34, lba=3, data=sectors(1, 0x33)))
         slot = bytearray([_STALE]) * 100
         targets = dispatcher.targets
-        length = fast_reply_into(memoryview(frame), memoryview(slot), TARGET_MAC, targets)
+        length = fast_reply_into(memoryview(frame), memoryview(slot), TARGET_MAC, index(targets))
         self.assertEqual(length, MIN_FRAME_SIZE)
         self.assertEqual(slot[36:60], bytes(24))
-        decision = fast_reply(frame, TARGET_MAC, dispatcher.targets)
+        decision = fast_reply(frame, TARGET_MAC, dispatcher.index)
         assert decision is not None
         self.assertEqual([bytes(slot[:60])], list(decision.replies))
         self.assertEqual(slot[60:], bytearray([_STALE]) * 40)
@@ -623,7 +628,8 @@ class IntoTests(SynchronousTestCase):
         backend = KeepingBackend()
         target = Target(1, 0, backend, max_sectors=2)
         frame = bytearray(ethernet_frame(ata_request(0x34, lba=2, data=sectors(1, 0x44))))
-        length = fast_reply_into(memoryview(frame), memoryview(bytearray(99)), TARGET_MAC, [target])
+        slot = memoryview(bytearray(99))
+        length = fast_reply_into(memoryview(frame), slot, TARGET_MAC, index([target]))
         self.assertEqual(length, MIN_FRAME_SIZE)
         frame[36:] = bytes(len(frame) - 36)
         [given] = backend.given
@@ -632,7 +638,7 @@ class IntoTests(SynchronousTestCase):
         # And one without read_into is read with read().
         slot = bytearray(2000)
         read = ethernet_frame(ata_request(0x24, lba=2))
-        length = fast_reply_into(read, memoryview(slot), TARGET_MAC, [target])
+        length = fast_reply_into(read, memoryview(slot), TARGET_MAC, index([target]))
         self.assertEqual(bytes(slot[36:length]), sectors(1, 0x44))
 
 

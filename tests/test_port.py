@@ -26,6 +26,7 @@ from zope.interface.verify import verifyClass, verifyObject
 from aoe_twisted.core.wire import BROADCAST_MAC, ETHERTYPE, MIN_FRAME_SIZE
 from aoe_twisted.net.netns import NETNS_RUN_DIR
 from aoe_twisted.net.packetsystem import (
+    MAX_RECEIVE_BUFFER,
     CannotOpenInterface,
     IPacketSystem,
     IRingPacketSystem,
@@ -38,6 +39,7 @@ from aoe_twisted.net.port import (
     IFrameSink,
     IZeroCopyFrameSink,
     max_sectors_for_mtu,
+    receive_buffer_size,
 )
 from aoe_twisted.net.ring import PACKET_FANOUT, PACKET_FANOUT_HASH, SOL_PACKET, RingGeometry
 from aoe_twisted.testing import (
@@ -198,6 +200,26 @@ class PacketSystemContractMixin:
         self.assertEqual(caught.exception.errno, errno.EBADF)  # type: ignore[attr-defined]
 
 
+class ReceiveBufferSizeTests(SynchronousTestCase):
+    """``receive_buffer_size``: full frames at an MTU, within what the kernel accepts."""
+
+    def test_frames(self) -> None:
+        """Each frame is counted as the MTU plus 1 KiB of the kernel's bookkeeping."""
+        self.assertEqual(receive_buffer_size(256, 1500), 256 * 2524)
+
+    def test_clamped(self) -> None:
+        """Beyond ``MAX_RECEIVE_BUFFER`` (half a C ``int``: Linux doubles it) it is clamped."""
+        self.assertEqual(receive_buffer_size(256_000, 9000), MAX_RECEIVE_BUFFER)
+        self.assertEqual(2 * MAX_RECEIVE_BUFFER, 2**31 - 2)
+
+
+class _NoReceiveBufferSystem(MemoryPacketSystem):
+    """A memory system whose kernel refuses every receive buffer size."""
+
+    def set_receive_buffer(self, fd: int, size: int) -> int:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+
 class MemoryPacketSystemTests(PacketSystemContractMixin, SynchronousTestCase):
     """The contract, on the fake."""
 
@@ -218,6 +240,15 @@ class RealPacketSystemTests(PacketSystemContractMixin, SynchronousTestCase):
     def test_real_class(self) -> None:
         """``RealPacketSystem`` implements the whole ring-capable interface."""
         self.assertTrue(verifyClass(IRingPacketSystem, RealPacketSystem))
+
+    def test_receive_buffer_beyond_int(self) -> None:
+        """
+        A size that is no C ``int`` (1,000 targets' rings at MTU 9000 asked for
+        2.6 GB) is clamped to ``MAX_RECEIVE_BUFFER``, not a ``TypeError`` from
+        ``setsockopt``; as root (``SO_RCVBUFFORCE``) the kernel grants all of it.
+        """
+        size = self.system.set_receive_buffer(self.a, 256_000 * (9000 + 1024))
+        self.assertGreaterEqual(size, MAX_RECEIVE_BUFFER)
 
 
 class MemoryPacketSystemClassTests(SynchronousTestCase):
@@ -337,6 +368,27 @@ class AoEPortLifecycleTests(AoEPortTestsMixin, SynchronousTestCase):
                        receive_frames=1000)
         port.startListening()
         self.assertGreaterEqual(self.system.socket_for(port).receive_buffer, 1000 * 1500)
+
+    def test_receive_buffer_clamped(self) -> None:
+        """A receive buffer for more frames than a C ``int`` holds is asked for as the most."""
+        port = AoEPort("eth0", RecordingProtocol(), reactor=self.reactor, system=self.system,
+                       receive_frames=1_000_000)
+        port.startListening()
+        # MemoryPacketSystem records twice what was asked, as Linux reports it.
+        self.assertEqual(self.system.socket_for(port).receive_buffer, 2 * MAX_RECEIVE_BUFFER)
+
+    def test_receive_buffer_refused(self) -> None:
+        """A receive buffer the kernel refuses is one warning; the port opens and serves."""
+        system = _NoReceiveBufferSystem()
+        system.add_interface("eth0", mac=TARGET_MAC)
+        port = AoEPort("eth0", RecordingProtocol(), reactor=self.reactor, system=system,
+                       receive_frames=1000)
+        with capturedLogs() as events:
+            port.startListening()
+        self.assertTrue(port.bound)
+        warnings = [e for e in events if "cannot grow the receive buffer" in e["log_format"]]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["error"], "Operation not permitted")
 
     def assertOneLineError(self, expected: str, **kwargs: Any) -> CannotOpenInterface:
         """``startListening`` raises a one-line ``CannotOpenInterface`` saying ``expected``."""
@@ -932,6 +984,27 @@ class RingSetupTests(SynchronousTestCase):
         self.assertEqual(len(self.protocol.frames), 1)
         port.write(ethernet_frame(config_request(), TARGET_MAC, INITIATOR_MAC))
         self.assertEqual(len(self.system.socket_for(port).sent), 1)
+
+    def test_ring_size(self) -> None:
+        """``ring_frames`` and ``ring_size`` say what the port's rings hold and map."""
+        port = self.port(receive_frames=1000)
+        rings = port._rings
+        assert rings is not None
+        self.assertEqual(port.ring_frames, rings.rx.frame_nr)
+        self.assertEqual(port.ring_size, rings.rx.size + rings.tx.size)
+
+    def test_ring_size_without_rings(self) -> None:
+        """A port without rings maps nothing: ``ring_frames`` and ``ring_size`` are 0."""
+        port = self.port(rings=False)
+        self.assertEqual((port.ring_frames, port.ring_size), (0, 0))
+
+    def test_ring_logged(self) -> None:
+        """The port's opening line says how many receive slots and MiB its rings take."""
+        with capturedLogs() as events:
+            port = self.port(receive_frames=1000)
+        (line,) = [e for e in events if e["log_format"].startswith("AoE port open")]
+        self.assertIn(f"{port.ring_frames} receive slots", line["rings"])
+        self.assertIn(f"{port.ring_size / (1 << 20):.1f} MiB", line["rings"])
 
     def test_oversize_write(self) -> None:
         """A frame longer than the MTU allows is refused with ``EMSGSIZE``, as ``send`` does."""

@@ -18,6 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from aoe_twisted.core.wire import ETHERTYPE
 from aoe_twisted.net.packetsystem import open_packet_socket
 from aoe_twisted.net.ring import (
+    DEFAULT_RING_FRAMES,
+    MIN_RING_FRAMES,
     PACKET_FANOUT,
     PACKET_FANOUT_HASH,
     RX_PKTTYPE_AT,
@@ -32,6 +34,7 @@ from aoe_twisted.net.ring import (
     TX_DATA_AT,
     PacketRings,
     RingGeometry,
+    receive_ring_frames,
 )
 from aoe_twisted.testing import ethernet_frame
 from tests.netns import VethPair
@@ -52,6 +55,42 @@ class LayoutTests(SynchronousTestCase):
         """``RX_SLOT_HEADER`` at byte 4 reads ``tp_len``, ``tp_snaplen`` and ``tp_mac``."""
         slot = TPACKET2_HDR.pack(1, 1514, 1500, 66, 80, 0, 0, 0, 0)
         self.assertEqual(RX_SLOT_HEADER.unpack_from(slot, 4), (1514, 1500, 66))
+
+
+class ReceiveRingFramesTests(SynchronousTestCase):
+    """``receive_ring_frames``: the RX ring sized by what can be in flight, capped."""
+
+    def test_four_windows_per_target(self) -> None:
+        """Under the cap, four initiators' full windows on every target."""
+        self.assertEqual(receive_ring_frames([64, 64, 64]), 4 * 3 * 64)
+
+    def test_at_least_the_minimum(self) -> None:
+        """One small target still gets ``MIN_RING_FRAMES`` slots."""
+        self.assertEqual(receive_ring_frames([16]), MIN_RING_FRAMES)
+        self.assertEqual(receive_ring_frames([]), MIN_RING_FRAMES)
+
+    def test_capped(self) -> None:
+        """1,000 targets get the default cap, as 16 do: the ring no longer grows with them."""
+        self.assertEqual(receive_ring_frames([64] * 16), DEFAULT_RING_FRAMES)
+        self.assertEqual(receive_ring_frames([64] * 1000), DEFAULT_RING_FRAMES)
+
+    def test_cap_given(self) -> None:
+        """A cap given (``--ring-frames``) replaces the default one."""
+        self.assertEqual(receive_ring_frames([64] * 1000, 8192), 8192)
+        self.assertEqual(receive_ring_frames([64] * 1000, 512), 512)
+
+    def test_one_full_window(self) -> None:
+        """Never fewer slots than the largest buffer count: one busy initiator loses nothing."""
+        self.assertEqual(receive_ring_frames([64, 1000], 512), 1000)
+
+    def test_memory_at_the_cap(self) -> None:
+        """
+        The default cap maps under 40 MiB at MTU 9000 and 8 MiB at 1500
+        (the figures docs/performance.md gives), whatever the number of targets.
+        """
+        frames = receive_ring_frames([64] * 1000)
+        self.assertLess(RingGeometry.for_mtu(9000, frames).size, 40 << 20)
+        self.assertLess(RingGeometry.for_mtu(1500, frames).size, 8 << 20)
 
 
 class GeometryTests(SynchronousTestCase):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor, task
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from aoe_twisted.core.target import Target
@@ -41,7 +41,9 @@ from aoe_twisted.statefile import (
     STATE_VERSION,
     FileACLStore,
     StateFileError,
+    check_state_dir,
     encode_state,
+    make_state_dir,
     state_path,
 )
 from aoe_twisted.tap import Options, makeService
@@ -500,17 +502,217 @@ class MakeServiceStateTests(SynchronousTestCase):
         self.assertEqual(bad.read_text(), "{not json")
 
     def test_state_dir_is_a_file_exits(self) -> None:
-        """A --state-dir that is a file stops makeService with one line naming it."""
+        """A --state-dir that is a file stops makeService with one line saying so."""
         self.dir.write_text("")
         with self.assertRaises(SystemExit) as caught:
             self.serve()
-        self.assertIn(str(self.dir), str(caught.exception.code))
+        self.assertEqual(
+            str(caught.exception.code),
+            f"twistd aoe: --state-dir: {self.dir} is a regular file, not a directory",
+        )
 
     def test_help_mentions_precedence(self) -> None:
         """``--help`` says that the state file wins over --config-string and --mask."""
         help_text = str(Options())
         self.assertIn("--state-dir", help_text)
         self.assertIn("after that the file wins", " ".join(help_text.split()))
+
+
+def _nobody() -> tuple[int, int]:
+    """Return the uid of ``nobody`` and the gid of ``nogroup``; skip unless root and both exist."""
+    import grp
+    import pwd
+
+    if os.geteuid() != 0:
+        raise SkipTest("acting as another user needs root")
+    try:
+        return pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        raise SkipTest("needs the user nobody and the group nogroup") from None
+
+
+def _traversable(case: SynchronousTestCase) -> Path:
+    """Return a fresh directory every user may pass through (trial's mktemp parent is 0700)."""
+    work = Path(case.mktemp()).resolve()
+    work.mkdir(parents=True)
+    work.parent.chmod(0o711)
+    work.chmod(0o755)
+    return work
+
+
+class MakeStateDirTests(SynchronousTestCase):
+    """``make_state_dir``: a directory, created 0700 if missing, or one line saying what it is."""
+
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp())
+
+    def test_created(self) -> None:
+        """A missing directory is created, mode 0700 (its parents too), and reported so."""
+        path = self.path / "a" / "b"
+        self.assertTrue(make_state_dir(path))
+        self.assertTrue(path.is_dir())
+        self.assertEqual(path.stat().st_mode & 0o777, 0o700)
+
+    def test_existing_left_alone(self) -> None:
+        """An existing directory keeps its mode and is reported as not created."""
+        self.path.mkdir(mode=0o750)
+        self.path.chmod(0o750)
+        self.assertFalse(make_state_dir(self.path))
+        self.assertEqual(self.path.stat().st_mode & 0o777, 0o750)
+
+    def test_regular_file(self) -> None:
+        """A path that is a regular file is refused in one line that says so."""
+        self.path.write_text("not a directory")
+        with self.assertRaises(StateFileError) as caught:
+            make_state_dir(self.path)
+        self.assertEqual(str(caught.exception), f"{self.path} is a regular file, not a directory")
+        self.assertEqual(self.path.read_text(), "not a directory")
+
+    def test_parent_is_a_file(self) -> None:
+        """A parent that is a file is named, rather than a bare "Not a directory"."""
+        self.path.write_text("")
+        with self.assertRaises(StateFileError) as caught:
+            make_state_dir(self.path / "state")
+        self.assertEqual(
+            str(caught.exception),
+            f"cannot create {self.path / 'state'}: {self.path} is a regular file, not a directory",
+        )
+
+    def test_other_kind(self) -> None:
+        """Another kind of file (a named pipe) is named as what it is."""
+        os.mkfifo(self.path)
+        with self.assertRaises(StateFileError) as caught:
+            make_state_dir(self.path)
+        self.assertIn("is a named pipe, not a directory", str(caught.exception))
+
+    def test_created_for_owner(self) -> None:
+        """A directory created for the user ``twistd --uid`` will switch to is that user's."""
+        uid, gid = _nobody()
+        make_state_dir(self.path, (uid, gid))
+        st = self.path.stat()
+        self.assertEqual((st.st_uid, st.st_gid), (uid, gid))
+
+    def test_existing_not_given_away(self) -> None:
+        """An existing directory is never chowned: it is the administrator's."""
+        uid, gid = _nobody()
+        self.path.mkdir()
+        make_state_dir(self.path, (uid, gid))
+        self.assertEqual(self.path.stat().st_uid, os.geteuid())
+
+
+class CheckStateDirTests(SynchronousTestCase):
+    """``check_state_dir``: the server's user can keep state files there, or one line why not."""
+
+    def test_writable(self) -> None:
+        """A directory this process can write passes, and the probe leaves nothing behind."""
+        path = Path(self.mktemp())
+        path.mkdir()
+        check_state_dir(path)
+        self.assertEqual(os.listdir(path), [])
+
+    def test_not_writable_by_service_user(self) -> None:
+        """
+        A root-owned 0700 directory is refused for nobody, in one line naming
+        the directory, the user, the reason and who owns it; nothing is left.
+        """
+        uid, gid = _nobody()
+        path = _traversable(self) / "state"
+        path.mkdir(mode=0o700)
+        with self.assertRaises(StateFileError) as caught:
+            check_state_dir(path, uid, gid)
+        self.assertEqual(
+            str(caught.exception),
+            f"{path}: nobody (uid {uid}) cannot keep state files here: Permission denied "
+            "(owned by root:root, mode 0700)",
+        )
+        self.assertEqual(os.listdir(path), [])
+
+    def test_writable_by_service_user(self) -> None:
+        """The same directory owned by nobody passes for nobody."""
+        uid, gid = _nobody()
+        path = _traversable(self) / "state"
+        path.mkdir(mode=0o700)
+        os.chown(path, uid, gid)
+        check_state_dir(path, uid, gid)
+        self.assertEqual(os.listdir(path), [])
+
+    def test_identity_restored(self) -> None:
+        """After checking as nobody this process is root again, with its groups."""
+        uid, gid = _nobody()
+        before = (os.getuid(), os.geteuid(), os.getgid(), os.getegid(), sorted(os.getgroups()))
+        path = _traversable(self) / "state"
+        path.mkdir(mode=0o700)
+        with self.assertRaises(StateFileError):
+            check_state_dir(path, uid, gid)
+        after = (os.getuid(), os.geteuid(), os.getgid(), os.getegid(), sorted(os.getgroups()))
+        self.assertEqual(after, before)
+
+    def test_unreadable_directory(self) -> None:
+        """A directory nobody may write but not open (mode 0300: no fsync of it) is refused."""
+        uid, gid = _nobody()
+        path = _traversable(self) / "state"
+        path.mkdir()
+        os.chown(path, uid, gid)
+        path.chmod(0o300)
+        with self.assertRaises(StateFileError) as caught:
+            check_state_dir(path, uid, gid)
+        self.assertIn("Permission denied", str(caught.exception))
+
+
+class TwistdUserStateTests(SynchronousTestCase):
+    """
+    ``twistd --uid nobody aoe --state-dir``: the directory is checked for nobody at start-up.
+
+    ``makeService`` sees ``twistd``'s own options as its ``Options``'
+    ``parent``; these tests parse a real ``twistd`` command line with
+    ``twisted.scripts.twistd.ServerOptions``.
+    """
+
+    def twistd_options(self, *argv: str) -> Options:
+        """Parse ``twistd ARGV`` and return the ``aoe`` plugin's options."""
+        from twisted.scripts.twistd import ServerOptions
+
+        config = ServerOptions()
+        config.parseOptions(list(argv))
+        return config.subOptions  # type: ignore[no-any-return]
+
+    def test_created_for_the_user(self) -> None:
+        """
+        A state directory ``--state-dir`` creates, and the state files it
+        seeds, belong to the user of ``--uid``: it can change them after the drop.
+        """
+        uid, gid = _nobody()
+        state = _traversable(self) / "state"
+        options = self.twistd_options(
+            "--uid", "nobody", "aoe", "-i", "eth0", "-b", "memory:1M", "--state-dir", str(state)
+        )
+        makeService(options)
+        for path in (state, state / "e0.0.json"):
+            st = path.stat()
+            self.assertEqual((st.st_uid, st.st_gid), (uid, gid), path)
+
+    def test_not_writable_exits(self) -> None:
+        """An existing directory nobody cannot write stops makeService with one line."""
+        _nobody()
+        state = _traversable(self) / "state"
+        state.mkdir(mode=0o700)
+        options = self.twistd_options(
+            "--uid", "nobody", "aoe", "-i", "eth0", "-b", "memory:1M", "--state-dir", str(state)
+        )
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options)
+        message = str(caught.exception.code)
+        self.assertTrue(message.startswith(f"twistd aoe: --state-dir: {state}: nobody"), message)
+        self.assertNotIn("\n", message)
+        self.assertEqual(os.listdir(state), [])
+
+    def test_without_uid_checks_this_process(self) -> None:
+        """Without --uid the directory is checked for the user twistd runs as (root here)."""
+        state = _traversable(self) / "state"
+        state.mkdir(mode=0o700)
+        makeService(self.twistd_options("aoe", "-i", "eth0", "-b", "memory:1M",
+                                        "--state-dir", str(state)))
+        self.assertEqual(os.listdir(state), ["e0.0.json"])
 
 
 class TwistdStateTests(TestCase):
@@ -536,6 +738,53 @@ class TwistdStateTests(TestCase):
         self.assertIn(str(bad), lines[0])
         self.assertIn('"version" must be 1, not 99', lines[0])
         self.assertEqual(bad.read_text(), '{"version": 99}')
+
+    def run_twistd(self, *argv: str) -> tuple[int, list[str], str]:
+        """
+        Run ``twistd -n ARGV`` to its end; return its status, output lines and output.
+
+        The interface is one that does not exist: these servers must stop
+        before they open it, and could not send a frame anywhere if they did not.
+        """
+        from tests.test_twistd import _twistd
+
+        proc = _twistd(*argv, cwd=str(_traversable(self)))
+        out, _ = proc.communicate(timeout=60)
+        return proc.returncode, out.strip().splitlines(), out
+
+    def test_state_dir_not_writable_by_uid(self) -> None:
+        """
+        ``twistd --uid nobody`` with a state directory nobody cannot write
+        exits 1 at start-up with one line naming it and nobody, no traceback.
+        """
+        uid, _ = _nobody()
+        state = _traversable(self) / "state"
+        state.mkdir(mode=0o700)
+        code, lines, out = self.run_twistd(
+            "--uid", "nobody", "--gid", "nogroup", "aoe", "--iface", "nosuch0",
+            "--backend", "memory:1M", "--state-dir", str(state),
+        )  # fmt: skip
+        self.assertEqual(code, 1, out)
+        self.assertEqual(
+            lines,
+            [
+                f"twistd aoe: --state-dir: {state}: nobody (uid {uid}) cannot keep state files "
+                "here: Permission denied (owned by root:root, mode 0700)"
+            ],
+        )
+        self.assertEqual(os.listdir(state), [])
+
+    def test_state_dir_is_a_file(self) -> None:
+        """A --state-dir that is a regular file: exit 1 and one line that says so."""
+        path = _traversable(self) / "state"
+        path.write_text("")
+        code, lines, out = self.run_twistd(
+            "aoe", "--iface", "nosuch0", "--backend", "memory:1M", "--state-dir", str(path)
+        )
+        self.assertEqual(code, 1, out)
+        self.assertEqual(
+            lines, [f"twistd aoe: --state-dir: {path} is a regular file, not a directory"]
+        )
 
     @defer.inlineCallbacks
     def test_state_survives_sigkill(self) -> defer.Generator[defer.Deferred[Any], Any, None]:

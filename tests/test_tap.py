@@ -115,6 +115,73 @@ class OptionsTests(SynchronousTestCase):
                 self.assertExitNames(argv, option)
 
 
+class RepeatedOptionTests(SynchronousTestCase):
+    """An option that holds one value, given twice, is refused: not "the last one wins"."""
+
+    base = ("-i", "eth0", "-b", "memory:1M")
+
+    def assertRefusedTwice(self, argv: list[str], option: str) -> str:
+        """Parsing ``argv`` exits with one line saying ``--option`` was given twice."""
+        with self.assertRaises(SystemExit) as caught:
+            parse(*argv)
+        message = str(caught.exception.code)
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith(f"twistd aoe: --{option}: given twice"), message)
+        return message
+
+    def test_every_parameter(self) -> None:
+        """
+        Every option with a value (each ``optParameters`` entry, those added
+        later included) is refused when given twice, whatever the values.
+        """
+        for long, *_ in Options.optParameters:
+            if long == "backend":
+                argv = ["-i", "eth0", "--backend", "memory:1M", "--backend", "memory:2M"]
+            else:
+                argv = [*self.base, f"--{long}", "1", f"--{long}", "2"]
+            with self.subTest(option=long):
+                self.assertRefusedTwice(argv, long)
+
+    def test_same_value_twice(self) -> None:
+        """The same value twice is refused too: the command line has a mistake in it."""
+        self.assertRefusedTwice([*self.base, "--slot", "1", "--slot", "1"], "slot")
+
+    def test_short_and_long(self) -> None:
+        """``-s`` and ``--shelf`` are one option."""
+        self.assertRefusedTwice([*self.base, "-s", "1", "--shelf", "2"], "shelf")
+
+    def test_abbreviated(self) -> None:
+        """An abbreviation getopt accepts (``--work``) is the option it stands for."""
+        self.assertRefusedTwice([*self.base, "--workers", "2", "--work", "3"], "workers")
+
+    def test_message_shows_both_values_and_what_to_do(self) -> None:
+        """The line quotes both values and, for --backend, points at --target."""
+        message = self.assertRefusedTwice(
+            ["-i", "eth0", "-b", "file:a.img", "--backend", "file:b.img"], "backend"
+        )
+        self.assertIn("'file:a.img', then 'file:b.img'", message)
+        self.assertIn("--target SHELF.SLOT=SCHEME:SPEC", message)
+
+    def test_long_value_shortened(self) -> None:
+        """A long value (a config string) is shortened so the message stays one short line."""
+        message = self.assertRefusedTwice(
+            [*self.base, "-c", "x" * 1000, "-c", "y"], "config-string"
+        )
+        self.assertLess(len(message), 200)
+
+    def test_repeatable_options_still_repeat(self) -> None:
+        """--iface, --target and --mask take several values; flags may be given twice."""
+        options = parse(
+            *self.base, "-i", "eth1", "--target", "1.1=memory:1M", "--target", "1.2=memory:1M",
+            "--mask", "02:00:00:00:00:01", "--mask", "02:00:00:00:00:02",
+            "--read-only", "--read-only",
+        )  # fmt: skip
+        self.assertEqual(options["iface"], ["eth0", "eth1"])
+        self.assertEqual(len(options["targets"]), 3)
+        self.assertEqual(len(options["masks"]), 2)
+        self.assertTrue(options["read-only"])
+
+
 class PluginTests(SynchronousTestCase):
     """The ``aoe`` twistd plugin is installed and declares the tap module."""
 
@@ -165,6 +232,18 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertEqual(target.acl.mask_list, (bytes.fromhex("020000000001"),))
 
 
+    def test_service_handles_sighup(self) -> None:
+        """The service is the server's (``AoEService``), with SIGHUP handling mixed in."""
+        from aoe_twisted.server import AoEService
+        from aoe_twisted.tap import HangupHandler, ServesUnderTwistd
+
+        service = makeService(parse("-i", "eth0", "-b", "memory:1M"))
+        self.assertIsInstance(service, AoEService)
+        self.assertIsInstance(service, ServesUnderTwistd)
+        self.assertIsInstance(service.hangup, HangupHandler)  # type: ignore[attr-defined]
+        self.assertFalse(service.hangup.installed)  # type: ignore[attr-defined]
+
+
 class WorkersServiceTests(SynchronousTestCase):
     """``--workers N`` builds a ``WorkersService`` whose targets can be shared."""
 
@@ -172,6 +251,7 @@ class WorkersServiceTests(SynchronousTestCase):
         """The targets' disks and state move to shared memory, seeded from the options."""
         from aoe_twisted.backends.shared_memory import SharedMemoryBackend
         from aoe_twisted.sharedacl import SharedACLStore
+        from aoe_twisted.tap import ServesUnderTwistd
         from aoe_twisted.workers import WorkersService
 
         options = parse(
@@ -180,6 +260,7 @@ class WorkersServiceTests(SynchronousTestCase):
         )
         service = makeService(options)
         self.assertIsInstance(service, WorkersService)
+        self.assertIsInstance(service, ServesUnderTwistd)
         self.addCleanup(service.state.close)
         self.assertEqual(service.workers, 3)
         self.assertEqual(service.specs, ["memory:1M"])

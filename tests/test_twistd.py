@@ -134,6 +134,25 @@ class CommandLineErrorTests(SynchronousTestCase):
         self.assertTrue(errors, out)
         self.assertNotIn("Traceback", out)
 
+    def test_repeated_option(self) -> None:
+        """
+        Each option that holds one value, given twice, exits 1 with one line
+        naming it: ``twistd`` does not serve whichever came last.
+        """
+        from aoe_twisted.tap import Options
+
+        for long, *_ in Options.optParameters:
+            first, second = ("memory:1M", "memory:2M") if long == "backend" else ("1", "2")
+            argv = ["aoe", "--iface", "nosuch0", "--backend", "memory:1M"]
+            if long == "backend":
+                argv = argv[:3]
+            with self.subTest(option=long):
+                code, out = self.run_twistd(*argv, f"--{long}", first, f"--{long}", second)
+                self.assertEqual(code, 1, out)
+                lines = out.strip().splitlines()
+                self.assertEqual(len(lines), 1, out)
+                self.assertTrue(lines[0].startswith(f"twistd aoe: --{long}: given twice"), out)
+
     def test_help(self) -> None:
         """``twistd aoe --help`` lists every option."""
         code, out = self.run_twistd("aoe", "--help")

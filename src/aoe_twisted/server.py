@@ -42,6 +42,7 @@ from aoe_twisted.net.port import (
     IZeroCopyFrameSink,
     max_sectors_for_mtu,
 )
+from aoe_twisted.net.ring import receive_ring_frames
 
 __all__ = ["MALFORMED_LOG_INTERVAL", "AoEProtocol", "AoEService"]
 
@@ -466,6 +467,7 @@ class AoEService(service.Service):
         socket_fds: Mapping[str, int] | None = None,
         announce: bool = True,
         follow_links: bool | None = None,
+        ring_frames: int | None = None,
     ) -> None:
         """
         @param interfaces: the Ethernet interface(s) to serve on.
@@ -490,6 +492,9 @@ class AoEService(service.Service):
             default when the ports use the real system (not a test fake) and
             open their own sockets (not ``socket_fds``).  Without it a port
             still survives its link going down and up (it keeps its socket).
+        @param ring_frames: the cap on each port's receive ring, in frames
+            (``--ring-frames``; ``DEFAULT_RING_FRAMES`` if ``None``): see
+            ``aoe_twisted.net.ring.receive_ring_frames`` for the arithmetic.
         """
         self.interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
         if not self.interfaces:
@@ -512,6 +517,7 @@ class AoEService(service.Service):
             # namespace than this process's: its link is the parent's to follow.
             follow_links = system is None and socket_fds is None
         self.follow_links = follow_links
+        self.ring_frames = ring_frames
         self.ports: dict[str, AoEPort] = {}
         self.protocols: dict[str, AoEProtocol] = {}
         self.monitor: LinkMonitor | None = None
@@ -544,17 +550,18 @@ class AoEService(service.Service):
         """Open ``interface``'s port and connect a fresh protocol to it."""
         protocol = AoEProtocol(self.targets, self.max_sectors, clock=self.reactor, sync=self.sync)
         protocol.announces = self.announce
-        # Room for four initiators each keeping every target's buffer count in flight:
-        # the buffer count advertised is then what the server sustains (the port's
-        # receive ring has at least this many slots).
-        in_flight = 4 * sum(target.buffer_count for target in self.targets)
+        # Room for four initiators' full windows on every target, up to the cap (and
+        # never less than one full window of the largest buffer count advertised).
+        in_flight = receive_ring_frames(
+            (target.buffer_count for target in self.targets), self.ring_frames
+        )
         port = AoEPort(
             interface,
             protocol,
             reactor=self.reactor,
             system=self.system,
             netns=self.netns,
-            receive_frames=max(64, in_flight),
+            receive_frames=in_flight,
             socket_fd=None if self.socket_fds is None else self.socket_fds[interface],
             wait_for_interface=wait,
         )

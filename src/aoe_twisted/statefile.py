@@ -41,7 +41,8 @@ import contextlib
 import errno
 import json
 import os
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,14 @@ from aoe_twisted.core.acl import MASK_LIST_CEILING, RESERVE_LIST_LIMIT, mac_tupl
 from aoe_twisted.core.wire import MAX_CONFIG_STRING, format_mac, parse_mac
 from aoe_twisted.interfaces import IStatePersister
 
-__all__ = ["STATE_VERSION", "FileACLStore", "StateFileError", "state_path"]
+__all__ = [
+    "STATE_VERSION",
+    "FileACLStore",
+    "StateFileError",
+    "check_state_dir",
+    "make_state_dir",
+    "state_path",
+]
 
 _log = Logger()
 
@@ -73,6 +81,167 @@ class StateFileError(Exception):
 def state_path(state_dir: Path | str, shelf: int, slot: int) -> Path:
     """Return the path of the state file of target ``shelf``.``slot`` in ``state_dir``."""
     return Path(state_dir) / f"e{shelf}.{slot}.json"
+
+
+def _kind(mode: int) -> str:
+    """Name the kind of file ``mode`` (an ``st_mode``) says it is, for a message."""
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a directory"
+
+
+def make_state_dir(state_dir: Path | str, owner: tuple[int, int] | None = None) -> bool:
+    """
+    Make sure ``state_dir`` is a directory, creating it (mode 0700) if it is missing.
+
+    A directory this creates is given to ``owner`` (``(uid, gid)``, -1 for
+    either to keep it) if given: the user ``twistd --uid`` will switch to,
+    since ``makeService`` runs as root before the switch and a directory
+    made for the server must be the server's.  One that exists is left as
+    it is.  Return whether it was created.  Raise ``StateFileError``, one
+    line naming the path and saying what it is, if the path (or one of its
+    parents) exists but is not a directory, or cannot be created.
+    """
+    path = Path(state_dir)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        pass
+    except NotADirectoryError:
+        raise StateFileError(_blocked(path)) from None
+    except OSError as e:
+        raise StateFileError(f"{path}: {e.strerror or e}") from None
+    else:
+        if stat.S_ISDIR(mode):
+            return False
+        raise StateFileError(f"{path} is {_kind(mode)}, not a directory")
+    try:
+        os.makedirs(path, mode=0o700)
+        if owner is not None:
+            os.chown(path, *owner)
+    except FileExistsError:
+        return make_state_dir(path, owner)  # made meanwhile by someone else: check it
+    except NotADirectoryError:
+        raise StateFileError(_blocked(path)) from None
+    except OSError as e:
+        raise StateFileError(f"cannot create {path}: {e.strerror or e}") from None
+    return True
+
+
+def _blocked(path: Path) -> str:
+    """Say which parent of ``path`` is in the way, not being a directory."""
+    for parent in reversed(path.parents):
+        try:
+            mode = os.stat(parent).st_mode
+        except OSError:
+            break
+        if not stat.S_ISDIR(mode):
+            return f"cannot create {path}: {parent} is {_kind(mode)}, not a directory"
+    return f"cannot create {path}: a parent is not a directory"
+
+
+@contextlib.contextmanager
+def _acting_as(uid: int | None, gid: int | None) -> Iterator[None]:
+    """
+    Within the block, use the file system as ``uid``/``gid`` would after ``twistd``'s switch.
+
+    Only the effective ids (which Linux checks file access with) and the
+    supplementary groups change, as ``twistd`` will set them
+    (``initgroups``); the real and saved uid stay root's, so the ids are
+    put back afterwards.  Needs root; ``None`` leaves an id as it is.
+    """
+    import pwd
+
+    euid, egid, groups = os.geteuid(), os.getegid(), os.getgroups()
+    try:
+        if uid is not None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+                os.setgroups(os.getgrouplist(name, egid if gid is None else gid))
+            except KeyError:
+                os.setgroups([] if gid is None else [gid])
+        if gid is not None:
+            os.setegid(gid)
+        if uid is not None:
+            os.seteuid(uid)
+        yield
+    finally:
+        os.seteuid(euid)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+def _user_name(uid: int) -> str:
+    """Return ``uid``'s user name and number, as in ``nobody (uid 65534)``."""
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _owner(st: os.stat_result) -> str:
+    """Return a file's ``user:group, mode 0700`` for a message."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"owned by {user}:{group}, mode {stat.S_IMODE(st.st_mode):04o}"
+
+
+def check_state_dir(state_dir: Path | str, uid: int | None = None, gid: int | None = None) -> None:
+    """
+    Check that the server's user can keep state files in ``state_dir``; else one line.
+
+    Every change of a target's state creates a temporary file there,
+    renames it over the state file and opens the directory to fsync it.
+    This does the same with a probe file, as the user that will do it:
+    ``uid``/``gid`` when given (the user ``twistd --uid``/``--gid`` will
+    switch to, checked now, as root, with that user's effective ids), else
+    this process.  Trying is the only check that sees everything (modes,
+    ACLs, a read-only mount, a security module) and it leaves nothing
+    behind.  Without it a directory the server cannot write is found by the
+    first initiator that sets a config string, a mask or a reservation, and
+    again at every retransmission.  Raise ``StateFileError`` naming the
+    directory, the user and why.
+    """
+    path = Path(state_dir)
+    switch = os.geteuid() == 0 and (uid is not None or gid is not None)
+    who = _user_name(os.geteuid() if not switch or uid is None else uid)
+    probe = path / f".probe-{os.getpid()}.tmp"
+    try:
+        with _acting_as(uid, gid) if switch else contextlib.nullcontext():
+            directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.close(directory)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        try:
+            owned = f" ({_owner(os.stat(path))})"
+        except OSError:
+            owned = ""
+        raise StateFileError(
+            f"{path}: {who} cannot keep state files here: {e.strerror or e}{owned}"
+        ) from None
 
 
 def encode_state(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -193,6 +194,7 @@ class WorkersService(service.MultiService):
         direct: bool = False,
         state_dir: str | None = None,
         exit_on_error: bool = False,
+        ring_frames: int | None = None,
     ) -> None:
         super().__init__()
         if not 2 <= workers <= MAX_WORKERS:
@@ -213,6 +215,7 @@ class WorkersService(service.MultiService):
         self.direct = direct
         self.state_dir = state_dir
         self.exit_on_error = exit_on_error
+        self.ring_frames = ring_frames
         #: ``sockets[interface][worker]``: each interface's fanout group, one socket a worker.
         self.sockets: dict[str, list[socket.socket]] = {}
         self.monitor: LinkMonitor | None = None
@@ -292,6 +295,7 @@ class WorkersService(service.MultiService):
             max_sectors=self.max_sectors,
             exit_on_error=self.exit_on_error,
             sync=self.sync,
+            ring_frames=self.ring_frames,
             socket_fds={
                 interface: os.dup(sockets[0].fileno())
                 for interface, sockets in self.sockets.items()
@@ -324,6 +328,7 @@ class WorkersService(service.MultiService):
             },
             "state_fd": self.state.fileno(),
             "max_sectors": self.max_sectors,
+            "ring_frames": self.ring_frames,
             "sync": self.sync,
             "state_dir": self.state_dir,
             "targets": [
@@ -509,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = sys.argv if argv is None else list(argv)
     config = json.loads(args[1])
+    # A reload is the main process's to do; `systemctl kill -s HUP` signals the
+    # whole unit, and a worker killed by it would only be restarted.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
     )
@@ -525,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         reactor=reactor,
         max_sectors=config["max_sectors"],
         sync=config["sync"],
+        ring_frames=config.get("ring_frames"),
         socket_fds=config["sockets"],
         announce=False,
     )

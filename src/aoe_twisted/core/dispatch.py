@@ -13,6 +13,7 @@ inside a frame.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from attrs import define, field, setters
@@ -23,6 +24,8 @@ from aoe_twisted.core.operations import IOKind, perform
 from aoe_twisted.core.target import Pending, StoreFailure, Target
 from aoe_twisted.core.wire import (
     BROADCAST_MAC,
+    BROADCAST_MAJOR,
+    BROADCAST_MINOR,
     ETHERTYPE,
     EthernetFrame,
     FrameTooShort,
@@ -120,6 +123,11 @@ class Dispatcher:
     counters: FrameCounters = field(factory=FrameCounters)
     fast_path: bool = True
     hold_writes: bool = False
+    index: dict[tuple[int, int], Target] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        """Index the targets by address: finding one costs one lookup, however many there are."""
+        self.index = {(target.shelf, target.slot): target for target in self.targets}
 
     def frame_received(self, frame: bytes | memoryview) -> Decision:
         """
@@ -130,7 +138,7 @@ class Dispatcher:
         anything else is copied before the general path decodes it.
         """
         if self.fast_path:
-            decision = fast_reply(frame, self.mac, self.targets, self.hold_writes)
+            decision = fast_reply(frame, self.mac, self.index, self.hold_writes)
             if decision is not None:
                 counters = self.counters
                 counters.received += 1
@@ -152,7 +160,7 @@ class Dispatcher:
         """
         if not self.fast_path:
             return 0
-        length = fast_reply_into(frame, reply, self.mac, self.targets, not self.hold_writes)
+        length = fast_reply_into(frame, reply, self.mac, self.index, not self.hold_writes)
         if length:
             counters = self.counters
             counters.received += 1
@@ -193,7 +201,14 @@ class Dispatcher:
         headers: list[Header] = []
         pending: list[Pending] = []
         faults: list[str] = []
-        for target in self.targets:
+        major = header.major
+        minor = header.minor
+        if major == BROADCAST_MAJOR or minor == BROADCAST_MINOR:
+            candidates: Sequence[Target] = [t for t in self.targets if t.addresses(major, minor)]
+        else:
+            target = self.index.get((major, minor))
+            candidates = () if target is None else (target,)
+        for target in candidates:
             for answer in target.decide(src, header):
                 if isinstance(answer, Header):
                     headers.append(answer)
@@ -203,9 +218,7 @@ class Dispatcher:
                     headers.append(answer.reply)
                     faults.append(_describe(answer))
         if not headers and not pending:
-            major = header.major
-            minor = header.minor
-            if any(target.addresses(major, minor) for target in self.targets):
+            if candidates:
                 counters.silent += 1
             else:
                 counters.unaddressed += 1

@@ -48,7 +48,7 @@ shorter than 60 bytes (a write's) is padded with zeros.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 from aoe_twisted.core.decision import Decision
 from aoe_twisted.core.target import Target
@@ -108,12 +108,15 @@ _HEADER_SIZE = FRAME_HEADER.size
 _PADDING = bytes(MIN_FRAME_SIZE - _HEADER_SIZE)
 
 
+TargetIndex = Mapping[tuple[int, int], Target]
+"""The targets this path may answer for, by ``(shelf, slot)`` (``Dispatcher.index``)."""
+
 #: What ``_accept`` finds in a frame this path answers.
 _Plan = tuple[bytes, Target, int, int, bytes, bytes, int, bool]
 
 
 def fast_reply(
-    frame: bytes | memoryview, mac: bytes, targets: Sequence[Target], hold: bool = False
+    frame: bytes | memoryview, mac: bytes, targets: TargetIndex, hold: bool = False
 ) -> Decision | None:
     """
     Return the decision answering ``frame`` from the interface ``mac``, or ``None``.
@@ -160,7 +163,7 @@ def fast_reply_into(
     frame: bytes | memoryview,
     reply: memoryview,
     mac: bytes,
-    targets: Sequence[Target],
+    targets: TargetIndex,
     writes: bool = True,
 ) -> int:
     """
@@ -243,7 +246,7 @@ def _header(
     )
 
 
-def _accept(frame: bytes | memoryview, targets: Sequence[Target]) -> _Plan | None:
+def _accept(frame: bytes | memoryview, targets: TargetIndex) -> _Plan | None:
     """
     Return what answering ``frame`` needs, or ``None`` if this path does not answer it.
 
@@ -273,10 +276,10 @@ def _accept(frame: bytes | memoryview, targets: Sequence[Target]) -> _Plan | Non
     write, mask28, mask48 = kind
     if write != bool(aflags & _WRITE):
         return None
-    for target in targets:
-        if target.shelf == major and target.slot == minor:
-            break
-    else:
+    # One dict lookup, however many targets: the broadcast address is not in
+    # the index, so a broadcast request goes to the general path.
+    target = targets.get((major, minor))
+    if target is None:
         return None
     if not 0 < count <= target.max_sectors:
         return None

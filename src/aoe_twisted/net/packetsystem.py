@@ -33,6 +33,7 @@ from aoe_twisted.net.netns import network_namespace
 from aoe_twisted.net.ring import PacketRings, RingGeometry
 
 __all__ = [
+    "MAX_RECEIVE_BUFFER",
     "CannotOpenInterface",
     "IPacketSystem",
     "IRingPacketSystem",
@@ -46,6 +47,11 @@ _SIOCGIFMTU = 0x8921
 _IFREQ_MTU = struct.Struct("16si20x")
 #: ``SO_RCVBUFFORCE`` (``asm-generic/socket.h``); Python 3.11 does not name it.
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+#: The largest receive buffer ``set_receive_buffer`` asks for: ``SO_RCVBUF`` takes a C
+#: ``int`` and Linux doubles it (its bookkeeping) after clamping it to ``INT_MAX / 2``, so
+#: this is the most the kernel can grant.  A larger size (Python refuses to pass it:
+#: ``TypeError``) is asked for as this.
+MAX_RECEIVE_BUFFER = (2**31 - 1) // 2
 
 
 class CannotOpenInterface(error.CannotListenError):
@@ -162,7 +168,12 @@ class IPacketSystem(Interface):
         """Return the MTU of ``interface`` (as seen from ``fd``'s namespace)."""
 
     def set_receive_buffer(fd: int, size: int) -> int:  # noqa: N805
-        """Ask for at least ``size`` bytes of receive buffer; return what the socket has."""
+        """
+        Ask for at least ``size`` bytes of receive buffer; return what the socket has.
+
+        A ``size`` over ``MAX_RECEIVE_BUFFER`` is asked for as that (the most
+        the kernel grants); ``OSError`` if the kernel refuses.
+        """
 
     def recvfrom(fd: int, bufsize: int) -> tuple[bytes, tuple[Any, ...]]:  # noqa: N805
         """
@@ -288,8 +299,11 @@ class RealPacketSystem:
 
         ``SO_RCVBUFFORCE`` (root) may exceed ``net.core.rmem_max``; without the
         privilege ``SO_RCVBUF`` is capped there.  The kernel reports twice what
-        was asked (it counts its bookkeeping), so compare against half.
+        was asked (it counts its bookkeeping), so compare against half.  A
+        ``size`` over ``MAX_RECEIVE_BUFFER`` (not a C ``int`` once doubled)
+        is clamped to it rather than raising ``TypeError`` from ``setsockopt``.
         """
+        size = max(0, min(size, MAX_RECEIVE_BUFFER))
         sock = self._socket(fd)
         current: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         if current // 2 >= size:

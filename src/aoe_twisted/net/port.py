@@ -43,12 +43,14 @@ from zope.interface import Interface, implementer
 
 from aoe_twisted.core.wire import ETHERTYPE, MIN_FRAME_SIZE, format_mac
 from aoe_twisted.net.packetsystem import (
+    MAX_RECEIVE_BUFFER,
     CannotOpenInterface,
     IPacketSystem,
     IRingPacketSystem,
     RealPacketSystem,
 )
 from aoe_twisted.net.ring import (
+    MIN_RING_FRAMES,
     RX_PKTTYPE_AT,
     RX_SLOT_HEADER,
     SOCKADDR_LL,
@@ -68,6 +70,7 @@ __all__ = [
     "IFrameSink",
     "IZeroCopyFrameSink",
     "max_sectors_for_mtu",
+    "receive_buffer_size",
 ]
 
 _log = Logger()
@@ -89,13 +92,27 @@ _TRANSIENT_SEND_ERRORS = frozenset(
 #: Receive errors after which reading simply waits for the next readiness.
 _RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 #: Slots of the RX ring at least (more if ``receive_frames`` asks for more).
-_RX_RING_FRAMES = 256
+_RX_RING_FRAMES = MIN_RING_FRAMES
+#: What the kernel charges a received frame beyond its MTU, at most (``receive_buffer_size``).
+_RECEIVE_SLACK_PER_FRAME = 1024
 #: Slots of the TX ring.
 _TX_RING_FRAMES = 256
 #: Replies queued in the TX ring before one ``send`` flushes them, within a drain: few
 #: enough that an initiator keeping 16 requests in flight gets replies (and sends more)
 #: while the drain goes on, instead of the two sides taking turns (measured best of 1-32).
 _TX_BATCH = 8
+
+
+def receive_buffer_size(frames: int, mtu: int) -> int:
+    """
+    Return the ``SO_RCVBUF`` that holds ``frames`` full frames at ``mtu``, as the kernel takes it.
+
+    The kernel charges each frame its buffer's true size; the MTU plus 1 KiB
+    of slack per frame covers it at any MTU.  The result is at most
+    ``MAX_RECEIVE_BUFFER`` (half of ``INT_MAX``: the option is a C ``int`` and
+    Linux doubles it), the most the kernel grants.
+    """
+    return min(frames * (mtu + _RECEIVE_SLACK_PER_FRAME), MAX_RECEIVE_BUFFER)
 
 
 def max_sectors_for_mtu(mtu: int) -> int:
@@ -334,11 +351,13 @@ class AoEPort(abstract.FileDescriptor):
         self._rings = self._map_rings(fd, self.mtu or 1500)
         self.connected = 1
         self.bound = True
-        _log.info(
-            "AoE port open on {address}{rings}",
-            address=self.getHost(),
-            rings=" (PACKET_MMAP rings)" if self._rings is not None else "",
-        )
+        rings = ""
+        if self._rings is not None:
+            rings = (
+                f" (PACKET_MMAP rings: {self._rings.rx.frame_nr} receive slots, "
+                f"{self.ring_size / (1 << 20):.1f} MiB)"
+            )
+        _log.info("AoE port open on {address}{rings}", address=self.getHost(), rings=rings)
 
     def _configure(self, fd: int) -> None:
         """Learn the bound interface's MAC and MTU and size the receive buffer for them."""
@@ -348,13 +367,42 @@ class AoEPort(abstract.FileDescriptor):
             raise OSError(errno.EINVAL, "not an Ethernet interface (no 6-byte MAC address)")
         mtu = self._system.mtu(fd, self.interface)
         if self.receive_frames:
-            # The kernel charges each frame its buffer's true size; MTU plus
-            # 1 KiB of slack per frame covers it at any MTU.
-            self._system.set_receive_buffer(fd, self.receive_frames * (mtu + 1024))
+            self._grow_receive_buffer(fd, receive_buffer_size(self.receive_frames, mtu))
         self.mac = mac
         self.mtu = mtu
         self._bufsize = mtu + _RECV_SLACK
         self._max_frame = mtu + _ETHERNET_HEADER
+
+    def _grow_receive_buffer(self, fd: int, size: int) -> None:
+        """
+        Ask for ``size`` bytes of receive buffer; a refusal is a warning, not a failure.
+
+        The buffer only matters without rings (with them, frames wait in the
+        RX ring); a smaller one loses frames in a burst, which the initiator
+        retransmits, so it is no reason not to serve.
+        """
+        try:
+            self._system.set_receive_buffer(fd, size)
+        except OSError as e:
+            _log.warn(
+                "AoE port {interface}: cannot grow the receive buffer to {size} bytes "
+                "({error}); a burst of requests may lose frames",
+                interface=self.interface,
+                size=size,
+                error=e.strerror or str(e),
+            )
+
+    @property
+    def ring_size(self) -> int:
+        """The bytes the port's RX and TX rings map (0 without rings)."""
+        rings = self._rings
+        return 0 if rings is None else rings.rx.size + rings.tx.size
+
+    @property
+    def ring_frames(self) -> int:
+        """The slots of the port's RX ring (0 without rings)."""
+        rings = self._rings
+        return 0 if rings is None else rings.rx.frame_nr
 
     def rebind(self) -> bool:
         """

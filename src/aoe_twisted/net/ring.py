@@ -32,10 +32,14 @@ import errno
 import mmap
 import socket
 import struct
+from collections.abc import Iterable
 
 from attrs import frozen
 
 __all__ = [
+    "DEFAULT_RING_FRAMES",
+    "MAX_RING_FRAMES",
+    "MIN_RING_FRAMES",
     "PACKET_FANOUT",
     "PACKET_FANOUT_CBPF",
     "PACKET_FANOUT_DATA",
@@ -52,8 +56,10 @@ __all__ = [
     "TP_STATUS_USER",
     "TX_DATA_AT",
     "TX_LEN",
+    "WINDOWS_PER_TARGET",
     "PacketRings",
     "RingGeometry",
+    "receive_ring_frames",
 ]
 
 #: ``SOL_PACKET`` and the ``PACKET_*`` socket options of this package (``linux/if_packet.h``).
@@ -109,6 +115,42 @@ _SLACK = 64
 _NO_RING = TPACKET_REQ.pack(0, 0, 0, 0)
 #: Blocks are this big at least, so a block holds several slots.
 _MIN_BLOCK = 64 * 1024
+
+#: The RX ring has this many slots at least, whatever the targets.
+MIN_RING_FRAMES = 256
+#: Full windows the RX ring holds per target until the cap: four initiators each
+#: keeping one target's whole buffer count in flight.
+WINDOWS_PER_TARGET = 4
+#: The default cap on the RX ring's slots: 64 full windows of the Linux initiator's 64
+#: requests (38 MiB a ring at MTU 9000, 7 MiB at 1500; docs/performance.md).
+DEFAULT_RING_FRAMES = 4096
+#: The most slots ``--ring-frames`` may ask for (about 600 MiB a ring at MTU 9000).
+MAX_RING_FRAMES = 65536
+
+
+def receive_ring_frames(buffer_counts: Iterable[int], cap: int | None = None) -> int:
+    """
+    Return how many RX ring slots serve targets advertising ``buffer_counts``.
+
+    Room for ``WINDOWS_PER_TARGET`` initiators' full windows on every target
+    (``4 * sum(buffer_counts)``), at least ``MIN_RING_FRAMES``, at most ``cap``
+    (``DEFAULT_RING_FRAMES`` if ``None``): the slots a burst of requests
+    can wait in before the kernel drops frames, so what the server can
+    really have in flight, not a product of the number of targets (that made
+    the ring, and the memory it pins, grow without bound: 1,000 targets at
+    MTU 9000 asked for 2.4 GB).  Never fewer than the largest buffer count,
+    though, whatever ``cap`` says: one initiator keeping the window a target
+    advertises full must never lose a frame to the ring.  With many targets,
+    the ring is shared: it holds ``frames // max(buffer_counts)`` full windows
+    at once (64 of 64 at the default cap), which is what the buffer count
+    promises to each initiator for each target as long as no more of them
+    are busy at the same instant (docs/performance.md, "Many targets").
+    """
+    counts = list(buffer_counts)
+    if cap is None:
+        cap = DEFAULT_RING_FRAMES
+    wanted = max(MIN_RING_FRAMES, WINDOWS_PER_TARGET * sum(counts))
+    return max(min(wanted, cap), max(counts, default=0))
 
 
 def _align(value: int, alignment: int) -> int:
