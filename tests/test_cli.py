@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -201,21 +204,28 @@ class FormatTests(SynchronousTestCase):
         self.assertIn(" 75.0% 3.0 MiB / 4.0 MiB", frames[1])
 
 
-class InProcessTests(SynchronousTestCase):
+class InProcessCase(SynchronousTestCase):
     """
-    Each command against the real server, through ``AoEPort`` on a fake veth pair.
+    The real server, and commands run against it through ``AoEPort`` on a fake veth pair.
 
-    ``run`` drives the fake reactor: it lets every port read what waits for
-    it, and moves the clock on only when nothing does.
+    ``aoe`` drives the fake reactor: it lets every port read what waits for
+    it, and moves the clock on only when nothing does.  ``make_target``
+    builds the served target (subclasses change it); ``step``, if set, runs
+    before each turn, and ``interrupt_when``, if set, cancels the command
+    (what SIGINT does) the first turn it returns true.
     """
+
+    def make_target(self) -> Target:
+        """The target the server exports: ``e1.0``, 4 MiB in memory, config string "demo"."""
+        return Target(
+            1, 0, MemoryBackend(4 * MiB), acl=MemoryACLStore(config_string=b"demo"), buffer_count=8
+        )
 
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.system = MemoryPacketSystem()
         self.system.add_veth("srv0", "cli0", netns="server", peer_netns="client")
-        self.target = Target(
-            1, 0, MemoryBackend(4 * MiB), acl=MemoryACLStore(config_string=b"demo"), buffer_count=8
-        )
+        self.target = self.make_target()
         self.service = AoEService(
             "srv0", [self.target], netns="server", reactor=self.clock, system=self.system
         )
@@ -237,14 +247,32 @@ class InProcessTests(SynchronousTestCase):
 
         self.patch(cli, "_open_client", open_client)
         self.step: Any = None
+        self.interrupt_when: Any = None
+
+    @property
+    def client_mac(self) -> bytes:
+        """The MAC of the client's end of the fake veth pair."""
+        return bytes(self.system.interfaces[("client", "cli0")].mac)
+
+    @property
+    def server_mac(self) -> bytes:
+        """The MAC of the server's end of the fake veth pair."""
+        return bytes(self.system.interfaces[("server", "srv0")].mac)
 
     def aoe(self, *argv: str) -> tuple[int, str, str]:
         """Run ``aoe-twisted ARGV`` in the client namespace; return status, stdout, stderr."""
         args = cli.build_parser().parse_args([*argv, "-i", "cli0", "--netns", "client"])
         d = Deferred.fromCoroutine(cli.run_command(self.clock, args))
-        while not d.called:
+        outcome: list[object] = []
+        d.addBoth(outcome.append)
+        interrupted = False
+        while not outcome:
             if self.step is not None:
                 self.step()
+            if not interrupted and self.interrupt_when is not None and self.interrupt_when():
+                interrupted = True
+                d.cancel()
+                continue
             readers = list(self.clock.getReaders())
             for reader in readers:
                 reader.doRead()
@@ -254,7 +282,9 @@ class InProcessTests(SynchronousTestCase):
             if not calls:
                 break
             self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
-        status = self.successResultOf(d)
+        self.assertEqual(len(outcome), 1, "the command did not finish")
+        status = outcome[0]
+        self.assertIsInstance(status, int)
         self.stdout.flush()
         out = self.stdout.buffer.getvalue().decode("utf-8", "replace")  # type: ignore[attr-defined]
         self.stdout.buffer.seek(0)
@@ -263,6 +293,10 @@ class InProcessTests(SynchronousTestCase):
         self.stderr.seek(0)
         self.stderr.truncate()
         return status, out, err
+
+
+class InProcessTests(InProcessCase):
+    """Each command against the real server, in this process."""
 
     def test_discover(self) -> None:
         """``discover`` prints a table with the target, its MAC, size, limits and config."""
@@ -558,3 +592,244 @@ class RealNetworkTests(SynchronousTestCase):
         self.assertLess(time.monotonic() - started, 20)
         self.assertEqual(result.returncode, 1)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+
+class InterruptTests(InProcessCase):
+    """
+    A command cancelled in the middle (what ``main`` does on SIGINT): one line saying
+    how far it got, status 130.  Pieces are 64 KiB here, so a transfer has several.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(cli, "SEGMENT", 64 * 1024)
+
+    def answered(self) -> int:
+        """How many requests the server has answered so far."""
+        assert self.service.protocol is not None
+        assert self.service.protocol.dispatcher is not None
+        return int(self.service.protocol.dispatcher.counters["answered"])
+
+    def after(self, frames: int) -> Any:
+        """An ``interrupt_when`` that fires once the server answered ``frames`` requests."""
+        return lambda: self.answered() >= frames
+
+    def test_read(self) -> None:
+        """
+        An interrupted read names the bytes received and the bytes written out, in
+        order from the offset; the output file holds exactly those, as on the disk.
+        """
+        data = os.urandom(4 * MiB)
+        self.target.backend.write(0, data)
+        output = self.mktemp()
+        self.interrupt_when = self.after(300)
+        status, out, err = self.aoe("read", "e1.0", "--offset", "1000", "-o", output)
+        self.assertEqual((status, out), (130, ""))
+        match = re.fullmatch(
+            r"aoe-twisted: interrupted: (\d+) of (\d+) bytes read from e1\.0 \(.*\); "
+            r"the (\d+) bytes from offset 1000 to (\d+) are written to (.*)\n", err)
+        assert match is not None, err
+        received, total, written, end, where = match.groups()
+        self.assertEqual((int(total), int(end), where), (4 * MiB - 1000, 1000 + int(written),
+                                                         output))
+        self.assertGreater(int(written), 0)
+        self.assertLess(int(written), int(received))
+        self.assertLess(int(received), int(total))
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), data[1000 : 1000 + int(written)])
+
+    def test_write(self) -> None:
+        """
+        An interrupted write names the bytes the target acknowledged and the range
+        known written whole: those bytes are on the disk; it was not flushed.
+        """
+        source = self.mktemp()
+        data = os.urandom(3 * MiB)
+        with open(source, "wb") as f:
+            f.write(data)
+        self.interrupt_when = self.after(500)
+        status, out, err = self.aoe("write", "e1.0", "--offset", "777", source)
+        self.assertEqual((status, out), (130, ""))
+        match = re.fullmatch(
+            r"aoe-twisted: interrupted: (\d+) of (\d+) bytes acknowledged by e1\.0 \(.*\); "
+            r"the (\d+) bytes from offset 777 to (\d+) are all written; not flushed\n", err)
+        assert match is not None, err
+        acknowledged, total, whole, end = (int(g) for g in match.groups())
+        self.assertEqual((total, end), (len(data), 777 + whole))
+        self.assertGreater(whole, 0)
+        self.assertLessEqual(whole, acknowledged)
+        self.assertLess(acknowledged, total)
+        self.assertEqual(self.target.backend.read(777, whole), data[:whole])
+
+    def test_write_acknowledged_counts_only_data(self) -> None:
+        """
+        The count is of the caller's bytes: an unaligned write that ends early does not
+        count the rest of its first sector, read and written back with it.
+        """
+        source = self.mktemp()
+        with open(source, "wb") as f:
+            f.write(os.urandom(2 * MiB))
+        self.interrupt_when = self.after(200)
+        status, _out, err = self.aoe("write", "e1.0", "--offset", "100", source)
+        self.assertEqual(status, 130)
+        acknowledged = int(err.split("interrupted: ")[1].split()[0])
+        # Frames of 2 sectors: whole frames but the first, which carries 1024 - 100 bytes.
+        self.assertEqual((acknowledged + 100) % 1024, 0, err)
+
+    def test_bench(self) -> None:
+        """An interrupted bench names the test it was in and the bytes done."""
+        self.interrupt_when = self.after(1024 + 3 + 200)  # the sequential read is 1024 frames
+        status, out, err = self.aoe("bench", "e1.0", "--size", "1M", "--duration", "30")
+        self.assertEqual(status, 130)
+        self.assertIn("sequential read", out)
+        self.assertRegex(
+            err, r"^aoe-twisted: interrupted during random read 1 sector: e1\.0 acknowledged "
+                 r"\d+ bytes read and 0 bytes written\n$")
+
+    def test_other_commands(self) -> None:
+        """A command that transfers nothing is just "interrupted"."""
+        self.interrupt_when = lambda: True
+        status, out, err = self.aoe("info", "e1.0")
+        self.assertEqual((status, out, err), (130, "", "aoe-twisted: interrupted\n"))
+
+
+class SigintTests(SynchronousTestCase):
+    """
+    Ctrl-C, for real: ``python -m aoe_twisted read/write/bench`` against ``twistd aoe``
+    serving a file on a veth pair between two namespaces, sent SIGINT in the middle of
+    a transfer.  One line on standard error, no traceback, exit status 130.  Root only.
+    """
+
+    #: The served file: big enough that no transfer ends before the signal.
+    DISK = 512 * MiB
+
+    def setUp(self) -> None:
+        from tests.netns import VethPair
+
+        self.pair = VethPair.create(self)
+        self.image = os.path.abspath(self.mktemp())
+        with open(self.image, "wb") as f:
+            f.truncate(self.DISK)
+        log = os.path.abspath(self.mktemp())
+        output = open(log, "wb")  # noqa: SIM115 - the server writes it until the cleanup
+        self.addCleanup(output.close)
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "aoe_twisted", "serve", "--netns", self.pair.server_ns,
+             "--iface", self.pair.server_if, "--backend", f"file:{self.image}",
+             "--shelf", "3", "--slot", "2"],
+            stdout=output, stderr=subprocess.STDOUT,
+        )
+        self.addCleanup(self.stop_server)
+        deadline = time.monotonic() + 30
+        while True:
+            probe = subprocess.run(self.argv("discover", "--wait", "0.3"), capture_output=True,
+                                   timeout=30, check=False)
+            if probe.returncode == 0:
+                break
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                with open(log) as f:
+                    self.fail(f"the server did not come up: {f.read()}")
+
+    def stop_server(self) -> None:
+        if self.server.poll() is None:
+            self.server.terminate()
+            self.server.wait(10)
+
+    def argv(self, *argv: str) -> list[str]:
+        return [sys.executable, "-m", "aoe_twisted", *argv, "-i", self.pair.client_if,
+                "--netns", self.pair.client_ns]
+
+    def interrupt(self, process: subprocess.Popen[bytes], started: Any,
+                  timeout: float = 60) -> tuple[bytes, bytes]:
+        """Send SIGINT to ``process`` once ``started()`` is true; return its output."""
+        deadline = time.monotonic() + timeout
+        while not started():
+            if process.poll() is not None:
+                self.fail(f"finished before the signal: {process.communicate()}")
+            if time.monotonic() > deadline:
+                process.kill()
+                self.fail("the transfer did not start")
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+        self.assertEqual(process.returncode, 130, err)
+        self.assertNotIn(b"Traceback", err)
+        self.assertEqual(len(err.splitlines()), 1, err)
+        return out, err
+
+    def test_read(self) -> None:
+        """
+        ``read -o FILE`` interrupted: the line names the bytes received and those
+        written to FILE, which holds exactly them, as in the served file.
+        """
+        data = os.urandom(MiB)
+        with open(self.image, "r+b") as f:
+            for offset in range(0, 64 * MiB, MiB):
+                f.seek(offset)
+                f.write(data[offset // MiB :] + data[: offset // MiB])
+        output = os.path.abspath(self.mktemp())
+        process = subprocess.Popen(self.argv("read", "e3.2", "-o", output),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _out, err = self.interrupt(
+            process, lambda: os.path.exists(output) and os.path.getsize(output) > 4 * MiB)
+        match = re.fullmatch(
+            rb"aoe-twisted: interrupted: (\d+) of 536870912 bytes read from e3\.2 \(.*\); "
+            rb"the (\d+) bytes from offset 0 to (\d+) are written to (.*)\n", err)
+        assert match is not None, err
+        received, written, end = (int(g) for g in match.groups()[:3])
+        self.assertEqual((written, match.group(4).decode()), (end, output))
+        self.assertGreater(written, 4 * MiB)
+        self.assertLessEqual(written, received)
+        self.assertLess(received, self.DISK)
+        self.assertEqual(os.path.getsize(output), written)
+        with open(output, "rb") as f, open(self.image, "rb") as image:
+            self.assertEqual(f.read(), image.read(written))
+
+    def test_write(self) -> None:
+        """
+        ``write`` from standard input interrupted: the line names the bytes the target
+        acknowledged and the range written whole, which the served file holds.
+        """
+        block = os.urandom(MiB)
+        process = subprocess.Popen(self.argv("write", "e3.2", "--offset", "4096", "-"),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        assert process.stdin is not None
+
+        def feed() -> None:
+            assert process.stdin is not None
+            try:
+                for _ in range(256):
+                    process.stdin.write(block)
+            except (BrokenPipeError, ValueError):
+                pass
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        _out, err = self.interrupt(
+            process, lambda: os.stat(self.image).st_blocks * 512 > 8 * MiB)
+        if not process.stdin.closed:
+            process.stdin.close()
+        match = re.fullmatch(
+            rb"aoe-twisted: interrupted: (\d+) bytes acknowledged by e3\.2 \(.*\); "
+            rb"the (\d+) bytes from offset 4096 to (\d+) are all written; not flushed\n", err)
+        assert match is not None, err
+        acknowledged, whole, end = (int(g) for g in match.groups())
+        self.assertEqual(end, 4096 + whole)
+        self.assertGreater(whole, 0)
+        self.assertLessEqual(whole, acknowledged)
+        with open(self.image, "rb") as f:
+            f.seek(4096)
+            written = f.read(whole)
+        self.assertEqual(written, (block * (whole // MiB + 1))[:whole])
+
+    def test_bench(self) -> None:
+        """``bench`` interrupted: the rows so far, then one line naming the test."""
+        process = subprocess.Popen(self.argv("bench", "e3.2", "--size", "256M",
+                                             "--duration", "30"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        began = time.monotonic()
+        out, err = self.interrupt(process, lambda: time.monotonic() - began > 3)
+        self.assertTrue(out.startswith(b"bench e3.2 on "), out)
+        self.assertRegex(err, rb"^aoe-twisted: interrupted during (sequential|random) read.*: "
+                              rb"e3\.2 acknowledged \d+ bytes read and 0 bytes written\n$")

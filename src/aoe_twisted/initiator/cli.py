@@ -12,13 +12,21 @@ command line around it, so a target can be checked without the Linux
     aoe-twisted write e1.0 -i eth0 --offset 1M part.bin
     aoe-twisted bench e1.0 -i eth0 [--write]
     aoe-twisted read e1.0 -i eth0 -i eth1 -o disk.img     (several paths)
+    aoe-twisted config e1.0 -i eth0 [--test STR | --set STR | --force-set STR ...]
+    aoe-twisted mask e1.0 -i eth0 [--add MAC ... | --delete MAC ...]
+    aoe-twisted reserve e1.0 -i eth0 [--set MAC ... | --release ...]
     aoe-twisted serve --iface eth0 --backend memory:64M     (twistd -n aoe ...)
 
 Every command but ``serve`` opens a raw socket, so it needs root or
 ``CAP_NET_RAW``; ``--netns NAME`` opens it inside network namespace NAME
 (as made by ``ip netns add``).  A failure is one line on standard error and
 exit status 1; a usage error is one line and status 2.  Long transfers show
-a progress bar on standard error when it is a terminal.
+a progress bar on standard error when it is a terminal.  Ctrl-C (SIGINT)
+cancels the command: one line says how far a transfer got (bytes received
+and written out, or acknowledged by the target) and the status is 130.
+``config``, ``mask`` and ``reserve`` read and change a target's config
+string, MAC mask list and reserve list (AoEr11 sections 3.2-3.4), as
+``aoecfg`` does for the first; ``docs/cli.md`` describes every command.
 
 ``-i`` may be repeated (or given a comma-separated list): the client then
 listens on every interface, uses every server MAC that answers on each as a
@@ -33,16 +41,17 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, FirstError, gatherResults
 
 from aoe_twisted import __version__
-from aoe_twisted.core.wire import SECTOR_SIZE, format_mac
+from aoe_twisted.core.wire import MAX_CONFIG_STRING, SECTOR_SIZE, format_mac, parse_mac
 from aoe_twisted.units import parse_address, parse_byte_count
 
 if TYPE_CHECKING:
@@ -67,6 +76,22 @@ class UsageError(Exception):
 
 class CommandError(Exception):
     """The command failed: reported in one line with exit status 1."""
+
+
+class Interrupted(Exception):
+    """
+    The user interrupted the command (SIGINT): ``str()`` is the line to print, status 130.
+
+    Raised by a command that was transferring data, to say how far it got.
+    """
+
+
+#: The exit status of a command interrupted by SIGINT (128 + 2), as a shell reports it.
+INTERRUPTED_STATUS = 130
+#: A reserve list's length is one byte.
+MAX_RESERVE_MACS = 255
+#: The word that stands for the MAC of the interface a request leaves from.
+SELF = "self"
 
 
 # -- argument types ------------------------------------------------------------
@@ -104,6 +129,37 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(f"must be at least 1, not {text}")
     return value
+
+
+def _mac(text: str) -> bytes | None:
+    """A MAC address (``aa:bb:cc:dd:ee:ff``, dashes or none), or ``self`` (``None``)."""
+    if text.lower() == SELF:
+        return None
+    return parse_mac(text)
+
+
+def _config_string(text: str) -> bytes:
+    """A config string: the argument's UTF-8 bytes, at most 1024 of them."""
+    value = os.fsencode(text)
+    if len(value) > MAX_CONFIG_STRING:
+        raise ValueError(f"a config string is at most {MAX_CONFIG_STRING} bytes, "
+                         f"not {len(value)}")
+    return value
+
+
+class _MaskEdits(argparse.Action):
+    """``--add``/``--delete``: append ``(add, MAC or None for self)`` pairs in the order given."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        edits = list(getattr(namespace, self.dest, None) or [])
+        edits += [(self.const, mac) for mac in values]
+        setattr(namespace, self.dest, edits)
 
 
 class _Interfaces(argparse.Action):
@@ -224,6 +280,72 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--write", action="store_true",
                        help="also measure writes (overwrites the first SIZE bytes)")
     bench.add_argument("--seed", type=int, help="seed the random offsets")
+
+    json_arg: dict[str, Any] = {
+        "action": "store_true", "help": "print the result as one JSON object (for scripts)",
+    }
+    config = commands.add_parser(
+        "config", parents=[common], help="read, test or set a target's config string",
+        description="Read, test or set a target's config string (AoEr11 section 3.2), as "
+        "aoecfg does.  The target is found with a config query; the request then goes to "
+        "the MAC that answered.  --test and --test-prefix print the config string and exit 0 "
+        "on a match; on a mismatch the target stays silent (AoEr11), so they print nothing "
+        "and exit 1 once the timeout and every retry have passed.",
+        epilog="STR is taken as UTF-8 bytes, at most 1024.  --force-set '' clears the string.")
+    config.add_argument("target", **target_arg)
+    config_action = config.add_mutually_exclusive_group()
+    config_action.add_argument("--read", action="store_const", dest="ccmd", const="read",
+                               help="print the config string (the default)")
+    for flag, name, text in (
+        ("--test", "test", "exit 0 if the config string is exactly STR, else 1 (silently)"),
+        ("--test-prefix", "test-prefix", "exit 0 if the config string starts with STR, else 1"),
+        ("--set", "set", "set the config string to STR unless another one is set"),
+        ("--force-set", "force-set", "set the config string to STR whatever it was"),
+    ):
+        config_action.add_argument(flag, type=_argtype(_config_string), metavar="STR",
+                                   dest=name.replace("-", "_"), help=text)
+    config.add_argument("--json", **json_arg)
+
+    mask = commands.add_parser(
+        "mask", parents=[common], help="read or edit a target's MAC mask list",
+        description="Read or edit a target's MAC mask list (AoEr11 section 3.3): while it is "
+        "not empty, the target answers only the hosts on it.  --add and --delete may be "
+        "combined and repeated; the changes go in one request, in command-line order, up "
+        "to the first the target refuses, and the new list is printed.",
+        epilog="MAC is aa:bb:cc:dd:ee:ff (or with dashes, or without separators); 'self' "
+        "is the MAC of the interface the request leaves from.  A list that leaves this host "
+        "out makes the target stop answering it: the command warns when it does.")
+    mask.add_argument("target", **target_arg)
+    mask.add_argument("--read", action="store_true", help="print the list (the default)")
+    mask.add_argument("--add", nargs="+", metavar="MAC", type=_argtype(_mac), dest="edits",
+                      action=_MaskEdits, const=True, help="add MACs to the list")
+    mask.add_argument("--delete", nargs="+", metavar="MAC", type=_argtype(_mac),
+                      dest="edits", action=_MaskEdits, const=False,
+                      help="delete MACs from the list")
+    mask.add_argument("--json", **json_arg)
+
+    reserve = commands.add_parser(
+        "reserve", parents=[common], help="read, set or release a target's reserve list",
+        description="Read, set or release a target's reserve list (AoEr11 section 3.4): "
+        "while it is not empty, only the hosts on it may read and write.  --set and "
+        "--release are refused unless the list is empty or holds this host; --force-set "
+        "and --force-release are not.",
+        epilog="MAC is aa:bb:cc:dd:ee:ff (or with dashes, or without separators); 'self' "
+        "is the MAC of the interface the request leaves from.")
+    reserve.add_argument("target", **target_arg)
+    reserve_action = reserve.add_mutually_exclusive_group()
+    reserve_action.add_argument("--read", action="store_true",
+                                help="print the list (the default)")
+    reserve_action.add_argument("--set", nargs="+", metavar="MAC", type=_argtype(_mac),
+                                dest="set_macs", help="reserve the target for these hosts")
+    reserve_action.add_argument("--force-set", nargs="+", metavar="MAC",
+                                type=_argtype(_mac), dest="force_macs",
+                                help="the same, even if other hosts hold it")
+    reserve_action.add_argument("--release", action="store_true",
+                                help="empty the list (only a host on it may)")
+    reserve_action.add_argument("--force-release", action="store_true",
+                                help="empty the list whoever holds it")
+    reserve.add_argument("--json", **json_arg)
 
     commands.add_parser(
         "serve", add_help=False, help="serve a target: runs 'twistd -n aoe ARGS'",
@@ -510,6 +632,7 @@ async def cmd_read(reactor: Any, client: AoEClient, args: argparse.Namespace) ->
             raise CommandError(f"cannot open {args.output}: {e.strerror}") from None
     progress = _progress(args, f"read {disk.name}", length)
     position = offset
+    received = 0
 
     def emit(data: bytes) -> None:
         nonlocal position
@@ -519,10 +642,24 @@ async def cmd_read(reactor: Any, client: AoEClient, args: argparse.Namespace) ->
             out.write(data)
         position += len(data)
 
+    def arrived(count: int) -> None:
+        nonlocal received
+        received += count
+        progress.advance(count)
+
     try:
-        await _pipelined(
-            (disk.read_at(o, n, progress.advance) for o, n in _segments(offset, length)), emit
-        )
+        try:
+            await _pipelined(
+                (disk.read_at(o, n, arrived) for o, n in _segments(offset, length)), emit
+            )
+        except CancelledError:
+            out.flush()
+            where = "standard output" if to_stdout else args.output
+            raise Interrupted(
+                f"interrupted: {received} of {length} bytes read from {disk.name} "
+                f"({human(received)}); the {position - offset} bytes from offset {offset} "
+                f"to {position} are written to {where}"
+            ) from None
         out.flush()
     finally:
         progress.close()
@@ -550,6 +687,19 @@ async def cmd_write(reactor: Any, client: AoEClient, args: argparse.Namespace) -
             _check_span(disk, args.offset, total)
         progress = _progress(args, f"write {disk.name}", total)
         written = 0
+        acknowledged = 0
+        # The pieces in flight, in order; everything before ``complete`` is acknowledged.
+        pieces: deque[int] = deque()
+        complete = args.offset
+
+        def acked(count: int) -> None:
+            nonlocal acknowledged
+            acknowledged += count
+            progress.advance(count)
+
+        def finished(_: object) -> None:
+            nonlocal complete
+            complete += pieces.popleft()
 
         def writes() -> Iterator[Deferred[None]]:
             # Pieces end on SEGMENT boundaries (see _segments), read as they are needed.
@@ -561,14 +711,25 @@ async def cmd_write(reactor: Any, client: AoEClient, args: argparse.Namespace) -
                         f"{disk.name}: the data runs past the end of the disk at byte "
                         f"{disk.size}"
                     )
-                yield disk.write_at(offset, data, progress.advance)
+                pieces.append(len(data))
+                yield disk.write_at(offset, data, acked)
                 offset += len(data)
                 written += len(data)
 
         try:
-            await _pipelined(writes(), lambda _: None)
-            if not args.no_flush:
-                await disk.flush()
+            try:
+                await _pipelined(writes(), finished)
+                if not args.no_flush:
+                    await disk.flush()
+            except CancelledError:
+                of = "" if total is None else f" of {total}"
+                before = (f"the {complete - args.offset} bytes from offset {args.offset} to "
+                          f"{complete} are all written" if complete > args.offset
+                          else "no piece is known to be written whole")
+                raise Interrupted(
+                    f"interrupted: {acknowledged}{of} bytes acknowledged by {disk.name} "
+                    f"({human(acknowledged)}); {before}; not flushed"
+                ) from None
         finally:
             progress.close()
     finally:
@@ -594,8 +755,13 @@ async def _random_io(
     write: bool,
     args: argparse.Namespace,
     rng: random.Random,
+    done: dict[str, int] | None = None,
 ) -> tuple[int, float]:
-    """Run random single-frame operations of ``sectors`` sectors; return (ops, seconds)."""
+    """
+    Run random single-frame operations of ``sectors`` sectors; return (ops, seconds).
+
+    ``done["read"]``/``done["write"]`` count the bytes of each operation answered.
+    """
     depth = args.depth or disk.window
     payload = os.urandom(sectors * SECTOR_SIZE)
     last = region // SECTOR_SIZE - sectors
@@ -614,6 +780,8 @@ async def _random_io(
                 await disk.write(lba, payload)
             else:
                 await disk.read(lba, sectors)
+            if done is not None:
+                done["write" if write else "read"] += len(payload)
 
     await gatherResults([Deferred.fromCoroutine(worker()) for _ in range(depth)],
                         consumeErrors=True)
@@ -622,8 +790,6 @@ async def _random_io(
 
 async def cmd_bench(reactor: Any, client: AoEClient, args: argparse.Namespace) -> int:
     """Measure sequential MB/s and random IOPS, printing a table."""
-    from twisted.internet.defer import FirstError
-
     disk = await _open_disk(client, args)
     size = disk.size if disk.size is not None else args.size
     region = min(args.size, size) // SECTOR_SIZE * SECTOR_SIZE
@@ -642,35 +808,202 @@ async def cmd_bench(reactor: Any, client: AoEClient, args: argparse.Namespace) -
               f"{nbytes / seconds / 1e6:>10.2f}{ops / seconds:>10.0f}")
 
     frames = -(-region // (per * SECTOR_SIZE))
+    done = {"read": 0, "write": 0}
+    current = ["sequential read"]
+
+    def counter(kind: str) -> Callable[[int], None]:
+        def count(n: int) -> None:
+            done[kind] += n
+
+        return count
 
     async def sequential(write: bool) -> None:
         data = os.urandom(region) if write else b""
         pieces = _segments(0, region)
         await _pipelined(
-            (disk.write(o // SECTOR_SIZE, data[o : o + n]) if write
-             else disk.read(o // SECTOR_SIZE, n // SECTOR_SIZE) for o, n in pieces),
+            (disk.write(o // SECTOR_SIZE, data[o : o + n], counter("write")) if write
+             else disk.read(o // SECTOR_SIZE, n // SECTOR_SIZE, counter("read"))
+             for o, n in pieces),
             lambda _: None,
         )
 
     try:
-        seconds = await _timed(reactor, lambda: Deferred.fromCoroutine(sequential(False)))
-        report("sequential read", frames, region, seconds)
-        if args.write:
-            seconds = await _timed(reactor, lambda: Deferred.fromCoroutine(sequential(True)))
-            report("sequential write", frames, region, seconds)
-        tests = [(f"random read {n} sector{'s' if n > 1 else ''}", n, False)
-                 for n in dict.fromkeys((1, per))]
-        if args.write:
-            tests += [(f"random write {n} sector{'s' if n > 1 else ''}", n, True)
-                      for n in dict.fromkeys((1, per))]
-        for label, n, write in tests:
-            ops, seconds = await _random_io(reactor, disk, n, region, write, args, rng)
-            report(label, ops, ops * n * SECTOR_SIZE, seconds)
-    except FirstError as e:
-        e.subFailure.raiseException()
+        try:
+            seconds = await _timed(reactor, lambda: Deferred.fromCoroutine(sequential(False)))
+            report("sequential read", frames, region, seconds)
+            if args.write:
+                current[0] = "sequential write"
+                seconds = await _timed(reactor, lambda: Deferred.fromCoroutine(sequential(True)))
+                report("sequential write", frames, region, seconds)
+            tests = [(f"random read {n} sector{'s' if n > 1 else ''}", n, False)
+                     for n in dict.fromkeys((1, per))]
+            if args.write:
+                tests += [(f"random write {n} sector{'s' if n > 1 else ''}", n, True)
+                          for n in dict.fromkeys((1, per))]
+            for label, n, write in tests:
+                current[0] = label
+                ops, seconds = await _random_io(reactor, disk, n, region, write, args, rng,
+                                                done)
+                report(label, ops, ops * n * SECTOR_SIZE, seconds)
+        except FirstError as e:
+            e.subFailure.raiseException()
+    except CancelledError:
+        raise Interrupted(
+            f"interrupted during {current[0]}: {disk.name} acknowledged "
+            f"{done['read']} bytes read and {done['write']} bytes written"
+        ) from None
     if _several(client, disk):
         for path in disk.paths.paths:
             print(f"path {path.state()}")
+    return 0
+
+
+# -- config string, mask list, reserve list ---------------------------------------
+
+
+def _check_control_args(args: argparse.Namespace) -> None:
+    """Refuse what argparse cannot: ``mask --read`` with edits, too many MACs at once."""
+    if args.command == "mask":
+        from aoe_twisted.initiator.client import MAX_MASK_EDITS
+
+        edits = args.edits or []
+        if args.read and edits:
+            raise UsageError(f"{PROG} mask: --read cannot be combined with --add or --delete")
+        if len(edits) > MAX_MASK_EDITS:
+            raise UsageError(f"{PROG} mask: at most {MAX_MASK_EDITS} changes in one request, "
+                             f"not {len(edits)}")
+    elif args.command == "reserve":
+        macs = args.set_macs or args.force_macs or []
+        if len(macs) > MAX_RESERVE_MACS:
+            raise UsageError(f"{PROG} reserve: a reserve list holds at most "
+                             f"{MAX_RESERVE_MACS} MACs, not {len(macs)}")
+
+
+async def _control(client: AoEClient, args: argparse.Namespace) -> Any:
+    """Find the target for a config, mask or reserve request (a ``TargetControl``)."""
+    from aoe_twisted.initiator.client import TargetNotFound
+
+    shelf, slot = args.target
+    try:
+        return await client.control(shelf, slot)
+    except TargetNotFound as e:
+        # A mask list without us on it makes the target as silent as a missing one.
+        raise CommandError(f"{e} (or its mask list leaves this host out)") from None
+
+
+def _resolve(macs: Sequence[bytes | None], own: bytes) -> tuple[bytes, ...]:
+    """Replace ``self`` (``None``) by this host's MAC; keep the order, drop repeats."""
+    return tuple(dict.fromkeys(own if mac is None else mac for mac in macs))
+
+
+def _json_line(value: dict[str, Any]) -> None:
+    import json
+
+    print(json.dumps(value, sort_keys=True))
+
+
+def _where_json(control: Any) -> dict[str, Any]:
+    info = control.info
+    return {"target": info.name, "mac": format_mac(info.mac), "interface": info.interface}
+
+
+def _print_list(name: str, what: str, macs: Sequence[bytes], empty: str, meaning: str) -> None:
+    """Print a MAC list: a heading naming what it means, then one MAC a line."""
+    if not macs:
+        print(f"{name} {what}: empty ({empty})")
+        return
+    plural = "MAC" if len(macs) == 1 else "MACs"
+    print(f"{name} {what}: {len(macs)} {plural} ({meaning})")
+    for mac in macs:
+        print(f"  {format_mac(mac)}")
+
+
+async def cmd_config(reactor: Any, client: AoEClient, args: argparse.Namespace) -> int:
+    """Read, test or set the config string; print it (or, on a test mismatch, nothing)."""
+    from aoe_twisted.core.wire import ConfigCommand
+    from aoe_twisted.initiator.client import ConfigMismatch, ConfigStringPresent
+
+    command, string = ConfigCommand.READ, b""
+    for name, value in (("test", ConfigCommand.TEST), ("test_prefix", ConfigCommand.TEST_PREFIX),
+                        ("set", ConfigCommand.SET), ("force_set", ConfigCommand.FORCE_SET)):
+        if getattr(args, name) is not None:
+            command, string = value, getattr(args, name)
+    control = await _control(client, args)
+    before = control.info.config_string
+    try:
+        info = await control.config(command, string)
+    except ConfigMismatch as e:
+        # The target's silence is the answer: nothing to print, like test(1).
+        if args.verbose:
+            _error(str(e))
+        return 1
+    except ConfigStringPresent as e:
+        raise CommandError(f"{e} (use --force-set)") from None
+    changed = command in (ConfigCommand.SET, ConfigCommand.FORCE_SET)
+    if args.json:
+        value = _where_json(control)
+        value["config_string"] = info.config_string.decode("utf-8", "backslashreplace")
+        value["config_string_hex"] = info.config_string.hex()
+        value["buffer_count"] = info.buffer_count
+        value["sector_count"] = info.sector_count
+        value["firmware_version"] = info.firmware_version
+        if changed:
+            value["changed"] = info.config_string != before
+        _json_line(value)
+        return 0
+    text = _config_text(info.config_string) if info.config_string else "(empty)"
+    if not changed:
+        print(f"{info.name} config string: {text}")
+    elif info.config_string == before:
+        print(f"{info.name} config string: {text} (unchanged)")
+    else:
+        was = _config_text(before) if before else "(empty)"
+        print(f"{info.name} config string set: {text} (was {was})")
+    return 0
+
+
+async def cmd_mask(reactor: Any, client: AoEClient, args: argparse.Namespace) -> int:
+    """Read or edit the MAC mask list; print the list; warn if it now leaves this host out."""
+    from aoe_twisted.initiator.client import MaskEdit
+
+    control = await _control(client, args)
+    own = control.local_mac
+    edits = [MaskEdit(add, own if mac is None else mac) for add, mac in args.edits or []]
+    macs = await (control.edit_mask(edits) if edits else control.mask_list())
+    if args.json:
+        _json_line({**_where_json(control), "mask_list": [format_mac(m) for m in macs]})
+    else:
+        _print_list(control.name, "mask list", macs, "every host gets answers",
+                    "only these hosts get answers")
+    if edits and macs and own not in macs:
+        _error(f"warning: this host ({format_mac(own)}) is not on {control.name}'s mask list: "
+               "the target no longer answers it")
+    return 0
+
+
+async def cmd_reserve(reactor: Any, client: AoEClient, args: argparse.Namespace) -> int:
+    """Read, set or release the reserve list; print the list."""
+    from aoe_twisted.initiator.client import TargetReserved
+
+    control = await _control(client, args)
+    own = control.local_mac
+    force = bool(args.force_macs or args.force_release)
+    try:
+        if args.set_macs or args.force_macs:
+            macs = await control.set_reserve(_resolve(args.set_macs or args.force_macs, own),
+                                             force=force)
+        elif args.release or args.force_release:
+            macs = await control.set_reserve((), force=force)
+        else:
+            macs = await control.reserve_list()
+    except TargetReserved as e:
+        flag = "--force-release" if args.release else "--force-set"
+        raise CommandError(f"{e} (use {flag})") from None
+    if args.json:
+        _json_line({**_where_json(control), "reserve_list": [format_mac(m) for m in macs]})
+    else:
+        _print_list(control.name, "reserve list", macs, "not reserved",
+                    "only these hosts may read and write")
     return 0
 
 
@@ -680,6 +1013,9 @@ _COMMANDS: dict[str, Callable[[Any, AoEClient, argparse.Namespace], Any]] = {
     "read": cmd_read,
     "write": cmd_write,
     "bench": cmd_bench,
+    "config": cmd_config,
+    "mask": cmd_mask,
+    "reserve": cmd_reserve,
 }
 
 
@@ -734,6 +1070,8 @@ async def run_command(reactor: Any, args: argparse.Namespace) -> int:
 
     Expected failures (no interface, no permission, no such target, timeout,
     ATA or AoE error, bad file) become one line on standard error and 1.
+    Cancelling the command (``main`` does on SIGINT) is one line, saying how
+    far a transfer got, and ``INTERRUPTED_STATUS`` (130).
     """
     from twisted.internet.error import CannotListenError
 
@@ -741,11 +1079,18 @@ async def run_command(reactor: Any, args: argparse.Namespace) -> int:
 
     handler = _COMMANDS[args.command]
     try:
+        _check_control_args(args)
         client = _open_client(reactor, args)
         try:
             status: int = await Deferred.fromCoroutine(handler(reactor, client, args))
         finally:
             await client.close()
+    except Interrupted as e:
+        _error(str(e))
+        return INTERRUPTED_STATUS
+    except CancelledError:
+        _error("interrupted")
+        return INTERRUPTED_STATUS
     except (CommandError, AoEClientError, CannotListenError) as e:
         # CannotOpenInterface (no interface, namespace or permission) is a
         # CannotListenError whose str() is one line.
@@ -820,11 +1165,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _serve(argv[1:])
     try:
         args = build_parser().parse_args(argv)
+        _check_control_args(args)
     except UsageError as e:
         sys.stderr.write(f"{e}\n")
         raise SystemExit(2) from None
     _start_logging(args.verbose)
-    state = {"finished": False, "interrupted": False}
+    state = {"finished": False, "interrupted": False, "cancelled": False}
 
     def _main(reactor: Any) -> Deferred[None]:
         def shutting_down() -> None:
@@ -839,12 +1185,32 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             if status:
                 raise SystemExit(status)
 
-        return Deferred.fromCoroutine(body())
+        running = Deferred.fromCoroutine(body())
+
+        def interrupt() -> None:
+            # The first Ctrl-C cancels the command, which stops its transfer and says
+            # how far it got; a second one (if that hangs) stops the reactor at once.
+            if state["finished"]:
+                return
+            if state["cancelled"]:
+                reactor.stop()
+                return
+            state["cancelled"] = True
+            running.cancel()
+
+        # Replaces the reactor's own handler (installed before this runs), which
+        # would stop the reactor under the command.
+        signal.signal(signal.SIGINT, lambda number, frame: reactor.callFromThread(interrupt))
+        return running
 
     try:
         task.react(_main)
     except SystemExit:
         if state["interrupted"]:
             _error("interrupted")
-            raise SystemExit(130) from None
+            raise SystemExit(INTERRUPTED_STATUS) from None
         raise
+    except KeyboardInterrupt:
+        # Ctrl-C before the reactor ran (or after it stopped): nothing was transferred.
+        _error("interrupted")
+        raise SystemExit(INTERRUPTED_STATUS) from None

@@ -75,9 +75,16 @@ from aoe_twisted.core.wire import (
     Command,
     ConfigArg,
     ConfigCommand,
+    Directive,
+    DirectiveCommand,
     Error,
     EthernetFrame,
     Header,
+    MACMaskArg,
+    MACMaskCommand,
+    MACMaskError,
+    ReserveReleaseArg,
+    ReserveReleaseCommand,
     WireError,
     format_mac,
 )
@@ -96,16 +103,22 @@ __all__ = [
     "AoEProtocolError",
     "AoETimeout",
     "BadReply",
+    "ConfigMismatch",
+    "ConfigStringPresent",
     "Identity",
     "Link",
+    "MaskEdit",
+    "MaskEditError",
     "Path",
     "PathPolicy",
     "PathSet",
     "RemoteDisk",
     "Reply",
     "RetryPolicy",
+    "TargetControl",
     "TargetInfo",
     "TargetNotFound",
+    "TargetReserved",
     "parse_identify",
     "target_name",
 ]
@@ -210,16 +223,112 @@ class AoEProtocolError(AoEClientError):
     never reached the disk.
     """
 
-    def __init__(self, code: int, target: str = "", what: str = "request") -> None:
+    def __init__(
+        self, code: int, target: str = "", what: str = "request", reply: Header | None = None,
+        message: str | None = None,
+    ) -> None:
         try:
             self.code: Error | int = Error(code)
         except ValueError:
             self.code = code
         self.target = target
         self.what = what
+        #: The error reply itself (its argument may say more, e.g. the current config string).
+        self.reply = reply
         text = _AOE_ERROR_TEXT.get(self.code, "unknown error")  # type: ignore[call-overload]
         prefix = f"{target}: " if target else ""
-        super().__init__(f"{prefix}{what} refused: AoE error {int(code)} ({text})")
+        super().__init__(
+            prefix + (message or f"{what} refused: AoE error {int(code)} ({text})")
+        )
+
+
+class ConfigStringPresent(AoEProtocolError):
+    """
+    A config SET was refused (AoE error 4): the target already holds another string.
+
+    ``current`` is the string the target holds, as its error reply says
+    (``None`` if the reply did not carry it).  FORCE_SET replaces it anyway.
+    """
+
+    def __init__(self, current: bytes | None, target: str = "", reply: Header | None = None,
+                 ) -> None:
+        self.current = current
+        shown = "" if current is None else f": {_string_text(current)}"
+        super().__init__(Error.CONFIG_STRING_PRESENT, target, "config set", reply,
+                         f"config string already set{shown}")
+
+
+class TargetReserved(AoEProtocolError):
+    """
+    A request was refused with AoE error 6: the target is reserved by other hosts.
+
+    ``reserved_by`` lists the reserve list's MACs when the reply carried it
+    (a reserve SET's error reply does; an ATA command's does not).
+    """
+
+    def __init__(self, reserved_by: tuple[bytes, ...], target: str = "", what: str = "request",
+                 reply: Header | None = None) -> None:
+        self.reserved_by = reserved_by
+        hosts = ", ".join(format_mac(mac) for mac in reserved_by) or "another host"
+        super().__init__(Error.TARGET_IS_RESERVED, target, what, reply,
+                         f"target is reserved by {hosts}")
+
+
+_MASK_ERROR_TEXT = {
+    MACMaskError.UNSPECIFIED: "unspecified error",
+    MACMaskError.BAD_COMMAND: "bad directive command",
+    MACMaskError.LIST_FULL: "mask list full",
+}
+
+
+class MaskEditError(AoEClientError):
+    """
+    A MAC mask list edit stopped at one directive (AoEr11 section 3.3: MError, not an AoE error).
+
+    ``error`` is the ``MACMaskError`` (or raw number); ``index`` the position
+    of the directive that stopped the edit (0-based; every directive before it
+    was applied) and ``directive`` that directive, if the request had it.
+    """
+
+    def __init__(self, error: int, index: int, directive: Directive | None,
+                 target: str = "") -> None:
+        try:
+            self.error: MACMaskError | int = MACMaskError(error)
+        except ValueError:
+            self.error = error
+        self.index = index
+        self.directive = directive
+        self.target = target
+        text = _MASK_ERROR_TEXT.get(self.error, f"error {int(error)}")  # type: ignore[call-overload]
+        at = f"at MAC {index + 1}"
+        if directive is not None:
+            at += f", {format_mac(directive.mac)}"
+        applied = f"; the {index} before it were applied" if index else ""
+        prefix = f"{target}: " if target else ""
+        super().__init__(f"{prefix}{text} ({at}){applied}")
+
+
+class ConfigMismatch(AoEClientError):
+    """
+    A config TEST or TEST_PREFIX got no answer: the target's string does not match.
+
+    AoEr11 has the target stay silent on a mismatch, so this is a timeout by
+    another name: it comes only after every retry, and a target that stopped
+    answering looks the same.
+    """
+
+    def __init__(self, target: str, prefix: bool, string: bytes, waited: float) -> None:
+        self.target = target
+        self.string = string
+        self.waited = waited
+        kind = "start with" if prefix else "equal"
+        super().__init__(f"{target}: no answer in {waited:.1f} s: the config string does not "
+                         f"{kind} {_string_text(string)}")
+
+
+def _string_text(value: bytes) -> str:
+    """Show a config string in a message: quoted, binary bytes escaped."""
+    return repr(value.decode("utf-8", "backslashreplace"))
 
 
 _ATA_ERROR_TEXT = (
@@ -797,7 +906,9 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             # Any answer, even an AoE error, shows the path carries frames both ways.
             request.paths.answered(path, self.reactor.seconds() - request.sent_at)
         if header.flag_error:
-            request.deferred.errback(AoEProtocolError(header.error, request.target, request.what))
+            request.deferred.errback(
+                AoEProtocolError(header.error, request.target, request.what, header)
+            )
             return
         request.deferred.callback(Reply(ethernet.src, header))
 
@@ -1542,6 +1653,22 @@ class AoEClient:
         return RemoteDisk(link.protocol, info, max_in_flight=max_in_flight, use_lba28=use_lba28,
                           paths=paths)
 
+    def control(self, shelf: int, slot: int) -> Deferred[TargetControl]:
+        """
+        Find the target at ``shelf``.``slot`` for its config string, mask and reserve lists.
+
+        As ``open`` finds it (a config query on every interface), without
+        IDENTIFY; the first MAC to answer is the one ``TargetControl`` talks
+        to.  Fails with ``TargetNotFound`` if no one answers, which is also
+        what a target whose mask list leaves this host out does.
+        """
+        return Deferred.fromCoroutine(self._control(shelf, slot))
+
+    async def _control(self, shelf: int, slot: int) -> TargetControl:
+        reply, link = await self._first_answers(shelf, slot, target_name(shelf, slot))
+        return TargetControl(link.protocol,
+                             TargetInfo.from_config(reply.source, reply.header, link.name))
+
     async def _first_answers(self, shelf: int, slot: int, name: str) -> tuple[Reply, Link]:
         """
         Query every interface for ``shelf``.``slot``; return the first answer and its link.
@@ -1605,6 +1732,167 @@ class AoEClient:
         return reply, link
 
 
+# -- one target's config string, mask list and reserve list ------------------------
+
+
+#: The most mask list directives one request carries in a 1500-byte frame
+#: (the 10-byte AoE header, the 4-byte argument, 8 bytes a directive).
+MAX_MASK_EDITS = (1500 - HEADER_SIZE - 4) // 8
+
+
+@frozen
+class MaskEdit:
+    """One change to a MAC mask list: add or delete ``mac``."""
+
+    add: bool
+    mac: bytes
+
+    def directive(self) -> Directive:
+        """The AoEr11 directive for this change."""
+        return Directive(DirectiveCommand.ADD if self.add else DirectiveCommand.DELETE, self.mac)
+
+
+class TargetControl:
+    """
+    One target's config string, MAC mask list and reserve list (AoEr11 sections 3.2-3.4).
+
+    ``AoEClient.control(shelf, slot)`` finds the target and returns one; each
+    method then sends one request to the MAC that answered (``info.mac``),
+    through the interface that heard it, retransmitted like any request.
+    Every edit the protocol defines is idempotent, so a retransmission after
+    a lost reply does what the first copy did: a second SET of the same config
+    string is accepted, a second ADD or DELETE of the same MAC changes nothing,
+    and a reserve SET whose refusal lists exactly the MACs asked for (the first
+    copy took effect, leaving this host off the list) is a success.
+
+    ``local_mac`` is the MAC requests leave from: what the target checks
+    against its mask and reserve lists.
+    """
+
+    def __init__(self, protocol: AoEClientProtocol, info: TargetInfo) -> None:
+        self.protocol = protocol
+        self.info = info
+        self.name = info.name
+
+    @property
+    def local_mac(self) -> bytes:
+        """The MAC of the local interface that talks to the target."""
+        return self.protocol.mac
+
+    def _request(self, command: Command, arg: Any, what: str) -> Deferred[Reply]:
+        info = self.info
+        return self.protocol.request(info.mac, info.shelf, info.slot, command, arg,
+                                     what=what, target=self.name)
+
+    # -- config string (3.2) ----------------------------------------------
+
+    def config(self, command: ConfigCommand = ConfigCommand.READ,
+               string: bytes = b"") -> Deferred[TargetInfo]:
+        """
+        Send a config query with ``command`` and ``string``; fire with what the reply says.
+
+        READ and a matching TEST/TEST_PREFIX fire with the target's config;
+        SET and FORCE_SET with the config after the change.  Fails with
+        ``ConfigStringPresent`` when SET finds another string, and with
+        ``ConfigMismatch`` when TEST/TEST_PREFIX gets no answer (the target is
+        silent on a mismatch: this comes only after every retry).
+        """
+        return Deferred.fromCoroutine(self._config(command, bytes(string)))
+
+    async def _config(self, command: ConfigCommand, string: bytes) -> TargetInfo:
+        arg = ConfigArg(0, 0, 0, 0, command, len(string), string)
+        what = f"config {command.name.lower().replace('_', '-')}"
+        try:
+            reply = await self._request(Command.QUERY_CONFIG_INFORMATION, arg, what)
+        except AoETimeout as e:
+            if command in (ConfigCommand.TEST, ConfigCommand.TEST_PREFIX):
+                raise ConfigMismatch(self.name, command == ConfigCommand.TEST_PREFIX, string,
+                                     e.waited) from None
+            raise
+        except AoEProtocolError as e:
+            if e.code == Error.CONFIG_STRING_PRESENT:
+                current = e.reply.arg if e.reply is not None else None
+                raise ConfigStringPresent(
+                    current.string if isinstance(current, ConfigArg) else None,
+                    self.name, e.reply,
+                ) from None
+            raise
+        return TargetInfo.from_config(reply.source, reply.header, self.info.interface)
+
+    # -- MAC mask list (3.3) ----------------------------------------------
+
+    def mask_list(self) -> Deferred[tuple[bytes, ...]]:
+        """Fire with the target's MAC mask list (empty: every host may use it)."""
+        return Deferred.fromCoroutine(self._mask(MACMaskArg(MACMaskCommand.READ), "mask read"))
+
+    def edit_mask(self, edits: Sequence[MaskEdit]) -> Deferred[tuple[bytes, ...]]:
+        """
+        Apply ``edits`` to the mask list, in order, in one request; fire with the new list.
+
+        Fails with ``MaskEditError`` if the target stopped at one of them (the
+        list is full, or it refused the directive); those before it stay
+        applied.  One request carries at most ``MAX_MASK_EDITS`` (what a
+        1500-byte frame holds).
+        """
+        if len(edits) > MAX_MASK_EDITS:
+            raise ValueError(f"at most {MAX_MASK_EDITS} mask list changes in one request, "
+                             f"not {len(edits)}")
+        directives = tuple(edit.directive() for edit in edits)
+        arg = MACMaskArg(MACMaskCommand.EDIT, 0, len(directives), directives)
+        return Deferred.fromCoroutine(self._mask(arg, "mask edit"))
+
+    async def _mask(self, arg: MACMaskArg, what: str) -> tuple[bytes, ...]:
+        reply = await self._request(Command.MAC_MASK_LIST, arg, what)
+        answer = reply.header.arg
+        if not isinstance(answer, MACMaskArg):
+            raise BadReply(f"{self.name}: reply to {what} without a mask argument")
+        if answer.error:
+            index = answer.dir_count
+            directive = arg.directives[index] if index < len(arg.directives) else None
+            raise MaskEditError(answer.error, index, directive, self.name)
+        return tuple(d.mac for d in answer.directives)
+
+    # -- reserve list (3.4) -----------------------------------------------
+
+    def reserve_list(self) -> Deferred[tuple[bytes, ...]]:
+        """Fire with the target's reserve list (empty: not reserved)."""
+        return Deferred.fromCoroutine(
+            self._reserve(ReserveReleaseCommand.READ, (), "reserve read")
+        )
+
+    def set_reserve(self, macs: Sequence[bytes], *, force: bool = False,
+                    ) -> Deferred[tuple[bytes, ...]]:
+        """
+        Replace the reserve list with ``macs`` (empty: release); fire with the new list.
+
+        Without ``force`` the target refuses unless its list is empty or holds
+        this host's MAC: ``TargetReserved`` names the hosts that hold it.
+        """
+        command = ReserveReleaseCommand.FORCE_SET if force else ReserveReleaseCommand.SET
+        what = ("reserve force-set" if force else "reserve set") if macs else (
+            "release (force)" if force else "release")
+        return Deferred.fromCoroutine(self._reserve(command, tuple(macs), what))
+
+    async def _reserve(self, command: ReserveReleaseCommand, macs: tuple[bytes, ...],
+                       what: str) -> tuple[bytes, ...]:
+        arg = ReserveReleaseArg(command, len(macs), macs)
+        try:
+            reply = await self._request(Command.RESERVE_RELEASE, arg, what)
+        except AoEProtocolError as e:
+            if e.code != Error.TARGET_IS_RESERVED:
+                raise
+            listed = e.reply.arg if e.reply is not None else None
+            holders = listed.macs if isinstance(listed, ReserveReleaseArg) else ()
+            if command == ReserveReleaseCommand.SET and holders == macs:
+                # A retransmission: the first copy set exactly this list, without us on it.
+                return macs
+            raise TargetReserved(holders, self.name, what, e.reply) from None
+        answer = reply.header.arg
+        if not isinstance(answer, ReserveReleaseArg):
+            raise BadReply(f"{self.name}: reply to {what} without a reserve argument")
+        return answer.macs
+
+
 # -- one target as a disk --------------------------------------------------------
 
 
@@ -1614,6 +1902,9 @@ class _Operation:
 
     deferred: Deferred[Any] = field(init=False)
     progress: Callable[[int], object] | None = None
+    #: The bytes (from the operation's first sector) the caller asked for:
+    #: ``progress`` counts only those, not the rest of a partly covered sector.
+    clip: tuple[int, int] | None = None
     chunks: list[_Chunk] = field(factory=list)
     results: list[bytes] = field(factory=list)
     remaining: int = 0
@@ -1631,6 +1922,15 @@ class _Chunk:
     length: int
     expect: int = 0
     request: Deferred[Reply] | None = None
+    #: Where the chunk's bytes start, counted from the operation's first sector.
+    start: int = 0
+
+    def counted(self) -> int:
+        """The bytes of this chunk that its operation's ``progress`` counts."""
+        clip = self.operation.clip
+        if clip is None:
+            return self.length
+        return max(0, min(self.start + self.length, clip[1]) - max(self.start, clip[0]))
 
 
 class RemoteDisk:
@@ -1718,16 +2018,23 @@ class RemoteDisk:
         end of the disk), ``AoEProtocolError``, ``AoETimeout`` or ``BadReply``;
         the first failure fails the whole read and stops the rest of it.
         """
+        return self._read(lba, count, progress, None)
+
+    def _read(
+        self, lba: int, count: int, progress: Callable[[int], object] | None,
+        clip: tuple[int, int] | None,
+    ) -> Deferred[bytes]:
         self._check_range(lba, count)
         if count == 0:
             return succeed(b"")
-        op = self._operation(progress)
+        op = self._operation(progress, clip)
         per = self.sectors_per_frame
         for index, first in enumerate(range(lba, lba + count, per)):
             n = min(per, lba + count - first)
             self._add(
                 op, index, self._rw_builder(False, first, n, b""),
                 f"read of LBA {first}+{n}", n * SECTOR_SIZE, expect=n * SECTOR_SIZE,
+                start=(first - lba) * SECTOR_SIZE,
             )
         op.deferred.addCallback(lambda _: b"".join(op.results))
         self._start(op)
@@ -1742,6 +2049,12 @@ class RemoteDisk:
         Fires once the target acknowledged every frame.  Failures are as for
         ``read``; frames already acknowledged when one fails stay written.
         """
+        return self._write(lba, data, progress, None)
+
+    def _write(
+        self, lba: int, data: bytes, progress: Callable[[int], object] | None,
+        clip: tuple[int, int] | None,
+    ) -> Deferred[None]:
         if len(data) % SECTOR_SIZE:
             raise ValueError(f"{len(data)} bytes is not a whole number of {SECTOR_SIZE}-byte "
                              "sectors")
@@ -1750,7 +2063,7 @@ class RemoteDisk:
         if count == 0:
             return succeed(None)
         view = memoryview(data)
-        op = self._operation(progress)
+        op = self._operation(progress, clip)
         per = self.sectors_per_frame
         for index, first in enumerate(range(lba, lba + count, per)):
             n = min(per, lba + count - first)
@@ -1758,7 +2071,7 @@ class RemoteDisk:
             payload = view[start : start + n * SECTOR_SIZE]
             self._add(
                 op, index, self._rw_builder(True, first, n, payload),
-                f"write of LBA {first}+{n}", n * SECTOR_SIZE,
+                f"write of LBA {first}+{n}", n * SECTOR_SIZE, start=start,
             )
         op.deferred.addCallback(lambda _: None)
         self._start(op)
@@ -1796,13 +2109,18 @@ class RemoteDisk:
     def read_at(
         self, offset: int, length: int, progress: Callable[[int], object] | None = None
     ) -> Deferred[bytes]:
-        """Read ``length`` bytes from byte ``offset``, whether or not they are sector-aligned."""
+        """
+        Read ``length`` bytes from byte ``offset``, whether or not they are sector-aligned.
+
+        ``progress`` counts only the bytes asked for, not the rest of a partly
+        read first or last sector.
+        """
         if offset < 0 or length < 0:
             raise ValueError("offset and length must not be negative")
         first = offset // SECTOR_SIZE
         end = -(-(offset + length) // SECTOR_SIZE)
         skip = offset - first * SECTOR_SIZE
-        d = self.read(first, end - first, progress)
+        d = self._read(first, end - first, progress, (skip, skip + length))
         d.addCallback(lambda data: data[skip : skip + length])
         return d
 
@@ -1814,7 +2132,8 @@ class RemoteDisk:
 
         A partly covered first or last sector is read first and written back
         with the new bytes in place (read-modify-write: not atomic against
-        other writers of the same sector).
+        other writers of the same sector).  ``progress`` counts only the bytes
+        of ``data`` each acknowledged frame carried.
         """
         if offset < 0:
             raise ValueError("offset must not be negative")
@@ -1837,7 +2156,7 @@ class RemoteDisk:
             before = old[first][:head] if head else b""
             after = old[end - 1][SECTOR_SIZE - tail :] if tail else b""
             data = before + data + after
-        await self.write(first, data, progress)
+        await self._write(first, data, progress, (head, len(data) - tail))
 
     # -- the window -------------------------------------------------------------
 
@@ -1850,17 +2169,19 @@ class RemoteDisk:
             raise ValueError(f"{self.name}: LBA {lba}+{count} cannot be addressed "
                              f"({'48' if self.info.lba48 else '28'}-bit LBA)")
 
-    def _operation(self, progress: Callable[[int], object] | None) -> _Operation:
+    def _operation(
+        self, progress: Callable[[int], object] | None, clip: tuple[int, int] | None = None
+    ) -> _Operation:
         """Start an operation; cancelling its Deferred fails it like any error."""
-        op = _Operation(progress)
+        op = _Operation(progress, clip)
         op.deferred = Deferred(lambda _: self._fail(op, Failure(CancelledError())))
         return op
 
     def _add(
         self, op: _Operation, index: int, arg: Callable[[], ATAArg], what: str, length: int,
-        expect: int = 0,
+        expect: int = 0, start: int = 0,
     ) -> None:
-        op.chunks.append(_Chunk(op, index, arg, what, length, expect))
+        op.chunks.append(_Chunk(op, index, arg, what, length, expect, start=start))
 
     def _start(self, op: _Operation) -> None:
         op.results = [b""] * len(op.chunks)
@@ -1940,7 +2261,9 @@ class RemoteDisk:
                     op.results[chunk.index] = arg.data[: chunk.expect]
                     op.remaining -= 1
                     if op.progress is not None and chunk.length:
-                        op.progress(chunk.length)
+                        counted = chunk.counted()
+                        if counted:
+                            op.progress(counted)
                     if op.remaining == 0:
                         op.deferred.callback(None)
         self._pump()
