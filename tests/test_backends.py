@@ -30,11 +30,24 @@ from zope.interface.verify import verifyObject
 from aoe_twisted.backends._fd import FDBackend
 from aoe_twisted.backends.block import BlockDeviceBackend
 from aoe_twisted.backends.file import FileBackend
+from aoe_twisted.backends.identity import (
+    block_device_identity,
+    device_name,
+    file_identity,
+    host_local,
+    machine_id,
+    slice_identity,
+)
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.backends.shared_memory import SharedMemoryBackend
 from aoe_twisted.backendspec import find_backend_factories, format_backend_help, open_backend
 from aoe_twisted.errors import BackendSpecError, UnknownBackendScheme
-from aoe_twisted.interfaces import IBackendFactory, IBlockBackend, IDirectIOFactory
+from aoe_twisted.interfaces import (
+    IBackendFactory,
+    IBlockBackend,
+    IDirectIOFactory,
+    IDiskIdentity,
+)
 from aoe_twisted.units import SECTOR_SIZE, parse_size
 from tests.plugintools import TEST_PLUGINS, use_test_plugins
 
@@ -800,3 +813,239 @@ class PackagingTests(SynchronousTestCase):
         """``twisted.plugins`` is still Twisted's own package: nothing of ours shadows it."""
         own = Path(twisted.__file__).resolve().parent / "plugins"
         self.assertEqual(Path(twisted.plugins.__file__).resolve().parent, own)
+
+
+class FileIdentityTests(SynchronousTestCase):
+    """A file disk's identity (``IDiskIdentity``): this host, its filesystem, its inode."""
+
+    def identity(self, path: str, **options: bool) -> bytes:
+        """Open ``path`` as a file disk and return its identity."""
+        backend = FileBackend.open(path, **options)
+        self.addCleanup(backend.close)
+        self.assertTrue(verifyObject(IDiskIdentity, backend))
+        identity = backend.disk_identity()
+        assert identity is not None
+        return identity
+
+    def test_stable_across_opens(self) -> None:
+        """Two opens of one file (two servers, or a restart) give the same identity."""
+        path = _make_image(self)
+        self.assertEqual(self.identity(path), self.identity(path))
+
+    def test_read_only_same(self) -> None:
+        """Opening read-only does not change what the disk is."""
+        path = _make_image(self)
+        self.assertEqual(self.identity(path), self.identity(path, read_only=True))
+
+    def test_two_files_differ(self) -> None:
+        """Two files are two disks, even with the same contents."""
+        self.assertNotEqual(self.identity(_make_image(self)), self.identity(_make_image(self)))
+
+    def test_hard_link_same(self) -> None:
+        """A hard link is the same inode, so the same disk."""
+        path = _make_image(self)
+        link = self.mktemp()
+        os.link(path, link)
+        self.assertEqual(self.identity(path), self.identity(link))
+
+    def test_rename_same(self) -> None:
+        """A renamed image is still the same disk."""
+        path = _make_image(self)
+        before = self.identity(path)
+        moved = self.mktemp()
+        os.rename(path, moved)
+        self.assertEqual(self.identity(moved), before)
+
+    def test_copy_differs(self) -> None:
+        """A copy is another disk: writes to one never show on the other."""
+        path = _make_image(self)
+        copy = self.mktemp()
+        shutil.copyfile(path, copy)
+        self.assertNotEqual(self.identity(path), self.identity(copy))
+
+    def test_local_to_this_host(self) -> None:
+        """The identity names this host (its machine id): another host's file is another disk."""
+        identity = self.identity(_make_image(self))
+        self.assertTrue(identity.startswith(b"host=" + machine_id() + b" file "))
+
+    def test_function_matches(self) -> None:
+        """The backend's identity is ``file_identity`` of its descriptor."""
+        path = _make_image(self)
+        with open(path, "rb") as f:
+            self.assertEqual(self.identity(path), file_identity(f.fileno()))
+
+    def test_adopted_keeps_it(self) -> None:
+        """A worker's adopted backend presents the identity the parent learnt."""
+        backend = FileBackend.open(_make_image(self))
+        self.addCleanup(backend.close)
+        handoff = json.loads(json.dumps(backend.handoff()))
+        adopted = FileBackend.adopt(os.dup(backend.fileno()), handoff)
+        self.addCleanup(adopted.close)
+        self.assertEqual(adopted.disk_identity(), backend.disk_identity())
+
+    def test_shared_memory_has_none(self) -> None:
+        """A shared memory disk has no identity, and its handoff says so."""
+        shared = MemoryBackend(SIZE).share()
+        self.addCleanup(shared.close)
+        self.assertFalse(IDiskIdentity.providedBy(shared))
+        self.assertIsNone(shared.handoff()["identity"])
+
+
+class BlockIdentityTests(SynchronousTestCase):
+    """A block device's identity, on loop devices (root only)."""
+
+    def identity(self, device: str, **options: bool) -> bytes:
+        """Open ``device`` as a block disk and return its identity."""
+        backend = BlockDeviceBackend.open(device, **options)
+        self.addCleanup(backend.close)
+        self.assertTrue(verifyObject(IDiskIdentity, backend))
+        identity = backend.disk_identity()
+        assert identity is not None
+        return identity
+
+    def test_has_one(self) -> None:
+        """A loop device gets an identity of its own, local to this host."""
+        device = _losetup(self, _make_image(self))
+        identity = self.identity(device)
+        self.assertTrue(identity.startswith(b"host=" + machine_id() + b" loop"))
+
+    def test_stable_across_opens(self) -> None:
+        """Two opens of one device give one identity, with or without ``--direct``."""
+        device = _losetup(self, _make_image(self))
+        first = self.identity(device)
+        self.assertEqual(self.identity(device, read_only=True), first)
+        self.assertEqual(self.identity(device, direct=True), first)
+
+    def test_two_loops_on_one_file_differ(self) -> None:
+        """Two loop devices on one file have a page cache each: not one disk."""
+        image = _make_image(self)
+        self.assertNotEqual(
+            self.identity(_losetup(self, image)), self.identity(_losetup(self, image))
+        )
+
+    def test_offset_differs(self) -> None:
+        """A loop device on part of the file is another disk than one on all of it."""
+        image = _make_image(self, 2 * SIZE)
+        whole = self.identity(_losetup(self, image))
+        part = self.identity(_losetup(self, image, "--offset", str(SIZE)))
+        self.assertNotEqual(whole.split(b" file=")[1], part.split(b" file=")[1])
+
+    def test_not_the_file(self) -> None:
+        """A loop device is not its backing file's disk (their page caches differ)."""
+        image = _make_image(self)
+        device = _losetup(self, image)
+        backing = FileBackend.open(image)
+        self.addCleanup(backing.close)
+        self.assertNotEqual(self.identity(device), backing.disk_identity())
+
+    def shared_lun(self, device: str) -> Path:
+        """Make a sysfs tree where ``device`` has a registered WWID; return its root."""
+        rdev = os.stat(device).st_rdev
+        node = Path(self.mktemp()) / "dev" / "block" / f"{os.major(rdev)}:{os.minor(rdev)}"
+        (node / "device").mkdir(parents=True)
+        (node / "device" / "wwid").write_text("naa.60014055f1c5e0e1b0a4c7d2a9e3b6f1\n")
+        return node.parent.parent.parent
+
+    def test_shared_lun_with_direct(self) -> None:
+        """With ``--direct`` a registered WWID alone is the identity: any host shares it."""
+        device = _losetup(self, _make_image(self))
+        sysfs = self.shared_lun(device)
+        with open(device, "rb") as f:
+            identity = block_device_identity(f.fileno(), direct=True, sysfs=sysfs)
+        self.assertEqual(identity, b"wwid:naa.60014055f1c5e0e1b0a4c7d2a9e3b6f1")
+
+    def test_shared_lun_cached(self) -> None:
+        """Without ``--direct`` this host's page cache is in front: the identity is local."""
+        device = _losetup(self, _make_image(self))
+        sysfs = self.shared_lun(device)
+        with open(device, "rb") as f:
+            identity = block_device_identity(f.fileno(), direct=False, sysfs=sysfs)
+        self.assertEqual(identity, host_local(b"wwid:naa.60014055f1c5e0e1b0a4c7d2a9e3b6f1"))
+
+    def test_unknown_to_sysfs(self) -> None:
+        """A device sysfs knows nothing of is named by its number and size, on this host."""
+        device = _losetup(self, _make_image(self))
+        rdev = os.stat(device).st_rdev
+        with open(device, "rb") as f:
+            identity = block_device_identity(f.fileno(), direct=True, sysfs=Path(self.mktemp()))
+        self.assertEqual(
+            identity,
+            host_local(b"block dev=%d:%d size=%d" % (os.major(rdev), os.minor(rdev), SIZE)),
+        )
+
+
+class DeviceNameTests(SynchronousTestCase):
+    """``device_name`` reads a block device's own name from its sysfs directory."""
+
+    def node(self, **attributes: str) -> Path:
+        """Make a sysfs-like device directory with ``attributes`` (``a__b`` is ``a/b``)."""
+        node = Path(self.mktemp())
+        node.mkdir()
+        for name, value in attributes.items():
+            path = node.joinpath(*name.split("__"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(value + "\n")
+        return node
+
+    def test_dm_uuid(self) -> None:
+        """A device-mapper UUID (LVM, multipath) names the disk on every host."""
+        node = self.node(dm__uuid="LVM-abc123", device__wwid="t10.QEMU")
+        self.assertEqual(device_name(node), (b"dm-uuid:LVM-abc123", True))
+
+    def test_registered_wwids(self) -> None:
+        """``naa.``, ``eui.``, ``uuid.`` and ``nvme.`` WWIDs are unique by construction."""
+        for wwid in ("naa.5000c500a1b2c3d4", "eui.0025388b9150f8a1", "uuid.1-2", "nvme.8086-x"):
+            with self.subTest(wwid=wwid):
+                self.assertEqual(
+                    device_name(self.node(device__wwid=wwid)), (b"wwid:" + wwid.encode(), True)
+                )
+
+    def test_namespace_wwid(self) -> None:
+        """An NVMe namespace's ``wwid`` sits on the block device itself."""
+        self.assertEqual(device_name(self.node(wwid="eui.1234")), (b"wwid:eui.1234", True))
+
+    def test_t10_wwid_local(self) -> None:
+        """A T10 vendor id (a virtual disk's default) is unique only on this host."""
+        node = self.node(device__wwid="t10.QEMU     QEMU HARDDISK   drive-scsi0")
+        self.assertEqual(device_name(node), (b"wwid:t10.QEMU QEMU HARDDISK drive-scsi0", False))
+
+    def test_serial_local(self) -> None:
+        """A serial number (virtio-blk's), with the model where there is one, is local."""
+        self.assertEqual(device_name(self.node(serial="disk0")), (b"serial:/disk0", False))
+        node = self.node(device__serial="S3Z9NB0K", device__model="Samsung SSD ")
+        self.assertEqual(device_name(node), (b"serial:Samsung SSD/S3Z9NB0K", False))
+
+    def test_partition(self) -> None:
+        """A partition is its disk's name and its start sector."""
+        disk = self.node(device__wwid="naa.5000c500a1b2c3d4")
+        (disk / "sda1").mkdir()
+        (disk / "sda1" / "partition").write_text("1\n")
+        (disk / "sda1" / "start").write_text("2048\n")
+        self.assertEqual(
+            device_name(disk / "sda1"), (b"wwid:naa.5000c500a1b2c3d4 partition start=2048", True)
+        )
+
+    def test_nothing(self) -> None:
+        """A device with no name of its own (a zram disk) has none; empty files do not count."""
+        self.assertIsNone(device_name(self.node(size="2048", serial="")))
+
+
+class IdentityHelperTests(SynchronousTestCase):
+    """``host_local``, ``slice_identity`` and ``machine_id``: for slices and plugins."""
+
+    def test_machine_id(self) -> None:
+        """The machine id is this host's ``/etc/machine-id`` (or a host name), never empty."""
+        self.assertTrue(machine_id())
+        if os.path.exists("/etc/machine-id"):
+            self.assertEqual(machine_id(), Path("/etc/machine-id").read_bytes().strip())
+
+    def test_host_local(self) -> None:
+        """``host_local`` prefixes this host's id: the same here, another on another host."""
+        self.assertEqual(host_local(b"x"), b"host=" + machine_id() + b" x")
+
+    def test_slices(self) -> None:
+        """Two slices of one disk differ from each other and from the disk; one slice is stable."""
+        first = slice_identity(b"disk", 0, 4096)
+        self.assertNotEqual(first, slice_identity(b"disk", 4096, 4096))
+        self.assertNotEqual(first, b"disk")
+        self.assertEqual(first, slice_identity(b"disk", 0, 4096))

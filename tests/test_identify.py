@@ -19,17 +19,25 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aoe_twisted import __version__
+from aoe_twisted.backends.file import FileBackend
+from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.core.identify import (
     IDENTIFY_SIZE,
     LBA28_MAX_SECTORS,
+    WWN_OUI,
     DefaultIdentifier,
     build_identify,
+    disk_serial,
+    disk_wwn,
+    page_identity,
+    same_disk,
 )
+from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import ATAArg, EthernetFrame, Header
 from aoe_twisted.interfaces import IIdentifier
 from tests.pcap import read_pcap
 
-__all__ = ["ata_text", "linux_capacity", "vblade_identify_page", "words"]
+__all__ = ["ata_text", "linux_capacity", "page_wwn", "vblade_identify_page", "words"]
 
 _DATA = Path(__file__).parent / "data"
 
@@ -62,6 +70,16 @@ def ata_text(page: bytes, first_word: int, length: int) -> str:
     unswapped[0::2] = raw[1::2]
     unswapped[1::2] = raw[0::2]
     return unswapped.decode("ascii").rstrip(" ")
+
+
+def page_wwn(page: bytes) -> int:
+    """Return words 108-111 as one 64-bit number, word 108 the most significant (ATA8-ACS)."""
+    w = words(page)
+    return w[108] << 48 | w[109] << 32 | w[110] << 16 | w[111]
+
+
+#: A world-wide name as ``disk_wwn`` makes them: NAA 5, our OUI, a 36-bit id.
+WWN = 0x5_0288A2_123456789
 
 
 def linux_capacity(page: bytes) -> int:
@@ -323,3 +341,209 @@ class DefaultIdentifierTests(SynchronousTestCase):
     def test_size_out_of_range(self) -> None:
         """A size ``build_identify`` refuses is refused when the identifier is made."""
         self.assertRaises(ValueError, DefaultIdentifier, -1)
+
+
+class WorldWideNameTests(SynchronousTestCase):
+    """``build_identify(wwn=...)`` puts a world-wide name in words 108-111 and says so."""
+
+    def test_words(self) -> None:
+        """Words 108-111 hold the name, most significant word first."""
+        w = words(build_identify(1000, wwn=WWN))
+        self.assertEqual(w[108:112], (0x5028, 0x8A21, 0x2345, 0x6789))
+
+    def test_supported_bits(self) -> None:
+        """Bit 8 of words 84 (supported) and 87 (its copy) is set; the words stay valid."""
+        w = words(build_identify(1000, wwn=WWN))
+        self.assertEqual(w[84], 0x4100)
+        self.assertEqual(w[87], 0x4100)
+
+    def test_libata_sees_it(self) -> None:
+        """libata's ``ata_id_has_wwn`` test, ``(word 87 & 0xC100) == 0x4100``, holds."""
+        self.assertEqual(words(build_identify(1000, wwn=WWN))[87] & 0xC100, 0x4100)
+
+    def test_absent_by_default(self) -> None:
+        """Without a name words 108-111 are zero and bit 8 of words 84 and 87 is clear."""
+        w = words(build_identify(1000))
+        self.assertEqual(w[108:112], (0, 0, 0, 0))
+        self.assertEqual((w[84] & 0x0100, w[87] & 0x0100), (0, 0))
+
+    def test_nothing_else_changes(self) -> None:
+        """Only words 84, 87, 108-111 and the checksum differ from the page without a name."""
+        plain = words(build_identify(1000, serial="s"))
+        named = words(build_identify(1000, serial="s", wwn=WWN))
+        changed = {i for i in range(256) if plain[i] != named[i]}
+        self.assertEqual(changed - {255}, {84, 87, 108, 109, 110, 111})
+
+    def test_checksum(self) -> None:
+        """The page with a name still sums to 0 modulo 256, with the signature."""
+        page = build_identify(2**33, serial=disk_serial(b"x"), wwn=disk_wwn(b"x"))
+        self.assertEqual(page[510], 0xA5)
+        self.assertEqual(sum(page) % 256, 0)
+
+    @given(sectors=st.integers(0, 2**48), unique=st.integers(0, 2**36 - 1))
+    def test_checksum_any_name(self, sectors: int, unique: int) -> None:
+        """Whatever the size and name, the page sums to 0 and the size reads back."""
+        wwn = 5 << 60 | WWN_OUI << 36 | unique
+        page = build_identify(sectors, wwn=wwn)
+        self.assertEqual(sum(page) % 256, 0)
+        self.assertEqual(linux_capacity(page), sectors)
+        self.assertEqual(page_wwn(page), wwn)
+
+    def test_bad_name_refused(self) -> None:
+        """A name that is not 64 bits with NAA 5 is refused."""
+        for wwn in (-1, 0, 1 << 64, 0x6 << 60, 0x3 << 60 | 1):
+            with self.subTest(wwn=hex(wwn)):
+                self.assertRaises(ValueError, build_identify, 1000, wwn=wwn)
+
+    def test_identifier_carries_it(self) -> None:
+        """``DefaultIdentifier(wwn=...)`` serves the page with the name."""
+        self.assertEqual(page_wwn(DefaultIdentifier(1000, wwn=WWN).identify()), WWN)
+
+
+class DiskNameTests(SynchronousTestCase):
+    """``disk_serial`` and ``disk_wwn`` name a disk from its identity."""
+
+    def test_serial_fills_the_field(self) -> None:
+        """The serial is 20 upper-case hex digits: words 10-19 exactly."""
+        serial = disk_serial(b"file host=a fsid=1 ino=2")
+        self.assertEqual(len(serial), 20)
+        self.assertEqual(serial, serial.upper())
+        int(serial, 16)
+        self.assertEqual(ata_text(build_identify(1, serial=serial), 10, 20), serial)
+
+    def test_stable(self) -> None:
+        """The same identity gives the same serial and name (no salt, no process state)."""
+        self.assertEqual(disk_serial(b"id"), disk_serial(b"id"))
+        self.assertEqual(disk_wwn(b"id"), disk_wwn(b"id"))
+        # Pinned: a change would rename every disk that every initiator has seen.
+        self.assertEqual(disk_serial(b"x"), "0D005B84668EBFF4FFB8")
+        self.assertEqual(disk_wwn(b"x"), 0x50288A20D005B846)
+
+    def test_different_identities(self) -> None:
+        """Different identities give different serials and names."""
+        self.assertNotEqual(disk_serial(b"ino=1"), disk_serial(b"ino=2"))
+        self.assertNotEqual(disk_wwn(b"ino=1"), disk_wwn(b"ino=2"))
+
+    def test_wwn_format(self) -> None:
+        """The name is NAA 5, then the OUI 02-88-A2 (locally administered), then 36 bits."""
+        wwn = disk_wwn(b"anything")
+        self.assertEqual(wwn >> 60, 5)
+        self.assertEqual(wwn >> 36 & 0xFFFFFF, 0x0288A2)
+        self.assertEqual(WWN_OUI >> 16 & 0x03, 0x02, "X (local) bit set, multicast bit clear")
+
+    def test_serial_matches_wwn(self) -> None:
+        """The serial's first nine hex digits are the name's last nine."""
+        identity = b"block wwid:naa.600140512345"
+        self.assertEqual(disk_serial(identity)[:9], f"{disk_wwn(identity) & (2**36 - 1):09X}")
+
+
+class ForDiskTests(SynchronousTestCase):
+    """``DefaultIdentifier.for_disk``: the page a target serves by default."""
+
+    def test_identity(self) -> None:
+        """With an identity: its serial and world-wide name."""
+        identifier = DefaultIdentifier.for_disk(1000, b"id", serial=None, fallback_serial="1.2")
+        self.assertEqual((identifier.serial, identifier.wwn), (disk_serial(b"id"), disk_wwn(b"id")))
+
+    def test_no_identity(self) -> None:
+        """Without one: the fallback serial and no name, today's page."""
+        identifier = DefaultIdentifier.for_disk(1000, None, serial=None, fallback_serial="1.2")
+        self.assertEqual(identifier.identify(), build_identify(1000, serial="1.2"))
+
+    def test_serial_given(self) -> None:
+        """A serial given explicitly wins; the name stays the identity's."""
+        identifier = DefaultIdentifier.for_disk(1000, b"id", serial="mine", fallback_serial="1.2")
+        self.assertEqual((identifier.serial, identifier.wwn), ("mine", disk_wwn(b"id")))
+
+
+class PageIdentityTests(SynchronousTestCase):
+    """``page_identity`` and ``same_disk`` read back what a page says the disk is."""
+
+    def test_reads_back(self) -> None:
+        """The serial (unpadded) and the world-wide name come back."""
+        page = build_identify(1000, serial="ABC123", wwn=WWN)
+        self.assertEqual(page_identity(page), ("ABC123", WWN))
+
+    def test_no_name(self) -> None:
+        """Without bit 8 of word 87 there is no name, whatever words 108-111 hold."""
+        page = bytearray(build_identify(1000, serial="1.0", wwn=WWN))
+        page[174:176] = (0x4000).to_bytes(2, "little")  # word 87: valid, WWN bit clear
+        self.assertEqual(page_identity(bytes(page)), ("1.0", None))
+
+    def test_vblade(self) -> None:
+        """vblade's page has its serial and no name."""
+        self.assertEqual(page_identity(vblade_identify_page()), ("1.0:vm", None))
+
+    def test_wrong_length(self) -> None:
+        """A page that is not 512 bytes is refused."""
+        self.assertRaises(ValueError, page_identity, bytes(510))
+
+    def test_same_disk(self) -> None:
+        """Two pages with the same serial and name are one disk, whatever their sizes."""
+        name = disk_wwn(b"d")
+        self.assertTrue(
+            same_disk(
+                build_identify(1000, serial="S", wwn=name),
+                build_identify(2000, serial="S", wwn=name),
+            )
+        )
+
+    def test_different_disks(self) -> None:
+        """Another name, or another serial with the same name, is another disk."""
+        page = build_identify(1000, serial=disk_serial(b"a"), wwn=disk_wwn(b"a"))
+        self.assertFalse(
+            same_disk(page, build_identify(1000, serial=disk_serial(b"b"), wwn=disk_wwn(b"b")))
+        )
+        self.assertFalse(same_disk(page, build_identify(1000, serial="x", wwn=disk_wwn(b"a"))))
+
+    def test_nameless_never_same(self) -> None:
+        """Pages without a name are never one disk, even identical ones: refuse, not share."""
+        page = build_identify(1000, serial="1.0")
+        self.assertFalse(same_disk(page, page))
+
+
+class TargetIdentityTests(SynchronousTestCase):
+    """A target's default IDENTIFY page names its disk when the backend can."""
+
+    def open_file(self, path: str) -> FileBackend:
+        """Open ``path`` (made if missing, 64 KiB) as a file disk closed at cleanup."""
+        if not Path(path).exists():
+            Path(path).write_bytes(bytes(65536))
+        backend = FileBackend.open(path)
+        self.addCleanup(backend.close)
+        return backend
+
+    def test_file_named(self) -> None:
+        """A file disk's page carries the serial and name of its identity."""
+        backend = self.open_file(self.mktemp())
+        identity = backend.disk_identity()
+        assert identity is not None
+        page = Target(1, 0, backend).identifier.identify()
+        self.assertEqual(page_identity(page), (disk_serial(identity), disk_wwn(identity)))
+        self.assertEqual(linux_capacity(page), 128)
+
+    def test_two_servers_one_file(self) -> None:
+        """Two targets (two servers) on one file present one disk, whatever their address."""
+        path = self.mktemp()
+        first = Target(1, 0, self.open_file(path)).identifier.identify()
+        second = Target(7, 3, self.open_file(path)).identifier.identify()
+        self.assertTrue(same_disk(first, second))
+
+    def test_two_files_differ(self) -> None:
+        """Targets on two files at one address are two disks: a duplicate, not a path."""
+        first = Target(1, 0, self.open_file(self.mktemp())).identifier.identify()
+        second = Target(1, 0, self.open_file(self.mktemp())).identifier.identify()
+        self.assertFalse(same_disk(first, second))
+
+    def test_memory_unnamed(self) -> None:
+        """A memory disk has no identity: serial ``shelf.slot`` and no name, as before."""
+        page = Target(1, 0, MemoryBackend(65536)).identifier.identify()
+        self.assertEqual(page, build_identify(128, serial="1.0"))
+
+    def test_given_serial(self) -> None:
+        """A serial given to the target replaces the derived one; the name stays."""
+        backend = self.open_file(self.mktemp())
+        identity = backend.disk_identity()
+        assert identity is not None
+        page = Target(1, 0, backend, serial="disk-42").identifier.identify()
+        self.assertEqual(page_identity(page), ("disk-42", disk_wwn(identity)))

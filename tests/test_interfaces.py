@@ -34,6 +34,7 @@ from aoe_twisted.interfaces import (
     IDataSyncBackend,
     IDescriptorBackend,
     IDirectIOFactory,
+    IDiskIdentity,
     IProcessShareableBackend,
     IStatePersister,
     ITransactionalACLStore,
@@ -50,6 +51,7 @@ _ALL = (
     IDataSyncBackend,
     IDescriptorBackend,
     IProcessShareableBackend,
+    IDiskIdentity,
     IBackendFactory,
     IDirectIOFactory,
     IACLStore,
@@ -58,6 +60,9 @@ _ALL = (
 )
 
 _FD_BACKEND = (IBlockBackend, IZeroCopyBackend, IDataSyncBackend, IDescriptorBackend)
+
+#: A file or block device: an ``_FD_BACKEND`` that can also name its disk.
+_NAMED_FD_BACKEND = (*_FD_BACKEND, IDiskIdentity)
 
 
 class _ProvidesMixin:
@@ -91,26 +96,38 @@ class BackendInterfacesTests(_ProvidesMixin, SynchronousTestCase):
             self.assertProvidesExactly(backend, interfaces)
 
     def test_memory(self) -> None:
-        """A memory disk reads zero-copy, syncs for free and can move into shared memory."""
+        """
+        A memory disk reads zero-copy, syncs for free and can move into shared
+        memory; it has no identity (it is never shared).
+        """
         self.check(
             lambda read_only: MemoryBackend(SIZE, read_only=read_only),
             (IBlockBackend, IZeroCopyBackend, IDataSyncBackend, IProcessShareableBackend),
         )
 
     def test_file(self) -> None:
-        """A file disk is one descriptor: zero-copy, ``fdatasync``, handed to workers."""
+        """
+        A file disk is one descriptor: zero-copy, ``fdatasync``, handed to
+        workers; and it names its disk (filesystem and inode).
+        """
         path = _make_image(self)
-        self.check(lambda read_only: FileBackend.open(path, read_only=read_only), _FD_BACKEND)
+        self.check(
+            lambda read_only: FileBackend.open(path, read_only=read_only), _NAMED_FD_BACKEND
+        )
 
     def test_block_device(self) -> None:
         """A block device (a loop device, root only) provides what a file does."""
         device = _losetup(self, _make_image(self))
         self.check(
-            lambda read_only: BlockDeviceBackend.open(device, read_only=read_only), _FD_BACKEND
+            lambda read_only: BlockDeviceBackend.open(device, read_only=read_only),
+            _NAMED_FD_BACKEND,
         )
 
     def test_shared_memory(self) -> None:
-        """A shared memory disk is a ``memfd``: what a file provides, and no ``share``."""
+        """
+        A shared memory disk is a ``memfd``: what a file provides but an
+        identity, and no ``share``.
+        """
         self.check(
             lambda read_only: SharedMemoryBackend.create(SIZE, read_only=read_only), _FD_BACKEND
         )

@@ -25,6 +25,9 @@ refines, declared with ``@implementer`` and checked once with
   ``--workers`` hands to its worker processes;
 - ``IProcessShareableBackend``: a disk that can move somewhere other
   processes reach (``memory:`` into a memfd) before ``--workers`` starts;
+- ``IDiskIdentity``: the disk can name itself, the same wherever and whenever
+  it is served: IDENTIFY's serial number and world-wide name come from it,
+  and a second server of the same disk is a second path, not a duplicate;
 - ``IDirectIOFactory``: a factory that can bypass the page cache (``--direct``);
 - ``ITransactionalACLStore``: a store that several processes change together;
 - ``IStatePersister``: a store that can persist another store's whole state.
@@ -48,6 +51,7 @@ __all__ = [
     "IDataSyncBackend",
     "IDescriptorBackend",
     "IDirectIOFactory",
+    "IDiskIdentity",
     "IIdentifier",
     "IProcessShareableBackend",
     "IStatePersister",
@@ -180,6 +184,42 @@ class IProcessShareableBackend(IBlockBackend):
         """
         Return a backend with the same size, contents and read-only flag in
         memory other processes can map, and close this one.
+        """
+
+
+class IDiskIdentity(IBlockBackend):
+    """
+    A disk that can name itself: one identity for this disk, wherever and whenever it is served.
+
+    The target turns the identity into IDENTIFY's serial number (words
+    10-19) and world-wide name (words 108-111) with
+    ``aoe_twisted.core.identify.disk_serial`` and ``disk_wwn``.  Two servers
+    that present the same identity for one shelf.slot are two paths to one
+    disk (AoE multipath); two that present different identities, or none,
+    are a duplicate address, which is refused.  So the identity is a
+    promise, in both directions:
+
+    - the same disk gets the same identity in every process, on every host
+      and after every restart (a file's filesystem and inode, a LUN's WWN, a
+      network disk's id such as an RBD image id with its cluster's fsid);
+    - two backends get the same identity only if every write made through
+      one is seen at once by a read through the other.  A backend with a
+      cache of its own that other hosts cannot see (the page cache of a
+      block device opened without ``O_DIRECT``, librbd's write-back cache)
+      must make its identity local to the host
+      (``aoe_twisted.backends.identity.host_local``).
+
+    A backend that does not provide this keeps the serial ``shelf.slot``
+    and no world-wide name, and is never taken for a second path.
+    """
+
+    def disk_identity() -> bytes | None:
+        """
+        Return this disk's identity, or ``None`` if it has none that lasts.
+
+        Opaque bytes of any length (the target hashes them), computed once
+        when the backend is opened, not per call: ``b"rbd fsid=... image=..."``.
+        ``None`` gives the same page as a backend without the interface.
         """
 
 

@@ -11,7 +11,9 @@ Every ``FDBackend`` provides ``IZeroCopyBackend`` (``read_into`` with
 ``preadv``; ``write`` copies into the kernel before it returns),
 ``IDataSyncBackend`` (``sync_data``) and ``IDescriptorBackend``: ``--workers``
 passes the descriptor and ``handoff()`` to each worker, which rebuilds the
-backend with ``adopt``.
+backend with ``adopt``.  The file and block backends name their disk too
+(``IDiskIdentity``): ``open`` asks the subclass's ``_identify`` once, and
+``handoff`` passes the answer on, so every worker presents the same one.
 
 With ``direct=True`` (``--direct``) the descriptor is opened ``O_DIRECT``:
 reads and writes bypass the page cache and go through one page-aligned buffer
@@ -95,6 +97,8 @@ class FDBackend:
     """Whether the descriptor is ``O_DIRECT`` (``--direct``): I/O bypasses the page cache."""
     alignment: int = field(default=SECTOR_SIZE, kw_only=True)
     """The block size, offset and length alignment that ``O_DIRECT`` I/O needs (bytes)."""
+    identity: bytes | None = field(default=None, kw_only=True, repr=False)
+    """The disk's identity (``IDiskIdentity``), learnt once by ``open``; ``None`` if it has none."""
     _buffer: mmap.mmap | None = field(default=None, init=False, repr=False)
     _view: memoryview | None = field(default=None, init=False, repr=False)
 
@@ -139,6 +143,7 @@ class FDBackend:
                 )
             os.set_blocking(fd, True)
             alignment = cls._direct_alignment(fd, path, size) if direct else SECTOR_SIZE
+            identity = cls._identify(fd, direct)
         except OSError as e:
             os.close(fd)
             raise BackendSpecError(f"cannot use {kind} {path}: {e.strerror or e}") from e
@@ -146,7 +151,13 @@ class FDBackend:
             os.close(fd)
             raise
         return cls(
-            path=path, size=size, read_only=read_only, fd=fd, direct=direct, alignment=alignment
+            path=path,
+            size=size,
+            read_only=read_only,
+            fd=fd,
+            direct=direct,
+            alignment=alignment,
+            identity=identity,
         )
 
     @classmethod
@@ -156,8 +167,9 @@ class FDBackend:
 
         ``handoff`` is what that process's ``handoff()`` returned; nothing is
         opened, checked or measured again, and the new backend owns ``fd``
-        (``close`` closes it).
+        (``close`` closes it), with the identity the opening process learnt.
         """
+        identity = handoff.get("identity")
         return cls(
             path=handoff["path"],
             size=handoff["size"],
@@ -165,6 +177,7 @@ class FDBackend:
             fd=fd,
             direct=handoff["direct"],
             alignment=handoff["alignment"],
+            identity=None if identity is None else bytes.fromhex(identity),
         )
 
     def fileno(self) -> int:
@@ -173,7 +186,8 @@ class FDBackend:
 
     def handoff(self) -> dict[str, Any]:
         """
-        Return what ``adopt`` needs besides the descriptor: path, size and how it was opened.
+        Return what ``adopt`` needs besides the descriptor: path, size, how it
+        was opened, and the disk's identity (in hex).
 
         A JSON-serialisable dict: ``--workers`` sends it to each worker.
         """
@@ -183,7 +197,18 @@ class FDBackend:
             "read_only": self.read_only,
             "direct": self.direct,
             "alignment": self.alignment,
+            "identity": None if self.identity is None else self.identity.hex(),
         }
+
+    def disk_identity(self) -> bytes | None:
+        """
+        Return the disk's identity, learnt when it was opened (``IDiskIdentity``).
+
+        Only the subclasses that can name their disk declare the interface
+        (``FileBackend``, ``BlockDeviceBackend``); for the others this is
+        ``None`` and never asked.
+        """
+        return self.identity
 
     @classmethod
     def _direct_alignment(cls, fd: int, path: str, size: int) -> int:
@@ -215,6 +240,11 @@ class FDBackend:
     def _check_type(cls, path: str, mode: int) -> str | None:
         """Return why a file with ``st_mode`` ``mode`` cannot be served, or ``None``."""
         raise NotImplementedError
+
+    @classmethod
+    def _identify(cls, fd: int, direct: bool) -> bytes | None:
+        """Return the identity of the disk open as ``fd`` (``O_DIRECT`` if ``direct``), or None."""
+        return None
 
     @classmethod
     def _measure(cls, fd: int) -> int:

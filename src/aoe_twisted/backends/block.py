@@ -10,8 +10,11 @@ import struct
 from typing import ClassVar
 
 from attrs import define
+from zope.interface import implementer
 
 from aoe_twisted.backends._fd import FDBackend
+from aoe_twisted.backends.identity import block_device_identity
+from aoe_twisted.interfaces import IDiskIdentity
 
 __all__ = ["BlockDeviceBackend"]
 
@@ -22,6 +25,7 @@ _BLKSSZGET = 0x1268
 """``ioctl`` request ``_IO(0x12, 104)``: the device's logical block size (an ``int``)."""
 
 
+@implementer(IDiskIdentity)
 @define
 class BlockDeviceBackend(FDBackend):
     """
@@ -32,6 +36,12 @@ class BlockDeviceBackend(FDBackend):
     only be opened with ``read_only=True``.  With ``direct=True`` I/O is done
     in whole logical blocks (``BLKSSZGET``: 512 or 4096 bytes), by
     read-modify-write where a request does not cover whole blocks.
+
+    Its identity (``IDiskIdentity``) is the device's own name from sysfs
+    (``identity.block_device_identity``): with ``direct``, a shared LUN's
+    WWID or a dm UUID names the disk on every host that sees it, so two
+    gateways of one LUN present one disk; without it, the identity is local
+    to this host, whose page cache the other hosts cannot see.
     """
 
     kind: ClassVar[str] = "block device"
@@ -43,6 +53,10 @@ class BlockDeviceBackend(FDBackend):
         if stat.S_ISREG(mode):
             return f"not a block device (serve an image file with file:{path})"
         return "not a block device"
+
+    @classmethod
+    def _identify(cls, fd: int, direct: bool) -> bytes | None:
+        return block_device_identity(fd, direct=direct)
 
     @classmethod
     def _measure(cls, fd: int) -> int:

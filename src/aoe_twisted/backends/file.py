@@ -8,12 +8,16 @@ import stat
 from typing import ClassVar
 
 from attrs import define
+from zope.interface import implementer
 
 from aoe_twisted.backends._fd import FDBackend
+from aoe_twisted.backends.identity import file_identity
+from aoe_twisted.interfaces import IDiskIdentity
 
 __all__ = ["FileBackend"]
 
 
+@implementer(IDiskIdentity)
 @define
 class FileBackend(FDBackend):
     """
@@ -22,7 +26,10 @@ class FileBackend(FDBackend):
     Open it with ``FileBackend.open(path, read_only=False, direct=False)``.
     Writes reach the page cache when ``write`` returns (the disk itself with
     ``direct``, through ``O_DIRECT``); ``flush`` is ``fsync`` and
-    ``sync_data`` is ``fdatasync``.
+    ``sync_data`` is ``fdatasync``.  Its identity (``IDiskIdentity``) is this
+    host, the file's filesystem and its inode (``identity.file_identity``):
+    the same for every server of this file on this host, after a restart,
+    a rename or through a hard link.
     """
 
     kind: ClassVar[str] = "file"
@@ -38,3 +45,7 @@ class FileBackend(FDBackend):
     @classmethod
     def _measure(cls, fd: int) -> int:
         return os.fstat(fd).st_size
+
+    @classmethod
+    def _identify(cls, fd: int, direct: bool) -> bytes | None:
+        return file_identity(fd)

@@ -6,11 +6,19 @@ An AoE initiator learns a disk's size from IDENTIFY alone.  The Linux driver
 (``aoecmd.c ataid_complete``) reads the LBA48 capacity from words 100-103 when
 word 83 (or 86) has bit 10 set, and otherwise the LBA28 capacity from words
 60-61 and the CHS geometry from words 54-56; iPXE does the same with word 83.
-The serial, firmware and model strings end up in ``HDIO_GET_IDENTITY``.
+The serial, firmware and model strings end up in ``HDIO_GET_IDENTITY``
+(``hdparm -i /dev/etherd/e1.0`` shows them; the driver puts none of them in
+sysfs, and it groups paths by shelf.slot and MAC, never by serial).
 
 The page follows vblade's (the Coraid reference target) and adds what vblade
 leaves out: a CHS geometry for clients that only speak LBA28, FLUSH CACHE EXT,
 the ATA version and the integrity word (255) with its checksum.
+
+A disk that can name itself (``IDiskIdentity``) also gets a serial number
+and a world-wide name derived from its identity (``disk_serial``,
+``disk_wwn``): the same disk served by two servers shows the same serial and
+WWN, so a server that hears another answer for its address can tell a second
+path to its own disk from a different disk (``same_disk``).
 
 Words are little-endian, as ATA transfers them.  ATA strings hold two
 characters per word, the first in the high byte, so on the wire each pair of
@@ -19,6 +27,7 @@ characters is swapped.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 from attrs import Factory, field, frozen
@@ -27,7 +36,17 @@ from zope.interface import implementer
 from aoe_twisted import __version__
 from aoe_twisted.interfaces import IIdentifier
 
-__all__ = ["IDENTIFY_SIZE", "LBA28_MAX_SECTORS", "DefaultIdentifier", "build_identify"]
+__all__ = [
+    "IDENTIFY_SIZE",
+    "LBA28_MAX_SECTORS",
+    "WWN_OUI",
+    "DefaultIdentifier",
+    "build_identify",
+    "disk_serial",
+    "disk_wwn",
+    "page_identity",
+    "same_disk",
+]
 
 #: Bytes in an IDENTIFY DEVICE page: 256 16-bit words.
 IDENTIFY_SIZE = 512
@@ -50,6 +69,30 @@ _NOP = 0x4000  # words 82, 85: NOP (the command always aborts, as the ATA standa
 _LBA48 = 0x0400  # words 83, 86: the 48-bit address feature set
 _FLUSH_CACHE = 0x1000  # words 83, 86: FLUSH CACHE (0xE7)
 _FLUSH_CACHE_EXT = 0x2000  # words 83, 86: FLUSH CACHE EXT (0xEA)
+_WWN_SUPPORTED = 0x0100  # words 84, 87: words 108-111 hold the world-wide name (ATA8-ACS)
+
+#: The first word of the world-wide name (words 108-111, most significant word first).
+_WWN_WORD = 108
+
+#: The NAA of the world-wide name: 5, "IEEE Registered", the only one ATA8-ACS allows.
+_NAA_IEEE_REGISTERED = 5
+
+WWN_OUI = 0x0288A2
+"""
+The 24-bit company identifier in the world-wide names this package makes.
+
+ATA8-ACS requires an NAA 5 ("IEEE Registered") name in words 108-111: NAA,
+then a 24-bit IEEE company identifier, then 36 bits the company assigns.
+This package owns no registered OUI, so it uses a locally administered one:
+the first octet 0x02 has the X (local) bit set and the multicast bit clear,
+and the IEEE never assigns such a value to a company, so our names cannot
+equal a real disk's.  ``88A2`` is AoE's EtherType.  NAA 3 ("locally
+assigned") would say the same more directly, but ATA allows only 5 and
+decoders (``hdparm -I``, udev's ``ata_id``) read the field as NAA 5.
+"""
+
+#: Prefixes the identity before hashing, so our names are not a bare hash of it.
+_IDENTITY_DOMAIN = b"aoe-twisted disk identity\0"
 
 # The words that do not depend on the disk: index -> value.
 _FIXED_WORDS = {
@@ -107,8 +150,42 @@ def _ata_string(text: str, length: int) -> bytes:
     return bytes(swapped)
 
 
+def _identity_digest(identity: bytes) -> bytes:
+    """Return the SHA-256 digest that ``disk_serial`` and ``disk_wwn`` both come from."""
+    return hashlib.sha256(_IDENTITY_DOMAIN + identity).digest()
+
+
+def disk_serial(identity: bytes) -> str:
+    """
+    Return the 20-character serial number of the disk whose identity is ``identity``.
+
+    The first 80 bits of the identity's SHA-256, in upper-case hex: it fills
+    words 10-19 exactly, and two different disks share one only by chance
+    (about 1 in 2**80 a pair).  The first nine digits are the last nine of
+    ``disk_wwn``, so the two are easy to match by eye.
+    """
+    return _identity_digest(identity)[:10].hex().upper()
+
+
+def disk_wwn(identity: bytes) -> int:
+    """
+    Return the 64-bit world-wide name of the disk whose identity is ``identity``.
+
+    NAA 5, the locally administered company identifier ``WWN_OUI`` and, as
+    the 36-bit vendor-specific part, the first 36 bits of the identity's
+    SHA-256 (the first nine hex digits of ``disk_serial``).
+    """
+    unique = int.from_bytes(_identity_digest(identity)[:5]) >> 4
+    return _NAA_IEEE_REGISTERED << 60 | WWN_OUI << 36 | unique
+
+
 def build_identify(
-    sectors: int, *, serial: str = "", model: str = "aoe-twisted", firmware: str = __version__
+    sectors: int,
+    *,
+    serial: str = "",
+    model: str = "aoe-twisted",
+    firmware: str = __version__,
+    wwn: int | None = None,
 ) -> bytes:
     """
     Return the 512-byte IDENTIFY DEVICE page of a disk of ``sectors`` 512-byte sectors.
@@ -120,10 +197,18 @@ def build_identify(
     characters) are cut.  Word 255 holds the integrity signature 0xA5 and a
     checksum that makes all 512 bytes sum to 0 modulo 256.
 
-    @raise ValueError: if ``sectors`` is negative or more than a 48-bit LBA addresses.
+    With ``wwn`` (a 64-bit NAA 5 name, as ``disk_wwn`` makes) words 108-111
+    hold it, most significant word first, and bit 8 of words 84 and 87 says
+    so (ATA8-ACS; libata's ``ata_id_has_wwn`` tests word 87).  Without it
+    those words stay zero, as before.
+
+    @raise ValueError: if ``sectors`` is negative or more than a 48-bit LBA
+        addresses, or ``wwn`` is not a 64-bit name with NAA 5.
     """
     if not 0 <= sectors <= _LBA48_MAX_SECTORS:
         raise ValueError(f"a disk of {sectors} sectors cannot be described by IDENTIFY")
+    if wwn is not None and not (0 <= wwn < 1 << 64 and wwn >> 60 == _NAA_IEEE_REGISTERED):
+        raise ValueError(f"world-wide name {wwn!r} is not a 64-bit NAA 5 name")
     words = [0] * 256
     for index, value in _FIXED_WORDS.items():
         words[index] = value
@@ -142,6 +227,11 @@ def build_identify(
     words[61] = lba28 >> 16
     for i in range(4):
         words[100 + i] = (sectors >> (16 * i)) & 0xFFFF
+    if wwn is not None:
+        words[84] |= _WWN_SUPPORTED
+        words[87] |= _WWN_SUPPORTED
+        for i in range(4):
+            words[_WWN_WORD + i] = (wwn >> (48 - 16 * i)) & 0xFFFF
 
     page = bytearray(_WORDS.pack(*words))
     for (word, length), text in ((_SERIAL, serial), (_FIRMWARE, firmware), (_MODEL, model)):
@@ -158,20 +248,26 @@ class DefaultIdentifier:
     The IDENTIFY page of a disk of ``sectors`` sectors, built once by ``build_identify``.
 
     The page is constant, so it is built when the identifier is made and every
-    ``identify()`` returns the same ``bytes``.
+    ``identify()`` returns the same ``bytes``.  ``for_disk`` builds the one a
+    target uses by default.
     """
 
     sectors: int
     serial: str = ""
     model: str = "aoe-twisted"
     firmware: str = __version__
+    wwn: int | None = None
     _page: bytes = field(
         init=False,
         repr=False,
         eq=False,
         default=Factory(
             lambda self: build_identify(
-                self.sectors, serial=self.serial, model=self.model, firmware=self.firmware
+                self.sectors,
+                serial=self.serial,
+                model=self.model,
+                firmware=self.firmware,
+                wwn=self.wwn,
             ),
             takes_self=True,
         ),
@@ -180,3 +276,64 @@ class DefaultIdentifier:
     def identify(self) -> bytes:
         """Return the 512-byte page."""
         return self._page
+
+    @classmethod
+    def for_disk(
+        cls, sectors: int, identity: bytes | None, *, serial: str | None, fallback_serial: str
+    ) -> DefaultIdentifier:
+        """
+        Return the identifier a target uses by default for a disk of ``sectors`` sectors.
+
+        With an ``identity`` (``IDiskIdentity.disk_identity``) the serial is
+        ``disk_serial(identity)`` and the world-wide name ``disk_wwn(identity)``;
+        without one the serial is ``fallback_serial`` (a target's
+        ``shelf.slot``) and there is no world-wide name, as for every disk
+        before identities.  A ``serial`` given explicitly wins over both.
+        """
+        if identity is None:
+            derived, wwn = fallback_serial, None
+        else:
+            derived, wwn = disk_serial(identity), disk_wwn(identity)
+        return cls(sectors, serial=derived if serial is None else serial, wwn=wwn)
+
+
+def page_identity(page: bytes) -> tuple[str, int | None]:
+    """
+    Return what an IDENTIFY page says the disk is: its serial and its world-wide name.
+
+    The serial with its padding removed; the name only if word 87 says it is
+    there (bits 15:14 are 01 and bit 8 is set, libata's ``ata_id_has_wwn``),
+    else ``None``.
+
+    @raise ValueError: if ``page`` is not 512 bytes.
+    """
+    if len(page) != IDENTIFY_SIZE:
+        raise ValueError(f"an IDENTIFY page is {IDENTIFY_SIZE} bytes, not {len(page)}")
+    words = _WORDS.unpack(page)
+    start, length = _SERIAL
+    field = page[2 * start : 2 * start + length]
+    raw = bytearray(length)
+    raw[0::2] = field[1::2]
+    raw[1::2] = field[0::2]
+    text = raw.decode("ascii", "replace").strip(" \x00")
+    if words[87] & (0xC000 | _WWN_SUPPORTED) != _VALID | _WWN_SUPPORTED:
+        return text, None
+    wwn = 0
+    for i in range(4):
+        wwn = wwn << 16 | words[_WWN_WORD + i]
+    return text, wwn
+
+
+def same_disk(page: bytes, other: bytes) -> bool:
+    """
+    Return whether two IDENTIFY pages describe one disk (two paths to it).
+
+    Only when both carry a world-wide name and the names and serials are
+    equal: a page without a name (a backend without ``IDiskIdentity``, a
+    memory disk, vblade) is never the same disk as another, so a duplicate
+    address is refused rather than taken for a second path.
+
+    @raise ValueError: if either page is not 512 bytes.
+    """
+    ours, theirs = page_identity(page), page_identity(other)
+    return ours[1] is not None and ours == theirs

@@ -56,6 +56,7 @@ from aoe_twisted.core.wire import (
 from aoe_twisted.interfaces import (
     IACLStore,
     IBlockBackend,
+    IDiskIdentity,
     IIdentifier,
     ITransactionalACLStore,
     IZeroCopyBackend,
@@ -184,7 +185,10 @@ class Target:
     the smaller count (``for_interface``): the copy shares the backend and
     the ACL store, so every interface serves the same disk and state.
     ``identifier`` defaults to a ``DefaultIdentifier`` for the backend's size
-    with the serial ``serial`` (default ``"shelf.slot"``).  ``mask_limit`` is
+    (``DefaultIdentifier.for_disk``): for a backend that provides
+    ``IDiskIdentity``, the serial number and world-wide name derived from its
+    identity, otherwise the serial ``"shelf.slot"`` and no world-wide name;
+    ``serial``, if given, replaces the serial either way.  ``mask_limit`` is
     how many MACs a mask list edit may grow the list to.
 
     ``zero_copy`` and ``transactional`` say which optional interfaces the
@@ -216,8 +220,14 @@ class Target:
         self.zero_copy = IZeroCopyBackend.providedBy(self.backend)
         self.transactional = ITransactionalACLStore.providedBy(self.acl)
         if self.identifier is None:
-            serial = f"{self.shelf}.{self.slot}" if self.serial is None else self.serial
-            self.identifier = DefaultIdentifier(self.backend.size // SECTOR_SIZE, serial=serial)
+            backend = self.backend
+            identity = backend.disk_identity() if IDiskIdentity.providedBy(backend) else None
+            self.identifier = DefaultIdentifier.for_disk(
+                backend.size // SECTOR_SIZE,
+                identity,
+                serial=self.serial,
+                fallback_serial=f"{self.shelf}.{self.slot}",
+            )
         elif not IIdentifier.providedBy(self.identifier):
             raise TypeError(f"identifier must provide IIdentifier, not {self.identifier!r}")
 
