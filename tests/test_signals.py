@@ -185,17 +185,6 @@ class TwistdHangupTests(TwistdProcessMixin, TestCase):
         yield _discover(self, self.peer, proc, 7, 1)
 
     @defer.inlineCallbacks
-    def _stop(self, proc: subprocess.Popen[str]) -> defer.Generator[defer.Deferred[Any], Any, str]:
-        """Stop with SIGTERM; check the stop is clean; return the whole output."""
-        proc.send_signal(signal.SIGTERM)
-        code = yield self._exit_status(proc)
-        out = proc.communicate()[0]
-        self.assertIn(code, (0, -signal.SIGTERM), out)
-        self.assertNotIn("Traceback", out)
-        self.assertIn("Main loop terminated", out)
-        return out
-
-    @defer.inlineCallbacks
     def test_sighup_keeps_serving(self) -> Gen:
         """
         Each SIGHUP is one warning line and nothing else; the server still
@@ -204,7 +193,8 @@ class TwistdHangupTests(TwistdProcessMixin, TestCase):
         proc = yield self._serve()
         yield self._hangup_and_answer(proc)
         yield self._hangup_and_answer(proc)
-        out = yield self._stop(proc)
+        out = yield self.stop_cleanly(proc)
+        self.assertIn("Main loop terminated", out)
         lines = [line for line in out.splitlines() if "SIGHUP" in line]
         self.assertEqual(len(lines), 2, out)
         for line in lines:
@@ -222,5 +212,6 @@ class TwistdHangupTests(TwistdProcessMixin, TestCase):
         self.assertEqual(len(before), 1, before)
         yield self._hangup_and_answer(proc)
         self.assertEqual(child_pids(proc.pid), before)
-        out = yield self._stop(proc)
+        out = yield self.stop_cleanly(proc)
+        self.assertIn("Main loop terminated", out)
         self.assertEqual(out.count(NOTHING_TO_RELOAD), 1, out)

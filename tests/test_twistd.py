@@ -192,6 +192,23 @@ class TwistdProcessMixin:
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.fail("twistd did not exit after SIGTERM")  # type: ignore[attr-defined]
 
+    @defer.inlineCallbacks
+    def stop_cleanly(
+        self, proc: subprocess.Popen[str]
+    ) -> defer.Generator[defer.Deferred[object], object, str]:
+        """
+        Stop ``proc`` with SIGTERM, check it stopped cleanly, return its whole output.
+
+        twistd re-raises the signal it stopped on after a clean shutdown, so
+        its status is 0 or -SIGTERM; a traceback anywhere is a failure.
+        """
+        proc.send_signal(signal.SIGTERM)
+        code = yield self._exit_status(proc)
+        out = proc.communicate()[0]
+        self.assertIn(code, (0, -signal.SIGTERM), out)  # type: ignore[attr-defined]
+        self.assertNotIn("Traceback", out)  # type: ignore[attr-defined]
+        return out
+
     @staticmethod
     def _kill(proc: subprocess.Popen[str]) -> None:
         """Make sure the server and any worker processes of it are gone when the test ends."""
@@ -256,11 +273,6 @@ class TwistdServeTests(TwistdProcessMixin, TestCase):
         replies = yield peer.read(server, 3, 2, 5, count=2)
         self.assertEqual(replies[0].arg.data[: 2 * SECTOR_SIZE], b"\x5a" * (2 * SECTOR_SIZE))
 
-        proc.send_signal(signal.SIGTERM)
-        code = yield self._exit_status(proc)
-        out = proc.communicate()[0]
-        # twistd re-raises the signal it stopped on after a clean shutdown.
-        self.assertIn(code, (0, -signal.SIGTERM), out)
-        self.assertNotIn("Traceback", out)
+        out = yield self.stop_cleanly(proc)
         self.assertIn("Main loop terminated", out)
         self.assertEqual(image.read_bytes()[2047 * SECTOR_SIZE :], payload)

@@ -173,11 +173,7 @@ class WorkersTests(TwistdProcessMixin, TestCase):
         [restarted] = child_pids(proc.pid)
         self.assertNotEqual(restarted, worker)
 
-        proc.send_signal(signal.SIGTERM)
-        code = yield self._exit_status(proc)
-        out = proc.communicate()[0]
-        self.assertIn(code, (0, -signal.SIGTERM), out)
-        self.assertNotIn("Traceback", out)
+        out = yield self.stop_cleanly(proc)
         self.assertIn("aoe worker 1", out)
         self.assertIn("restarting it in", out)
         self.assertFalse(os.path.exists(f"/proc/{restarted}"), "a worker outlived the server")
@@ -238,10 +234,7 @@ class WorkersTests(TwistdProcessMixin, TestCase):
             replies = yield self.peer.read(server, 3, 2, 5, src=_mac_for(worker, 3, 2))
             self.ok(replies)
             self.assertEqual(replies[0].arg.data, b"\x5a" * SECTOR_SIZE, f"worker {worker}")
-        proc.send_signal(signal.SIGTERM)
-        code = yield self._exit_status(proc)
-        out = proc.communicate()[0]
-        self.assertIn(code, (0, -signal.SIGTERM), out)
+        out = yield self.stop_cleanly(proc)
         self.assertIn("aoe worker 1] serving e3.2", out)
 
     @defer.inlineCallbacks
