@@ -99,6 +99,8 @@ class ServerSpec:
     name: str
     kind: str  # "vblade" or "ours"
     extra: tuple[str, ...] = ()
+    #: For "ours": run the aoe-twisted of this source tree (its ``src``), not this checkout's.
+    source: str | None = None
 
     def argv(self, iface: str, image: Path, shelf: int = 0, slot: int = 1) -> list[str]:
         """The command line serving ``image`` as e``shelf``.``slot`` on ``iface``."""
@@ -111,12 +113,22 @@ class ServerSpec:
         ]  # fmt: skip
 
 
-def start_in_netns(netns: str, argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in ``netns`` (``ip netns exec`` execs it: the pid is the server's)."""
+def start_in_netns(
+    netns: str, argv: Sequence[str], log: Path, source: str | None = None
+) -> subprocess.Popen[bytes]:
+    """
+    Start ``argv`` in ``netns`` (``ip netns exec`` execs it: the pid is the server's).
+
+    ``source``: a ``src`` directory put first on ``PYTHONPATH`` (another
+    version of aoe-twisted, for before/after comparisons).
+    """
+    env = None
+    if source is not None:
+        env = dict(os.environ, PYTHONPATH=source)
     with log.open("ab") as out:
         return subprocess.Popen(
             ["ip", "netns", "exec", netns, *argv],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
 
 

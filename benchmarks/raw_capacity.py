@@ -256,17 +256,46 @@ def measure(args: argparse.Namespace, servers: list[bc.ServerSpec], work: Path) 
                 for spec in order:
                     log = work / f"{spec.kind}-{mtu}.log"
                     proc = bc.start_in_netns(pair.server_ns, spec.argv(pair.server_if, image),
-                                             log)
+                                             log, spec.source)
+                    scraper = _scraper(pair.server_ns, spec)
                     try:
                         rows = run_generator(pair, proc.pid, ROWS, args)
                     finally:
                         bc.stop(proc)
+                        if scraper is not None:
+                            bc.stop(scraper)
                     for r in rows:
                         per_mtu[spec.name].setdefault(" ".join(r["row"]), []).append(r)
                     print(f"  MTU {mtu} repeat {rep + 1}/{args.repeat} {spec.name}: "
                           + ", ".join(f"{' '.join(r['row'])} {r['iops']:,.0f}" for r in rows),
                           file=sys.stderr, flush=True)
     return results
+
+
+def _scraper(netns: str, spec: bc.ServerSpec) -> subprocess.Popen[bytes] | None:
+    """
+    For a server started with ``--metrics PORT``: scrape its ``/metrics`` once a second.
+
+    As Prometheus would, so that "metrics on" includes what serving them costs.
+    """
+    extra = list(spec.extra)
+    if "--metrics" not in extra:
+        return None
+    address = extra[extra.index("--metrics") + 1]
+    url = f"http://{address if ':' in address else '127.0.0.1:' + address}/metrics"
+    code = (
+        "import time, urllib.request\n"
+        "while True:\n"
+        "    time.sleep(1)\n"
+        "    try:\n"
+        f"        urllib.request.urlopen({url!r}, timeout=5).read()\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )
+    return subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def report(results: dict, servers: list[bc.ServerSpec], args: argparse.Namespace) -> str:
@@ -350,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours-args", default="",
                         help="extra twistd aoe options, e.g. '--workers 2'")
     parser.add_argument("--vblade-args", default="", help="extra vblade options")
+    parser.add_argument("--against-args", default=None,
+                        help="compare with aoe-twisted run with these options instead of "
+                             "vblade (e.g. '' against --ours-args '--metrics 9580': a "
+                             "server given --metrics is scraped once a second)")
+    parser.add_argument("--against-source", default=None,
+                        help="with --against-args: that aoe-twisted from this src directory "
+                             "(another version, for before/after)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.generator:
@@ -362,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         bc.ServerSpec("vblade", "vblade", tuple(args.vblade_args.split())),
         bc.ServerSpec("aoe-twisted", "ours", tuple(args.ours_args.split())),
     ]
+    if args.against_args is not None or args.against_source is not None:
+        label = "before" if args.against_source else "other"
+        servers[0] = bc.ServerSpec(
+            label, "ours", tuple((args.against_args or "").split()), args.against_source
+        )
     with tempfile.TemporaryDirectory(prefix="aoe-bench-") as work:
         results = measure(args, servers, Path(work))
     if args.json:

@@ -327,7 +327,9 @@ class EndToEndAccessTests(EndToEndCase):
                 peer.reserve(server, shelf, slot, ReserveReleaseCommand.READ, timeout=SILENCE),
             ])
             self.assertEqual(results, [[], [], []], f"{shelf}.{slot}")
-        self.assertEqual(self.service.protocol.dispatcher.counters["unaddressed"], 21)
+        # The kernel filter keeps the 15 unicast requests for other addresses out of
+        # the socket altogether; the 6 for a wildcard address reach the server.
+        self.assertEqual(self.service.protocol.dispatcher.counters["unaddressed"], 6)
         replies = yield peer.discover()
         self.assertEqual(sorted((r.header.major, r.header.minor) for r in replies),
                          [(3, 1), (3, 2)])

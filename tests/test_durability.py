@@ -583,12 +583,14 @@ class TapTests(SynchronousTestCase):
         self.assertFalse(options["sync"])
         self.assertFalse(options["direct"])
         service = makeService(options)
-        self.assertFalse(service.sync)  # type: ignore[attr-defined]
+        (target,) = service.targets  # type: ignore[attr-defined]
+        self.assertFalse(target.sync)
 
     def test_sync(self) -> None:
-        """--sync makes the service group commit (any backend, memory too)."""
+        """--sync makes every target group commit (any backend, memory too)."""
         service = makeService(self.parse("--backend", "memory:1M", "--sync"))
-        self.assertTrue(service.sync)  # type: ignore[attr-defined]
+        (target,) = service.targets  # type: ignore[attr-defined]
+        self.assertTrue(target.sync)
 
     def test_direct_file(self) -> None:
         """--direct opens file: disks O_DIRECT."""

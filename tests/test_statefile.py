@@ -497,8 +497,8 @@ class MakeServiceStateTests(SynchronousTestCase):
             self.serve()
         message = str(caught.exception.code)
         self.assertNotIn("\n", message)
-        self.assertTrue(message.startswith("twistd aoe: --state-dir: "), message)
-        self.assertIn(str(bad), message)
+        self.assertTrue(message.startswith("twistd aoe: e2.3 = "), message)
+        self.assertIn(f"state file {bad}", message)
         self.assertEqual(bad.read_text(), "{not json")
 
     def test_state_dir_is_a_file_exits(self) -> None:

@@ -8,7 +8,17 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from aoe_twisted.tap import Options, TargetSpec, makeService
+from aoe_twisted.tap import Options, makeService
+
+
+def TargetSpec(shelf: int, slot: int, backend: str) -> tuple[int, int, str]:
+    """What a target's address and backend are, as compared in these tests."""
+    return (shelf, slot, backend)
+
+
+def specs(options: Options) -> list[tuple[int, int, str]]:
+    """The address and backend of each target the options describe."""
+    return [(t.shelf, t.slot, t.backend) for t in options["targets"]]
 
 
 def parse(*argv: str) -> Options:
@@ -34,7 +44,7 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """With only --iface and --backend the target is e0.0 with buffer count 64."""
         options = parse("--iface", "eth0", "--backend", "memory:1M")
-        self.assertEqual(options["targets"], [TargetSpec(0, 0, "memory:1M")])
+        self.assertEqual(specs(options), [TargetSpec(0, 0, "memory:1M")])
         self.assertEqual(options["buffer-count"], 64)
         self.assertIsNone(options["max-sectors"])
         self.assertFalse(options["read-only"])
@@ -44,7 +54,7 @@ class OptionsTests(SynchronousTestCase):
     def test_shelf_slot(self) -> None:
         """--shelf and --slot address the --backend target."""
         options = parse("-i", "eth0", "-b", "file:x.img", "--shelf", "7", "--slot", "3")
-        self.assertEqual(options["targets"], [TargetSpec(7, 3, "file:x.img")])
+        self.assertEqual(specs(options), [TargetSpec(7, 3, "file:x.img")])
 
     def test_several_targets(self) -> None:
         """
@@ -57,7 +67,7 @@ class OptionsTests(SynchronousTestCase):
             "--target", "e5.06=memory:1MB",
         )
         self.assertEqual(
-            options["targets"],
+            specs(options),
             [
                 TargetSpec(0, 0, "memory:1M"),
                 TargetSpec(1, 2, "memory:2M"),
@@ -69,7 +79,7 @@ class OptionsTests(SynchronousTestCase):
     def test_targets_without_backend(self) -> None:
         """--target alone is enough; no e0.0 is added."""
         options = parse("-i", "eth0", "--target", "3.4=memory:1M")
-        self.assertEqual(options["targets"], [TargetSpec(3, 4, "memory:1M")])
+        self.assertEqual(specs(options), [TargetSpec(3, 4, "memory:1M")])
 
     def test_masks(self) -> None:
         """--mask repeats and accepts MACs with or without separators."""
@@ -198,13 +208,13 @@ class MakeServiceTests(SynchronousTestCase):
     """``makeService`` opens the backends or exits with one line naming the bad one."""
 
     def test_bad_backend_exits(self) -> None:
-        """An unknown scheme exits with a line naming the --backend value."""
+        """An unknown scheme exits with a line naming the target and its backend."""
         options = parse("-i", "eth0", "-b", "nosuch:thing")
         with self.assertRaises(SystemExit) as caught:
             makeService(options)
         message = str(caught.exception.code)
         self.assertNotIn("\n", message)
-        self.assertIn("--backend nosuch:thing", message)
+        self.assertIn("e0.0 = nosuch:thing", message)
 
     def test_missing_file_exits(self) -> None:
         """A file: backend whose file is missing exits naming the path."""

@@ -19,18 +19,22 @@ targets' backends when it stops.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from time import perf_counter
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import AbstractDatagramProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from aoe_twisted.core.decision import Decision
 from aoe_twisted.core.dispatch import Dispatcher
+from aoe_twisted.core.duplicates import Duplicate, DuplicateWatch, SecondPath
 from aoe_twisted.core.operations import perform
+from aoe_twisted.core.stats import initiators_of
 from aoe_twisted.core.target import Pending, Target
 from aoe_twisted.core.wire import SECTOR_SIZE, format_mac
 from aoe_twisted.interfaces import IBlockBackend, IDataSyncBackend
@@ -56,6 +60,9 @@ The first malformed frame is logged at once; the ones after it within this
 interval are counted and summarised in one line when it ends, so a peer that
 floods garbage costs one log line per interval, not one per frame.
 """
+
+#: Seconds between two looks at the duplicate watch (asking again, timing out, settling).
+_WATCH_TICK = 0.1
 
 #: The smallest MTU whose frames hold one sector: 10-byte AoE header, 12-byte ATA argument, 512.
 _MIN_USEFUL_MTU = 22 + SECTOR_SIZE
@@ -110,6 +117,8 @@ class AoEProtocol(AbstractDatagramProtocol):
         clock: IReactorTime | None = None,
         malformed_interval: float = MALFORMED_LOG_INTERVAL,
         sync: bool = False,
+        duplicate_wait: float | None = None,
+        removed_grace: float = 0.0,
     ) -> None:
         """
         @param targets: the targets to serve, at distinct shelf.slot addresses.
@@ -119,7 +128,16 @@ class AoEProtocol(AbstractDatagramProtocol):
             reactor by default), and the fallback that ends a drain if the
             transport never calls ``drainFinished``.
         @param malformed_interval: seconds between malformed-frame log lines.
-        @param sync: acknowledge writes only once durable (group commit).
+        @param sync: acknowledge writes only once durable (group commit), on
+            every target (a target's own ``sync`` asks it for that target).
+        @param duplicate_wait: ask the segment whether another server answers
+            for an address before serving it, and serve it after this many
+            seconds if none does (``aoe_twisted.core.duplicates``); from
+            then on, keep watching other servers' replies.  ``None``: serve
+            at once and watch nothing.
+        @param removed_grace: seconds during which a removed target's
+            address answers ATA requests with an error rather than nothing
+            (see ``remove_target``); 0: silent at once.
         """
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -148,6 +166,20 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._drain_fallback: IDelayedCall | None = None
         #: How each target's disk is made durable (by ``id`` of the target), learnt once.
         self._durability: dict[int, Callable[[], None]] = {}
+        self.duplicate_wait = duplicate_wait
+        self.removed_grace = removed_grace
+        self.watch: DuplicateWatch | None = None
+        #: The MACs of this server's other interfaces (not other servers), set by the service.
+        self.own_macs: frozenset[bytes] = frozenset()
+        #: Targets asked about and not yet served, by address (interface copies).
+        self.probing: dict[tuple[int, int], Target] = {}
+        #: Addresses another server answers for with another disk: address -> its MAC.
+        self.duplicates: dict[tuple[int, int], bytes] = {}
+        self._sectors = 0xFF
+        #: Whether some target served here asks for group commit of its own (kept up to date).
+        self._some_sync = any(t.sync for t in self.targets)
+        self._ticker: Any = None
+        self._forget_calls: dict[tuple[int, int], IDelayedCall] = {}
 
     def startProtocol(self) -> None:
         """Size the targets for the port's MTU, build the dispatcher and announce every target."""
@@ -174,9 +206,11 @@ class AoEProtocol(AbstractDatagramProtocol):
         assert self.transport is not None
         host: Any = self.transport.getHost()
         self.interface = host.interface
+        self._host = host
         sectors = max_sectors_for_mtu(host.mtu)
         if self.max_sectors is not None:
             sectors = min(sectors, self.max_sectors)
+        self._sectors = sectors
         if host.mtu < _MIN_USEFUL_MTU:
             _log.warn(
                 "MTU {mtu} of {interface} is too small for one {sector}-byte sector per frame",
@@ -184,32 +218,242 @@ class AoEProtocol(AbstractDatagramProtocol):
                 interface=host.interface,
                 sector=SECTOR_SIZE,
             )
-        # Each interface serves the targets with its own sector count: copies
-        # sharing the disk and the state, so several interfaces can differ.
-        served = [target.for_interface(sectors) for target in self.targets]
-        self.dispatcher = Dispatcher(host.mac, served, hold_writes=self.sync)
-        self._durability = {id(t): _durability_call(t.backend) for t in served}
-        for target in served:
-            _log.info(
-                "serving e{shelf}.{slot} ({size} bytes, {mode}) on {interface} "
-                "({mac}, MTU {mtu}, {sectors} sectors per frame)",
-                shelf=target.shelf,
-                slot=target.slot,
-                size=target.backend.size,
-                mode="ro" if target.backend.read_only else "rw",
-                interface=host.interface,
-                mac=format_mac(host.mac),
-                mtu=host.mtu,
-                sectors=target.max_sectors,
+        self._stop_watching()
+        self.probing = {}
+        self.duplicates = {}
+        self.dispatcher = Dispatcher(host.mac, [], hold_writes=self.sync)
+        self._durability = {}
+        if self.duplicate_wait is not None:
+            self.watch = DuplicateWatch(
+                host.mac, own_macs=self.own_macs, wait=self.duplicate_wait
             )
+            self.dispatcher.pass_responses = True
+            self._ticker = LoopingCall(self._tick)
+            self._ticker.clock = self.clock
+            self._ticker.start(_WATCH_TICK, now=False)
+        for target in self.targets:
+            self._place(target)
+        self._filter()
+
+    def _place(self, target: Target) -> None:
+        """Serve ``target`` (an interface copy of it): at once, or once the segment has answered."""
+        served = target.for_interface(self._sectors)
+        key = (target.shelf, target.slot)
+        watch = self.watch
+        if watch is None:
+            self._serve(served)
+            return
+        self.probing[key] = served
+        page = served.identifier.identify() if served.identifier is not None else None
+        self._send(watch.watch(key, page, self.clock.seconds()))
+        if self.duplicate_wait == 0:
+            self._settle()
+
+    def _serve(self, target: Target) -> None:
+        """Answer for ``target`` from now on, log it and announce it."""
+        assert self.dispatcher is not None
+        host = self._host
+        self.dispatcher.add(target)
+        self._durability[id(target)] = _durability_call(target.backend)
+        _log.info(
+            "serving {target} ({size} bytes, {mode}{sync}) on {interface} "
+            "({mac}, MTU {mtu}, {sectors} sectors per frame)",
+            target=target.name,
+            size=target.backend.size,
+            mode="ro" if target.backend.read_only else "rw",
+            sync=", sync" if target.sync else "",
+            interface=host.interface,
+            mac=format_mac(host.mac),
+            mtu=host.mtu,
+            sectors=target.max_sectors,
+        )
         if self.announces:
-            self.announce()
+            self._send(self.dispatcher.announcements([target]))
+
+    def _send(self, frames: Sequence[bytes]) -> None:
+        """Send ``frames`` now."""
+        if self.transport is None:
+            return
+        for frame in frames:
+            self.transport.write(frame)  # type: ignore[call-arg]
+
+    def _filter(self) -> None:
+        """Have the port's kernel filter pass the addresses served, asked about or removed."""
+        transport = self.transport
+        if not isinstance(transport, AoEPort):
+            return
+        assert self.dispatcher is not None
+        addresses = {(t.shelf, t.slot) for t in self.targets}
+        addresses.update(self.dispatcher.removed)
+        transport.filter_addresses(addresses)
+
+    # -- the targets, changed while serving ----------------------------------
+
+    def add_target(self, target: Target) -> None:
+        """Serve ``target`` too (its address must be free here): ask the segment, then serve."""
+        self.targets.append(target)
+        self._some_sync = any(t.sync for t in self.targets)
+        if self.dispatcher is None:
+            return
+        self._filter()
+        self._place(target)
+
+    def remove_target(self, shelf: int, slot: int) -> Target | None:
+        """
+        Stop serving the target at ``shelf``.``slot``; return it (``None`` if not served here).
+
+        Replies held for group commit go out first.  During
+        ``removed_grace`` its address answers ATA requests with an ATA
+        error: the Linux initiator then fails the I/O at once (so a
+        ``umount`` or ``aoe-flush`` of a removed disk finishes) instead of
+        retrying an unanswered request for ``aoe_deadsecs`` (180 s by
+        default).  After that the address is silent.
+        """
+        key = (shelf, slot)
+        target = next((t for t in self.targets if (t.shelf, t.slot) == key), None)
+        if target is None:
+            return None
+        self.targets.remove(target)
+        self._some_sync = any(t.sync for t in self.targets)
+        self.drainFinished()
+        if self.dispatcher is not None:
+            grace = self.removed_grace > 0
+            served = self.dispatcher.remove(shelf, slot, answer_removed=grace)
+            if served is not None:
+                self._durability.pop(id(served), None)
+            self.probing.pop(key, None)
+            self.duplicates.pop(key, None)
+            if self.watch is not None:
+                self.watch.forget(key)
+            if served is not None and grace:
+                self._forget_later(key)
+            self._filter()
+        return target
+
+    def replace_target(self, target: Target) -> None:
+        """
+        Serve ``target`` in place of the one at its address (changed options, another backend).
+
+        Replies held for group commit go out first (on the old disk); the
+        next frame is answered by the new target.  A target being asked
+        about, or refused as a duplicate, keeps that state with the new one.
+        """
+        key = (target.shelf, target.slot)
+        for index, old in enumerate(self.targets):
+            if (old.shelf, old.slot) == key:
+                self.targets[index] = target
+                break
+        else:
+            raise KeyError(f"e{target.shelf}.{target.slot} is not served on {self.interface}")
+        self._some_sync = any(t.sync for t in self.targets)
+        if self.dispatcher is None:
+            return
+        self.drainFinished()
+        served = target.for_interface(self._sectors)
+        if key in self.probing:
+            self.probing[key] = served
+        elif key in self.dispatcher.index:
+            previous = self.dispatcher.replace(served)
+            self._durability.pop(id(previous), None)
+            self._durability[id(served)] = _durability_call(served.backend)
+            _log.info("changed {target} on {interface}", target=served.name,
+                      interface=self.interface)
+
+    def state_of(self, shelf: int, slot: int) -> tuple[str, bytes | None, tuple[bytes, ...]]:
+        """Return ``(state, the other server's MAC or None, second paths)`` of one address here."""
+        key = (shelf, slot)
+        paths = self.watch.paths(key) if self.watch is not None else ()
+        if key in self.duplicates:
+            return "duplicate", self.duplicates[key], paths
+        if key in self.probing:
+            return "probing", None, paths
+        if self.dispatcher is not None and key in self.dispatcher.index:
+            return "serving", None, paths
+        return "down", None, paths
+
+    def _forget_later(self, key: tuple[int, int]) -> None:
+        """Make a removed address silent once ``removed_grace`` has passed."""
+        previous = self._forget_calls.pop(key, None)
+        if previous is not None and previous.active():
+            previous.cancel()
+
+        def forget() -> None:
+            self._forget_calls.pop(key, None)
+            if self.dispatcher is not None:
+                self.dispatcher.forget_removed(*key)
+                self._filter()
+
+        self._forget_calls[key] = self.clock.callLater(self.removed_grace, forget)
+
+    # -- other servers on the segment ------------------------------------------
+
+    def _heard(self, frame: bytes) -> None:
+        """Give another server's response to the duplicate watch; act on what it concludes."""
+        watch = self.watch
+        if watch is None:
+            return
+        frames, verdicts = watch.frame_received(frame, self.clock.seconds())
+        self._send(frames)
+        for verdict in verdicts:
+            self._judged(verdict)
+
+    def _judged(self, verdict: Duplicate | SecondPath) -> None:
+        """A duplicate stops being served (critical line); a second path is noted (info line)."""
+        key = verdict.address
+        if isinstance(verdict, SecondPath):
+            _log.info("{line}", line=verdict.describe())
+            return
+        if key in self.duplicates:
+            return
+        self.duplicates[key] = verdict.theirs
+        target = self.probing.pop(key, None)
+        if self.dispatcher is not None:
+            served = self.dispatcher.remove(*key)
+            if served is not None:
+                target = served
+                self._durability.pop(id(served), None)
+        name = target.name if target is not None else f"e{key[0]}.{key[1]}"
+        _log.critical(
+            "duplicate address on {interface}: {line} ({target} is not served here until "
+            "the other server stops or one of them changes address; "
+            "remove and add it again to retry)",
+            interface=self.interface,
+            line=verdict.describe(),
+            target=name,
+        )
+
+    def _tick(self) -> None:
+        """Ask again what went unanswered, judge what timed out, serve what has settled."""
+        watch = self.watch
+        if watch is None:
+            return
+        now = self.clock.seconds()
+        self._send(watch.retransmit(now))
+        for verdict in watch.expire(now):
+            self._judged(verdict)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Serve every target asked about whose address nobody else answered for in time."""
+        watch = self.watch
+        if watch is None or not self.probing:
+            return
+        now = self.clock.seconds()
+        for key in list(self.probing):
+            if key not in self.duplicates and watch.settled(key, now) and not watch.duplicates(key):
+                self._serve(self.probing.pop(key))
+
+    def _stop_watching(self) -> None:
+        """Stop the duplicate watch's timer."""
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None and ticker.running:
+            ticker.stop()
+        self.watch = None
 
     def announce(self) -> None:
-        """Send every target's unsolicited config reply (the start-up announcement)."""
+        """Send every served target's unsolicited config reply (the start-up announcement)."""
         assert self.transport is not None and self.dispatcher is not None
-        for frame in self.dispatcher.announcements():
-            self.transport.write(frame)  # type: ignore[call-arg]
+        self._send(self.dispatcher.announcements())
 
     def datagramReceived(self, datagram: bytes, addr: Any = None) -> None:
         """Answer one received Ethernet frame: the dispatcher decides, this carries it out."""
@@ -243,7 +487,7 @@ class AoEProtocol(AbstractDatagramProtocol):
             return 0
         length = dispatcher.frame_received_into(frame, reply)
         if not length:
-            if self.sync:
+            if self.sync or self._some_sync:  # a write was declined: it waits for its sync
                 self._act(dispatcher.frame_received(frame))
             else:
                 self._act(dispatcher.general(frame))
@@ -251,6 +495,9 @@ class AoEProtocol(AbstractDatagramProtocol):
 
     def _act(self, decision: Decision) -> None:
         """Carry out ``decision``: log what it says, send its replies, do its disk operations."""
+        if decision.heard is not None:
+            self._heard(decision.heard)
+            return
         if decision.malformed is not None:
             self._note_malformed(decision.malformed)
         if decision.fault is not None:
@@ -270,12 +517,13 @@ class AoEProtocol(AbstractDatagramProtocol):
         """
         dispatcher = self.dispatcher
         assert dispatcher is not None
+        started = perf_counter()
         try:
             result = perform(pending.io, pending.target.backend)
         except OSError as e:
-            decision = dispatcher.complete(pending, None, e)
+            decision = dispatcher.complete(pending, None, e, perf_counter() - started)
         else:
-            decision = dispatcher.complete(pending, result)
+            decision = dispatcher.complete(pending, result, elapsed=perf_counter() - started)
         if decision.replies:
             self._deliver(decision)
 
@@ -286,8 +534,8 @@ class AoEProtocol(AbstractDatagramProtocol):
         Under ``sync`` a reply acknowledging a write is held until its disk
         is synced, and so is every reply after it in the same drain.
         """
-        if self.sync and (decision.written is not None or self._held):
-            written = decision.written
+        written = decision.written
+        if self._held or (written is not None and (self.sync or written.sync)):
             if written is not None:
                 self._held_writes[len(self._held)] = decision
                 self._dirty[id(written)] = written
@@ -321,14 +569,14 @@ class AoEProtocol(AbstractDatagramProtocol):
         failed: set[int] = set()
         for key, target in dirty.items():
             try:
-                self._durability[key]()
+                self._durability.get(key, target.backend.flush)()
             except OSError as e:
                 failed.add(key)
+                target.stats.failed("flush", e)
                 _log.error(
-                    "cannot make writes to e{shelf}.{slot} durable ({error}): "
+                    "cannot make writes to {target} durable ({error}): "
                     "answering them with ATA errors",
-                    shelf=target.shelf,
-                    slot=target.slot,
+                    target=target.name,
                     error=e.strerror or str(e),
                 )
         self.syncs += len(dirty)
@@ -404,6 +652,11 @@ class AoEProtocol(AbstractDatagramProtocol):
     def stopProtocol(self) -> None:
         """Send what is still held, log what is still unsummarised and what was counted."""
         self.drainFinished()
+        self._stop_watching()
+        for call in self._forget_calls.values():
+            if call.active():
+                call.cancel()
+        self._forget_calls.clear()
         if self._summary is not None:
             self._summary.cancel()
             self._summarise()
@@ -468,6 +721,9 @@ class AoEService(service.Service):
         announce: bool = True,
         follow_links: bool | None = None,
         ring_frames: int | None = None,
+        placement: Mapping[tuple[int, int], Sequence[str]] | None = None,
+        duplicate_wait: float | None = None,
+        removed_grace: float = 0.0,
     ) -> None:
         """
         @param interfaces: the Ethernet interface(s) to serve on.
@@ -495,6 +751,12 @@ class AoEService(service.Service):
         @param ring_frames: the cap on each port's receive ring, in frames
             (``--ring-frames``; ``DEFAULT_RING_FRAMES`` if ``None``): see
             ``aoe_twisted.net.ring.receive_ring_frames`` for the arithmetic.
+        @param placement: the interfaces each target is served on, by
+            ``(shelf, slot)``; a target not named is served on every one.
+        @param duplicate_wait: see ``AoEProtocol``: ask the segment before
+            serving an address (``None``: do not; only the first
+            ``--workers`` process does).
+        @param removed_grace: see ``AoEProtocol.remove_target``.
         """
         self.interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
         if not self.interfaces:
@@ -518,11 +780,20 @@ class AoEService(service.Service):
             follow_links = system is None and socket_fds is None
         self.follow_links = follow_links
         self.ring_frames = ring_frames
+        self.placement: dict[tuple[int, int], tuple[str, ...]] = {
+            key: tuple(names) for key, names in (placement or {}).items()
+        }
+        self.duplicate_wait = duplicate_wait if announce else None
+        self.removed_grace = removed_grace
         self.ports: dict[str, AoEPort] = {}
         self.protocols: dict[str, AoEProtocol] = {}
         self.monitor: LinkMonitor | None = None
         self._links: dict[str, LinkEvent] = {}
         self._backends_closed = False
+        self._sweeper: LoopingCall | None = None
+        #: Backend failures already logged, by target address and cause: the count then.
+        self._failures_logged: dict[tuple[int, int], dict[str, int]] = {}
+        self._failures_quiet_until = 0.0
 
     @property
     def port(self) -> AoEPort | None:
@@ -546,9 +817,20 @@ class AoEService(service.Service):
             raise error
         raise RuntimeError(error)
 
+    def interfaces_of(self, target: Target) -> tuple[str, ...]:
+        """The interfaces ``target`` is served on: its placement, or every interface."""
+        return self.placement.get((target.shelf, target.slot)) or tuple(self.interfaces)
+
     def _listen(self, interface: str, wait: bool) -> AoEPort:
         """Open ``interface``'s port and connect a fresh protocol to it."""
-        protocol = AoEProtocol(self.targets, self.max_sectors, clock=self.reactor, sync=self.sync)
+        protocol = AoEProtocol(
+            [t for t in self.targets if interface in self.interfaces_of(t)],
+            self.max_sectors,
+            clock=self.reactor,
+            sync=self.sync,
+            duplicate_wait=self.duplicate_wait,
+            removed_grace=self.removed_grace,
+        )
         protocol.announces = self.announce
         # Room for four initiators' full windows on every target, up to the cap (and
         # never less than one full window of the largest buffer count advertised).
@@ -580,6 +862,7 @@ class AoEService(service.Service):
         if not any(port.bound for port in self.ports.values()):
             names = ", ".join(self.interfaces)
             self._fail(f"cannot open interfaces {names}: none of them exists")
+        self._share_macs()
         if self.follow_links:
             self.monitor = LinkMonitor.follow(
                 self._link_event,
@@ -588,6 +871,219 @@ class AoEService(service.Service):
                 unless="an interface that is removed and created again will not be served "
                 "again until a restart",
             )
+
+    def _share_macs(self) -> None:
+        """Tell each interface's duplicate watch the MACs of the others: they are us."""
+        macs = {port.mac for port in self.ports.values() if port.mac}
+        for interface, protocol in self.protocols.items():
+            port = self.ports.get(interface)
+            own = frozenset(macs - {port.mac if port is not None else None})
+            protocol.own_macs = own  # type: ignore[assignment]
+            if protocol.watch is not None:
+                protocol.watch.own_macs = own
+
+    # -- the targets, changed while serving ----------------------------------
+
+    def target(self, shelf: int, slot: int) -> Target | None:
+        """Return the target served at ``shelf``.``slot``, or ``None``."""
+        return next((t for t in self.targets if (t.shelf, t.slot) == (shelf, slot)), None)
+
+    def add_target(self, target: Target, interfaces: Sequence[str] = ()) -> None:
+        """
+        Serve ``target`` from now on, on ``interfaces`` (default: every interface served).
+
+        An interface not served yet is opened (which needs ``CAP_NET_RAW``:
+        ``CannotOpenInterface`` if the server has dropped it).  The target
+        is asked about on the segment, then served and announced on each.
+        ``ValueError`` if its address is taken.
+        """
+        if self.target(target.shelf, target.slot) is not None:
+            raise ValueError(f"e{target.shelf}.{target.slot} is already served")
+        for interface in interfaces:
+            if interface not in self.interfaces:
+                self._add_interface(interface)
+        if interfaces:
+            self.placement[(target.shelf, target.slot)] = tuple(interfaces)
+        self.targets.append(target)
+        for interface in self.interfaces_of(target):
+            protocol = self.protocols.get(interface)
+            if protocol is not None:
+                protocol.add_target(target)
+
+    def remove_target(self, shelf: int, slot: int) -> Target | None:
+        """
+        Stop serving the target at ``shelf``.``slot``, flush and close its disk; return it.
+
+        See ``AoEProtocol.remove_target`` for what initiators see.
+        ``None`` if no target is served there.
+        """
+        target = self.target(shelf, slot)
+        if target is None:
+            return None
+        for interface in self.interfaces_of(target):
+            protocol = self.protocols.get(interface)
+            if protocol is not None:
+                protocol.remove_target(shelf, slot)
+        self.targets.remove(target)
+        self.placement.pop((shelf, slot), None)
+        self._failures_logged.pop((shelf, slot), None)
+        _log.info("removed {target}", target=target.name)
+        self._close_backend(target)
+        return target
+
+    def replace_target(self, target: Target, interfaces: Sequence[str] = ()) -> Target:
+        """
+        Serve ``target`` in place of the one at its address; return the old one.
+
+        Used when a target's options change.  On interfaces it is still
+        served on, the next frame is answered by ``target``; it stops, or
+        starts, on interfaces it leaves or joins.  The old target's disk is
+        flushed and closed unless ``target`` uses the same backend object.
+        """
+        key = (target.shelf, target.slot)
+        old = self.target(*key)
+        if old is None:
+            raise KeyError(f"e{target.shelf}.{target.slot} is not served")
+        for interface in interfaces:
+            if interface not in self.interfaces:
+                self._add_interface(interface)
+        before = set(self.interfaces_of(old))
+        if interfaces:
+            self.placement[key] = tuple(interfaces)
+        else:
+            self.placement.pop(key, None)
+        self.targets[self.targets.index(old)] = target
+        after = set(self.interfaces_of(target))
+        for interface, protocol in self.protocols.items():
+            if interface in before and interface in after:
+                protocol.replace_target(target)
+            elif interface in before:
+                protocol.remove_target(*key)
+            elif interface in after:
+                protocol.add_target(target)
+        if old.backend is not target.backend:
+            self._close_backend(old)
+        return old
+
+    def _add_interface(self, interface: str) -> None:
+        """Start serving on one more interface (for a target placed there)."""
+        self.interfaces.append(interface)
+        if self.socket_fds is not None or not self.running:
+            return
+        try:
+            self.ports[interface] = self._listen(interface, wait=True)
+        except CannotOpenInterface:
+            self.interfaces.remove(interface)
+            raise
+        self._share_macs()
+
+    def state_of(self, target: Target) -> tuple[str, bytes | None, tuple[bytes, ...]]:
+        """
+        Return what the interfaces say of ``target``: state, other server's MAC, second paths.
+
+        The state is ``"duplicate"`` if any interface refused it,
+        ``"probing"`` while one still asks the segment, ``"serving"`` once
+        one serves it, else ``"down"`` (its interfaces are not up).
+        """
+        states = []
+        other = None
+        paths: set[bytes] = set()
+        for interface in self.interfaces_of(target):
+            protocol = self.protocols.get(interface)
+            if protocol is None:
+                continue
+            state, theirs, known = protocol.state_of(target.shelf, target.slot)
+            states.append(state)
+            other = other or theirs
+            paths.update(known)
+        for state in ("duplicate", "probing", "serving"):
+            if state in states:
+                return state, other, tuple(sorted(paths))
+        return "down", other, tuple(sorted(paths))
+
+    # -- what the server did ---------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """
+        Return the figures of every target and interface, in the snapshot format.
+
+        The format ``aoe_twisted.core.stats`` documents, which the control
+        socket, ``aoe-twisted ctl`` and the Prometheus endpoint read.
+        """
+        now = self.reactor_now()
+        targets = [t.stats.snapshot(t.address, t.spec, now) for t in self.targets]
+        interfaces = []
+        for interface in self.interfaces:
+            port = self.ports.get(interface)
+            protocol = self.protocols.get(interface)
+            counters = protocol.dispatcher.counters if protocol and protocol.dispatcher else None
+            interfaces.append(
+                {
+                    "interface": interface,
+                    "mac": format_mac(port.mac) if port is not None and port.mac else "",
+                    "mtu": (port.mtu or 0) if port is not None else 0,
+                    "received": port.frames_received if port is not None else 0,
+                    "sent": port.frames_sent if port is not None else 0,
+                    "ignored": _ignored(port, counters),
+                    "dropped": port.frames_dropped if port is not None else 0,
+                    "malformed": counters.malformed if counters is not None else 0,
+                }
+            )
+        return {
+            "time": now,
+            "targets": targets,
+            "interfaces": interfaces,
+            "initiators": initiators_of(targets),
+        }
+
+    def reactor_now(self) -> float:
+        """The wall clock, as the service's reactor tells it (a test's clock in tests)."""
+        reactor: Any = self.reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        return float(reactor.seconds())
+
+    def sweep(self) -> None:
+        """
+        Once a second: note which initiators were seen, and log the disks' new failures.
+
+        The first failure of each cause on a target is logged at once, at
+        error level, with the operating system's words; after that, at most
+        one line per ``MALFORMED_LOG_INTERVAL`` says how many more of each
+        cause there were.  The per-frame paths only count.
+        """
+        now = self.reactor_now()
+        summary = now >= self._failures_quiet_until
+        more = []
+        for target in self.targets:
+            target.stats.sweep(now)
+            errors = target.stats.backend_errors
+            if not errors:
+                continue
+            logged = self._failures_logged.setdefault((target.shelf, target.slot), {})
+            for cause, count in errors.items():
+                before = logged.get(cause)
+                if before is None:
+                    _log.error(
+                        "{target}: the disk failed: {what} ({cause}); answered with an ATA "
+                        "error, the initiator sees an I/O error (more are counted in "
+                        "ctl stats and summarised every {interval:.0f} s)",
+                        target=target.name,
+                        what=target.stats.failures.get(cause, cause),
+                        cause=cause,
+                        interval=MALFORMED_LOG_INTERVAL,
+                    )
+                    logged[cause] = count
+                elif count > before and summary:
+                    more.append(f"{target.name}: {count - before} more {cause}")
+                    logged[cause] = count
+        if more:
+            _log.error(
+                "disk failures in the last {interval:.0f} s: {failures}",
+                interval=MALFORMED_LOG_INTERVAL,
+                failures="; ".join(more),
+            )
+            self._failures_quiet_until = now + MALFORMED_LOG_INTERVAL
 
     def _link_event(self, event: LinkEvent) -> None:
         """
@@ -628,10 +1124,17 @@ class AoEService(service.Service):
         if not self.ports:
             self._open()
         super().startService()
+        self._sweeper = LoopingCall(self.sweep)
+        if self.reactor is not None:
+            self._sweeper.clock = self.reactor
+        self._sweeper.start(1.0, now=False)
 
     def stopService(self) -> defer.Deferred[None]:
         """Close the ports; when they are closed, flush and close every backend."""
         super().stopService()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and sweeper.running:
+            sweeper.stop()
         monitor, self.monitor = self.monitor, None
         if monitor is not None:
             monitor.stop()
@@ -649,17 +1152,25 @@ class AoEService(service.Service):
             return
         self._backends_closed = True
         for target in self.targets:
-            backend = target.backend
-            try:
-                if not backend.read_only:
-                    backend.flush()
-            except OSError:
-                _log.failure(
-                    "cannot flush the disk of e{shelf}.{slot}", shelf=target.shelf, slot=target.slot
-                )
-            try:
-                backend.close()
-            except OSError:
-                _log.failure(
-                    "cannot close the disk of e{shelf}.{slot}", shelf=target.shelf, slot=target.slot
-                )
+            self._close_backend(target)
+
+    def _close_backend(self, target: Target) -> None:
+        """Flush then close ``target``'s backend, logging (not raising) failures."""
+        backend = target.backend
+        try:
+            if not backend.read_only:
+                backend.flush()
+        except OSError:
+            _log.failure("cannot flush the disk of {target}", target=target.name)
+        try:
+            backend.close()
+        except OSError:
+            _log.failure("cannot close the disk of {target}", target=target.name)
+
+
+def _ignored(port: AoEPort | None, counters: Any) -> int:
+    """Frames an interface received and did not answer: not AoE, not ours, others' replies."""
+    ignored = port.frames_ignored if port is not None else 0
+    if counters is not None:
+        ignored += counters.not_aoe + counters.response + counters.unaddressed + counters.silent
+    return int(ignored)

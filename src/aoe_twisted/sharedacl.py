@@ -128,6 +128,24 @@ class SharedState:
         self._stores.append(store)
         return store
 
+    def index_of(self, store: SharedACLStore) -> int:
+        """Return the region number of ``store`` (one this state gave out), for a worker."""
+        return store._base // REGION_SIZE
+
+    def free_index(self) -> int:
+        """
+        Return the number of a region no store uses, for a target added while serving.
+
+        ``IndexError`` if every region is used: the state was made for
+        fewer targets (``create``'s ``targets``, which ``--workers`` sizes
+        with room to spare).
+        """
+        used = {store._base // REGION_SIZE for store in self._stores if not store.released}
+        for index in range(self.targets):
+            if index not in used:
+                return index
+        raise IndexError(f"no free region in shared state of {self.targets} targets")
+
     def close(self) -> None:
         """Unmap and close (the stores it gave out stop working)."""
         if self._fd >= 0:
@@ -158,6 +176,8 @@ class SharedACLStore:
         self._masks: tuple[bytes, ...] = ()
         self._reserves: tuple[bytes, ...] = ()
         self._depth = 0
+        #: Set once its target is removed: its region may be given to another target.
+        self.released = False
 
     # -- reading ------------------------------------------------------------
 

@@ -21,21 +21,19 @@ import getopt
 import os
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from attrs import frozen
+from attrs import evolve
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from aoe_twisted.config import ConfigError, ServerConfig
 from aoe_twisted.core.acl import MASK_LIST_LIMIT
 from aoe_twisted.core.wire import BROADCAST_MAJOR, BROADCAST_MINOR, MAX_CONFIG_STRING, parse_mac
 from aoe_twisted.units import parse_address
 
-if TYPE_CHECKING:
-    from aoe_twisted.interfaces import IACLStore
-
-__all__ = ["HangupHandler", "Options", "ServesUnderTwistd", "TargetSpec", "makeService"]
+__all__ = ["HangupHandler", "Options", "ServesUnderTwistd", "makeService"]
 
 _log = Logger()
 
@@ -49,15 +47,6 @@ _INSTEAD = {
     "slot": "--shelf and --slot address the one --backend target; "
     "other targets are --target SHELF.SLOT=SCHEME:SPEC",
 }
-
-
-@frozen
-class TargetSpec:
-    """One target the command line asks for: its address and its ``SCHEME:SPEC`` backend."""
-
-    shelf: int
-    slot: int
-    backend: str
 
 
 def _int_in(option: str, text: str, low: int, high: int) -> int:
@@ -89,23 +78,6 @@ def _ring_frames(text: str, buffer_count: int) -> int:
     return frames
 
 
-def parse_target(text: str) -> TargetSpec:
-    """
-    Parse ``SHELF.SLOT=SCHEME:SPEC`` as given to ``--target``.
-
-    The address is in the grammar of ``aoe_twisted.units.parse_address``
-    (``1.2``, ``e1.2``, ``0x10.0``); the backend is checked when it is opened.
-    """
-    address, sep, backend = text.partition("=")
-    if not sep or not backend:
-        raise usage.UsageError(f"--target: expected SHELF.SLOT=SCHEME:SPEC, not {text!r}")
-    try:
-        shelf, slot = parse_address(address)
-    except ValueError as e:
-        raise usage.UsageError(f"--target: {e}") from None
-    return TargetSpec(shelf, slot, backend)
-
-
 class Options(usage.Options):
     """The options of ``twistd aoe``."""
 
@@ -133,6 +105,18 @@ class Options(usage.Options):
         ["help-backends", None, "List the installed backend schemes and exit."],
     ]
     optParameters = [
+        ["config", None, None, "Read the server and its targets from this TOML file "
+         "(docs/operations.md); SIGHUP or `aoe-twisted ctl reload` re-read it and apply "
+         "the difference. Not with the options that describe targets or interfaces."],
+        ["control", None, None, "Listen for `aoe-twisted ctl` on this UNIX socket "
+         "(mode 0600; e.g. /run/aoe-twisted/control.sock)."],
+        ["control-group", None, None, "Let this group's members use --control too (mode 0660)."],
+        ["metrics", None, None, "Serve Prometheus metrics at http://[HOST:]PORT/metrics "
+         "(HOST defaults to 127.0.0.1)."],
+        ["removed-grace", None, "180", "Seconds a removed target's address answers ATA "
+         "requests with an error, so an initiator's I/O to it fails at once (0: silent)."],
+        ["duplicate-wait", None, "0.5", "Seconds to wait for another server answering for an "
+         "address before serving it (duplicate address detection; 0: do not wait)."],
         ["backend", "b", None, "The disk of the target SHELF.SLOT, as SCHEME:SPEC "
          "(e.g. file:disk.img, memory:64M, block:/dev/sdb)."],
         ["shelf", "s", "0", "The shelf (major) address of --backend, 0..65534."],
@@ -167,6 +151,8 @@ class Options(usage.Options):
         self["masks"] = []
         self["targets"] = []
         self["iface"] = []
+        #: The options given on the command line (not defaults), by long name.
+        self.given: set[str] = set()
 
     def opt_iface(self, name: str) -> None:
         """An Ethernet interface to serve every target on (required; repeatable)."""
@@ -186,8 +172,20 @@ class Options(usage.Options):
             raise usage.UsageError(f"--mask: {e}") from None
 
     def opt_target(self, text: str) -> None:
-        """Serve another target, as SHELF.SLOT=SCHEME:SPEC (repeatable)."""
-        self["targets"].append(parse_target(text))
+        """
+        Serve another target: SHELF.SLOT=SCHEME:SPEC[,KEY[=VALUE]...] (repeatable).
+
+        KEY is a per-target option: read_only (ro), sync, direct, offset, length,
+        iface, mask, config_string, buffer_count, max_sectors (docs/options.md).
+        """
+        address, sep, backend = text.partition("=")
+        if not sep or not backend:
+            raise usage.UsageError(f"--target: expected SHELF.SLOT=SCHEME:SPEC, not {text!r}")
+        try:
+            parse_address(address)
+        except ValueError as e:
+            raise usage.UsageError(f"--target: {e}") from None
+        self["targets"].append(text)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse, turning any usage error into a one-line exit naming the option."""
@@ -195,6 +193,8 @@ class Options(usage.Options):
             self._refuse_repeated(options)
             super().parseOptions(options)
         except usage.UsageError as e:
+            raise SystemExit(f"twistd aoe: {e}") from None
+        except ConfigError as e:
             raise SystemExit(f"twistd aoe: {e}") from None
 
     def _refuse_repeated(self, argv: list[str] | None) -> None:
@@ -218,6 +218,7 @@ class Options(usage.Options):
         for flag, value in given:
             name = flag[2:] if flag.startswith("--") else flag[1:]
             name = self.synonyms.get(name, self.synonyms.get(name.replace("-", "_"), name))
+            self.given.add(name)
             if name not in single:
                 continue
             if name in seen:
@@ -229,17 +230,40 @@ class Options(usage.Options):
             seen[name] = value
 
     def postOptions(self) -> None:
-        """Check and convert the options, and gather the targets to serve."""
+        """Check and convert the options into the server's configuration (``server-config``)."""
         if self["help-backends"]:
             from aoe_twisted.backendspec import format_backend_help
 
             print(format_backend_help())
             raise SystemExit(0)
-        if not self["iface"]:
-            raise usage.UsageError("--iface: required (the Ethernet interface to serve on)")
+        if self["config"] is not None:
+            self._from_file()
+            return
+        self["server-config"] = self._from_command_line()
 
-        self["shelf"] = _int_in("shelf", self["shelf"], 0, BROADCAST_MAJOR - 1)
-        self["slot"] = _int_in("slot", self["slot"], 0, BROADCAST_MINOR - 1)
+    def _from_file(self) -> None:
+        """Load ``--config``; refuse the options that would say the same things twice."""
+        clashing = sorted(self.given & _SERVING_OPTIONS)
+        if clashing:
+            raise usage.UsageError(
+                f"--{clashing[0]}: not with --config (say it in {self['config']} instead)"
+            )
+        from aoe_twisted.config import load_config
+
+        config = load_config(self["config"])
+        self["server-config"] = config
+        self["targets"] = list(config.targets)
+        self["iface"] = list(config.interfaces)
+        self["workers"] = config.workers
+        self["state-dir"] = config.state_dir
+        self["ring-frames"] = config.ring_frames
+
+    def _from_command_line(self) -> ServerConfig:
+        """Build the server's configuration from the command line's options."""
+        from aoe_twisted.config import ServerConfig, parse_metrics, parse_target_option
+
+        shelf = _int_in("shelf", self["shelf"], 0, BROADCAST_MAJOR - 1)
+        slot = _int_in("slot", self["slot"], 0, BROADCAST_MINOR - 1)
         self["buffer-count"] = _int_in("buffer-count", self["buffer-count"], 1, _MAX_BUFFER_COUNT)
         if self["ring-frames"] is not None:
             self["ring-frames"] = _ring_frames(self["ring-frames"], self["buffer-count"])
@@ -258,18 +282,94 @@ class Options(usage.Options):
             self["config-string"] = encoded
         if len(self["masks"]) > MASK_LIST_LIMIT:
             raise usage.UsageError(f"--mask: at most {MASK_LIST_LIMIT} MAC addresses")
-        targets: list[TargetSpec] = list(self["targets"])
+        metrics = None
+        if self["metrics"] is not None:
+            try:
+                metrics = parse_metrics(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics: {e}") from None
+        if self["control-group"] is not None and self["control"] is None:
+            raise usage.UsageError("--control-group: needs --control")
+        grace = _seconds("removed-grace", self["removed-grace"], 86400.0)
+        wait = _seconds("duplicate-wait", self["duplicate-wait"], 60.0)
+        defaults: dict[str, Any] = {
+            "interfaces": tuple(self["iface"]),
+            "buffer_count": self["buffer-count"],
+            "max_sectors": self["max-sectors"],
+            "read_only": bool(self["read-only"]),
+            "sync": bool(self["sync"]),
+            "direct": bool(self["direct"]),
+            "mask": tuple(self["masks"]),
+            "config_string": self["config-string"] or b"",
+        }
+        texts = list(self["targets"])
         if self["backend"]:
-            targets.insert(0, TargetSpec(self["shelf"], self["slot"], self["backend"]))
-        if not targets:
+            texts.insert(0, None)
+        if not texts:
             raise usage.UsageError("--backend: required (or one or more --target)")
+        targets = []
         seen: set[tuple[int, int]] = set()
-        for spec in targets:
-            address = (spec.shelf, spec.slot)
-            if address in seen:
-                raise usage.UsageError(f"--target: e{spec.shelf}.{spec.slot} is given twice")
-            seen.add(address)
+        for text in texts:
+            try:
+                if text is None:
+                    # --backend's text is all backend, commas and all.
+                    target = parse_target_option(f"{shelf}.{slot}=memory:1", defaults)
+                    target = evolve(target, backend=self["backend"])
+                else:
+                    target = parse_target_option(text, defaults)
+            except ValueError as e:
+                option = "--backend" if text is None else f"--target {_shown(text)}"
+                raise usage.UsageError(f"{option}: {e}") from None
+            if target.key in seen:
+                raise usage.UsageError(f"--target: {target.address} is given twice")
+            if not target.interfaces:
+                raise usage.UsageError(
+                    "--iface: required (the Ethernet interface to serve on), or iface=NAME "
+                    f"in each --target ({target.address} has none)"
+                )
+            seen.add(target.key)
+            targets.append(target)
         self["targets"] = targets
+        interfaces = list(self["iface"])
+        for target in targets:
+            interfaces += [name for name in target.interfaces if name not in interfaces]
+        self["iface"] = interfaces
+        return ServerConfig(
+            interfaces=tuple(interfaces),
+            control=self["control"],
+            control_group=self["control-group"],
+            metrics=metrics,
+            state_dir=self["state-dir"],
+            buffer_count=self["buffer-count"],
+            max_sectors=self["max-sectors"],
+            sync=bool(self["sync"]),
+            direct=bool(self["direct"]),
+            read_only=bool(self["read-only"]),
+            workers=self["workers"],
+            ring_frames=self["ring-frames"],
+            removed_grace=grace,
+            duplicate_wait=wait,
+            targets=tuple(targets),
+        )
+
+
+#: The options that describe the targets or the server, which ``--config`` says instead.
+_SERVING_OPTIONS = frozenset({
+    "iface", "target", "backend", "shelf", "slot", "mask", "config-string", "read-only",
+    "sync", "direct", "buffer-count", "ring-frames", "max-sectors", "workers", "state-dir",
+    "control", "control-group", "metrics", "removed-grace", "duplicate-wait",
+})
+
+
+def _seconds(option: str, text: str, high: float) -> float:
+    """Parse a number of seconds in ``[0, high]`` for ``--option``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"--{option}: not a number of seconds: {text!r}") from None
+    if not 0 <= value <= high:
+        raise usage.UsageError(f"--{option}: must be 0..{high:g} seconds, not {text}")
+    return value
 
 
 def _shown(value: str) -> str:
@@ -356,16 +456,35 @@ class ServesUnderTwistd:
     """
 
     hangup: HangupHandler
+    extras: list[Any] = []
+
+    def privilegedStartService(self) -> None:
+        """Open the server's sockets, and the extras' (the control socket) while privileged."""
+        super().privilegedStartService()  # type: ignore[misc]
+        for extra in self.extras:
+            try:
+                extra.privilegedStartService()
+            except Exception as e:
+                raise SystemExit(f"twistd aoe: {e}") from None
 
     def startService(self) -> None:
-        """Start serving, then handle SIGHUP."""
+        """Start serving, then handle SIGHUP and start the extras (control, metrics)."""
         super().startService()  # type: ignore[misc]
         self.hangup.install()
+        for extra in self.extras:
+            if not extra.running:
+                try:
+                    extra.startService()
+                except Exception as e:
+                    raise SystemExit(f"twistd aoe: {e}") from None
 
     def stopService(self) -> Any:
-        """Stop serving; once stopped, give SIGHUP back to the handler it had before."""
+        """Stop the extras and serving; then give SIGHUP back to the handler it had before."""
         from twisted.internet import defer
 
+        for extra in self.extras:
+            if extra.running:
+                extra.stopService()
         d = defer.maybeDeferred(super().stopService)  # type: ignore[misc]
 
         def restore(result: object) -> object:
@@ -432,120 +551,84 @@ def _prepare_state_dir(options: Options | dict[str, Any]) -> tuple[int, int] | N
 
 def makeService(options: Options | dict[str, Any]) -> service.IService:
     """Open every target's backend and return the service that serves them."""
-    from aoe_twisted.backendspec import open_backend
-    from aoe_twisted.core.acl import MemoryACLStore
-    from aoe_twisted.core.target import Target
-    from aoe_twisted.errors import BackendSpecError
+    from aoe_twisted.manager import TargetError, TargetManager
     from aoe_twisted.server import AoEService
     from aoe_twisted.statefile import StateFileError
 
+    config: ServerConfig = options["server-config"]
     owner = None
-    if options.get("state-dir"):
+    if config.state_dir:
         try:
             owner = _prepare_state_dir(options)
         except StateFileError as e:
             raise SystemExit(f"twistd aoe: --state-dir: {e}") from None
-    targets = []
+    manager = TargetManager(config, owner=owner)
     try:
-        for spec in options["targets"]:
-            if options.get("state-dir"):
-                acl = _persistent_acl(options, spec, owner)
-            backend = open_backend(
-                spec.backend,
-                read_only=bool(options["read-only"]),
-                direct=bool(options.get("direct")),
-            )
-            if not options.get("state-dir"):
-                acl = MemoryACLStore()
-                if options["config-string"]:
-                    acl.set_config_string(options["config-string"])
-                if options["masks"]:
-                    acl.set_mask_list(tuple(options["masks"]))
-            targets.append(
-                Target(
-                    spec.shelf,
-                    spec.slot,
-                    backend,
-                    acl=acl,
-                    buffer_count=options["buffer-count"],
-                )
-            )
-    except BackendSpecError as e:
-        for target in targets:
-            target.backend.close()
-        raise SystemExit(f"twistd aoe: --backend {spec.backend}: {e}") from None
-    except StateFileError as e:
-        for target in targets:
-            target.backend.close()
-        raise SystemExit(f"twistd aoe: --state-dir: {e}") from None
-    hangup = HangupHandler(nothing_to_reload(len(targets), list(options["iface"])))
-    workers = options.get("workers", 1)
-    if workers > 1:
+        targets = manager.open_all()
+    except TargetError as e:
+        where = f"{config.source}: " if config.source else ""
+        raise SystemExit(f"twistd aoe: {where}{e}") from None
+    interfaces = list(config.interfaces)
+    for target_config in config.targets:
+        interfaces += [name for name in target_config.interfaces if name not in interfaces]
+    placement = {t.key: t.interfaces for t in config.targets}
+    if not interfaces:
+        raise SystemExit("twistd aoe: no interface to serve on ([server] interfaces)")
+    if config.workers > 1:
         from aoe_twisted.workers import WorkersService, share_targets
 
         served: Any = _under_twistd(WorkersService)(
-            options["iface"],
+            interfaces,
             targets,
-            [spec.backend for spec in options["targets"]],
+            [t.backend for t in config.targets],
             share_targets(targets),
-            workers,
-            max_sectors=options["max-sectors"],
-            sync=bool(options.get("sync")),
-            direct=bool(options.get("direct")),
-            state_dir=options.get("state-dir"),
+            config.workers,
+            max_sectors=config.max_sectors,
+            direct=config.direct,
+            state_dir=config.state_dir,
             exit_on_error=True,
-            ring_frames=options.get("ring-frames"),
+            ring_frames=config.ring_frames,
+            placement=placement,
         )
     else:
         served = _under_twistd(AoEService)(
-            options["iface"],
+            interfaces,
             targets,
-            max_sectors=options["max-sectors"],
+            max_sectors=config.max_sectors,
             exit_on_error=True,
-            sync=bool(options.get("sync")),
-            ring_frames=options.get("ring-frames"),
+            ring_frames=config.ring_frames,
+            placement=placement,
+            duplicate_wait=config.duplicate_wait,
+            removed_grace=config.removed_grace,
         )
-    served.hangup = hangup
+    manager.service = served
+    served.manager = manager
+    if config.source is None:
+        served.hangup = HangupHandler(nothing_to_reload(len(targets), interfaces))
+    else:
+        served.hangup = HangupHandler(manager.hangup)
+    served.extras = _extras(config, manager, _socket_owner(options))
     return served  # type: ignore[no-any-return]
 
 
-def _persistent_acl(
-    options: Options | dict[str, Any], spec: TargetSpec, owner: tuple[int, int] | None = None
-) -> IACLStore:
-    """
-    Open the state file of ``spec``'s target in ``--state-dir`` (made by ``make_state_dir``).
+def _socket_owner(options: Options | dict[str, Any]) -> tuple[int, int] | None:
+    """The ``(uid, gid)`` the control socket is given: the user ``twistd --uid`` switches to."""
+    uid, gid = _service_user(options)
+    if os.geteuid() != 0 or (uid, gid) == (None, None):
+        return None
+    return (-1 if uid is None else uid, -1 if gid is None else gid)
 
-    A target with no state file yet is seeded from ``--config-string`` and
-    ``--mask`` and its file written at once (and given to ``owner``, the
-    user ``twistd --uid`` will switch to, if given); a target with one keeps
-    what it says, and a differing command line is only logged: the
-    persisted state is what initiators last set and were told about.  Raise
-    ``StateFileError`` (one line naming the file) if the file is unusable.
-    """
-    from pathlib import Path
 
-    from aoe_twisted.statefile import FileACLStore, StateFileError
+def _extras(config: ServerConfig, manager: Any, owner: tuple[int, int] | None) -> list[Any]:
+    """The services beside the server's: the control socket and the metrics endpoint."""
+    extras: list[Any] = []
+    if config.control is not None:
+        from aoe_twisted.control.server import ControlServer
 
-    state_dir = Path(options["state-dir"])
-    store = FileACLStore.open(state_dir, spec.shelf, spec.slot)
-    config = options["config-string"] or None
-    masks = tuple(options["masks"]) or None
-    if not store.exists:
-        try:
-            store.seed(config, masks)
-            if owner is not None:
-                os.chown(store.path, *owner)
-        except OSError as e:
-            reason = e.strerror or str(e)
-            raise StateFileError(f"state file {store.path}: cannot write: {reason}") from None
-    elif (config is not None and config != store.config_string) or (
-        masks is not None and masks != store.mask_list
-    ):
-        _log.warn(
-            "e{shelf}.{slot}: --config-string/--mask ignored: {path} exists and holds the "
-            "state initiators last set (delete it to start over)",
-            shelf=spec.shelf,
-            slot=spec.slot,
-            path=str(store.path),
-        )
-    return store
+        extras.append(ControlServer(manager, config.control, config.control_group, owner))
+    if config.metrics is not None:
+        from aoe_twisted.metrics import MetricsService
+
+        label = "[server] metrics" if config.source else "--metrics"
+        extras.append(MetricsService(config.metrics, manager.stats, label=label))
+    return extras

@@ -35,11 +35,11 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.logger import (
     Logger,
     eventFromJSON,
@@ -50,10 +50,12 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.python.reflect import fullyQualifiedName, namedAny
 
+from aoe_twisted.core.stats import merge_snapshots
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import ETHERTYPE
 from aoe_twisted.errors import BackendSpecError
 from aoe_twisted.interfaces import IDescriptorBackend, IProcessShareableBackend, IStatePersister
+from aoe_twisted.net.bpf import address_filter, attach_filter, detach_filter, is_catch_all
 from aoe_twisted.net.fanout import MAX_WORKERS, FanoutError, join_fanout
 from aoe_twisted.net.link import LinkEvent, LinkMonitor
 from aoe_twisted.net.packetsystem import CannotOpenInterface, open_packet_socket
@@ -69,6 +71,10 @@ _RESTART_DELAY = 1.0
 _MAX_RESTART_DELAY = 30.0
 #: A worker that dies sooner than this after starting has its restart delay doubled.
 _STABLE_AFTER = 10.0
+#: Regions of shared state made beyond the targets at start-up, for targets added later.
+SPARE_TARGETS = 1024
+#: Seconds between two stats reports of a worker to the parent.
+_REPORT_INTERVAL = 1.0
 #: How long a worker has to stop after its standard input closes, before SIGKILL.
 _STOP_TIMEOUT = 10.0
 
@@ -83,7 +89,7 @@ def share_targets(targets: Sequence[Target]) -> SharedState:
     ``IProcessShareableBackend`` (a ``MemoryBackend``) is replaced by what its
     ``share()`` returns: the same disk where the workers reach it.
     """
-    state = SharedState.create(len(targets))
+    state = SharedState.create(len(targets) + SPARE_TARGETS)
     for index, target in enumerate(targets):
         old = target.acl
         persist = old.replace_state if IStatePersister.providedBy(old) else None
@@ -141,6 +147,11 @@ class _WorkerProcess(protocol.ProcessProtocol):
                 line = record.decode(errors="replace")
                 _log.warn("{system}: {line}", system=self.system, line=line)
                 continue
+            stats = event.get("aoe_stats")
+            if isinstance(stats, dict):
+                # Not a log line: the worker's figures, for ctl stats and /metrics.
+                self.owner.worker_stats[self.index] = stats
+                continue
             event["log_system"] = self.system
             globalLogPublisher(event)
 
@@ -195,6 +206,7 @@ class WorkersService(service.MultiService):
         state_dir: str | None = None,
         exit_on_error: bool = False,
         ring_frames: int | None = None,
+        placement: Mapping[tuple[int, int], Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         if not 2 <= workers <= MAX_WORKERS:
@@ -216,6 +228,11 @@ class WorkersService(service.MultiService):
         self.state_dir = state_dir
         self.exit_on_error = exit_on_error
         self.ring_frames = ring_frames
+        self.placement: dict[tuple[int, int], tuple[str, ...]] = {
+            key: tuple(names) for key, names in (placement or {}).items()
+        }
+        #: Each worker's latest stats snapshot, by worker number (sent once a second).
+        self.worker_stats: dict[int, dict[str, Any]] = {}
         #: ``sockets[interface][worker]``: each interface's fanout group, one socket a worker.
         self.sockets: dict[str, list[socket.socket]] = {}
         self.monitor: LinkMonitor | None = None
@@ -227,6 +244,11 @@ class WorkersService(service.MultiService):
         self._pending: dict[int, Any] = {}
         self._stopping = False
         self.local: AoEService | None = None
+        self._renewing: set[int] = set()
+        self._filtered: set[tuple[int, int]] | None = None
+        self._refilter: task.LoopingCall | None = None
+        self._renewal: defer.Deferred[None] | None = None
+        self._renew_again = False
 
     # -- starting -------------------------------------------------------------
 
@@ -260,6 +282,41 @@ class WorkersService(service.MultiService):
                 group=group,
             )
 
+    def _filter_sockets(self) -> None:
+        """
+        Give every fanout socket the same kernel filter: the addresses served (the parent's job).
+
+        A filter belongs to a socket, and the sockets of a ``PACKET_FANOUT``
+        group each need the same one (fanout picks the socket, then its
+        filter runs); a worker does not filter the socket it is handed.
+        Addresses the parent found served by another server with another
+        disk (a duplicate) are left out, so no worker answers for them.
+        """
+        addresses = {(t.shelf, t.slot) for t in self.targets}
+        if self.local is not None:
+            for protocol in self.local.protocols.values():
+                addresses.update(protocol.dispatcher.removed if protocol.dispatcher else ())
+                addresses.difference_update(protocol.duplicates)
+        if addresses == self._filtered:
+            return
+        self._filtered = addresses
+        program = address_filter(addresses)
+        if is_catch_all(program):
+            _log.warn(
+                "--workers: too many addresses for a kernel filter; every AoE frame wakes "
+                "the workers"
+            )
+        for sockets in self.sockets.values():
+            for sock in sockets:
+                try:
+                    attach_filter(sock.fileno(), program)
+                except OSError as e:
+                    _log.warn(
+                        "--workers: cannot filter frames in the kernel ({error})",
+                        error=e.strerror or str(e),
+                    )
+                    detach_filter(sock.fileno())
+
     def _follow_links(self) -> None:
         """Watch the interfaces (before privileges are dropped: it may enter a namespace)."""
         self.monitor = LinkMonitor.follow(
@@ -287,6 +344,7 @@ class WorkersService(service.MultiService):
     def privilegedStartService(self) -> None:
         """Open the sockets while the process has ``CAP_NET_RAW``; serve the first ones here."""
         self._open_sockets()
+        self._filter_sockets()
         self._follow_links()
         self.local = AoEService(
             self.interfaces,
@@ -300,6 +358,7 @@ class WorkersService(service.MultiService):
                 interface: os.dup(sockets[0].fileno())
                 for interface, sockets in self.sockets.items()
             },
+            placement=self.placement,
         )
         self.local.setServiceParent(self)
         super().privilegedStartService()
@@ -311,6 +370,9 @@ class WorkersService(service.MultiService):
         super().startService()
         for index in range(1, self.workers):
             self._spawn(index, first=True)
+        self._refilter = task.LoopingCall(self._filter_sockets)
+        self._refilter.clock = self.reactor
+        self._refilter.start(1.0, now=False)
 
     def worker_config(self, index: int) -> dict[str, Any]:
         """
@@ -327,6 +389,7 @@ class WorkersService(service.MultiService):
                 for interface in self.interfaces
             },
             "state_fd": self.state.fileno(),
+            "state_size": self.state.targets,
             "max_sectors": self.max_sectors,
             "ring_frames": self.ring_frames,
             "sync": self.sync,
@@ -336,6 +399,11 @@ class WorkersService(service.MultiService):
                     "shelf": target.shelf,
                     "slot": target.slot,
                     "buffer_count": target.buffer_count,
+                    "max_sectors": target.max_sectors,
+                    "sync": target.sync,
+                    "spec": target.spec,
+                    "state_index": self.state.index_of(target.acl),
+                    "interfaces": list(self.placement.get((target.shelf, target.slot), ())),
                     "backend": _describe_backend(target.backend, spec, self.direct),
                 }
                 for target, spec in zip(self.targets, self.specs, strict=True)
@@ -378,6 +446,135 @@ class WorkersService(service.MultiService):
             return
         self.processes[index] = process
 
+    # -- the targets, changed while serving ----------------------------------
+    #
+    # The parent's share is served by ``local`` (an ``AoEService``), changed in
+    # place as a single process is; the other workers are then started again
+    # one after the other with the new targets (``_renew``).  A worker's
+    # sockets stay open in the parent meanwhile, so its share of the frames
+    # waits in the kernel (those in its ring when it stops may need the
+    # initiator's retransmission).
+
+    def target(self, shelf: int, slot: int) -> Target | None:
+        """Return the target served at ``shelf``.``slot``, or ``None``."""
+        assert self.local is not None
+        return self.local.target(shelf, slot)
+
+    def interfaces_of(self, target: Target) -> tuple[str, ...]:
+        """The interfaces ``target`` is served on."""
+        assert self.local is not None
+        return self.local.interfaces_of(target)
+
+    def state_of(self, target: Target) -> tuple[str, bytes | None, tuple[bytes, ...]]:
+        """What the parent's interfaces say of ``target`` (see ``AoEService.state_of``)."""
+        assert self.local is not None
+        return self.local.state_of(target)
+
+    @property
+    def removed_grace(self) -> float:
+        """See ``AoEService``."""
+        return self.local.removed_grace if self.local is not None else 0.0
+
+    @removed_grace.setter
+    def removed_grace(self, value: float) -> None:
+        if self.local is not None:
+            self.local.removed_grace = value
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's figures (see ``merged_snapshot`` for every worker's)."""
+        assert self.local is not None
+        return self.local.snapshot()
+
+    def merged_snapshot(self) -> dict[str, Any]:
+        """The figures of every worker, summed (each worker reports once a second)."""
+        return merge_snapshots([self.snapshot(), *self.worker_stats.values()])
+
+    def add_target(self, target: Target, interfaces: Sequence[str] = ()) -> None:
+        """Serve ``target`` too, in every worker (see ``AoEService.add_target``)."""
+        assert self.local is not None
+        missing = [name for name in interfaces if name not in self.interfaces]
+        if missing:
+            raise ValueError(
+                f"with --workers, a new interface ({', '.join(missing)}) needs a restart"
+            )
+        self._share(target)
+        self.local.add_target(target, interfaces)
+        self.targets.append(target)
+        self.specs.append(target.spec)
+        if interfaces:
+            self.placement[(target.shelf, target.slot)] = tuple(interfaces)
+        self._renew()
+
+    def remove_target(self, shelf: int, slot: int) -> Target | None:
+        """Stop serving the target at ``shelf``.``slot`` in every worker; return it."""
+        assert self.local is not None
+        target = self.local.remove_target(shelf, slot)
+        if target is None:
+            return None
+        index = next(i for i, t in enumerate(self.targets) if (t.shelf, t.slot) == (shelf, slot))
+        del self.targets[index], self.specs[index]
+        self.placement.pop((shelf, slot), None)
+        target.acl.released = True  # type: ignore[attr-defined]
+        self._renew()
+        return target
+
+    def replace_target(self, target: Target, interfaces: Sequence[str] = ()) -> Target:
+        """Serve ``target`` in place of the one at its address, in every worker."""
+        assert self.local is not None
+        missing = [name for name in interfaces if name not in self.interfaces]
+        if missing:
+            raise ValueError(
+                f"with --workers, a new interface ({', '.join(missing)}) needs a restart"
+            )
+        if IProcessShareableBackend.providedBy(target.backend):
+            target.backend = target.backend.share()
+        old = self.local.replace_target(target, interfaces)
+        index = self.targets.index(old)
+        self.targets[index] = target
+        self.specs[index] = target.spec
+        if interfaces:
+            self.placement[(target.shelf, target.slot)] = tuple(interfaces)
+        else:
+            self.placement.pop((target.shelf, target.slot), None)
+        self._renew()
+        return old
+
+    def _share(self, target: Target) -> None:
+        """Give a new target a region of the shared state, and its disk to every process."""
+        old = target.acl
+        persist = old.replace_state if IStatePersister.providedBy(old) else None
+        store = self.state.store(self.state.free_index(), persist)
+        store.publish(old.config_string, old.mask_list, old.reserve_list)
+        target.acl = store
+        if IProcessShareableBackend.providedBy(target.backend):
+            target.backend = target.backend.share()
+
+    def _renew(self) -> None:
+        """Start every other worker again, one after the other, with the targets as they are now."""
+        self._filter_sockets()
+        if self._renewal is not None:
+            self._renew_again = True
+            return
+        self._renewal = self._renew_each(list(range(1, self.workers)))
+
+    @defer.inlineCallbacks
+    def _renew_each(self, indexes: list[int]) -> Any:
+        """Stop worker after worker and start each again at once (the sockets stay open)."""
+        try:
+            for index in indexes:
+                if self._stopping:
+                    return
+                process = self.processes.get(index)
+                if process is None:
+                    continue
+                self._renewing.add(index)
+                yield self._stop_worker(process)
+        finally:
+            self._renewal = None
+        if self._renew_again and not self._stopping:
+            self._renew_again = False
+            self._renew()
+
     # -- a worker's end -----------------------------------------------------
 
     def _worker_ended(self, process: _WorkerProcess, reason: Failure) -> None:
@@ -386,6 +583,12 @@ class WorkersService(service.MultiService):
         if self.processes.get(index) is process:
             del self.processes[index]
         if self._stopping:
+            return
+        if index in self._renewing:
+            # Stopped to take the targets as they are now: back at once, quietly.
+            self._renewing.discard(index)
+            self.worker_stats.pop(index, None)
+            self._spawn(index)
             return
         lived = self.reactor.seconds() - self._started_at.get(index, 0.0)
         if lived >= _STABLE_AFTER:
@@ -408,6 +611,8 @@ class WorkersService(service.MultiService):
     def stopService(self) -> defer.Deferred[None]:
         """Stop the workers and the local service; then close the sockets and shared memory."""
         self._stopping = True
+        if self._refilter is not None and self._refilter.running:
+            self._refilter.stop()
         for call in self._pending.values():
             if call.active():
                 call.cancel()
@@ -488,7 +693,8 @@ def _worker_targets(config: dict[str, Any], state: SharedState) -> list[Target]:
     from aoe_twisted.statefile import FileACLStore, state_path
 
     targets = []
-    for index, spec in enumerate(config["targets"]):
+    for number, spec in enumerate(config["targets"]):
+        index = spec.get("state_index", number)
         persist = None
         if config["state_dir"]:
             # Only to write: the state itself comes from shared memory, and the
@@ -503,6 +709,9 @@ def _worker_targets(config: dict[str, Any], state: SharedState) -> list[Target]:
                 _open_backend(spec["backend"]),
                 acl=state.store(index, persist),
                 buffer_count=spec["buffer_count"],
+                max_sectors=spec.get("max_sectors", 0xFF),
+                spec=spec.get("spec", ""),
+                sync=spec.get("sync", False),
             )
         )
     return targets
@@ -520,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
     )
-    state = SharedState.adopt(config["state_fd"], len(config["targets"]))
+    state = SharedState.adopt(config["state_fd"], config.get("state_size", len(config["targets"])))
     try:
         targets = _worker_targets(config, state)
     except (BackendSpecError, OSError) as e:
@@ -536,6 +745,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         ring_frames=config.get("ring_frames"),
         socket_fds=config["sockets"],
         announce=False,
+        placement={
+            (t["shelf"], t["slot"]): tuple(t["interfaces"])
+            for t in config["targets"]
+            if t.get("interfaces")
+        },
     )
     stdio.StandardIO(_ParentWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY))
     failed: list[BaseException] = []
@@ -548,7 +762,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             failed.append(e)
             reactor.stop()
 
+    def report() -> None:
+        # The figures, to the parent (which sums the workers' for ctl stats and /metrics).
+        _log.info("", aoe_stats=aoe.snapshot())
+
+    reporter = task.LoopingCall(report)
     reactor.callWhenRunning(start)
+    reactor.callWhenRunning(reporter.start, _REPORT_INTERVAL, now=False)
     reactor.addSystemEventTrigger("before", "shutdown", aoe.stopService)
     reactor.run()
     if failed:

@@ -71,6 +71,11 @@ def _reply(
     )
 
 
+def aborted(request: ATAArg) -> ATAArg:
+    """Return the ``ERR|DRDY``/``ABRT`` answer to ``request``: the command was not carried out."""
+    return _failed(request, _ABRT)
+
+
 def _failed(request: ATAArg, error: int) -> ATAArg:
     """Return ``ERR|DRDY`` with ``error``, the request's count and LBA left as they were."""
     return _reply(request, _ERR_DRDY, error, request.sector_count, request.lba)

@@ -31,13 +31,16 @@ class Decision:
     - ``malformed``: why the frame was dropped or refused as not valid AoE
       (``None`` for a valid one), for the server's rate-limited log;
     - ``fault``: a failure on the target's side the server must log, e.g. an
-      ACL store that could not be written (``None`` if none).
+      ACL store that could not be written (``None`` if none);
+    - ``heard``: another server's response for an address served here, for
+      the duplicate-address watch (``None`` if none; only when the
+      dispatcher is asked to pass them on).
 
     A plain class with ``__slots__``, not attrs: one is made for every frame
     and its construction is on the per-frame path.
     """
 
-    __slots__ = ("fault", "malformed", "pending", "refusal", "replies", "written")
+    __slots__ = ("fault", "heard", "malformed", "pending", "refusal", "replies", "written")
 
     def __init__(
         self,
@@ -47,6 +50,7 @@ class Decision:
         pending: tuple[Pending, ...] = (),
         malformed: str | None = None,
         fault: str | None = None,
+        heard: bytes | None = None,
     ) -> None:
         self.replies = replies
         self.written = written
@@ -54,11 +58,12 @@ class Decision:
         self.pending = pending
         self.malformed = malformed
         self.fault = fault
+        self.heard = heard
 
     def __repr__(self) -> str:
         fields = ", ".join(
             f"{name}={getattr(self, name)!r}"
-            for name in ("replies", "written", "refusal", "pending", "malformed", "fault")
+            for name in ("replies", "written", "refusal", "pending", "malformed", "fault", "heard")
         )
         return f"Decision({fields})"
 

@@ -14,10 +14,12 @@ inside a frame.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any
 
 from attrs import define, field, setters
 
+from aoe_twisted.core.ata import aborted
 from aoe_twisted.core.decision import NOTHING, Decision
 from aoe_twisted.core.fastpath import fast_reply, fast_reply_into
 from aoe_twisted.core.operations import IOKind, perform
@@ -27,6 +29,9 @@ from aoe_twisted.core.wire import (
     BROADCAST_MAJOR,
     BROADCAST_MINOR,
     ETHERTYPE,
+    VERSION,
+    ATAArg,
+    Command,
     EthernetFrame,
     FrameTooShort,
     Header,
@@ -123,11 +128,61 @@ class Dispatcher:
     counters: FrameCounters = field(factory=FrameCounters)
     fast_path: bool = True
     hold_writes: bool = False
+    pass_responses: bool = False
     index: dict[tuple[int, int], Target] = field(init=False)
+    removed: dict[tuple[int, int], Target] = field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         """Index the targets by address: finding one costs one lookup, however many there are."""
         self.index = {(target.shelf, target.slot): target for target in self.targets}
+
+    # -- the targets, changed while serving ----------------------------------
+
+    def add(self, target: Target) -> None:
+        """
+        Serve ``target`` from the next frame on.
+
+        ``ValueError`` if another target already has its address.  A
+        removed target's address that is served again stops being answered
+        as removed.
+        """
+        key = (target.shelf, target.slot)
+        if key in self.index:
+            raise ValueError(f"two targets at e{target.shelf}.{target.slot}")
+        self.removed.pop(key, None)
+        self.targets.append(target)
+        self.index[key] = target
+
+    def remove(self, shelf: int, slot: int, answer_removed: bool = False) -> Target | None:
+        """
+        Stop serving the target at ``shelf``.``slot``; return it (``None`` if none is served).
+
+        With ``answer_removed``, ATA requests for the address are answered
+        from then on with ``ERR|DRDY``/``ABRT`` (until ``forget_removed``)
+        rather than not at all: an initiator whose disk went away gets an
+        I/O error at once, instead of retrying for minutes (the Linux
+        initiator retries an unanswered request until ``aoe_deadsecs``).
+        Config queries get no answer, so the address is not discovered again.
+        """
+        target = self.index.pop((shelf, slot), None)
+        if target is None:
+            return None
+        self.targets.remove(target)
+        if answer_removed:
+            self.removed[(shelf, slot)] = target
+        return target
+
+    def replace(self, target: Target) -> Target:
+        """Serve ``target`` in place of the one at its address (which is returned) from now on."""
+        key = (target.shelf, target.slot)
+        old = self.index[key]
+        self.targets[self.targets.index(old)] = target
+        self.index[key] = target
+        return old
+
+    def forget_removed(self, shelf: int, slot: int) -> None:
+        """Stop answering for a removed target's address: it is silent from now on."""
+        self.removed.pop((shelf, slot), None)
 
     def frame_received(self, frame: bytes | memoryview) -> Decision:
         """
@@ -197,6 +252,8 @@ class Dispatcher:
             return self._malformed(f"from {format_mac(src)}: {e}")
         if header.flag_response:
             counters.response += 1
+            if self.pass_responses:
+                return Decision(heard=frame)
             return NOTHING
         headers: list[Header] = []
         pending: list[Pending] = []
@@ -207,7 +264,12 @@ class Dispatcher:
             candidates: Sequence[Target] = [t for t in self.targets if t.addresses(major, minor)]
         else:
             target = self.index.get((major, minor))
-            candidates = () if target is None else (target,)
+            if target is None:
+                if self.removed and (major, minor) in self.removed:
+                    return self._gone(src, header)
+                candidates = ()
+            else:
+                candidates = (target,)
         for target in candidates:
             for answer in target.decide(src, header):
                 if isinstance(answer, Header):
@@ -230,7 +292,11 @@ class Dispatcher:
         return decision
 
     def complete(
-        self, pending: Pending, result: bytes | None, error: OSError | None = None
+        self,
+        pending: Pending,
+        result: bytes | None,
+        error: OSError | None = None,
+        elapsed: float = 0.0,
     ) -> Decision:
         """
         Decide the reply to ``pending`` once its disk operation gave ``result`` (or ``error``).
@@ -238,15 +304,16 @@ class Dispatcher:
         May be called at any time after the frame's decision, in any order
         with other operations: nothing in the dispatcher waits for it.  A
         successful write's decision names its target in ``written`` and,
-        with ``hold_writes``, carries its ``refusal``.
+        with ``hold_writes``, carries its ``refusal``.  ``elapsed`` is the
+        operation's service time in seconds, for the target's ``stats``.
         """
-        frames = self._frames(pending.initiator, [pending.reply(result, error)])
+        frames = self._frames(pending.initiator, [pending.finish(result, error, elapsed)])
         if not frames:
             return NOTHING
         decision = Decision(tuple(frames))
         if error is None and pending.io.kind is IOKind.WRITE:
             decision.written = pending.target
-            if self.hold_writes:
+            if self.hold_writes or pending.target.sync:
                 decision.refusal = self.refusal(pending)
         return decision
 
@@ -265,12 +332,15 @@ class Dispatcher:
         """Carry out ``decision``'s disk operations now (``perform``); return its replies."""
         replies = list(decision.replies)
         for pending in decision.pending:
+            started = perf_counter()
             try:
                 result = perform(pending.io, pending.target.backend)
             except OSError as e:
-                replies.extend(self.complete(pending, None, e).replies)
+                elapsed = perf_counter() - started
+                replies.extend(self.complete(pending, None, e, elapsed).replies)
             else:
-                replies.extend(self.complete(pending, result).replies)
+                elapsed = perf_counter() - started
+                replies.extend(self.complete(pending, result, elapsed=elapsed).replies)
         return replies
 
     def refusal(self, pending: Pending) -> bytes:
@@ -279,19 +349,31 @@ class Dispatcher:
         frames = self._frames(pending.initiator, [refused], count=False)
         return frames[0] if frames else b""
 
-    def announcements(self) -> list[bytes]:
+    def announcements(self, targets: Sequence[Target] | None = None) -> list[bytes]:
         """
-        Return every target's start-up announcement frame.
+        Return every target's start-up announcement frame (or ``targets``' only).
 
         Each goes to the broadcast address or, while the target's mask list is
         not empty, to each MAC on that list (as vblade does).
         """
         frames = []
-        for target in self.targets:
+        for target in self.targets if targets is None else targets:
             payload = target.announcement().to_bytes()
             for dst in target.acl.mask_list or (BROADCAST_MAC,):
                 frames.append(EthernetFrame(dst, self.mac, ETHERTYPE, payload).to_bytes(pad=True))
         return frames
+
+    def _gone(self, src: bytes, request: Header) -> Decision:
+        """Answer an ATA request for a removed target ``ERR|DRDY``/``ABRT``; nothing else."""
+        arg = request.arg
+        if request.command != Command.ISSUE_ATA_COMMAND or not isinstance(arg, ATAArg):
+            self.counters.silent += 1
+            return NOTHING
+        reply = Header(
+            VERSION, True, False, 0, request.major, request.minor, request.command, request.tag,
+            aborted(arg),
+        )
+        return self._decision(src, [reply], [])
 
     def _decision(self, dst: bytes, headers: list[Header], pending: list[Pending]) -> Decision:
         """Return the decision sending ``headers`` to ``dst`` once encoded, after ``pending``."""

@@ -32,6 +32,7 @@ from aoe_twisted.core.acl import (
 from aoe_twisted.core.ata import finish_ata, plan_ata
 from aoe_twisted.core.identify import DefaultIdentifier
 from aoe_twisted.core.operations import BackendIO, IOKind, perform
+from aoe_twisted.core.stats import TargetStats
 from aoe_twisted.core.wire import (
     BROADCAST_MAJOR,
     BROADCAST_MINOR,
@@ -124,8 +125,37 @@ class Pending:
         """Whether a successful ``reply`` acknowledges a write."""
         return self.io.kind is IOKind.WRITE
 
+    def finish(
+        self, result: bytes | None, error: OSError | None = None, elapsed: float = 0.0
+    ) -> Header:
+        """
+        Return the reply once ``io`` gave ``result`` (or raised ``error``), counting it.
+
+        The target's ``stats`` learn that the operation is no longer in
+        flight, its service time (``elapsed`` seconds, measured by whoever
+        carried it out), its bytes or its failure.
+        """
+        reply = self.reply(result, error)
+        io = self.io
+        stats = self.target.stats
+        stats.in_flight -= 1
+        stats.served(elapsed)
+        kind = io.kind
+        if error is not None:
+            stats.failed(_OPERATION_NAMES[kind], error)
+        elif kind is IOKind.READ and (result is None or len(result) != io.length):
+            stats.failed("read", None)
+        arg = reply.arg
+        if isinstance(arg, ATAArg) and arg.cmd_status & _ATA_FAILED:
+            stats.ata_errors += 1
+        elif kind is IOKind.READ:
+            stats.read_bytes += io.length
+        elif kind is IOKind.WRITE:
+            stats.write_bytes += io.length
+        return reply
+
     def reply(self, result: bytes | None, error: OSError | None = None) -> Header:
-        """Return the reply once ``io`` gave ``result`` (or raised ``error``)."""
+        """Return the reply once ``io`` gave ``result`` (or raised ``error``), counting nothing."""
         request = self.request
         target = self.target
         return Header(
@@ -191,6 +221,13 @@ class Target:
     ``serial``, if given, replaces the serial either way.  ``mask_limit`` is
     how many MACs a mask list edit may grow the list to.
 
+    ``spec`` is the backend's ``SCHEME:SPEC`` as the administrator wrote
+    it, so that log lines can say which disk a target is (``name``).
+    ``sync`` asks for group commit on this target's writes: each is
+    acknowledged only once durable (``--sync``, or ``sync = true`` in a
+    ``[[target]]``).  ``stats`` counts what the target does (``aoe_twisted.core.stats``); the
+    interface copies share it.
+
     ``zero_copy`` and ``transactional`` say which optional interfaces the
     backend and the ACL store provide; they are learnt when either is set,
     so the per-frame paths test a bool instead of an interface.
@@ -212,6 +249,9 @@ class Target:
     identifier: IIdentifier | None = field(default=None)
     mask_limit: int = field(default=MASK_LIST_LIMIT, validator=_between(0, MASK_LIST_CEILING))
     serial: str | None = field(default=None, validator=instance_of((str, type(None))))
+    spec: str = field(default="", validator=instance_of(str))
+    sync: bool = field(default=False, validator=instance_of(bool))
+    stats: TargetStats = field(factory=TargetStats, eq=False, repr=False)
     zero_copy: bool = field(init=False, default=False)
     transactional: bool = field(init=False, default=False)
 
@@ -230,6 +270,18 @@ class Target:
             )
         elif not IIdentifier.providedBy(self.identifier):
             raise TypeError(f"identifier must provide IIdentifier, not {self.identifier!r}")
+
+    @property
+    def address(self) -> str:
+        """The target's address as initiators name it: ``e1.0``."""
+        return f"e{self.shelf}.{self.slot}"
+
+    @property
+    def name(self) -> str:
+        """The address and the backend, for log lines: ``e1.0 = file:/srv/aoe/disk0.img``."""
+        if self.spec:
+            return f"e{self.shelf}.{self.slot} = {self.spec}"
+        return f"e{self.shelf}.{self.slot}"
 
     def for_interface(self, max_sectors: int) -> Target:
         """
@@ -263,9 +315,9 @@ class Target:
                 try:
                     result = perform(answer.io, self.backend)
                 except OSError as e:
-                    replies.append(answer.reply(None, e))
+                    replies.append(answer.finish(None, e))
                 else:
-                    replies.append(answer.reply(result))
+                    replies.append(answer.finish(result))
             elif isinstance(answer, StoreFailure):
                 replies.append(answer.reply)
             else:
@@ -294,27 +346,43 @@ class Target:
         acl = self.acl
         if not mask_allows(acl.mask_list, src):
             return []
+        stats = self.stats
+        stats.seen(src, request.tag)
         if request.command == _ATA:
-            return [self._ata(src, request, acl)]
+            answer = self._ata(src, request, acl)
+            if isinstance(answer, Pending):
+                stats.in_flight += 1
+            else:
+                _count_reply(stats, answer)
+            return [answer]
         try:
             if not self.transactional:
-                return self._control(src, request, acl)
-            # A store shared between processes: decide on its latest state, and
-            # let no other worker change it between our reading and our writing.
-            with acl.transaction():  # type: ignore[attr-defined]
-                return self._control(src, request, acl)
+                answers = self._control(src, request, acl)
+            else:
+                # A store shared between processes: decide on its latest state, and
+                # let no other worker change it between our reading and our writing.
+                with acl.transaction():  # type: ignore[attr-defined]
+                    answers = self._control(src, request, acl)
         except OSError as e:
             reply = self._error(request, Error.DEVICE_UNAVAILABLE, _raw(request.arg))
+            stats.aoe_error(Error.DEVICE_UNAVAILABLE)
             return [StoreFailure(self, reply, e)]
+        for answer in answers:
+            _count_reply(stats, answer)  # type: ignore[arg-type]
+        return answers
 
     def _control(self, src: bytes, request: Header, acl: IACLStore) -> list[Answer]:
         """Answer a request other than Issue ATA Command: config, mask list, reserve."""
         command = request.command
+        stats = self.stats
         if command == _CONFIG:
+            stats.config += 1
             return self._config(request, acl)
         if command == _MASK:
+            stats.mask += 1
             return [self._mask(request, acl)]
         if command == _RESERVE:
+            stats.reserve += 1
             return [self._reserve(src, request, acl)]
         return [self._error(request, Error.UNRECOGNIZED_COMMAND_CODE, _raw(request.arg))]
 
@@ -368,7 +436,10 @@ class Target:
         """Plan an ATA command unless the target is reserved by other hosts (IDENTIFY always)."""
         arg = request.arg
         if not isinstance(arg, ATAArg):
+            self.stats.other_ata += 1
             return self._error(request, Error.BAD_ARGUMENT_PARAMETER, _raw(arg))
+        kind = _ATA_KINDS.get(arg.cmd_status, "other_ata")
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
         if arg.cmd_status != _IDENTIFY and not reserve_allows(acl.reserve_list, src):
             return self._error(request, Error.TARGET_IS_RESERVED, evolve(arg, data=b""))
         planned = plan_ata(arg, self.backend, self.identifier, self.max_sectors)
@@ -473,6 +544,33 @@ class Target:
             listed = ReserveReleaseArg(rcmd, len(current), current)
             return self._error(request, Error.BAD_ARGUMENT_PARAMETER, listed)
         return self._reply(request, ReserveReleaseArg(rcmd, len(current), current))
+
+
+#: The request kind (``core.stats.REQUEST_KINDS``) each ATA command is counted as.
+_ATA_KINDS = {
+    int(ATACmdStatus.READ_28BIT): "read",
+    int(ATACmdStatus.READ_48BIT): "read",
+    int(ATACmdStatus.WRITE_28BIT): "write",
+    int(ATACmdStatus.WRITE_48BIT): "write",
+    int(ATACmdStatus.IDENTIFY): "identify",
+    int(ATACmdStatus.FLUSH): "flush",
+    int(ATACmdStatus.FLUSH_EXT): "flush",
+}
+
+_OPERATION_NAMES = {IOKind.READ: "read", IOKind.WRITE: "write", IOKind.FLUSH: "flush"}
+
+#: ATA status bits that mean the command failed (ERR, DF).
+_ATA_FAILED = 0x21
+
+
+def _count_reply(stats: TargetStats, reply: Header) -> None:
+    """Count an error ``reply`` (AoE error code, or an ATA status with ERR) in ``stats``."""
+    if reply.flag_error:
+        stats.aoe_error(reply.error)
+        return
+    arg = reply.arg
+    if isinstance(arg, ATAArg) and arg.cmd_status & _ATA_FAILED:
+        stats.ata_errors += 1
 
 
 def _raw(arg: object) -> RawArg:

@@ -16,8 +16,9 @@ command line around it, so a target can be checked without the Linux
     aoe-twisted mask e1.0 -i eth0 [--add MAC ... | --delete MAC ...]
     aoe-twisted reserve e1.0 -i eth0 [--set MAC ... | --release ...]
     aoe-twisted serve --iface eth0 --backend memory:64M     (twistd -n aoe ...)
+    aoe-twisted ctl list|stats|initiators|add|remove|set|reload  (aoe_twisted.control.ctl)
 
-Every command but ``serve`` opens a raw socket, so it needs root or
+Every command but ``serve`` and ``ctl`` opens a raw socket, so it needs root or
 ``CAP_NET_RAW``; ``--netns NAME`` opens it inside network namespace NAME
 (as made by ``ip netns add``).  A failure is one line on standard error and
 exit status 1; a usage error is one line and status 2.  Long transfers show
@@ -347,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="empty the list whoever holds it")
     reserve.add_argument("--json", **json_arg)
 
+    commands.add_parser(
+        "ctl", add_help=False, help="control a running server through its control socket",
+        description="List, add, remove and change the targets of a running 'twistd aoe', "
+        "and show its stats (see 'aoe-twisted ctl --help').")
     commands.add_parser(
         "serve", add_help=False, help="serve a target: runs 'twistd -n aoe ARGS'",
         description="Run the AoE target in the foreground: 'twistd -n aoe' with the "
@@ -1163,6 +1168,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     if argv[:1] == ["serve"]:
         # Everything after "serve" is twistd's ("serve --help" shows twistd aoe's help).
         _serve(argv[1:])
+    if argv[:1] == ["ctl"]:
+        # Everything after "ctl" is aoe_twisted.control.ctl's; it needs no raw socket.
+        from aoe_twisted.control.ctl import main as ctl_main
+
+        ctl_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         _check_control_args(args)

@@ -24,6 +24,11 @@ plain reads and writes); others get ``datagramReceived`` with a copy.  If the
 kernel refuses the rings, the port says so once and uses ``recvfrom`` and
 ``send``.  A protocol providing ``IFrameSink`` is told where each burst of
 frames ends (``drainFinished``).
+
+``filter_addresses`` gives the socket a kernel filter (``aoe_twisted.net.bpf``)
+so that it wakes only for frames addressed to the targets served, or
+broadcast, when another server (or another server's initiators) shares
+the interface.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 from attrs import frozen
@@ -42,6 +48,13 @@ from twisted.python.reflect import fullyQualifiedName
 from zope.interface import Interface, implementer
 
 from aoe_twisted.core.wire import ETHERTYPE, MIN_FRAME_SIZE, format_mac
+from aoe_twisted.net.bpf import (
+    MAX_INSTRUCTIONS,
+    Instruction,
+    ISocketFilterSystem,
+    address_filter,
+    is_catch_all,
+)
 from aoe_twisted.net.packetsystem import (
     MAX_RECEIVE_BUFFER,
     CannotOpenInterface,
@@ -220,6 +233,11 @@ class AoEPort(abstract.FileDescriptor):
     NICs) accept giants up to 4 bytes longer, and the error reply echoing one
     would be too long to send (``EMSGSIZE``).  All three count in
     ``frames_ignored``.
+
+    ``filter_addresses`` narrows what the kernel queues on the socket at
+    all to the frames for the addresses served (and broadcast): frames for
+    other servers' targets then cost this process nothing, and are not
+    counted anywhere.
     """
 
     def __init__(
@@ -296,6 +314,10 @@ class AoEPort(abstract.FileDescriptor):
         self.frames_ignored = 0
         self.frames_sent = 0
         self.frames_dropped = 0
+        self._filters: Any = ISocketFilterSystem(self._system, None)
+        self._filtered: frozenset[tuple[int, int]] | None = None
+        self._filter_program: list[Instruction] | None = None
+        self._filter_attached = False
         self.logstr = f"{self._getLogPrefix(protocol)} (AoE {interface})"
 
     def __repr__(self) -> str:
@@ -337,6 +359,7 @@ class AoEPort(abstract.FileDescriptor):
                 raise CannotOpenInterface(self.interface, e, self.netns) from None
             self._fileno = fd
             self.connected = 1
+            self._apply_filter()
             _log.warn(
                 "interface {interface} does not exist: waiting for it to appear",
                 interface=self.interface,
@@ -348,6 +371,7 @@ class AoEPort(abstract.FileDescriptor):
             self._system.close(fd)
             raise CannotOpenInterface(self.interface, e, self.netns) from None
         self._fileno = fd
+        self._apply_filter()
         self._rings = self._map_rings(fd, self.mtu or 1500)
         self.connected = 1
         self.bound = True
@@ -430,6 +454,7 @@ class AoEPort(abstract.FileDescriptor):
                 error=e.strerror or str(e),
             )
             return False
+        self._apply_filter()
         if self.mtu != old_mtu and self._rings is not None:
             # Answer what already arrived before the ring it waits in goes away.
             self.doRead()
@@ -446,6 +471,91 @@ class AoEPort(abstract.FileDescriptor):
             self.protocol.linkChanged()  # type: ignore[attr-defined]
         self.startReading()
         return True
+
+    @property
+    def filtered_addresses(self) -> frozenset[tuple[int, int]] | None:
+        """The ``(major, minor)`` addresses given to ``filter_addresses`` (``None``: no filter)."""
+        return self._filtered
+
+    def filter_addresses(self, addresses: Iterable[tuple[int, int]] | None) -> None:
+        """
+        Let the kernel queue only frames for ``addresses`` (``(major, minor)`` pairs) or broadcast.
+
+        Attaches ``aoe_twisted.net.bpf.address_filter(addresses)`` to the
+        socket now if it is open, and again whenever it is opened or bound
+        again (``startListening``, ``rebind``); ``None`` removes the filter.
+        Call it again whenever the served addresses change: the new program
+        replaces the old at once, so no frame for an address served by both
+        is lost in between.  Replies from other servers for these addresses
+        pass too (the filter ignores the response flag).
+
+        A set too large for one program (more than some 1,300 addresses on
+        as many shelves) gets a filter that accepts every AoE frame, with a
+        warning.  If the kernel refuses the filter, a warning says so and
+        the socket goes on without one: it wakes for every AoE frame, as
+        without this call; nothing is lost.
+
+        On a socket that the port adopted (``socket_fd``: a ``--workers``
+        worker's share of a ``PACKET_FANOUT`` group) the addresses are only
+        remembered, not attached.  A filter belongs to the socket, not to
+        the descriptor, and every socket of a group must carry the same one
+        for the whole group (see ``aoe_twisted.net.bpf``): the parent, which
+        opened the group, keeps its sockets and sees every change of the
+        targets, attaches it to each (``bpf.attach_filter``).  A worker
+        attaching too would be a second writer of the same setting, and
+        one restarted with an older list of targets would narrow it for the
+        group's other holders of that socket.
+
+        With a system that has no kernel filters (no ``ISocketFilterSystem``
+        for it, as ``MemoryPacketSystem``) the addresses are remembered and
+        nothing else happens: the protocol ignores frames for others anyway.
+        """
+        if addresses is None:
+            self._filtered = None
+            self._filter_program = None
+        else:
+            self._filtered = frozenset(addresses)
+            self._filter_program = address_filter(self._filtered)
+            if is_catch_all(self._filter_program) and self._filtered:
+                _log.warn(
+                    "AoE port {interface}: {count} addresses are too many for a kernel "
+                    "filter ({limit} instructions); every AoE frame on the interface "
+                    "wakes this server",
+                    interface=self.interface,
+                    count=len(self._filtered),
+                    limit=MAX_INSTRUCTIONS,
+                )
+        self._apply_filter()
+
+    def _apply_filter(self) -> None:
+        """Attach the remembered filter to the socket (or remove it); a refusal is a warning."""
+        filters = self._filters
+        if filters is None or self._fileno < 0 or self.socket_fd is not None:
+            return
+        program = self._filter_program
+        try:
+            if program is not None:
+                filters.attach_filter(self._fileno, program)
+                self._filter_attached = True
+            elif self._filter_attached:
+                self._filter_attached = False
+                filters.detach_filter(self._fileno)
+        except OSError as e:
+            _log.warn(
+                "AoE port {interface}: cannot filter frames in the kernel ({error}); "
+                "every AoE frame on the interface wakes this server",
+                interface=self.interface,
+                error=e.strerror or str(e),
+            )
+            self._filter_attached = False
+            try:
+                # Never keep an older, narrower filter: it would drop new targets' frames.
+                filters.detach_filter(self._fileno)
+            except OSError:
+                _log.failure(
+                    "AoE port {interface}: cannot remove the kernel filter either",
+                    interface=self.interface,
+                )
 
     def readConnectionLost(self, reason: Failure) -> None:
         """
