@@ -561,7 +561,7 @@ class DiffTests(SynchronousTestCase):
         """The other [server] keys are applied live, and named in ``live``."""
         values = {"interfaces": ("eth9",), "buffer_count": 8, "max_sectors": 3, "sync": True,
                   "direct": True, "read_only": True, "removed_grace": 1.0,
-                  "duplicate_wait": 2.0}
+                  "duplicate_wait": 2.0, "backend_timeout": 5.0}
         self.assertEqual(set(values), set(LIVE_KEYS))
         for key, value in values.items():
             changes = diff_configs(_config(A), _config(A, **{key: value}))

@@ -60,6 +60,9 @@ as one table instead of ``[[target]]``.
     How long the address of a removed target keeps answering ATA requests
     with an error, so that an initiator's outstanding I/O fails promptly
     instead of being retried until it gives up.
+``backend_timeout`` (seconds, number above 0 up to 3600, default 30)
+    How long a disk that answers later (``nbd:``, ``rbd:``, ``thread:``)
+    has to complete a request before it is answered with an ATA error.
 ``duplicate_wait`` (seconds, number 0..60, default 0.5)
     How long to wait for another server's answer for an address before
     serving it (duplicate address detection).
@@ -177,6 +180,7 @@ _MAX_BYTES = (1 << 63) - 1
 _MAX_SOCKET_PATH = 107
 _MAX_REMOVED_GRACE = 86400.0
 _MAX_DUPLICATE_WAIT = 60.0
+_MAX_BACKEND_TIMEOUT = 3600.0
 _DEFAULT_METRICS_HOST = "127.0.0.1"
 
 RESTART_KEYS = ("workers", "control", "control_group", "metrics", "state_dir", "ring_frames")
@@ -191,9 +195,10 @@ LIVE_KEYS = (
     "read_only",
     "removed_grace",
     "duplicate_wait",
+    "backend_timeout",
 )
 """
-``[server]`` keys a reload applies.  All but the last two are target
+``[server]`` keys a reload applies.  All but the last three are target
 defaults, so their effect is already in the targets' changes.
 """
 
@@ -411,6 +416,7 @@ class ServerConfig:
     ring_frames: int | None = None
     removed_grace: float = 180.0
     duplicate_wait: float = 0.5
+    backend_timeout: float = 30.0
     targets: tuple[TargetConfig, ...] = ()
     source: str | None = None
 
@@ -606,14 +612,14 @@ def _toml_backend(value: object) -> str:
     return value
 
 
-def _toml_seconds(high: float) -> Callable[[object], float]:
+def _toml_seconds(high: float, low: float = 0.0) -> Callable[[object], float]:
     def convert(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _expected("a number of seconds", value)
         if not math.isfinite(value):
             raise ValueError(f"must be a finite number of seconds, not {value}")
-        if not 0 <= value <= high:
-            raise ValueError(f"must be 0..{high:g} seconds, not {value:g}")
+        if not low <= value <= high:
+            raise ValueError(f"must be {low:g}..{high:g} seconds, not {value:g}")
         return float(value)
 
     return convert
@@ -690,6 +696,7 @@ _SERVER_KEYS: dict[str, Callable[[object], object]] = {
     "ring_frames": _toml_int(MIN_RING_FRAMES, MAX_RING_FRAMES),
     "removed_grace": _toml_seconds(_MAX_REMOVED_GRACE),
     "duplicate_wait": _toml_seconds(_MAX_DUPLICATE_WAIT),
+    "backend_timeout": _toml_seconds(_MAX_BACKEND_TIMEOUT, low=0.001),
 }
 
 

@@ -29,6 +29,8 @@ refines, declared with ``@implementer`` and checked once with
   it is served: IDENTIFY's serial number and world-wide name come from it,
   and a second server of the same disk is a second path, not a duplicate;
 - ``IDirectIOFactory``: a factory that can bypass the page cache (``--direct``);
+- ``IAsyncBlockBackend`` is not an ability but the other kind of disk: one
+  whose operations return ``Deferred`` s (``nbd:``, ``rbd:``, ``thread:``);
 - ``ITransactionalACLStore``: a store that several processes change together;
 - ``IStatePersister``: a store that can persist another store's whole state.
 
@@ -46,6 +48,7 @@ from zope.interface import Attribute, Interface
 
 __all__ = [
     "IACLStore",
+    "IAsyncBlockBackend",
     "IBackendFactory",
     "IBlockBackend",
     "IDataSyncBackend",
@@ -187,7 +190,7 @@ class IProcessShareableBackend(IBlockBackend):
         """
 
 
-class IDiskIdentity(IBlockBackend):
+class IDiskIdentity(Interface):
     """
     A disk that can name itself: one identity for this disk, wherever and whenever it is served.
 
@@ -221,6 +224,49 @@ class IDiskIdentity(IBlockBackend):
         when the backend is opened, not per call: ``b"rbd fsid=... image=..."``.
         ``None`` gives the same page as a backend without the interface.
         """
+
+
+class IAsyncBlockBackend(Interface):
+    """
+    A disk whose operations complete later: each returns a ``Deferred`` (network storage).
+
+    Beside ``IBlockBackend``, not an extension of it: a backend provides one
+    of the two.  The server starts an operation and goes on serving; when
+    the ``Deferred`` fires (in the reactor thread) the request is answered.
+    The rules that hold for synchronous disks hold here:
+
+    - a write is acknowledged only once its ``Deferred`` has fired: the
+      backend has the data (as a disk does: durable after ``flush``);
+    - a failure is an ``OSError`` (with its errno: ``EIO``, ``ENOTCONN``,
+      ``ETIMEDOUT``...), answered with an ATA error (``UNC`` for a read,
+      ``ABRT`` for a write or a flush), never acknowledged;
+    - many operations may be in flight (an initiator's window on each
+      target) and they may complete in any order: the server guarantees no
+      ordering between requests in flight, as a disk does not;
+    - an operation that does not complete within the server's deadline
+      (``--backend-timeout``, default 30 s) is answered with an ATA error and
+      its ``Deferred`` cancelled: the backend should release what it holds
+      for it then, or when it completes.
+
+    The fast path and zero copy serve synchronous disks only; an
+    asynchronous one goes through the general path.  ``--sync`` group
+    commit calls ``flush`` once per disk per group of writes.
+    """
+
+    size = Attribute("The disk's size in bytes (int), a whole multiple of 512.")
+    read_only = Attribute("True if the disk refuses writes (bool).")
+
+    def read(offset: int, length: int) -> Any:
+        """Return a ``Deferred`` firing with exactly ``length`` bytes at ``offset``."""
+
+    def write(offset: int, data: bytes) -> Any:
+        """Return a ``Deferred`` firing (with ``None``) once the backend has ``data``."""
+
+    def flush() -> Any:
+        """Return a ``Deferred`` firing once every completed write is durable."""
+
+    def close() -> Any:
+        """Release the disk; may return a ``Deferred`` that fires once it is released."""
 
 
 class IIdentifier(Interface):

@@ -52,7 +52,6 @@ from aoe_twisted.config import (
 )
 from aoe_twisted.control.server import ControlError, IController
 from aoe_twisted.core.acl import MemoryACLStore
-from aoe_twisted.core.stats import merge_snapshots
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import format_mac
 from aoe_twisted.errors import BackendSpecError
@@ -207,10 +206,7 @@ class TargetManager:
 
     def stats(self) -> Any:
         """Return the stats snapshot (summed over the workers with ``--workers``)."""
-        snapshot = getattr(self.service, "merged_snapshot", None)
-        if snapshot is not None:
-            return snapshot()
-        return merge_snapshots([self.service.snapshot()])
+        return self.service.merged_snapshot()
 
     def add(self, target: str, settings: list[str]) -> dict[str, Any]:
         """Serve one more target, given as ``--target`` is, with more ``KEY=VALUE`` settings."""
@@ -257,8 +253,9 @@ class TargetManager:
             raise ControlError(f"set {old.address}: {e}") from None
         if not new.interfaces:
             raise ControlError(f"set {old.address}: a target needs at least one interface")
+        self._open_interfaces([new], f"set {old.address}")
         prepared = self._prepare_change(old, new, "set")
-        self._change(old, new, prepared)
+        self._change(old, new, prepared, given=frozenset(changes))
         return self.listing(self.service.target(*key))
 
     def reload(self) -> dict[str, Any]:
@@ -281,13 +278,24 @@ class TargetManager:
             raise ControlError(f"reload: {e}; nothing changed") from None
         current = evolve(self.config, targets=tuple(self.configs.values()))
         changes = diff_configs(current, new)
+        added: list[Target] = []
+        prepared: list[Target | None] = []
         try:
             added = self._open_many(changes.added)
-            prepared = [self._prepare_change(old, new_, "reload") for old, new_ in changes.changed]
-        except TargetError as e:
-            raise ControlError(f"reload: {source}: {e}; nothing changed") from None
-        except ControlError as e:
-            raise ControlError(f"{e}; nothing changed") from None
+            for old, new_ in changes.changed:
+                prepared.append(self._prepare_change(old, new_, "reload"))
+            self._open_interfaces(
+                [*changes.added, *(new_ for _, new_ in changes.changed)], f"reload: {source}"
+            )
+        except BaseException as e:
+            for target in [*added, *(t for t in prepared if t is not None)]:
+                target.backend.close()
+            if isinstance(e, TargetError):
+                raise ControlError(f"reload: {source}: {e}; nothing changed") from None
+            if isinstance(e, ControlError):
+                raise ControlError(f"{e}; nothing changed") from None
+            raise
+        self.service.retune(new.removed_grace, new.backend_timeout, new.duplicate_wait)
         for config in changes.removed:
             self.service.remove_target(*config.key)
             self.configs.pop(config.key, None)
@@ -297,10 +305,11 @@ class TargetManager:
             new,
             **{key: getattr(self.config, key) for key in changes.restart},
         )
-        self.service.removed_grace = new.removed_grace
         for target, config in zip(added, changes.added, strict=True):
             self._serve(target, config)
         message = _summary(changes)
+        if changes.live:
+            message += f"; [server] {', '.join(changes.live)} changed"
         if changes.restart:
             _log.warn(
                 "reload: {keys} changed in {source}: they take effect at the next restart",
@@ -308,7 +317,7 @@ class TargetManager:
                 source=source,
             )
             message += f"; {', '.join(changes.restart)} take effect at the next restart"
-        _log.info("reload: {message}", message=message)
+        _log.info("reload: {summary}", summary=message)
         return {
             "added": [c.address for c in changes.added],
             "removed": [c.address for c in changes.removed],
@@ -337,7 +346,7 @@ class TargetManager:
             "backend": target.spec,
             "size": target.backend.size,
             "read_only": bool(target.backend.read_only),
-            "sync": target.sync or bool(getattr(self.service, "sync", False)),
+            "sync": target.sync or bool(self.service.sync),
             "direct": config.direct if config else False,
             "offset": config.offset if config else 0,
             "length": config.length if config else 0,
@@ -388,13 +397,38 @@ class TargetManager:
         current = self.service.target(*old.key)
         return self._open_or_refuse(new, command, acl=current.acl)
 
-    def _change(self, old: TargetConfig, new: TargetConfig, opened: Target | None) -> None:
-        """Apply a prepared change of one target (``opened``: its new disk, if any)."""
+    def _open_interfaces(self, configs: Sequence[TargetConfig], command: str) -> None:
+        """
+        Open the interfaces ``configs`` are served on, or raise ``ControlError`` (one line).
+
+        ``ValueError``: ``WorkersService`` cannot add an interface without a restart.
+        """
+        from aoe_twisted.net.packetsystem import CannotOpenInterface
+
+        try:
+            self.service.open_interfaces([name for c in configs for name in c.interfaces])
+        except (CannotOpenInterface, ValueError) as e:
+            raise ControlError(f"{command}: {e}") from None
+
+    def _change(
+        self,
+        old: TargetConfig,
+        new: TargetConfig,
+        opened: Target | None,
+        given: frozenset[str] = frozenset(),
+    ) -> None:
+        """
+        Apply a prepared change of one target (``opened``: its new disk, if any).
+
+        ``given``: the keys ``ctl set`` named; a mask or config string named
+        there is set even if the configuration already said so (an initiator
+        may have changed the live one since).
+        """
         current = self.service.target(*old.key)
         acl = current.acl
-        if new.mask != old.mask:
+        if new.mask != old.mask or "mask" in given:
             acl.set_mask_list(tuple(new.mask))
-        if new.config_string != old.config_string:
+        if new.config_string != old.config_string or "config_string" in given:
             acl.set_config_string(new.config_string)
         if opened is None:
             replacement = evolve(

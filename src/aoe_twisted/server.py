@@ -18,6 +18,7 @@ targets' backends when it stops.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Mapping, Sequence
 from time import perf_counter
 from typing import Any
@@ -28,13 +29,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aoe_twisted.core.decision import Decision
 from aoe_twisted.core.dispatch import Dispatcher
 from aoe_twisted.core.duplicates import Duplicate, DuplicateWatch, SecondPath
-from aoe_twisted.core.operations import perform
-from aoe_twisted.core.stats import initiators_of
+from aoe_twisted.core.operations import perform, submit
+from aoe_twisted.core.stats import initiators_of, merge_snapshots
 from aoe_twisted.core.target import Pending, Target
 from aoe_twisted.core.wire import SECTOR_SIZE, format_mac
 from aoe_twisted.interfaces import IBlockBackend, IDataSyncBackend
@@ -48,9 +50,12 @@ from aoe_twisted.net.port import (
 )
 from aoe_twisted.net.ring import receive_ring_frames
 
-__all__ = ["MALFORMED_LOG_INTERVAL", "AoEProtocol", "AoEService"]
+__all__ = ["BACKEND_TIMEOUT", "MALFORMED_LOG_INTERVAL", "AoEProtocol", "AoEService"]
 
 _log = Logger()
+
+BACKEND_TIMEOUT = 30.0
+"""Seconds an asynchronous disk has to complete an operation (``--backend-timeout``)."""
 
 MALFORMED_LOG_INTERVAL = 10.0
 """
@@ -119,6 +124,7 @@ class AoEProtocol(AbstractDatagramProtocol):
         sync: bool = False,
         duplicate_wait: float | None = None,
         removed_grace: float = 0.0,
+        backend_timeout: float = BACKEND_TIMEOUT,
     ) -> None:
         """
         @param targets: the targets to serve, at distinct shelf.slot addresses.
@@ -138,6 +144,8 @@ class AoEProtocol(AbstractDatagramProtocol):
         @param removed_grace: seconds during which a removed target's
             address answers ATA requests with an error rather than nothing
             (see ``remove_target``); 0: silent at once.
+        @param backend_timeout: seconds an asynchronous disk has to complete
+            an operation before the request is answered with an ATA error.
         """
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
@@ -168,6 +176,13 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._durability: dict[int, Callable[[], None]] = {}
         self.duplicate_wait = duplicate_wait
         self.removed_grace = removed_grace
+        self.backend_timeout = backend_timeout
+        #: Requests in flight on asynchronous disks, by (target's stats, initiator).
+        self._in_flight: dict[tuple[int, bytes], int] = {}
+        #: Requests dropped because their initiator was over its window on the target.
+        self.over_window = 0
+        #: The last group commit still waiting for an asynchronous disk's flush.
+        self._commit: defer.Deferred[Any] | None = None
         self.watch: DuplicateWatch | None = None
         #: The MACs of this server's other interfaces (not other servers), set by the service.
         self.own_macs: frozenset[bytes] = frozenset()
@@ -298,9 +313,12 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._filter()
         self._place(target)
 
-    def remove_target(self, shelf: int, slot: int) -> Target | None:
+    def remove_target(self, shelf: int, slot: int, gone: bool = True) -> Target | None:
         """
         Stop serving the target at ``shelf``.``slot``; return it (``None`` if not served here).
+
+        ``gone`` false: the target is still served on other interfaces (it
+        only leaves this one), so its address goes silent here at once.
 
         Replies held for group commit go out first.  During
         ``removed_grace`` its address answers ATA requests with an ATA
@@ -317,7 +335,7 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._some_sync = any(t.sync for t in self.targets)
         self.drainFinished()
         if self.dispatcher is not None:
-            grace = self.removed_grace > 0
+            grace = gone and self.removed_grace > 0
             served = self.dispatcher.remove(shelf, slot, answer_removed=grace)
             if served is not None:
                 self._durability.pop(id(served), None)
@@ -371,8 +389,22 @@ class AoEProtocol(AbstractDatagramProtocol):
             return "serving", None, paths
         return "down", None, paths
 
-    def _forget_later(self, key: tuple[int, int]) -> None:
-        """Make a removed address silent once ``removed_grace`` has passed."""
+    def answer_removed(self, shelf: int, slot: int, seconds: float) -> None:
+        """
+        Answer ATA requests for ``shelf``.``slot`` (not served here) as removed, ``seconds`` more.
+
+        For a ``--workers`` worker started after the target was removed in
+        the parent: every process answers its share of the frames alike.
+        """
+        key = (shelf, slot)
+        if self.dispatcher is None or key in self.dispatcher.index or seconds <= 0:
+            return
+        self.dispatcher.removed[key] = None  # type: ignore[assignment]
+        self._forget_later(key, seconds)
+        self._filter()
+
+    def _forget_later(self, key: tuple[int, int], seconds: float | None = None) -> None:
+        """Make a removed address silent once ``removed_grace`` (or ``seconds``) has passed."""
         previous = self._forget_calls.pop(key, None)
         if previous is not None and previous.active():
             previous.cancel()
@@ -383,7 +415,8 @@ class AoEProtocol(AbstractDatagramProtocol):
                 self.dispatcher.forget_removed(*key)
                 self._filter()
 
-        self._forget_calls[key] = self.clock.callLater(self.removed_grace, forget)
+        delay = self.removed_grace if seconds is None else seconds
+        self._forget_calls[key] = self.clock.callLater(delay, forget)
 
     # -- other servers on the segment ------------------------------------------
 
@@ -509,12 +542,16 @@ class AoEProtocol(AbstractDatagramProtocol):
 
     def _carry_out(self, pending: Pending) -> None:
         """
-        Do ``pending``'s disk operation now, synchronously, and act on its completion.
+        Do ``pending``'s disk operation, and act on its completion.
 
-        Every ``IBlockBackend`` is synchronous, so this is a direct call in
-        the reactor thread; the completion goes through the dispatcher, as
-        one that arrived later would.
+        A synchronous disk (``IBlockBackend``) is called directly, in the
+        reactor thread; an asynchronous one (``IAsyncBlockBackend``) is
+        started and answered when it completes (``_start``).  Either way
+        the completion goes through the dispatcher.
         """
+        if pending.target.asynchronous:
+            self._start(pending)
+            return
         dispatcher = self.dispatcher
         assert dispatcher is not None
         started = perf_counter()
@@ -527,6 +564,74 @@ class AoEProtocol(AbstractDatagramProtocol):
         if decision.replies:
             self._deliver(decision)
 
+    def _start(self, pending: Pending) -> None:
+        """
+        Start ``pending``'s operation on an asynchronous disk; answer when it completes.
+
+        An initiator that already has its buffer count of requests in flight
+        on the target is over the window it was told: the request is dropped
+        (counted in ``over_window``; the initiator retransmits it).  An
+        operation not complete within ``backend_timeout`` seconds is
+        cancelled and answered with an ATA error (cause ``ETIMEDOUT``, which
+        the service's sweep logs), so a disk that never answers pins
+        nothing.  An exception that is not an ``OSError`` is a bug in the
+        backend: logged with its traceback, answered as ``EIO``.
+        """
+        target = pending.target
+        key = (id(target.stats), pending.initiator)
+        window = self._in_flight.get(key, 0)
+        if target.buffer_count and window >= target.buffer_count:
+            target.stats.in_flight -= 1
+            self.over_window += 1
+            return
+        self._in_flight[key] = window + 1
+        started = perf_counter()
+        d = defer.maybeDeferred(submit, pending.io, target.backend)
+        d.addTimeout(self.backend_timeout, self.clock)
+
+        def done(result: Any) -> None:
+            self._completed(pending, key, result, None, perf_counter() - started)
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(failure.value, defer.TimeoutError):
+                error = OSError(
+                    errno.ETIMEDOUT, f"no answer from the disk in {self.backend_timeout:g} s"
+                )
+            elif not isinstance(error, OSError):
+                _log.failure(
+                    "{target}: the disk raised an unexpected error (a bug in its backend); "
+                    "answered as an I/O error",
+                    failure,
+                    target=target.name,
+                )
+                error = OSError(errno.EIO, f"unexpected error: {failure.getErrorMessage()}")
+            self._completed(pending, key, None, error, perf_counter() - started)
+
+        d.addCallbacks(done, failed)
+
+    def _completed(
+        self,
+        pending: Pending,
+        key: tuple[int, bytes],
+        result: bytes | None,
+        error: OSError | None,
+        elapsed: float,
+    ) -> None:
+        """An asynchronous operation completed: answer its request (if still serving)."""
+        left = self._in_flight.get(key, 1) - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            pending.finish(result, error, elapsed)
+            return
+        decision = dispatcher.complete(pending, result, error, elapsed)
+        if decision.replies and self.transport is not None:
+            self._deliver(decision)
+
     def _deliver(self, decision: Decision) -> None:
         """
         Send ``decision``'s replies, or hold them for group commit.
@@ -535,8 +640,9 @@ class AoEProtocol(AbstractDatagramProtocol):
         is synced, and so is every reply after it in the same drain.
         """
         written = decision.written
-        if self._held or (written is not None and (self.sync or written.sync)):
-            if written is not None:
+        durable = written is not None and (self.sync or written.sync)
+        if self._held or durable:
+            if durable:
                 self._held_writes[len(self._held)] = decision
                 self._dirty[id(written)] = written
                 if self._drain_fallback is None:
@@ -567,19 +673,57 @@ class AoEProtocol(AbstractDatagramProtocol):
         writes, self._held_writes = self._held_writes, {}
         dirty, self._dirty = self._dirty, {}
         failed: set[int] = set()
+        waiting: list[defer.Deferred[Any]] = []
         for key, target in dirty.items():
             try:
-                self._durability.get(key, target.backend.flush)()
+                result = self._durability.get(key, target.backend.flush)()
             except OSError as e:
-                failed.add(key)
-                target.stats.failed("flush", e)
-                _log.error(
-                    "cannot make writes to {target} durable ({error}): "
-                    "answering them with ATA errors",
-                    target=target.name,
-                    error=e.strerror or str(e),
-                )
+                self._sync_failed(failed, key, target, e)
+                continue
+            if isinstance(result, defer.Deferred):
+                # An asynchronous disk: its replies wait for its flush, not the reactor.
+                result.addTimeout(self.backend_timeout, self.clock)
+                result.addErrback(self._async_sync_failed, failed, key, target)
+                waiting.append(result)
         self.syncs += len(dirty)
+        if not waiting and self._commit is None:
+            self._release(held, writes, failed)
+            return
+        # Replies leave in the order their requests came: after any earlier group.
+        if self._commit is not None:
+            waiting.insert(0, self._commit)
+        commit: defer.Deferred[Any] = defer.gatherResults(waiting, consumeErrors=True)
+
+        def release(_: object) -> None:
+            if self._commit is commit:
+                self._commit = None
+            self._release(held, writes, failed)
+
+        commit.addBoth(release)
+        if not commit.called:
+            self._commit = commit
+
+    def _async_sync_failed(
+        self, failure: Failure, failed: set[int], key: int, target: Target
+    ) -> None:
+        """An asynchronous disk's flush failed (or timed out): its writes are refused."""
+        error = failure.value
+        if not isinstance(error, OSError):
+            error = OSError(errno.EIO, failure.getErrorMessage())
+        self._sync_failed(failed, key, target, error)
+
+    def _sync_failed(self, failed: set[int], key: int, target: Target, error: OSError) -> None:
+        """Note a disk whose writes could not be made durable: they get ATA errors."""
+        failed.add(key)
+        target.stats.failed("flush", error)
+        _log.error(
+            "cannot make writes to {target} durable ({error}): answering them with ATA errors",
+            target=target.name,
+            error=error.strerror or str(error),
+        )
+
+    def _release(self, held: list[bytes], writes: dict[int, Decision], failed: set[int]) -> None:
+        """Send a group's held replies, each refused write's refusal in place of its reply."""
         for index, decision in writes.items():
             if id(decision.written) in failed:
                 self.sync_failures += 1
@@ -724,6 +868,7 @@ class AoEService(service.Service):
         placement: Mapping[tuple[int, int], Sequence[str]] | None = None,
         duplicate_wait: float | None = None,
         removed_grace: float = 0.0,
+        backend_timeout: float = BACKEND_TIMEOUT,
     ) -> None:
         """
         @param interfaces: the Ethernet interface(s) to serve on.
@@ -757,6 +902,7 @@ class AoEService(service.Service):
             serving an address (``None``: do not; only the first
             ``--workers`` process does).
         @param removed_grace: see ``AoEProtocol.remove_target``.
+        @param backend_timeout: see ``AoEProtocol``.
         """
         self.interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
         if not self.interfaces:
@@ -785,6 +931,7 @@ class AoEService(service.Service):
         }
         self.duplicate_wait = duplicate_wait if announce else None
         self.removed_grace = removed_grace
+        self.backend_timeout = backend_timeout
         self.ports: dict[str, AoEPort] = {}
         self.protocols: dict[str, AoEProtocol] = {}
         self.monitor: LinkMonitor | None = None
@@ -794,6 +941,12 @@ class AoEService(service.Service):
         #: Backend failures already logged, by target address and cause: the count then.
         self._failures_logged: dict[tuple[int, int], dict[str, int]] = {}
         self._failures_quiet_until = 0.0
+
+    def open_interfaces(self, interfaces: Sequence[str]) -> None:
+        """Open each of ``interfaces`` not served yet (``CannotOpenInterface`` if one cannot)."""
+        for interface in interfaces:
+            if interface not in self.interfaces:
+                self._add_interface(interface)
 
     @property
     def port(self) -> AoEPort | None:
@@ -830,6 +983,7 @@ class AoEService(service.Service):
             sync=self.sync,
             duplicate_wait=self.duplicate_wait,
             removed_grace=self.removed_grace,
+            backend_timeout=self.backend_timeout,
         )
         protocol.announces = self.announce
         # Room for four initiators' full windows on every target, up to the cap (and
@@ -958,12 +1112,30 @@ class AoEService(service.Service):
             if interface in before and interface in after:
                 protocol.replace_target(target)
             elif interface in before:
-                protocol.remove_target(*key)
+                protocol.remove_target(*key, gone=False)
             elif interface in after:
                 protocol.add_target(target)
         if old.backend is not target.backend:
             self._close_backend(old)
         return old
+
+    def retune(
+        self, removed_grace: float, backend_timeout: float, duplicate_wait: float | None = None
+    ) -> None:
+        """Apply a reload's ``removed_grace``, ``backend_timeout`` and ``duplicate_wait``."""
+        self.removed_grace = removed_grace
+        self.backend_timeout = backend_timeout
+        for protocol in self.protocols.values():
+            protocol.removed_grace = removed_grace
+            protocol.backend_timeout = backend_timeout
+            if duplicate_wait is not None and protocol.watch is not None:
+                protocol.duplicate_wait = duplicate_wait
+                protocol.watch.wait = duplicate_wait
+
+    def answer_removed(self, shelf: int, slot: int, seconds: float) -> None:
+        """See ``AoEProtocol.answer_removed``: on every interface."""
+        for protocol in self.protocols.values():
+            protocol.answer_removed(shelf, slot, seconds)
 
     def _add_interface(self, interface: str) -> None:
         """Start serving on one more interface (for a target placed there)."""
@@ -1035,6 +1207,10 @@ class AoEService(service.Service):
             "interfaces": interfaces,
             "initiators": initiators_of(targets),
         }
+
+    def merged_snapshot(self) -> dict[str, Any]:
+        """The figures of every process serving: this one's (``WorkersService`` sums several)."""
+        return merge_snapshots([self.snapshot()])
 
     def reactor_now(self) -> float:
         """The wall clock, as the service's reactor tells it (a test's clock in tests)."""
@@ -1146,17 +1322,39 @@ class AoEService(service.Service):
         d.addCallback(lambda _: self._close_backends())
         return d  # type: ignore[return-value]
 
-    def _close_backends(self) -> None:
+    def _close_backends(self) -> defer.Deferred[Any] | None:
         """Flush then close each target's backend (once), logging (not raising) failures."""
         if self._backends_closed:
-            return
+            return None
         self._backends_closed = True
-        for target in self.targets:
-            self._close_backend(target)
+        closing = [self._close_backend(target) for target in self.targets]
+        waiting = [d for d in closing if d is not None]
+        if not waiting:
+            return None
+        return defer.gatherResults(waiting, consumeErrors=True)
 
-    def _close_backend(self, target: Target) -> None:
-        """Flush then close ``target``'s backend, logging (not raising) failures."""
+    def _close_backend(self, target: Target) -> defer.Deferred[Any] | None:
+        """
+        Flush then close ``target``'s backend, logging (not raising) failures.
+
+        An asynchronous disk's flush and close are waited for: the returned
+        ``Deferred`` fires once it is closed (``None`` for a synchronous one).
+        """
         backend = target.backend
+        if target.asynchronous:
+            d: defer.Deferred[Any] = defer.succeed(None)
+            if not backend.read_only:
+                d.addCallback(lambda _: backend.flush())
+                d.addErrback(
+                    lambda f: _log.failure(
+                        "cannot flush the disk of {target}", f, target=target.name
+                    )
+                )
+            d.addCallback(lambda _: backend.close())
+            d.addErrback(
+                lambda f: _log.failure("cannot close the disk of {target}", f, target=target.name)
+            )
+            return d
         try:
             if not backend.read_only:
                 backend.flush()
@@ -1166,6 +1364,7 @@ class AoEService(service.Service):
             backend.close()
         except OSError:
             _log.failure("cannot close the disk of {target}", target=target.name)
+        return None
 
 
 def _ignored(port: AoEPort | None, counters: Any) -> int:

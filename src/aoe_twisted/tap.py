@@ -115,6 +115,8 @@ class Options(usage.Options):
          "(HOST defaults to 127.0.0.1)."],
         ["removed-grace", None, "180", "Seconds a removed target's address answers ATA "
          "requests with an error, so an initiator's I/O to it fails at once (0: silent)."],
+        ["backend-timeout", None, "30", "Seconds a disk that answers later (nbd:, rbd:, "
+         "thread:) has to complete a request before it gets an ATA error."],
         ["duplicate-wait", None, "0.5", "Seconds to wait for another server answering for an "
          "address before serving it (duplicate address detection; 0: do not wait)."],
         ["backend", "b", None, "The disk of the target SHELF.SLOT, as SCHEME:SPEC "
@@ -292,6 +294,9 @@ class Options(usage.Options):
             raise usage.UsageError("--control-group: needs --control")
         grace = _seconds("removed-grace", self["removed-grace"], 86400.0)
         wait = _seconds("duplicate-wait", self["duplicate-wait"], 60.0)
+        timeout = _seconds("backend-timeout", self["backend-timeout"], 3600.0)
+        if timeout <= 0:
+            raise usage.UsageError("--backend-timeout: must be more than 0 seconds")
         defaults: dict[str, Any] = {
             "interfaces": tuple(self["iface"]),
             "buffer_count": self["buffer-count"],
@@ -349,6 +354,7 @@ class Options(usage.Options):
             ring_frames=self["ring-frames"],
             removed_grace=grace,
             duplicate_wait=wait,
+            backend_timeout=timeout,
             targets=tuple(targets),
         )
 
@@ -357,7 +363,7 @@ class Options(usage.Options):
 _SERVING_OPTIONS = frozenset({
     "iface", "target", "backend", "shelf", "slot", "mask", "config-string", "read-only",
     "sync", "direct", "buffer-count", "ring-frames", "max-sectors", "workers", "state-dir",
-    "control", "control-group", "metrics", "removed-grace", "duplicate-wait",
+    "control", "control-group", "metrics", "removed-grace", "duplicate-wait", "backend-timeout",
 })
 
 
@@ -482,10 +488,11 @@ class ServesUnderTwistd:
         """Stop the extras and serving; then give SIGHUP back to the handler it had before."""
         from twisted.internet import defer
 
-        for extra in self.extras:
-            if extra.running:
-                extra.stopService()
-        d = defer.maybeDeferred(super().stopService)  # type: ignore[misc]
+        stopping = [
+            defer.maybeDeferred(extra.stopService) for extra in self.extras if extra.running
+        ]
+        d = defer.gatherResults(stopping, consumeErrors=True)
+        d.addBoth(lambda _: super(ServesUnderTwistd, self).stopService())  # type: ignore[misc]
 
         def restore(result: object) -> object:
             self.hangup.restore()
@@ -589,6 +596,9 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
             exit_on_error=True,
             ring_frames=config.ring_frames,
             placement=placement,
+            duplicate_wait=config.duplicate_wait,
+            removed_grace=config.removed_grace,
+            backend_timeout=config.backend_timeout,
         )
     else:
         served = _under_twistd(AoEService)(
@@ -600,6 +610,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
             placement=placement,
             duplicate_wait=config.duplicate_wait,
             removed_grace=config.removed_grace,
+            backend_timeout=config.backend_timeout,
         )
     manager.service = served
     served.manager = manager

@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,7 +60,7 @@ from aoe_twisted.net.bpf import address_filter, attach_filter, detach_filter, is
 from aoe_twisted.net.fanout import MAX_WORKERS, FanoutError, join_fanout
 from aoe_twisted.net.link import LinkEvent, LinkMonitor
 from aoe_twisted.net.packetsystem import CannotOpenInterface, open_packet_socket
-from aoe_twisted.server import AoEService
+from aoe_twisted.server import BACKEND_TIMEOUT, AoEService
 from aoe_twisted.sharedacl import SharedState
 
 __all__ = ["MAX_WORKERS", "WorkersService", "main", "share_targets"]
@@ -73,6 +74,8 @@ _MAX_RESTART_DELAY = 30.0
 _STABLE_AFTER = 10.0
 #: Regions of shared state made beyond the targets at start-up, for targets added later.
 SPARE_TARGETS = 1024
+#: Seconds a renewed worker has to say it serves before the next one is renewed anyway.
+_READY_TIMEOUT = 20.0
 #: Seconds between two stats reports of a worker to the parent.
 _REPORT_INTERVAL = 1.0
 #: How long a worker has to stop after its standard input closes, before SIGKILL.
@@ -125,6 +128,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.index = index
         self.system = f"aoe worker {index}"
         self.ended: defer.Deferred[None] = defer.Deferred()
+        #: Fires once the worker serves (it says so after starting its service).
+        self.ready: defer.Deferred[None] = defer.Deferred()
         self._out = b""
         self._err = b""
 
@@ -146,6 +151,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
             except ValueError:
                 line = record.decode(errors="replace")
                 _log.warn("{system}: {line}", system=self.system, line=line)
+                continue
+            if event.get("aoe_ready") is True:
+                if not self.ready.called:
+                    self.ready.callback(None)
                 continue
             stats = event.get("aoe_stats")
             if isinstance(stats, dict):
@@ -207,6 +216,9 @@ class WorkersService(service.MultiService):
         exit_on_error: bool = False,
         ring_frames: int | None = None,
         placement: Mapping[tuple[int, int], Sequence[str]] | None = None,
+        duplicate_wait: float | None = None,
+        removed_grace: float = 0.0,
+        backend_timeout: float = BACKEND_TIMEOUT,
     ) -> None:
         super().__init__()
         if not 2 <= workers <= MAX_WORKERS:
@@ -231,6 +243,11 @@ class WorkersService(service.MultiService):
         self.placement: dict[tuple[int, int], tuple[str, ...]] = {
             key: tuple(names) for key, names in (placement or {}).items()
         }
+        self.duplicate_wait = duplicate_wait
+        self._removed_grace = removed_grace
+        self.backend_timeout = backend_timeout
+        #: Removed targets' addresses answered as removed until (wall clock), for new workers.
+        self._removed: dict[tuple[int, int], float] = {}
         #: Each worker's latest stats snapshot, by worker number (sent once a second).
         self.worker_stats: dict[int, dict[str, Any]] = {}
         #: ``sockets[interface][worker]``: each interface's fanout group, one socket a worker.
@@ -248,7 +265,7 @@ class WorkersService(service.MultiService):
         self._filtered: set[tuple[int, int]] | None = None
         self._refilter: task.LoopingCall | None = None
         self._renewal: defer.Deferred[None] | None = None
-        self._renew_again = False
+        self._renew_waiters: list[defer.Deferred[None]] = []
 
     # -- starting -------------------------------------------------------------
 
@@ -293,7 +310,8 @@ class WorkersService(service.MultiService):
         disk (a duplicate) are left out, so no worker answers for them.
         """
         addresses = {(t.shelf, t.slot) for t in self.targets}
-        if self.local is not None:
+        addresses.update(key for key, until in self._removed.items() if until > time.time())
+        if isinstance(self.local, AoEService):
             for protocol in self.local.protocols.values():
                 addresses.update(protocol.dispatcher.removed if protocol.dispatcher else ())
                 addresses.difference_update(protocol.duplicates)
@@ -359,6 +377,9 @@ class WorkersService(service.MultiService):
                 for interface, sockets in self.sockets.items()
             },
             placement=self.placement,
+            duplicate_wait=self.duplicate_wait,
+            removed_grace=self._removed_grace,
+            backend_timeout=self.backend_timeout,
         )
         self.local.setServiceParent(self)
         super().privilegedStartService()
@@ -392,6 +413,13 @@ class WorkersService(service.MultiService):
             "state_size": self.state.targets,
             "max_sectors": self.max_sectors,
             "ring_frames": self.ring_frames,
+            "removed_grace": self.removed_grace,
+            "backend_timeout": self.backend_timeout,
+            "removed": [
+                [shelf, slot, until]
+                for (shelf, slot), until in self._removed.items()
+                if until > time.time()
+            ],
             "sync": self.sync,
             "state_dir": self.state_dir,
             "targets": [
@@ -456,29 +484,35 @@ class WorkersService(service.MultiService):
     # initiator's retransmission).
 
     def target(self, shelf: int, slot: int) -> Target | None:
-        """Return the target served at ``shelf``.``slot``, or ``None``."""
-        assert self.local is not None
-        return self.local.target(shelf, slot)
+        """Return the target served (or being added) at ``shelf``.``slot``, or ``None``."""
+        return next((t for t in self.targets if (t.shelf, t.slot) == (shelf, slot)), None)
 
     def interfaces_of(self, target: Target) -> tuple[str, ...]:
         """The interfaces ``target`` is served on."""
-        assert self.local is not None
-        return self.local.interfaces_of(target)
+        return self.placement.get((target.shelf, target.slot)) or tuple(self.interfaces)
 
     def state_of(self, target: Target) -> tuple[str, bytes | None, tuple[bytes, ...]]:
-        """What the parent's interfaces say of ``target`` (see ``AoEService.state_of``)."""
+        """What the parent's interfaces say of ``target``; ``"probing"`` while being added."""
         assert self.local is not None
+        if self.local.target(target.shelf, target.slot) is None:
+            return "probing", None, ()
         return self.local.state_of(target)
 
     @property
     def removed_grace(self) -> float:
         """See ``AoEService``."""
-        return self.local.removed_grace if self.local is not None else 0.0
+        return self._removed_grace
 
-    @removed_grace.setter
-    def removed_grace(self, value: float) -> None:
+    def retune(
+        self, removed_grace: float, backend_timeout: float, duplicate_wait: float | None = None
+    ) -> None:
+        """Apply a reload's settings here; workers get them when they are next started."""
+        self._removed_grace = removed_grace
+        self.backend_timeout = backend_timeout
+        if duplicate_wait is not None:
+            self.duplicate_wait = duplicate_wait
         if self.local is not None:
-            self.local.removed_grace = value
+            self.local.retune(removed_grace, backend_timeout, duplicate_wait)
 
     def snapshot(self) -> dict[str, Any]:
         """This process's figures (see ``merged_snapshot`` for every worker's)."""
@@ -490,45 +524,59 @@ class WorkersService(service.MultiService):
         return merge_snapshots([self.snapshot(), *self.worker_stats.values()])
 
     def add_target(self, target: Target, interfaces: Sequence[str] = ()) -> None:
-        """Serve ``target`` too, in every worker (see ``AoEService.add_target``)."""
+        """
+        Serve ``target`` too, in every worker (see ``AoEService.add_target``).
+
+        The other workers are started again with it first; the parent
+        serves it (asks the segment, then announces it) once they all do,
+        so that an initiator that answers the announcement at once finds it
+        in whichever worker its frames go to.
+        """
         assert self.local is not None
-        missing = [name for name in interfaces if name not in self.interfaces]
-        if missing:
-            raise ValueError(
-                f"with --workers, a new interface ({', '.join(missing)}) needs a restart"
-            )
+        self._check_interfaces(interfaces)
         self._share(target)
-        self.local.add_target(target, interfaces)
         self.targets.append(target)
         self.specs.append(target.spec)
         if interfaces:
             self.placement[(target.shelf, target.slot)] = tuple(interfaces)
-        self._renew()
+        local = self.local
+
+        def serve(_: object) -> None:
+            if not self._stopping and self.target(target.shelf, target.slot) is target:
+                local.add_target(target, interfaces)
+
+        self._renew().addCallback(serve)
 
     def remove_target(self, shelf: int, slot: int) -> Target | None:
         """Stop serving the target at ``shelf``.``slot`` in every worker; return it."""
         assert self.local is not None
-        target = self.local.remove_target(shelf, slot)
+        target = self.target(shelf, slot)
         if target is None:
             return None
-        index = next(i for i, t in enumerate(self.targets) if (t.shelf, t.slot) == (shelf, slot))
+        if self.local.target(shelf, slot) is not None:
+            self.local.remove_target(shelf, slot)
+        else:
+            self.local._close_backend(target)
+        index = self.targets.index(target)
         del self.targets[index], self.specs[index]
         self.placement.pop((shelf, slot), None)
         target.acl.released = True  # type: ignore[attr-defined]
+        if self._removed_grace > 0:
+            self._removed[(shelf, slot)] = time.time() + self._removed_grace
         self._renew()
         return target
 
     def replace_target(self, target: Target, interfaces: Sequence[str] = ()) -> Target:
         """Serve ``target`` in place of the one at its address, in every worker."""
         assert self.local is not None
-        missing = [name for name in interfaces if name not in self.interfaces]
-        if missing:
-            raise ValueError(
-                f"with --workers, a new interface ({', '.join(missing)}) needs a restart"
-            )
+        self._check_interfaces(interfaces)
         if IProcessShareableBackend.providedBy(target.backend):
             target.backend = target.backend.share()
-        old = self.local.replace_target(target, interfaces)
+        old = self.target(target.shelf, target.slot)
+        if old is None:
+            raise KeyError(f"e{target.shelf}.{target.slot} is not served")
+        if self.local.target(target.shelf, target.slot) is not None:
+            self.local.replace_target(target, interfaces)
         index = self.targets.index(old)
         self.targets[index] = target
         self.specs[index] = target.spec
@@ -538,6 +586,18 @@ class WorkersService(service.MultiService):
             self.placement.pop((target.shelf, target.slot), None)
         self._renew()
         return old
+
+    def open_interfaces(self, interfaces: Sequence[str]) -> None:
+        """Check each of ``interfaces`` is served already (``ValueError`` if not)."""
+        self._check_interfaces(interfaces)
+
+    def _check_interfaces(self, interfaces: Sequence[str]) -> None:
+        """Refuse an interface not served yet: its sockets need privileges dropped already."""
+        missing = [name for name in interfaces if name not in self.interfaces]
+        if missing:
+            raise ValueError(
+                f"with --workers, a new interface ({', '.join(missing)}) needs a restart"
+            )
 
     def _share(self, target: Target) -> None:
         """Give a new target a region of the shared state, and its disk to every process."""
@@ -549,31 +609,61 @@ class WorkersService(service.MultiService):
         if IProcessShareableBackend.providedBy(target.backend):
             target.backend = target.backend.share()
 
-    def _renew(self) -> None:
-        """Start every other worker again, one after the other, with the targets as they are now."""
+    def _renew(self) -> defer.Deferred[None]:
+        """
+        Start every other worker again, one after the other, with the targets as they are now.
+
+        Returns a ``Deferred`` that fires once every worker serves them.
+        Changes made while a renewal runs are taken by one more renewal
+        after it.
+        """
         self._filter_sockets()
-        if self._renewal is not None:
-            self._renew_again = True
-            return
-        self._renewal = self._renew_each(list(range(1, self.workers)))
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._renew_waiters.append(waiter)
+        if self._renewal is None:
+            self._start_renewal()
+        return waiter
+
+    def _start_renewal(self) -> None:
+        """Renew the workers for every change asked so far."""
+        waiters, self._renew_waiters = self._renew_waiters, []
+        renewal = self._renew_each(list(range(1, self.workers)))
+        self._renewal = renewal
+
+        def finished(result: object) -> None:
+            self._renewal = None
+            for waiter in waiters:
+                waiter.callback(None)
+            if self._renew_waiters and not self._stopping:
+                self._start_renewal()
+
+        renewal.addBoth(finished)
 
     @defer.inlineCallbacks
     def _renew_each(self, indexes: list[int]) -> Any:
-        """Stop worker after worker and start each again at once (the sockets stay open)."""
-        try:
-            for index in indexes:
-                if self._stopping:
-                    return
-                process = self.processes.get(index)
-                if process is None:
-                    continue
-                self._renewing.add(index)
-                yield self._stop_worker(process)
-        finally:
-            self._renewal = None
-        if self._renew_again and not self._stopping:
-            self._renew_again = False
-            self._renew()
+        """Stop worker after worker; each starts again at once (the sockets stay open)."""
+        for index in indexes:
+            if self._stopping:
+                return
+            process = self.processes.get(index)
+            if process is None:
+                continue
+            self._renewing.add(index)
+            yield self._stop_worker(process)
+            fresh = self.processes.get(index)
+            if fresh is not None and fresh is not process:
+                # Wait until it serves (or a while: a worker that cannot start is restarted).
+                ready = defer.Deferred()
+                fresh.ready.chainDeferred(ready)
+                ready.addTimeout(_READY_TIMEOUT, self.reactor)
+                try:
+                    yield ready
+                except defer.TimeoutError:
+                    _log.warn(
+                        "aoe worker {index} did not say it serves within {seconds:.0f} s",
+                        index=index,
+                        seconds=_READY_TIMEOUT,
+                    )
 
     # -- a worker's end -----------------------------------------------------
 
@@ -745,6 +835,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ring_frames=config.get("ring_frames"),
         socket_fds=config["sockets"],
         announce=False,
+        removed_grace=config.get("removed_grace", 0.0),
+        backend_timeout=config.get("backend_timeout", BACKEND_TIMEOUT),
         placement={
             (t["shelf"], t["slot"]): tuple(t["interfaces"])
             for t in config["targets"]
@@ -761,6 +853,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             _log.critical("cannot start: {error}", error=str(e))
             failed.append(e)
             reactor.stop()
+            return
+        for shelf, slot, until in config.get("removed", ()):
+            aoe.answer_removed(shelf, slot, until - time.time())
+        # Not a log line: tells the parent this worker serves.
+        _log.info("", aoe_ready=True)
 
     def report() -> None:
         # The figures, to the parent (which sums the workers' for ctl stats and /metrics).

@@ -9,17 +9,19 @@ than the interfaces, and each ``open`` imports its backend module.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from aoe_twisted.interfaces import IBackendFactory, IDirectIOFactory
+from aoe_twisted.interfaces import IBackendFactory, IBlockBackend, IDirectIOFactory
 
-if TYPE_CHECKING:
-    from aoe_twisted.interfaces import IBlockBackend
-
-__all__ = ["BlockDeviceBackendFactory", "FileBackendFactory", "MemoryBackendFactory"]
+__all__ = [
+    "BlockDeviceBackendFactory",
+    "FileBackendFactory",
+    "MemoryBackendFactory",
+    "ThreadedBackendFactory",
+]
 
 
 @implementer(IBackendFactory, IPlugin)
@@ -66,3 +68,31 @@ class BlockDeviceBackendFactory:
         from aoe_twisted.backends.block import BlockDeviceBackend
 
         return BlockDeviceBackend.open(spec, read_only=read_only, direct=direct)
+
+
+@implementer(IBackendFactory, IPlugin)
+class ThreadedBackendFactory:
+    """Opens ``thread:[N:]SCHEME:SPEC``: another disk, each call in a pool of N threads."""
+
+    scheme = "thread"
+    spec_format = "[N:]SCHEME:SPEC"
+    description = (
+        "another disk whose calls may block (a remote store), run in N threads (default 8) "
+        "so that it never stalls the other targets"
+    )
+
+    def open(self, spec: str, read_only: bool = False) -> Any:
+        """Open the wrapped disk and return it as a ``ThreadedBackend``."""
+        from aoe_twisted.backends.threaded import ThreadedBackend, parse_threaded_spec
+        from aoe_twisted.backendspec import open_backend
+        from aoe_twisted.errors import BackendSpecError
+
+        try:
+            threads, inner = parse_threaded_spec(spec)
+        except ValueError as e:
+            raise BackendSpecError(str(e)) from None
+        disk = open_backend(inner, read_only=read_only)
+        if not IBlockBackend.providedBy(disk):
+            disk.close()
+            raise BackendSpecError(f"{inner} already answers later: no need for thread:")
+        return ThreadedBackend(disk, threads)

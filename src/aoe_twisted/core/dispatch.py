@@ -130,11 +130,14 @@ class Dispatcher:
     hold_writes: bool = False
     pass_responses: bool = False
     index: dict[tuple[int, int], Target] = field(init=False)
+    fast_index: dict[tuple[int, int], Target] = field(init=False)
     removed: dict[tuple[int, int], Target] = field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         """Index the targets by address: finding one costs one lookup, however many there are."""
         self.index = {(target.shelf, target.slot): target for target in self.targets}
+        # The fast path serves synchronous disks only: an asynchronous one is not in its index.
+        self.fast_index = {k: t for k, t in self.index.items() if not t.asynchronous}
 
     # -- the targets, changed while serving ----------------------------------
 
@@ -152,6 +155,8 @@ class Dispatcher:
         self.removed.pop(key, None)
         self.targets.append(target)
         self.index[key] = target
+        if not target.asynchronous:
+            self.fast_index[key] = target
 
     def remove(self, shelf: int, slot: int, answer_removed: bool = False) -> Target | None:
         """
@@ -167,6 +172,7 @@ class Dispatcher:
         target = self.index.pop((shelf, slot), None)
         if target is None:
             return None
+        self.fast_index.pop((shelf, slot), None)
         self.targets.remove(target)
         if answer_removed:
             self.removed[(shelf, slot)] = target
@@ -178,6 +184,10 @@ class Dispatcher:
         old = self.index[key]
         self.targets[self.targets.index(old)] = target
         self.index[key] = target
+        if target.asynchronous:
+            self.fast_index.pop(key, None)
+        else:
+            self.fast_index[key] = target
         return old
 
     def forget_removed(self, shelf: int, slot: int) -> None:
@@ -193,7 +203,7 @@ class Dispatcher:
         anything else is copied before the general path decodes it.
         """
         if self.fast_path:
-            decision = fast_reply(frame, self.mac, self.index, self.hold_writes)
+            decision = fast_reply(frame, self.mac, self.fast_index, self.hold_writes)
             if decision is not None:
                 counters = self.counters
                 counters.received += 1
@@ -215,7 +225,7 @@ class Dispatcher:
         """
         if not self.fast_path:
             return 0
-        length = fast_reply_into(frame, reply, self.mac, self.index, not self.hold_writes)
+        length = fast_reply_into(frame, reply, self.mac, self.fast_index, not self.hold_writes)
         if length:
             counters = self.counters
             counters.received += 1
@@ -332,6 +342,11 @@ class Dispatcher:
         """Carry out ``decision``'s disk operations now (``perform``); return its replies."""
         replies = list(decision.replies)
         for pending in decision.pending:
+            if pending.target.asynchronous:
+                raise TypeError(
+                    f"{pending.target.name}: an asynchronous disk's operations complete "
+                    "later; settle() serves synchronous disks only"
+                )
             started = perf_counter()
             try:
                 result = perform(pending.io, pending.target.backend)

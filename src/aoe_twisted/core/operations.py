@@ -21,12 +21,13 @@ needs and nothing holds it, so operations may complete in any order.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 from attrs import define, setters
 
 from aoe_twisted.interfaces import IBlockBackend
 
-__all__ = ["BackendIO", "IOKind", "perform"]
+__all__ = ["BackendIO", "IOKind", "perform", "submit"]
 
 
 class IOKind(IntEnum):
@@ -77,3 +78,19 @@ def perform(io: BackendIO, backend: IBlockBackend) -> bytes | None:
         return None
     backend.flush()
     return None
+
+
+def submit(io: BackendIO, backend: Any) -> Any:
+    """
+    Start ``io`` on an asynchronous ``backend`` (``IAsyncBlockBackend``); return its ``Deferred``.
+
+    It fires with the bytes read for ``READ``, with ``None`` otherwise, or
+    fails with the ``OSError`` the engine turns into an ATA error.  The
+    core only names the call: waiting for it is the Twisted layer's.
+    """
+    kind = io.kind
+    if kind is IOKind.READ:
+        return backend.read(io.offset, io.length)
+    if kind is IOKind.WRITE:
+        return backend.write(io.offset, io.data)
+    return backend.flush()

@@ -56,6 +56,7 @@ from aoe_twisted.core.wire import (
 )
 from aoe_twisted.interfaces import (
     IACLStore,
+    IAsyncBlockBackend,
     IBlockBackend,
     IDiskIdentity,
     IIdentifier,
@@ -190,10 +191,20 @@ Answer = Header | Pending | StoreFailure
 """One of ``Target.decide``'s answers to a request."""
 
 
+def _check_disk(instance: object, attribute: Any, value: object) -> None:
+    """Accept a disk: synchronous (``IBlockBackend``) or asynchronous (``IAsyncBlockBackend``)."""
+    if not (IBlockBackend.providedBy(value) or IAsyncBlockBackend.providedBy(value)):
+        name = getattr(attribute, "name", "backend")
+        raise TypeError(
+            f"{name} must provide IBlockBackend or IAsyncBlockBackend, not {value!r}"
+        )
+
+
 def _note_backend(instance: Target, attribute: Any, value: IBlockBackend) -> IBlockBackend:
-    """Check a new backend and learn, once, whether it takes ring buffers (zero copy)."""
-    _provides(IBlockBackend)(instance, attribute, value)
+    """Check a new backend; learn, once, whether it takes ring buffers or answers later."""
+    _check_disk(instance, attribute, value)
     instance.zero_copy = IZeroCopyBackend.providedBy(value)
+    instance.asynchronous = IAsyncBlockBackend.providedBy(value)
     return value
 
 
@@ -228,6 +239,8 @@ class Target:
     ``[[target]]``).  ``stats`` counts what the target does (``aoe_twisted.core.stats``); the
     interface copies share it.
 
+    ``asynchronous`` says the backend is an ``IAsyncBlockBackend``: its
+    operations complete later, and the fast path leaves it alone.
     ``zero_copy`` and ``transactional`` say which optional interfaces the
     backend and the ACL store provide; they are learnt when either is set,
     so the per-frame paths test a bool instead of an interface.
@@ -236,7 +249,7 @@ class Target:
     shelf: int = field(validator=_between(0, BROADCAST_MAJOR - 1))
     slot: int = field(validator=_between(0, BROADCAST_MINOR - 1))
     backend: IBlockBackend = field(
-        validator=_provides(IBlockBackend), on_setattr=setters.pipe(_note_backend)
+        validator=_check_disk, on_setattr=setters.pipe(_note_backend)
     )
     acl: IACLStore = field(
         default=Factory(MemoryACLStore),
@@ -254,10 +267,12 @@ class Target:
     stats: TargetStats = field(factory=TargetStats, eq=False, repr=False)
     zero_copy: bool = field(init=False, default=False)
     transactional: bool = field(init=False, default=False)
+    asynchronous: bool = field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         """Learn the backend's and store's abilities; build the default identifier once."""
         self.zero_copy = IZeroCopyBackend.providedBy(self.backend)
+        self.asynchronous = IAsyncBlockBackend.providedBy(self.backend)
         self.transactional = ITransactionalACLStore.providedBy(self.acl)
         if self.identifier is None:
             backend = self.backend
@@ -400,6 +415,7 @@ class Target:
             return []
         if not mask_allows(self.acl.mask_list, src):
             return []
+        self.stats.aoe_error(error.code)
         return [self._error(header, error.code, _raw(header.arg))]
 
     def announcement(self) -> Header:
