@@ -19,9 +19,10 @@ help:
 deps:
 	@scripts/install-system-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@scripts/install-system-deps --python-only
-	$(PYTHON) -m venv $(VENV)
+	@# Debian's python3-libnbd and python3-rbd (nbd:, rbd:) are not on PyPI: see them.
+	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@# Build Twisted's plugin cache once, so twistd does not rescan on every start.

@@ -1250,6 +1250,10 @@ class AoEService(service.Service):
                         interval=MALFORMED_LOG_INTERVAL,
                     )
                     logged[cause] = count
+                    # The count of the ones after it comes a whole interval later.
+                    self._failures_quiet_until = max(
+                        self._failures_quiet_until, now + MALFORMED_LOG_INTERVAL
+                    )
                 elif count > before and summary:
                     more.append(f"{target.name}: {count - before} more {cause}")
                     logged[cause] = count

@@ -20,6 +20,7 @@ __all__ = [
     "BlockDeviceBackendFactory",
     "FileBackendFactory",
     "MemoryBackendFactory",
+    "RBDBackendFactory",
     "ThreadedBackendFactory",
 ]
 
@@ -96,3 +97,20 @@ class ThreadedBackendFactory:
             disk.close()
             raise BackendSpecError(f"{inner} already answers later: no need for thread:")
         return ThreadedBackend(disk, threads)
+
+
+@implementer(IBackendFactory, IPlugin)
+class RBDBackendFactory:
+    """Opens ``rbd:POOL/IMAGE[@SNAP][,conf=PATH][,id=NAME]``: a Ceph RBD image (python3-rbd)."""
+
+    scheme = "rbd"
+    spec_format = (
+        "POOL/[NAMESPACE/]IMAGE[@SNAP][,conf=PATH][,id=NAME][,namespace=NS][,timeout=SECS]"
+    )
+    description = "a Ceph RBD image through librbd, its cache off (a snapshot is read-only)"
+
+    def open(self, spec: str, read_only: bool = False) -> Any:
+        """Connect to the cluster and open the image (blocks until connected or timed out)."""
+        from aoe_twisted.backends.rbd import open_rbd
+
+        return open_rbd(spec, read_only)

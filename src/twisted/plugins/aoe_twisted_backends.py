@@ -1,9 +1,10 @@
-"""aoe-twisted's built-in ``--backend`` schemes: ``memory``, ``file``, ``block`` and ``thread``."""
+"""aoe-twisted's built-in ``--backend`` schemes: memory, file, block, thread, rbd (and nbd)."""
 
 from aoe_twisted.backends.factories import (
     BlockDeviceBackendFactory,
     FileBackendFactory,
     MemoryBackendFactory,
+    RBDBackendFactory,
     ThreadedBackendFactory,
 )
 
@@ -11,3 +12,4 @@ memory_backend = MemoryBackendFactory()
 file_backend = FileBackendFactory()
 block_backend = BlockDeviceBackendFactory()
 thread_backend = ThreadedBackendFactory()
+rbd_backend = RBDBackendFactory()
