@@ -19,3 +19,10 @@ class BackendTutorialTests(SynchronousTestCase):
         plugin = (_ROOT / "tests" / "plugins" / "aoe_twisted_example_backend.py").read_text()
         block = doc.split("```python\n", 1)[1].split("```", 1)[0]
         self.assertEqual(block, plugin)
+
+    def test_quotes_async_example_plugin(self) -> None:
+        """The "Disks that answer later" block is tests/plugins/aoe_twisted_async_example.py."""
+        doc = (_ROOT / "docs" / "writing-a-backend.md").read_text()
+        plugin = (_ROOT / "tests" / "plugins" / "aoe_twisted_async_example.py").read_text()
+        section = doc.split("## Disks that answer later\n", 1)[1]
+        self.assertEqual(section.split("```python\n", 1)[1].split("```", 1)[0], plugin)

@@ -90,8 +90,8 @@ def format_backend_help(factories: Mapping[str, IBackendFactory] | None = None) 
     """
     Return the ``--help-backends`` text: one ``scheme:FORMAT  description`` line per scheme.
 
-    Lines are sorted by scheme, descriptions aligned, and there is no
-    trailing newline.
+    Lines are sorted by scheme, descriptions aligned (a format wider than
+    24 characters on a line of its own), and there is no trailing newline.
 
     @param factories: the plugins to describe; ``None`` means
         ``find_backend_factories()``.
@@ -99,8 +99,17 @@ def format_backend_help(factories: Mapping[str, IBackendFactory] | None = None) 
     if factories is None:
         factories = find_backend_factories()
     usages = {scheme: f"{scheme}:{factory.spec_format}" for scheme, factory in factories.items()}
-    width = max(map(len, usages.values()), default=0)
-    return "\n".join(
-        f"{usages[scheme]:<{width}}  {factories[scheme].description}"
-        for scheme in sorted(factories)
-    )
+    width = max((n for n in map(len, usages.values()) if n <= _HELP_WIDTH), default=_HELP_WIDTH)
+    lines = []
+    for scheme in sorted(factories):
+        usage, description = usages[scheme], factories[scheme].description
+        if len(usage) > width:
+            # A long format gets a line of its own, its description under the others'.
+            lines += [usage, f"{'':<{width}}  {description}"]
+        else:
+            lines.append(f"{usage:<{width}}  {description}")
+    return "\n".join(lines)
+
+
+#: The widest ``SCHEME:FORMAT`` column of ``--help-backends``; longer ones get a line of their own.
+_HELP_WIDTH = 24

@@ -29,12 +29,14 @@ would.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from attrs import evolve
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -55,7 +57,7 @@ from aoe_twisted.core.acl import MemoryACLStore
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import format_mac
 from aoe_twisted.errors import BackendSpecError
-from aoe_twisted.interfaces import IACLStore
+from aoe_twisted.interfaces import IACLStore, IAsyncBlockBackend
 from aoe_twisted.units import parse_address
 
 __all__ = ["TargetError", "TargetManager", "open_target"]
@@ -99,6 +101,11 @@ def open_target(
         problem = slice_error(config, backend.size)
         if problem is not None:
             raise TargetError(f"{config.address}: {problem}")
+        if IAsyncBlockBackend.providedBy(backend) and (config.offset or config.length):
+            raise TargetError(
+                f"{name}: offset/length: slices of a disk that answers later are not "
+                "supported; export the whole disk (or make the slice in the storage behind it)"
+            )
         try:
             backend = slice_backend(backend, config.offset, config.length)
         except BackendSpecError as e:
@@ -225,18 +232,18 @@ class TargetManager:
         if self.service.target(*config.key) is not None:
             raise ControlError(f"add: {config.address} is already served")
         opened = self._open_or_refuse(config, "add")
-        self._serve(opened, config)
-        return self.listing(opened)
+        done = self._serve(opened, config)
+        return _when([done], lambda: self.listing(opened))
 
     def remove(self, address: str) -> dict[str, Any]:
         """Stop serving the target at ``address``; return its last listing."""
         key = self._key(address, "remove")
         target = self.service.target(*key)
         listing = self.listing(target)
-        self.service.remove_target(*key)
+        done = self.service.remove_target(*key)
         self.configs.pop(key, None)
         listing["state"] = "removed"
-        return listing
+        return _when([done], lambda: listing)
 
     def set(self, address: str, settings: list[str]) -> dict[str, Any]:
         """Change a served target's options (``KEY=VALUE``); return its new listing."""
@@ -255,10 +262,10 @@ class TargetManager:
             raise ControlError(f"set {old.address}: a target needs at least one interface")
         self._open_interfaces([new], f"set {old.address}")
         prepared = self._prepare_change(old, new, "set")
-        self._change(old, new, prepared, given=frozenset(changes))
-        return self.listing(self.service.target(*key))
+        done = self._change(old, new, prepared, given=frozenset(changes))
+        return _when([done], lambda: self.listing(self.service.target(*key)))
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self, trigger: str = "ctl reload") -> dict[str, Any]:
         """
         Re-read the config file and apply the difference; return what changed.
 
@@ -275,7 +282,7 @@ class TargetManager:
         try:
             new = load_config(source)
         except ConfigError as e:
-            raise ControlError(f"reload: {e}; nothing changed") from None
+            raise _logged(ControlError(f"reload: {e}; nothing changed"), trigger) from None
         current = evolve(self.config, targets=tuple(self.configs.values()))
         changes = diff_configs(current, new)
         added: list[Target] = []
@@ -291,22 +298,25 @@ class TargetManager:
             for target in [*added, *(t for t in prepared if t is not None)]:
                 target.backend.close()
             if isinstance(e, TargetError):
-                raise ControlError(f"reload: {source}: {e}; nothing changed") from None
+                error = ControlError(f"reload: {source}: {e}; nothing changed")
+                raise _logged(error, trigger) from None
             if isinstance(e, ControlError):
-                raise ControlError(f"{e}; nothing changed") from None
+                raise _logged(ControlError(f"{e}; nothing changed"), trigger) from None
             raise
-        self.service.retune(new.removed_grace, new.backend_timeout, new.duplicate_wait)
+        waiting = [
+            self.service.retune(new.removed_grace, new.backend_timeout, new.duplicate_wait)
+        ]
         for config in changes.removed:
-            self.service.remove_target(*config.key)
+            waiting.append(self.service.remove_target(*config.key))
             self.configs.pop(config.key, None)
         for (old, new_), opened in zip(changes.changed, prepared, strict=True):
-            self._change(old, new_, opened)
+            waiting.append(self._change(old, new_, opened))
         self.config = evolve(
             new,
             **{key: getattr(self.config, key) for key in changes.restart},
         )
         for target, config in zip(added, changes.added, strict=True):
-            self._serve(target, config)
+            waiting.append(self._serve(target, config))
         message = _summary(changes)
         if changes.live:
             message += f"; [server] {', '.join(changes.live)} changed"
@@ -318,7 +328,7 @@ class TargetManager:
             )
             message += f"; {', '.join(changes.restart)} take effect at the next restart"
         _log.info("reload: {summary}", summary=message)
-        return {
+        result = {
             "added": [c.address for c in changes.added],
             "removed": [c.address for c in changes.removed],
             "changed": [new_.address for _, new_ in changes.changed],
@@ -326,13 +336,12 @@ class TargetManager:
             "restart": list(changes.restart),
             "message": message,
         }
+        return _when(waiting, lambda: result)
 
     def hangup(self) -> None:
-        """``SIGHUP``: reload, and say in one line what happened (or why nothing did)."""
-        try:
-            self.reload()
-        except ControlError as e:
-            _log.error("SIGHUP: {error}", error=str(e))
+        """``SIGHUP``: reload; what happened (or why nothing did) is one line in the log."""
+        with contextlib.suppress(ControlError):  # Logged by reload.
+            self.reload("SIGHUP")
 
     # -- listing ----------------------------------------------------------------
 
@@ -379,21 +388,28 @@ class TargetManager:
         except TargetError as e:
             raise ControlError(f"{command}: {e}") from None
 
-    def _serve(self, target: Target, config: TargetConfig) -> None:
-        """Serve a newly opened ``target`` on ``config``'s interfaces."""
+    def _serve(self, target: Target, config: TargetConfig) -> Any:
+        """Serve a newly opened ``target`` on ``config``'s interfaces (maybe a ``Deferred``)."""
         from aoe_twisted.net.packetsystem import CannotOpenInterface
 
         try:
-            self.service.add_target(target, config.interfaces)
+            done = self.service.add_target(target, config.interfaces)
         except (CannotOpenInterface, ValueError) as e:
             target.backend.close()
             raise ControlError(f"add {config.address}: {e}") from None
         self.configs[config.key] = config
+        return done
 
     def _prepare_change(self, old: TargetConfig, new: TargetConfig, command: str) -> Target | None:
         """Open the new disk a change needs (``None`` if it keeps the old one)."""
         if all(getattr(old, name) == getattr(new, name) for name in _REOPEN):
             return None
+        if old.backend.startswith("memory:") and old.backend == new.backend:
+            changed = [name for name in _REOPEN if getattr(old, name) != getattr(new, name)]
+            raise ControlError(
+                f"{command} {old.address}: changing {', '.join(changed)} opens the disk again, "
+                f"and {old.backend} would lose its contents; remove and add it instead"
+            )
         current = self.service.target(*old.key)
         return self._open_or_refuse(new, command, acl=current.acl)
 
@@ -416,7 +432,7 @@ class TargetManager:
         new: TargetConfig,
         opened: Target | None,
         given: frozenset[str] = frozenset(),
-    ) -> None:
+    ) -> Any:
         """
         Apply a prepared change of one target (``opened``: its new disk, if any).
 
@@ -441,11 +457,33 @@ class TargetManager:
             replacement = opened
             # The same disk's figures go on (a new disk would start from zero).
             replacement.stats = current.stats
-        self.service.replace_target(replacement, new.interfaces)
+        done = self.service.replace_target(replacement, new.interfaces)
         self.configs[new.key] = new
         _log.info(
             "{target}: {what}", target=replacement.name, what=_what_changed(old, new)
         )
+        return done
+
+
+def _logged(error: ControlError, trigger: str) -> ControlError:
+    """Log a failed reload's one line, naming what asked for it (SIGHUP, ctl); return it."""
+    _log.error("{trigger}: {error}", trigger=trigger, error=str(error))
+    return error
+
+
+def _when(results: Sequence[Any], value: Callable[[], Any]) -> Any:
+    """
+    ``value()`` once the ``Deferred`` s among ``results`` have fired (at once if none).
+
+    ``AoEService`` changes its targets at once; ``WorkersService`` answers
+    with a ``Deferred`` that fires once every worker has applied the change:
+    a command is answered only then.
+    """
+    waiting = [r for r in results if isinstance(r, Deferred)]
+    if not waiting:
+        return value()
+    done: Deferred[Any] = gatherResults(waiting, consumeErrors=True)
+    return done.addCallback(lambda _: value())
 
 
 def _what_changed(old: TargetConfig, new: TargetConfig) -> str:

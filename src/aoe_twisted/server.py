@@ -66,6 +66,12 @@ interval are counted and summarised in one line when it ends, so a peer that
 floods garbage costs one log line per interval, not one per frame.
 """
 
+DUPLICATE_RECHECK = 30.0
+"""
+Seconds after which an address refused as a duplicate is asked about again (up to twice that,
+staggered by the interface's MAC).
+"""
+
 #: Seconds between two looks at the duplicate watch (asking again, timing out, settling).
 _WATCH_TICK = 0.1
 
@@ -181,8 +187,8 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._in_flight: dict[tuple[int, bytes], int] = {}
         #: Requests dropped because their initiator was over its window on the target.
         self.over_window = 0
-        #: The last group commit still waiting for an asynchronous disk's flush.
-        self._commit: defer.Deferred[Any] | None = None
+        #: Group commits still waiting for an asynchronous disk's flush, by disk (its key).
+        self._commits: dict[int, defer.Deferred[Any]] = {}
         self.watch: DuplicateWatch | None = None
         #: The MACs of this server's other interfaces (not other servers), set by the service.
         self.own_macs: frozenset[bytes] = frozenset()
@@ -190,7 +196,11 @@ class AoEProtocol(AbstractDatagramProtocol):
         self.probing: dict[tuple[int, int], Target] = {}
         #: Addresses another server answers for with another disk: address -> its MAC.
         self.duplicates: dict[tuple[int, int], bytes] = {}
+        #: The targets refused as duplicates (asked about again later), by address.
+        self._refused: dict[tuple[int, int], Target] = {}
+        self._rechecks: dict[tuple[int, int], IDelayedCall] = {}
         self._sectors = 0xFF
+        self._host: Any = None
         #: Whether some target served here asks for group commit of its own (kept up to date).
         self._some_sync = any(t.sync for t in self.targets)
         self._ticker: Any = None
@@ -236,6 +246,7 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._stop_watching()
         self.probing = {}
         self.duplicates = {}
+        self._refused = {}
         self.dispatcher = Dispatcher(host.mac, [], hold_writes=self.sync)
         self._durability = {}
         if self.duplicate_wait is not None:
@@ -259,8 +270,7 @@ class AoEProtocol(AbstractDatagramProtocol):
             self._serve(served)
             return
         self.probing[key] = served
-        page = served.identifier.identify() if served.identifier is not None else None
-        self._send(watch.watch(key, page, self.clock.seconds()))
+        self._send(watch.watch(key, _page(served), self.clock.seconds()))
         if self.duplicate_wait == 0:
             self._settle()
 
@@ -341,6 +351,10 @@ class AoEProtocol(AbstractDatagramProtocol):
                 self._durability.pop(id(served), None)
             self.probing.pop(key, None)
             self.duplicates.pop(key, None)
+            self._refused.pop(key, None)
+            recheck = self._rechecks.pop(key, None)
+            if recheck is not None and recheck.active():
+                recheck.cancel()
             if self.watch is not None:
                 self.watch.forget(key)
             if served is not None and grace:
@@ -368,14 +382,26 @@ class AoEProtocol(AbstractDatagramProtocol):
             return
         self.drainFinished()
         served = target.for_interface(self._sectors)
+        previous = None
         if key in self.probing:
+            previous = self.probing[key]
             self.probing[key] = served
+        elif key in self._refused:
+            previous = self._refused[key]
+            self._refused[key] = served
         elif key in self.dispatcher.index:
             previous = self.dispatcher.replace(served)
             self._durability.pop(id(previous), None)
             self._durability[id(served)] = _durability_call(served.backend)
             _log.info("changed {target} on {interface}", target=served.name,
                       interface=self.interface)
+        watch = self.watch
+        if watch is not None and previous is not None and key not in self.duplicates:
+            page = _page(served)
+            if page != _page(previous):
+                # Another disk (or slice) now: what other servers serve is judged anew.
+                watch.forget(key)
+                self._send(watch.watch(key, page, self.clock.seconds()))
 
     def state_of(self, shelf: int, slot: int) -> tuple[str, bytes | None, tuple[bytes, ...]]:
         """Return ``(state, the other server's MAC or None, second paths)`` of one address here."""
@@ -446,14 +472,47 @@ class AoEProtocol(AbstractDatagramProtocol):
                 target = served
                 self._durability.pop(id(served), None)
         name = target.name if target is not None else f"e{key[0]}.{key[1]}"
+        if target is not None:
+            self._refused[key] = target
+            self._recheck_later(key)
+        self._filter()
         _log.critical(
-            "duplicate address on {interface}: {line} ({target} is not served here until "
-            "the other server stops or one of them changes address; "
-            "remove and add it again to retry)",
+            "duplicate address on {interface}: {line} ({target} is not served here while "
+            "the other server answers for it; asked again after {interval:.0f}-{twice:.0f} s)",
             interface=self.interface,
             line=verdict.describe(),
             target=name,
+            interval=DUPLICATE_RECHECK,
+            twice=2 * DUPLICATE_RECHECK,
         )
+
+    def _recheck_later(self, key: tuple[int, int]) -> None:
+        """Ask the segment about a refused address again after ``DUPLICATE_RECHECK`` seconds."""
+        previous = self._rechecks.pop(key, None)
+        if previous is not None and previous.active():
+            previous.cancel()
+        # Staggered by our MAC, so two servers that refused each other do not ask
+        # again at the same moment (and refuse each other again): one gets it back.
+        mac = self._host.mac if self._host is not None else bytes(6)
+        delay = DUPLICATE_RECHECK * (1 + mac[-1] / 256)
+        self._rechecks[key] = self.clock.callLater(delay, self._recheck, key)
+
+    def _recheck(self, key: tuple[int, int]) -> None:
+        """
+        Ask again about a refused address: served again if nobody else answers for it now.
+
+        The other server may have stopped, or changed address; if it still
+        answers, the address is refused again (and one more critical line says so).
+        """
+        self._rechecks.pop(key, None)
+        target = self._refused.pop(key, None)
+        watch = self.watch
+        if target is None or watch is None or key not in self.duplicates:
+            return
+        del self.duplicates[key]
+        watch.forget(key)
+        self.probing[key] = target
+        self._send(watch.watch(key, _page(target), self.clock.seconds()))
 
     def _tick(self) -> None:
         """Ask again what went unanswered, judge what timed out, serve what has settled."""
@@ -686,29 +745,37 @@ class AoEProtocol(AbstractDatagramProtocol):
                 result.addErrback(self._async_sync_failed, failed, key, target)
                 waiting.append(result)
         self.syncs += len(dirty)
-        if not waiting and self._commit is None:
+        # Replies leave in the order their requests came: after any earlier group
+        # still waiting on one of the same disks (not behind other disks' flushes).
+        earlier = {id(c): c for c in map(self._commits.get, dirty) if c is not None}
+        if not waiting and not earlier:
             self._release(held, writes, failed)
             return
-        # Replies leave in the order their requests came: after any earlier group.
-        if self._commit is not None:
-            waiting.insert(0, self._commit)
-        commit: defer.Deferred[Any] = defer.gatherResults(waiting, consumeErrors=True)
+        commit: defer.Deferred[Any] = defer.gatherResults(
+            [*earlier.values(), *waiting], consumeErrors=True
+        )
 
         def release(_: object) -> None:
-            if self._commit is commit:
-                self._commit = None
+            for key in dirty:
+                if self._commits.get(key) is commit:
+                    del self._commits[key]
             self._release(held, writes, failed)
 
         commit.addBoth(release)
         if not commit.called:
-            self._commit = commit
+            for key in dirty:
+                self._commits[key] = commit
 
     def _async_sync_failed(
         self, failure: Failure, failed: set[int], key: int, target: Target
     ) -> None:
         """An asynchronous disk's flush failed (or timed out): its writes are refused."""
         error = failure.value
-        if not isinstance(error, OSError):
+        if isinstance(error, defer.TimeoutError):
+            error = OSError(
+                errno.ETIMEDOUT, f"no answer from the disk in {self.backend_timeout:g} s"
+            )
+        elif not isinstance(error, OSError):
             error = OSError(errno.EIO, failure.getErrorMessage())
         self._sync_failed(failed, key, target, error)
 
@@ -797,10 +864,11 @@ class AoEProtocol(AbstractDatagramProtocol):
         """Send what is still held, log what is still unsummarised and what was counted."""
         self.drainFinished()
         self._stop_watching()
-        for call in self._forget_calls.values():
+        for call in [*self._forget_calls.values(), *self._rechecks.values()]:
             if call.active():
                 call.cancel()
         self._forget_calls.clear()
+        self._rechecks.clear()
         if self._summary is not None:
             self._summary.cancel()
             self._summarise()
@@ -1335,7 +1403,7 @@ class AoEService(service.Service):
         waiting = [d for d in closing if d is not None]
         if not waiting:
             return None
-        return defer.gatherResults(waiting, consumeErrors=True)
+        return defer.gatherResults(waiting, consumeErrors=True).addCallback(lambda _: None)
 
     def _close_backend(self, target: Target) -> defer.Deferred[Any] | None:
         """
@@ -1346,15 +1414,25 @@ class AoEService(service.Service):
         """
         backend = target.backend
         if target.asynchronous:
+            clock: Any = self.reactor
+            if clock is None:
+                from twisted.internet import reactor as clock
+
+            def bounded(result: Any) -> Any:
+                # A disk that never answers must not hang the stop (or a reload).
+                if isinstance(result, defer.Deferred):
+                    result.addTimeout(self.backend_timeout, clock)
+                return result
+
             d: defer.Deferred[Any] = defer.succeed(None)
             if not backend.read_only:
-                d.addCallback(lambda _: backend.flush())
+                d.addCallback(lambda _: bounded(backend.flush()))
                 d.addErrback(
                     lambda f: _log.failure(
                         "cannot flush the disk of {target}", f, target=target.name
                     )
                 )
-            d.addCallback(lambda _: backend.close())
+            d.addCallback(lambda _: bounded(backend.close()))
             d.addErrback(
                 lambda f: _log.failure("cannot close the disk of {target}", f, target=target.name)
             )
@@ -1369,6 +1447,11 @@ class AoEService(service.Service):
         except OSError:
             _log.failure("cannot close the disk of {target}", target=target.name)
         return None
+
+
+def _page(target: Target) -> bytes | None:
+    """The IDENTIFY page ``target`` answers with: what the duplicate watch compares."""
+    return target.identifier.identify() if target.identifier is not None else None
 
 
 def _ignored(port: AoEPort | None, counters: Any) -> int:

@@ -48,6 +48,7 @@ from twisted.logger import (
     globalLogPublisher,
     jsonFileLogObserver,
 )
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.reflect import fullyQualifiedName, namedAny
 
@@ -74,8 +75,8 @@ _MAX_RESTART_DELAY = 30.0
 _STABLE_AFTER = 10.0
 #: Regions of shared state made beyond the targets at start-up, for targets added later.
 SPARE_TARGETS = 1024
-#: Seconds a renewed worker has to say it serves before the next one is renewed anyway.
-_READY_TIMEOUT = 20.0
+#: Seconds between two looks at which addresses the parent serves, for the kernel filter.
+_REFILTER_INTERVAL = 0.1
 #: Seconds between two stats reports of a worker to the parent.
 _REPORT_INTERVAL = 1.0
 #: How long a worker has to stop after its standard input closes, before SIGKILL.
@@ -130,6 +131,8 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.ended: defer.Deferred[None] = defer.Deferred()
         #: Fires once the worker serves (it says so after starting its service).
         self.ready: defer.Deferred[None] = defer.Deferred()
+        #: The parent's end of the worker's AMP channel (changes while serving).
+        self.channel: _Channel | None = None
         self._out = b""
         self._err = b""
 
@@ -177,6 +180,98 @@ class _WorkerProcess(protocol.ProcessProtocol):
         """Tell the service; fire ``ended``."""
         self.owner._worker_ended(self, reason)
         self.ended.callback(None)
+
+
+# -- the channel from the parent to each worker ---------------------------------
+#
+# Each worker gets one end of a UNIX socket pair at start (its descriptor in
+# its config, "channel_fd"), on which the parent speaks AMP: a target added,
+# changed or removed while serving reaches every running worker at once, a
+# disk's descriptor passed along (``amp.Descriptor``: SCM_RIGHTS), and the
+# change is answered only once the worker applied it.  No worker is
+# restarted for a change, so no frame waiting in its ring is lost.
+
+
+class _AddTarget(amp.Command):
+    """Serve one more target: its description (as in ``worker_config``) and disk descriptor."""
+
+    arguments = [
+        (b"target", amp.Unicode()),
+        (b"fd", amp.Descriptor(optional=True)),
+    ]
+    response: list[tuple[bytes, amp.Argument]] = []
+    errors = {BackendSpecError: b"BACKEND", OSError: b"OS", ValueError: b"VALUE"}
+
+
+class _ReplaceTarget(_AddTarget):
+    """Serve this target in place of the one at its address."""
+
+
+class _RemoveTarget(amp.Command):
+    """Stop serving a target; answer its address as removed for ``grace`` seconds."""
+
+    arguments = [(b"shelf", amp.Integer()), (b"slot", amp.Integer()), (b"grace", amp.Float())]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class _Retune(amp.Command):
+    """Take a reload's removed_grace and backend_timeout."""
+
+    arguments = [(b"removed_grace", amp.Float()), (b"backend_timeout", amp.Float())]
+    response: list[tuple[bytes, amp.Argument]] = []
+
+
+class _Channel(amp.AMP):
+    """AMP between the parent and a worker, without a log line for its start and end."""
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class _WorkerChannel(_Channel):
+    """The worker's end: applies the parent's changes to its ``AoEService``."""
+
+    def __init__(self, aoe: AoEService, shared: SharedState, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.aoe = aoe
+        self.shared = shared
+        self.config = config
+
+    def _target(self, text: str, fd: int | None) -> tuple[Target, tuple[str, ...]]:
+        description = json.loads(text)
+        if fd is not None:
+            description["backend"] = dict(description["backend"], fd=fd)
+        target = _worker_target(description, self.shared, self.config)
+        return target, tuple(description.get("interfaces") or ())
+
+    @_AddTarget.responder
+    def add(self, target: str, fd: int | None = None) -> dict[str, Any]:
+        built, interfaces = self._target(target, fd)
+        self.aoe.add_target(built, interfaces)
+        return {}
+
+    @_ReplaceTarget.responder
+    def replace(self, target: str, fd: int | None = None) -> dict[str, Any]:
+        built, interfaces = self._target(target, fd)
+        self.aoe.replace_target(built, interfaces)
+        return {}
+
+    @_RemoveTarget.responder
+    def remove(self, shelf: int, slot: int, grace: float) -> dict[str, Any]:
+        self.aoe.remove_target(shelf, slot)
+        self.aoe.answer_removed(shelf, slot, grace)
+        return {}
+
+    @_Retune.responder
+    def retune(self, removed_grace: float, backend_timeout: float) -> dict[str, Any]:
+        self.aoe.retune(removed_grace, backend_timeout)
+        return {}
 
 
 class WorkersService(service.MultiService):
@@ -262,10 +357,9 @@ class WorkersService(service.MultiService):
         self._stopping = False
         self.local: AoEService | None = None
         self._renewing: set[int] = set()
-        self._filtered: set[tuple[int, int]] | None = None
+        self._filtered: tuple[set[tuple[int, int]], set[tuple[int, int]]] | None = None
         self._refilter: task.LoopingCall | None = None
-        self._renewal: defer.Deferred[None] | None = None
-        self._renew_waiters: list[defer.Deferred[None]] = []
+
 
     # -- starting -------------------------------------------------------------
 
@@ -301,33 +395,40 @@ class WorkersService(service.MultiService):
 
     def _filter_sockets(self) -> None:
         """
-        Give every fanout socket the same kernel filter: the addresses served (the parent's job).
+        Give the fanout sockets their kernel filters: the addresses each may answer.
 
-        A filter belongs to a socket, and the sockets of a ``PACKET_FANOUT``
-        group each need the same one (fanout picks the socket, then its
-        filter runs); a worker does not filter the socket it is handed.
-        Addresses the parent found served by another server with another
-        disk (a duplicate) are left out, so no worker answers for them.
+        A filter belongs to a socket, so the parent sets every one (a
+        worker does not filter the socket it is handed).  The parent's own
+        socket (the first) passes every address it knows of, including those
+        it is still asking the segment about or has refused as duplicates: it
+        watches other servers' replies for them (the fanout program sends
+        every reply to it).  The workers' sockets pass only the addresses
+        the parent serves, so no worker answers for an address before the
+        parent knows nobody else does, nor after it found somebody does.
         """
-        addresses = {(t.shelf, t.slot) for t in self.targets}
-        addresses.update(key for key, until in self._removed.items() if until > time.time())
+        known = {(t.shelf, t.slot) for t in self.targets}
+        known.update(key for key, until in self._removed.items() if until > time.time())
+        served = set(known)
         if isinstance(self.local, AoEService):
             for protocol in self.local.protocols.values():
-                addresses.update(protocol.dispatcher.removed if protocol.dispatcher else ())
-                addresses.difference_update(protocol.duplicates)
-        if addresses == self._filtered:
+                removed = protocol.dispatcher.removed if protocol.dispatcher else ()
+                known.update(removed)
+                served.update(removed)
+                served.difference_update(protocol.duplicates)
+                served.difference_update(protocol.probing)
+        if (known, served) == self._filtered:
             return
-        self._filtered = addresses
-        program = address_filter(addresses)
-        if is_catch_all(program):
+        self._filtered = (known, served)
+        programs = [address_filter(known), address_filter(served)]
+        if any(is_catch_all(program) for program in programs):
             _log.warn(
                 "--workers: too many addresses for a kernel filter; every AoE frame wakes "
                 "the workers"
             )
         for sockets in self.sockets.values():
-            for sock in sockets:
+            for index, sock in enumerate(sockets):
                 try:
-                    attach_filter(sock.fileno(), program)
+                    attach_filter(sock.fileno(), programs[0 if index == 0 else 1])
                 except OSError as e:
                     _log.warn(
                         "--workers: cannot filter frames in the kernel ({error})",
@@ -393,7 +494,7 @@ class WorkersService(service.MultiService):
             self._spawn(index, first=True)
         self._refilter = task.LoopingCall(self._filter_sockets)
         self._refilter.clock = self.reactor
-        self._refilter.start(1.0, now=False)
+        self._refilter.start(_REFILTER_INTERVAL, now=False)
 
     def worker_config(self, index: int) -> dict[str, Any]:
         """
@@ -423,19 +524,23 @@ class WorkersService(service.MultiService):
             "sync": self.sync,
             "state_dir": self.state_dir,
             "targets": [
-                {
-                    "shelf": target.shelf,
-                    "slot": target.slot,
-                    "buffer_count": target.buffer_count,
-                    "max_sectors": target.max_sectors,
-                    "sync": target.sync,
-                    "spec": target.spec,
-                    "state_index": self.state.index_of(target.acl),
-                    "interfaces": list(self.placement.get((target.shelf, target.slot), ())),
-                    "backend": _describe_backend(target.backend, spec, self.direct),
-                }
+                self._describe_target(target, spec)
                 for target, spec in zip(self.targets, self.specs, strict=True)
             ],
+        }
+
+    def _describe_target(self, target: Target, spec: str) -> dict[str, Any]:
+        """Say what a worker needs to serve ``target`` (its disk by descriptor or spec)."""
+        return {
+            "shelf": target.shelf,
+            "slot": target.slot,
+            "buffer_count": target.buffer_count,
+            "max_sectors": target.max_sectors,
+            "sync": target.sync,
+            "spec": target.spec,
+            "state_index": self.state.index_of(target.acl),
+            "interfaces": list(self.placement.get((target.shelf, target.slot), ())),
+            "backend": _describe_backend(target.backend, spec, self.direct),
         }
 
     def _spawn(self, index: int, first: bool = False) -> None:
@@ -447,7 +552,9 @@ class WorkersService(service.MultiService):
         """
         self._pending.pop(index, None)
         config = self.worker_config(index)
-        fds = [*config["sockets"].values(), config["state_fd"]]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        config["channel_fd"] = theirs.fileno()
+        fds = [*config["sockets"].values(), config["state_fd"], theirs.fileno()]
         fds += [t["backend"]["fd"] for t in config["targets"] if "fd" in t["backend"]]
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         child_fds.update({fd: fd for fd in fds})
@@ -468,20 +575,27 @@ class WorkersService(service.MultiService):
                 f"--workers: cannot start worker {index} with {sys.executable}: "
                 f"{e.strerror or e} (the user the server runs as must be able to run it)"
             )
+            ours.close()
             if first:
                 self._fail(message)
             self._restart_later(index, message)
             return
+        finally:
+            theirs.close()
         self.processes[index] = process
+        channel = _Channel()
+        factory = protocol.Factory.forProtocol(lambda: channel)  # type: ignore[arg-type]
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, factory)
+        ours.close()
+        process.channel = channel
 
     # -- the targets, changed while serving ----------------------------------
     #
     # The parent's share is served by ``local`` (an ``AoEService``), changed in
-    # place as a single process is; the other workers are then started again
-    # one after the other with the new targets (``_renew``).  A worker's
-    # sockets stay open in the parent meanwhile, so its share of the frames
-    # waits in the kernel (those in its ring when it stops may need the
-    # initiator's retransmission).
+    # place as a single process is; every running worker is told the change
+    # over its channel (``_tell``), and the change is done once all of them
+    # have applied it.  A worker started later gets the targets as they are
+    # then, in its config.
 
     def target(self, shelf: int, slot: int) -> Target | None:
         """Return the target served (or being added) at ``shelf``.``slot``, or ``None``."""
@@ -505,14 +619,17 @@ class WorkersService(service.MultiService):
 
     def retune(
         self, removed_grace: float, backend_timeout: float, duplicate_wait: float | None = None
-    ) -> None:
-        """Apply a reload's settings here; workers get them when they are next started."""
+    ) -> defer.Deferred[Any]:
+        """Apply a reload's settings here and in every worker."""
         self._removed_grace = removed_grace
         self.backend_timeout = backend_timeout
         if duplicate_wait is not None:
             self.duplicate_wait = duplicate_wait
         if self.local is not None:
             self.local.retune(removed_grace, backend_timeout, duplicate_wait)
+        return self._tell(
+            _Retune, removed_grace=removed_grace, backend_timeout=backend_timeout
+        )
 
     def snapshot(self) -> dict[str, Any]:
         """This process's figures (see ``merged_snapshot`` for every worker's)."""
@@ -523,14 +640,14 @@ class WorkersService(service.MultiService):
         """The figures of every worker, summed (each worker reports once a second)."""
         return merge_snapshots([self.snapshot(), *self.worker_stats.values()])
 
-    def add_target(self, target: Target, interfaces: Sequence[str] = ()) -> None:
+    def add_target(self, target: Target, interfaces: Sequence[str] = ()) -> defer.Deferred[Any]:
         """
         Serve ``target`` too, in every worker (see ``AoEService.add_target``).
 
-        The other workers are started again with it first; the parent
-        serves it (asks the segment, then announces it) once they all do,
-        so that an initiator that answers the announcement at once finds it
-        in whichever worker its frames go to.
+        The workers serve it first; the parent then asks the segment and
+        announces it, so that an initiator answering the announcement at
+        once finds it in whichever process its frames go to.  The
+        ``Deferred`` fires once every worker serves it.
         """
         assert self.local is not None
         self._check_interfaces(interfaces)
@@ -539,16 +656,24 @@ class WorkersService(service.MultiService):
         self.specs.append(target.spec)
         if interfaces:
             self.placement[(target.shelf, target.slot)] = tuple(interfaces)
+        self._filter_sockets()
         local = self.local
+        told = self._tell_target(_AddTarget, target)
 
-        def serve(_: object) -> None:
+        def serve(result: object) -> object:
             if not self._stopping and self.target(target.shelf, target.slot) is target:
                 local.add_target(target, interfaces)
+            return result
 
-        self._renew().addCallback(serve)
+        return told.addCallback(serve)
 
-    def remove_target(self, shelf: int, slot: int) -> Target | None:
-        """Stop serving the target at ``shelf``.``slot`` in every worker; return it."""
+    def remove_target(self, shelf: int, slot: int) -> defer.Deferred[Any] | None:
+        """
+        Stop serving the target at ``shelf``.``slot`` here and in every worker.
+
+        ``None`` if none is served there; else a ``Deferred`` firing once
+        every worker has stopped.
+        """
         assert self.local is not None
         target = self.target(shelf, slot)
         if target is None:
@@ -563,11 +688,14 @@ class WorkersService(service.MultiService):
         target.acl.released = True  # type: ignore[attr-defined]
         if self._removed_grace > 0:
             self._removed[(shelf, slot)] = time.time() + self._removed_grace
-        self._renew()
-        return target
+        told = self._tell(_RemoveTarget, shelf=shelf, slot=slot, grace=self._removed_grace)
+        told.addCallback(lambda result: (self._filter_sockets(), result)[1])
+        return told
 
-    def replace_target(self, target: Target, interfaces: Sequence[str] = ()) -> Target:
-        """Serve ``target`` in place of the one at its address, in every worker."""
+    def replace_target(
+        self, target: Target, interfaces: Sequence[str] = ()
+    ) -> defer.Deferred[Any]:
+        """Serve ``target`` in place of the one at its address, here and in every worker."""
         assert self.local is not None
         self._check_interfaces(interfaces)
         if IProcessShareableBackend.providedBy(target.backend):
@@ -584,8 +712,7 @@ class WorkersService(service.MultiService):
             self.placement[(target.shelf, target.slot)] = tuple(interfaces)
         else:
             self.placement.pop((target.shelf, target.slot), None)
-        self._renew()
-        return old
+        return self._tell_target(_ReplaceTarget, target)
 
     def open_interfaces(self, interfaces: Sequence[str]) -> None:
         """Check each of ``interfaces`` is served already (``ValueError`` if not)."""
@@ -609,61 +736,45 @@ class WorkersService(service.MultiService):
         if IProcessShareableBackend.providedBy(target.backend):
             target.backend = target.backend.share()
 
-    def _renew(self) -> defer.Deferred[None]:
+    def _tell_target(self, command: type[amp.Command], target: Target) -> defer.Deferred[Any]:
+        """Send every worker ``target``'s description, and its disk's descriptor if it has one."""
+        description = self._describe_target(target, target.spec)
+        arguments: dict[str, Any] = {"target": json.dumps(description)}
+        if "fd" in description["backend"]:
+            arguments["fd"] = description["backend"]["fd"]
+        return self._tell(command, **arguments)
+
+    def _tell(self, command: type[amp.Command], **arguments: Any) -> defer.Deferred[Any]:
         """
-        Start every other worker again, one after the other, with the targets as they are now.
+        Send ``command`` to every running worker; fire once all have answered.
 
-        Returns a ``Deferred`` that fires once every worker serves them.
-        Changes made while a renewal runs are taken by one more renewal
-        after it.
+        A worker that cannot apply it (its disk does not open there, say) is
+        stopped, logged, and started again with the targets as they are: it
+        never serves a stale set.
         """
-        self._filter_sockets()
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._renew_waiters.append(waiter)
-        if self._renewal is None:
-            self._start_renewal()
-        return waiter
-
-    def _start_renewal(self) -> None:
-        """Renew the workers for every change asked so far."""
-        waiters, self._renew_waiters = self._renew_waiters, []
-        renewal = self._renew_each(list(range(1, self.workers)))
-        self._renewal = renewal
-
-        def finished(result: object) -> None:
-            self._renewal = None
-            for waiter in waiters:
-                waiter.callback(None)
-            if self._renew_waiters and not self._stopping:
-                self._start_renewal()
-
-        renewal.addBoth(finished)
-
-    @defer.inlineCallbacks
-    def _renew_each(self, indexes: list[int]) -> Any:
-        """Stop worker after worker; each starts again at once (the sockets stay open)."""
-        for index in indexes:
-            if self._stopping:
-                return
-            process = self.processes.get(index)
-            if process is None:
+        sent = []
+        for index, process in list(self.processes.items()):
+            channel = process.channel
+            if channel is None or channel.transport is None:
                 continue
+            d = channel.callRemote(command, **arguments)
+            d.addErrback(self._not_applied, index, process, command)
+            sent.append(d)
+        return defer.gatherResults(sent, consumeErrors=True)
+
+    def _not_applied(
+        self, failure: Failure, index: int, process: _WorkerProcess, command: type[amp.Command]
+    ) -> None:
+        """A worker failed to apply a change: start it again with the current targets."""
+        _log.error(
+            "aoe worker {index} could not apply {command} ({error}); restarting it",
+            index=index,
+            command=command.__name__.lstrip("_"),
+            error=failure.getErrorMessage(),
+        )
+        if self.processes.get(index) is process:
             self._renewing.add(index)
-            yield self._stop_worker(process)
-            fresh = self.processes.get(index)
-            if fresh is not None and fresh is not process:
-                # Wait until it serves (or a while: a worker that cannot start is restarted).
-                ready = defer.Deferred()
-                fresh.ready.chainDeferred(ready)
-                ready.addTimeout(_READY_TIMEOUT, self.reactor)
-                try:
-                    yield ready
-                except defer.TimeoutError:
-                    _log.warn(
-                        "aoe worker {index} did not say it serves within {seconds:.0f} s",
-                        index=index,
-                        seconds=_READY_TIMEOUT,
-                    )
+            self._stop_worker(process)
 
     # -- a worker's end -----------------------------------------------------
 
@@ -778,33 +889,38 @@ def _open_backend(description: dict[str, Any]) -> Any:
     )
 
 
-def _worker_targets(config: dict[str, Any], state: SharedState) -> list[Target]:
-    """Build the worker's targets from ``config``: backends, shared stores, limits."""
+def _worker_target(
+    spec: dict[str, Any], state: SharedState, config: dict[str, Any], number: int = 0
+) -> Target:
+    """Build one of the worker's targets from its description: backend, shared store, limits."""
     from aoe_twisted.statefile import FileACLStore, state_path
 
-    targets = []
-    for number, spec in enumerate(config["targets"]):
-        index = spec.get("state_index", number)
-        persist = None
-        if config["state_dir"]:
-            # Only to write: the state itself comes from shared memory, and the
-            # file may be one the server wrote as root before dropping privileges.
-            shelf, slot = spec["shelf"], spec["slot"]
-            path = state_path(config["state_dir"], shelf, slot)
-            persist = FileACLStore(path, shelf, slot).replace_state
-        targets.append(
-            Target(
-                spec["shelf"],
-                spec["slot"],
-                _open_backend(spec["backend"]),
-                acl=state.store(index, persist),
-                buffer_count=spec["buffer_count"],
-                max_sectors=spec.get("max_sectors", 0xFF),
-                spec=spec.get("spec", ""),
-                sync=spec.get("sync", False),
-            )
-        )
-    return targets
+    index = spec.get("state_index", number)
+    persist = None
+    if config["state_dir"]:
+        # Only to write: the state itself comes from shared memory, and the
+        # file may be one the server wrote as root before dropping privileges.
+        shelf, slot = spec["shelf"], spec["slot"]
+        path = state_path(config["state_dir"], shelf, slot)
+        persist = FileACLStore(path, shelf, slot).replace_state
+    return Target(
+        spec["shelf"],
+        spec["slot"],
+        _open_backend(spec["backend"]),
+        acl=state.store(index, persist),
+        buffer_count=spec["buffer_count"],
+        max_sectors=spec.get("max_sectors", 0xFF),
+        spec=spec.get("spec", ""),
+        sync=spec.get("sync", False),
+    )
+
+
+def _worker_targets(config: dict[str, Any], state: SharedState) -> list[Target]:
+    """Build the worker's targets from ``config``."""
+    return [
+        _worker_target(spec, state, config, number)
+        for number, spec in enumerate(config["targets"])
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -856,6 +972,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         for shelf, slot, until in config.get("removed", ()):
             aoe.answer_removed(shelf, slot, until - time.time())
+        channel = config.get("channel_fd")
+        if channel is not None:
+            factory = protocol.Factory.forProtocol(lambda: _WorkerChannel(aoe, state, config))
+            reactor.adoptStreamConnection(channel, socket.AF_UNIX, factory)
+            os.close(channel)
         # Not a log line: tells the parent this worker serves.
         _log.info("", aoe_ready=True)
 

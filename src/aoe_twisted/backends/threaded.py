@@ -20,8 +20,11 @@ are); give ``thread:1:`` for one that is not.  A disk's identity
 
 from __future__ import annotations
 
+from functools import partial
+from threading import Thread
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import alsoProvides, implementer
@@ -64,9 +67,12 @@ class ThreadedBackend:
     ``inner`` (an ``IBlockBackend``) as an ``IAsyncBlockBackend``, each call in ``threads`` threads.
 
     The pool starts with the first call (not before: ``twistd`` may fork
-    after the disk is opened, and threads do not survive a fork) and stops
-    when ``close`` is called, after the wrapped disk is closed (in the
-    pool, like every other call).
+    after the disk is opened, and threads do not survive a fork).  ``close``
+    waits until no call is running in the pool (the server may have given up
+    on some: their threads still use the disk), closes the wrapped disk (in
+    the pool, like every other call), then stops the pool.  The threads are
+    daemon threads: one stuck for ever in the wrapped disk does not keep the
+    process from exiting.
     """
 
     def __init__(self, inner: IBlockBackend, threads: int = DEFAULT_THREADS, reactor: Any = None):
@@ -79,6 +85,11 @@ class ThreadedBackend:
         self.size: int = inner.size
         self.read_only: bool = inner.read_only
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="aoe-thread-disk")
+        self.pool.threadFactory = partial(Thread, daemon=True)  # type: ignore[assignment]
+        #: Calls running (or queued) in the pool: counted in the thread, not by the Deferred,
+        #: which the server may cancel while the thread still runs.
+        self.running = 0
+        self._idle: list[Deferred[None]] = []
         if IDiskIdentity.providedBy(inner):
             identity = inner.disk_identity()
             self.disk_identity = lambda: identity
@@ -88,7 +99,32 @@ class ThreadedBackend:
         """Run ``f(*args)`` in the pool; a ``Deferred`` of its result."""
         if not self.pool.started:
             self.pool.start()
-        return deferToThreadPool(self.reactor, self.pool, f, *args)
+        self.running += 1
+
+        def run() -> Any:
+            try:
+                return f(*args)
+            finally:
+                # Queued before the result's own callFromThread: counted down first.
+                self.reactor.callFromThread(self._finished)
+
+        return deferToThreadPool(self.reactor, self.pool, run)
+
+    def _finished(self) -> None:
+        """A call returned in its thread (in the reactor thread)."""
+        self.running -= 1
+        if not self.running:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def _when_idle(self) -> Deferred[None]:
+        """A ``Deferred`` firing once no call is running in the pool."""
+        if not self.running:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
 
     def read(self, offset: int, length: int) -> Any:
         """``inner.read`` in a thread."""
@@ -103,12 +139,16 @@ class ThreadedBackend:
         return self._call(self.inner.flush)
 
     def close(self) -> Any:
-        """Close the wrapped disk (in the pool), then stop the pool."""
-        d = self._call(self.inner.close)
+        """Once no call is running, close the wrapped disk (in the pool); then stop the pool."""
+        d = self._when_idle()
+        d.addCallback(lambda _: self._call(self.inner.close))
 
         def stop(result: object) -> object:
-            # In the reactor thread (where Deferreds fire), not a pool thread: it joins them.
-            self.pool.stop()
+            # In the reactor thread (where Deferreds fire), not a pool thread: it joins
+            # them, at once when they are idle.  Given up on (cancelled) while a call is
+            # stuck: leave the daemon threads be rather than block the reactor.
+            if not self.running:
+                self.pool.stop()
             return result
 
         return d.addBoth(stop)

@@ -54,6 +54,10 @@ _ALU_LSH_K = 0x64
 _ALU_MUL_K = 0x24
 _ALU_RSH_K = 0x74
 _RET_A = 0x16
+_RET_K = 0x06
+_JMP_JSET_K = 0x45
+#: The response flag in the AoE version-and-flags byte.
+_RESPONSE_FLAG = 0x08
 #: Negative offsets that address the link-layer and network headers (``SKF_LL_OFF``...).
 _SKF_NET_OFF = -0x100000
 _SKF_LL_OFF = -0x200000
@@ -75,8 +79,13 @@ class FanoutError(Exception):
 
 
 def _insn(code: int, k: int = 0) -> bytes:
-    """Encode one classic BPF instruction (no jumps are needed)."""
+    """Encode one classic BPF instruction that does not jump."""
     return _INSTRUCTION.pack(code, 0, 0, k & 0xFFFFFFFF)
+
+
+def _jump(code: int, k: int, jt: int, jf: int) -> bytes:
+    """Encode one conditional jump: ``jt``/``jf`` instructions ahead if true/false."""
+    return _INSTRUCTION.pack(code, jt, jf, k & 0xFFFFFFFF)
 
 
 def fanout_program() -> bytes:
@@ -84,10 +93,16 @@ def fanout_program() -> bytes:
     Return the classic BPF program that picks a frame's socket (``sock_filter`` array).
 
     ``A = ((src[2:6] ^ src[0:2]) ^ shelf << 8 ^ slot) * FANOUT_HASH_MULTIPLIER >> 16``;
-    the kernel takes it modulo the number of sockets in the group.
+    the kernel takes it modulo the number of sockets in the group.  A
+    response (another server's reply or announcement: the R flag) goes to
+    the first socket, the parent's: it alone watches the segment for
+    duplicate addresses.
     """
     return b"".join(
         [
+            _insn(_LD_B_ABS, _SKF_NET_OFF),  # A = AoE version and flags
+            _jump(_JMP_JSET_K, _RESPONSE_FLAG, 0, 1),  # a response: next, else skip it
+            _insn(_RET_K, 0),
             _insn(_LD_W_ABS, _SKF_LL_OFF + 8),  # A = source MAC bytes 2..5
             _insn(_TAX),
             _insn(_LD_H_ABS, _SKF_LL_OFF + 6),  # A = source MAC bytes 0..1
@@ -106,8 +121,12 @@ def fanout_program() -> bytes:
     )
 
 
-def fanout_index(src: bytes, shelf: int, slot: int, sockets: int) -> int:
+def fanout_index(
+    src: bytes, shelf: int, slot: int, sockets: int, response: bool = False
+) -> int:
     """Return which of ``sockets`` sockets the program sends a frame to (as the kernel does)."""
+    if response:
+        return 0
     value = int.from_bytes(src[2:6], "big") ^ int.from_bytes(src[0:2], "big")
     value ^= (shelf << 8) & 0xFFFFFFFF
     value ^= slot
