@@ -417,7 +417,7 @@ class ParserTests(SynchronousTestCase):
     def test_usage_errors(self) -> None:
         """A bad command line is one line on standard error and status 2."""
         for argv in (["add", "1.0"], ["add", "x=file:a"], ["remove", "e1"], ["set", "e1.0"],
-                     ["set", "e1.0", "novalue"], ["stats", "--interval", "0"], ["bogus"], []):
+                     ["set", "e1.0", "=on"], ["stats", "--interval", "0"], ["bogus"], []):
             err = io.StringIO()
             self.patch(sys, "stderr", err)
             with self.assertRaises(SystemExit) as caught:
@@ -783,7 +783,9 @@ class GarbageTests(_ServerCase):
         from aoe_twisted.control import server as server_module
 
         self.patch(server_module, "REFUSED_GRACE", 0.2)
-        self.patch(self.server, "refusal", lambda pid, uid, gid: "permission denied: by test")
+        self.patch(
+            self.server, "refusal", lambda pid, uid, gid, groups=None: "permission denied: by test"
+        )
         started = reactor.seconds()
         self.assertEqual(await self.send(b""), b"")
         self.assertGreaterEqual(reactor.seconds() - started, 0.2)

@@ -59,13 +59,13 @@ lines left out)::
     # TYPE aoe_target_errors_total counter
     aoe_target_errors_total{kind="ata",target="e1.0"} 0.0
     aoe_target_errors_total{kind="backend_ENOSPC",target="e1.0"} 3.0
-    # HELP aoe_target_request_seconds Time from a request's arrival to its reply.
+    # HELP aoe_target_request_seconds Time the disk took to serve a request (its backend call).
     # TYPE aoe_target_request_seconds histogram
-    aoe_target_request_seconds_bucket{le="5e-05",target="e1.0"} 120.0
-    aoe_target_request_seconds_bucket{le="0.0001",target="e1.0"} 20110.0
-    aoe_target_request_seconds_bucket{le="0.00025",target="e1.0"} 22900.0
+    aoe_target_request_seconds_bucket{le="1e-06",target="e1.0"} 120.0
+    aoe_target_request_seconds_bucket{le="2e-06",target="e1.0"} 20110.0
+    aoe_target_request_seconds_bucket{le="4e-06",target="e1.0"} 22900.0
     ...
-    aoe_target_request_seconds_bucket{le="1.0",target="e1.0"} 23225.0
+    aoe_target_request_seconds_bucket{le="1.048576",target="e1.0"} 23225.0
     aoe_target_request_seconds_bucket{le="+Inf",target="e1.0"} 23225.0
     aoe_target_request_seconds_count{target="e1.0"} 23225.0
     aoe_target_request_seconds_sum{target="e1.0"} 2.41
@@ -98,8 +98,9 @@ Queries for Grafana (in a panel, write ``[$__rate_interval]`` for ``[5m]``):
   ``sum by (target, kind) (rate(aoe_target_requests_total[5m]))``
 - Throughput in bytes per second, per target and direction:
   ``sum by (target, direction) (rate(aoe_target_bytes_total[5m]))``
-- Error ratio per target (errors per request):
-  ``sum by (target) (rate(aoe_target_errors_total[5m]))
+- Error ratio per target (errors answered per request; a disk failure is
+  counted both as ``ata`` and by its cause, so the causes are left out):
+  ``sum by (target) (rate(aoe_target_errors_total{kind!~"backend_.*"}[5m]))
   / sum by (target) (rate(aoe_target_requests_total[5m]))``
 - Backend failures by cause (alert when above 0):
   ``sum by (target, kind) (increase(aoe_target_errors_total{kind=~"backend_.*"}[15m])) > 0``
@@ -237,7 +238,7 @@ def _families(snapshot: Mapping[str, Any]) -> list[Metric]:
         labels=["target", "kind"],
     )
     seconds = HistogramMetricFamily(
-        "aoe_target_request_seconds", "Time from a request's arrival to its reply.",
+        "aoe_target_request_seconds", "Time the disk took to serve a request (its backend call).",
         labels=["target"],
     )
     in_flight = GaugeMetricFamily(

@@ -99,9 +99,14 @@ def _target(text: str) -> str:
 
 
 def _setting(text: str) -> str:
-    """``KEY=VALUE`` (the value may be empty: ``mask=`` empties the mask list)."""
-    key, equals, _ = text.partition("=")
-    if not equals or not key:
+    """
+    ``KEY=VALUE`` (the value may be empty: ``mask=`` empties the mask list), or a bare ``KEY``.
+
+    A bare key is a boolean set on (``ro``, ``sync``); the server checks the
+    keys and values (``aoe_twisted.config.parse_target_settings``).
+    """
+    key = text.partition("=")[0]
+    if not key or key.startswith("-"):
         raise argparse.ArgumentTypeError(f"not a setting: {text!r} (expected KEY=VALUE)")
     return text
 

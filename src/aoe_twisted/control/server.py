@@ -70,6 +70,7 @@ __all__ = [
     "ControlSocketError",
     "IController",
     "peer_credentials",
+    "peer_groups",
 ]
 
 _log = Logger()
@@ -136,6 +137,20 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
+
+
+#: ``SO_PEERGROUPS`` (Linux 4.13): the peer's supplementary groups, as the kernel saw them.
+_SO_PEERGROUPS = 59
+_GROUP = struct.Struct("I")
+
+
+def peer_groups(sock: socket.socket) -> set[int] | None:
+    """The supplementary groups of the peer of ``sock`` (``None``: unknown, or over 256)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 1024)
+    except OSError:
+        return None
+    return {group for (group,) in _GROUP.iter_unpack(raw[: len(raw) - len(raw) % _GROUP.size])}
 
 
 def _supplementary_groups(pid: int) -> set[int]:
@@ -343,15 +358,24 @@ class ControlServer(service.Service):
 
     # -- peers -----------------------------------------------------------------------
 
-    def refusal(self, pid: int, uid: int, gid: int) -> str | None:
-        """Return why the peer ``(pid, uid, gid)`` may not send commands, or ``None`` if it may."""
+    def refusal(
+        self, pid: int, uid: int, gid: int, groups: set[int] | None = None
+    ) -> str | None:
+        """
+        Return why the peer ``(pid, uid, gid)`` may not send commands, or ``None`` if it may.
+
+        ``groups`` are its supplementary groups as the kernel gave them
+        (``SO_PEERGROUPS``); without them they are read from ``/proc``,
+        which a server under ``ProtectProc=invisible`` cannot.
+        """
         allowed = {0, os.geteuid()}
         if self.owner is not None and self.owner[0] != -1:
             allowed.add(self.owner[0])
         if uid in allowed:
             return None
         if self.group is not None and (
-            gid == self.group[0] or self.group[0] in _supplementary_groups(pid)
+            gid == self.group[0]
+            or self.group[0] in (groups if groups is not None else _supplementary_groups(pid))
         ):
             return None
         return f"permission denied: uid {uid} is not allowed on {self.path}"
@@ -403,7 +427,7 @@ class _ControlProtocol(amp.AMP):
                          f"a peer whose credentials cannot be read ({e})")
             return
         self._peer = f"uid {uid} (pid {pid})"
-        refusal = self._server.refusal(pid, uid, gid)
+        refusal = self._server.refusal(pid, uid, gid, peer_groups(self.transport.getHandle()))
         if refusal is not None:
             self._refuse(refusal, f"uid {uid} (pid {pid}), which is not allowed")
 
