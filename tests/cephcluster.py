@@ -118,6 +118,10 @@ osd max pg log entries = 10
 osd pg log dups tracked = 10
 osd pg log trim min = 10
 rbd cache = false
+
+[client]
+# One socket per client process: clients of one name would fight over one.
+admin socket = {dir}/run/$name.$pid.$cctid.asok
 """
 
 

@@ -1383,6 +1383,8 @@ class AoEService(service.Service):
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None and sweeper.running:
             sweeper.stop()
+            # Failures noted since the last sweep are logged, not lost.
+            self.sweep()
         monitor, self.monitor = self.monitor, None
         if monitor is not None:
             monitor.stop()
