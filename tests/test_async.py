@@ -594,6 +594,47 @@ class WindowTests(AsyncCase):
         self.assertEqual(server.protocol.over_window, 0)
 
 
+class RetransmissionTests(AsyncCase):
+    """A request sent again under a new tag while the first is under way joins it."""
+
+    def test_read_sent_again(self) -> None:
+        """One disk read for both copies; each tag gets its answer when it completes."""
+        server = self.serve()
+        server.send(read_frame(3, 2, tag=1))
+        server.send(read_frame(3, 2, tag=2))
+        self.assertEqual(len(self.disk.log), 1)
+        self.disk.complete(self.disk.one("read"))
+        data = bytes(self.disk.contents[3 * SECTOR_SIZE : 5 * SECTOR_SIZE])
+        replies = server.sent()
+        self.assertEqual(sorted(ata_reply(f)[0] for f in replies), [1, 2])
+        for reply in replies:
+            self.assertEqual(ata_reply(reply)[1].data, data)
+        self.assertEqual(server.stats(self.target)["in_flight"], 0)
+
+    def test_timeout_reaches_the_latest_tag(self) -> None:
+        """A stalled disk's timeout is answered under every tag, the initiator's latest too."""
+        server = self.serve(backend_timeout=2.0)
+        server.send(read_frame(0, tag=10))
+        server.reactor.advance(1.0)
+        server.send(read_frame(0, tag=11))
+        self.assertEqual(len(self.disk.log), 1)
+        server.reactor.advance(1.0)
+        replies = server.sent()
+        self.assertEqual(sorted(ata_reply(f)[0] for f in replies), [10, 11])
+        for reply in replies:
+            self.assertEqual(ata_reply(reply)[1].err_feature, ATAError.UNC)
+
+    def test_other_data_is_another_write(self) -> None:
+        """Two writes to one place with different data are two operations, in order."""
+        server = self.serve()
+        server.send(write_frame(1, pattern(SECTOR_SIZE, seed=5), tag=1))
+        server.send(write_frame(1, pattern(SECTOR_SIZE, seed=6), tag=2))
+        self.assertEqual(len(self.disk.log), 2)
+        server.send(read_frame(1, tag=3, src=OTHER_MAC))
+        server.send(read_frame(1, tag=4))
+        self.assertEqual(len(self.disk.log), 4, "another initiator's read is its own")
+
+
 class StatsTests(AsyncCase):
     """In-flight count and service time of requests served later."""
 

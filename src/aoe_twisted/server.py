@@ -187,6 +187,9 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._in_flight: dict[tuple[int, bytes], int] = {}
         #: Requests dropped because their initiator was over its window on the target.
         self.over_window = 0
+        #: Asynchronous operations under way, by what they do (for whom, what, where),
+        #: each with the requests it answers: a retransmission joins the first.
+        self._operations: dict[tuple[Any, ...], list[Pending]] = {}
         #: Group commits still waiting for an asynchronous disk's flush, by disk (its key).
         self._commits: dict[int, defer.Deferred[Any]] = {}
         self.watch: DuplicateWatch | None = None
@@ -635,21 +638,37 @@ class AoEProtocol(AbstractDatagramProtocol):
         the service's sweep logs), so a disk that never answers pins
         nothing.  An exception that is not an ``OSError`` is a bug in the
         backend: logged with its traceback, answered as ``EIO``.
+
+        A request identical to one under way from the same initiator (the
+        same command, place and data: a retransmission, which the Linux
+        initiator sends under a new tag) starts nothing: it is answered,
+        under its own tag, when the first completes.  So a slow disk is not
+        given the same work again and again, and the initiator gets the
+        answer (or the timeout's ATA error) under the tag it waits for.
         """
         target = pending.target
         key = (id(target.stats), pending.initiator)
+        io = pending.io
+        same = (key, io.kind, io.offset, io.length, bytes(io.data))
+        waiting = self._operations.get(same)
+        if waiting is not None:
+            # The same request again (an initiator's retransmission under a new
+            # tag): answered with the operation already under way, not a second one.
+            waiting.append(pending)
+            return
         window = self._in_flight.get(key, 0)
         if target.buffer_count and window >= target.buffer_count:
             target.stats.in_flight -= 1
             self.over_window += 1
             return
         self._in_flight[key] = window + 1
+        self._operations[same] = [pending]
         started = perf_counter()
-        d = defer.maybeDeferred(submit, pending.io, target.backend)
+        d = defer.maybeDeferred(submit, io, target.backend)
         d.addTimeout(self.backend_timeout, self.clock)
 
         def done(result: Any) -> None:
-            self._completed(pending, key, result, None, perf_counter() - started)
+            self._completed(same, result, None, perf_counter() - started)
 
         def failed(failure: Failure) -> None:
             error = failure.value
@@ -665,31 +684,38 @@ class AoEProtocol(AbstractDatagramProtocol):
                     target=target.name,
                 )
                 error = OSError(errno.EIO, f"unexpected error: {failure.getErrorMessage()}")
-            self._completed(pending, key, None, error, perf_counter() - started)
+            self._completed(same, None, error, perf_counter() - started)
 
         d.addCallbacks(done, failed)
 
     def _completed(
         self,
-        pending: Pending,
-        key: tuple[int, bytes],
+        same: tuple[Any, ...],
         result: bytes | None,
         error: OSError | None,
         elapsed: float,
     ) -> None:
-        """An asynchronous operation completed: answer its request (if still serving)."""
+        """
+        An asynchronous operation completed: answer its request (if still serving).
+
+        Every copy of the request that arrived meanwhile (each under its own
+        tag) is answered too: an initiator waits for the reply to its latest
+        tag, and ignores the others.
+        """
+        key = same[0]
         left = self._in_flight.get(key, 1) - 1
         if left > 0:
             self._in_flight[key] = left
         else:
             self._in_flight.pop(key, None)
-        dispatcher = self.dispatcher
-        if dispatcher is None:
-            pending.finish(result, error, elapsed)
-            return
-        decision = dispatcher.complete(pending, result, error, elapsed)
-        if decision.replies and self.transport is not None:
-            self._deliver(decision)
+        for pending in self._operations.pop(same, ()):
+            dispatcher = self.dispatcher
+            if dispatcher is None:
+                pending.finish(result, error, elapsed)
+                continue
+            decision = dispatcher.complete(pending, result, error, elapsed)
+            if decision.replies and self.transport is not None:
+                self._deliver(decision)
 
     def _deliver(self, decision: Decision) -> None:
         """
