@@ -1,4 +1,4 @@
-"""aoe-twisted's built-in ``--backend`` schemes: memory, file, block, thread, rbd (and nbd)."""
+"""aoe-twisted's built-in ``--backend`` schemes: memory, file, block, thread, rbd, nbd."""
 
 from aoe_twisted.backends.factories import (
     BlockDeviceBackendFactory,
@@ -7,9 +7,11 @@ from aoe_twisted.backends.factories import (
     RBDBackendFactory,
     ThreadedBackendFactory,
 )
+from aoe_twisted.backends.nbd import NBDBackendFactory
 
 memory_backend = MemoryBackendFactory()
 file_backend = FileBackendFactory()
 block_backend = BlockDeviceBackendFactory()
 thread_backend = ThreadedBackendFactory()
 rbd_backend = RBDBackendFactory()
+nbd_backend = NBDBackendFactory()
