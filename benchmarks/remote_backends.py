@@ -22,7 +22,16 @@ What is compared, 4 KiB random reads and writes, in IOPS:
 - ``AoE → rbd:, window 1``: the same one request at a time (the latency);
 - ``AoE → file:, window 64``: the same gateway's ``file:`` target (an image
   in ``/tmp``), for reference: what the client and the server cost without
-  the cluster.
+  the cluster;
+- ``libnbd aio, depth 64`` and ``libnbd sync, depth 1``: this process with
+  libnbd (``aio_pread``/``aio_pwrite``, 64 in flight, driven by libnbd's own
+  ``poll``; ``pread``/``pwrite`` one at a time) against ``nbdkit memory``
+  (64 MiB, filled first) on a UNIX socket;
+- ``NBDBackend, depth 64``: the ``nbd:`` backend itself in this process,
+  driven by the reactor, 64 in flight;
+- ``AoE → nbd:, window 64`` and ``window 1``: the gateway's third target,
+  ``nbd:unix:SOCKET`` of the same nbdkit; the ratio to ``libnbd aio`` is
+  the issue's figure for NBD.
 
 The cluster is ``tests.cephcluster``'s: one monitor and one memstore OSD on
 127.0.0.1 (pool size 1, no cephx), started here; the image (64 MiB,
@@ -37,14 +46,16 @@ once, in the order above; the table gives the median and min-max of the
 repeats and the CPU this process (initiator or librbd client), the gateway
 and the OSD used (median CPU seconds per second).
 
-``nbd:`` is not measured: the report says whether an ``nbd`` scheme is
-registered.  Its rows (a gateway serving ``nbd:unix:SOCKET`` of ``nbdkit
-memory``, against libnbd's ``aio_pread``/``aio_pwrite`` at depth 64 and
-``pread``/``pwrite`` at depth 1) belong here once it is.
+The ``nbd:`` rows are left out, saying why, when no factory registers
+``nbd``, or nbdkit or python3-libnbd is missing.  The "vs aio 64" column
+compares each ``nbd:`` row with ``libnbd aio, depth 64``, every other row
+with ``librbd aio, depth 64``; "server CPU" is the OSD's for the ``rbd:``
+and librbd rows, nbdkit's for the NBD rows.
 
     sudo .venv/bin/python benchmarks/remote_backends.py [--duration 2] [--repeat 3] [--json FILE]
 
-Needs root (namespaces, raw sockets), ceph-mon, ceph-osd and python3-rbd.
+Needs root (namespaces, raw sockets), ceph-mon, ceph-osd and python3-rbd;
+nbdkit and python3-libnbd for the ``nbd:`` rows.
 """
 
 from __future__ import annotations
@@ -77,7 +88,7 @@ IMAGE_BYTES = 64 << 20
 DEPTH = 64
 MTU = 9000
 SHELF = 5
-RBD_SLOT, FILE_SLOT = 0, 1
+RBD_SLOT, FILE_SLOT, NBD_SLOT = 0, 1, 2
 LAYERING = 1
 ROWS = (
     ("librbd aio", DEPTH),
@@ -86,6 +97,13 @@ ROWS = (
     ("AoE → rbd:", DEPTH),
     ("AoE → rbd:", 1),
     ("AoE → file:", DEPTH),
+)
+NBD_ROWS = (
+    ("libnbd aio", DEPTH),
+    ("libnbd sync", 1),
+    ("NBDBackend", DEPTH),
+    ("AoE → nbd:", DEPTH),
+    ("AoE → nbd:", 1),
 )
 
 
@@ -185,14 +203,105 @@ def librbd_sync(image: Any, write: bool, duration: float, rng: random.Random) ->
     return done / (time.perf_counter() - start)
 
 
+# -- libnbd directly ----------------------------------------------------------------------
+
+
+def libnbd_aio(handle: Any, write: bool, depth: int, duration: float, rng: random.Random) -> float:
+    """
+    Random 4 KiB requests with ``depth`` in flight for ``duration`` s; return IOPS.
+
+    libnbd's own ``poll`` drives the handle (no reactor, no threads).
+    """
+    payload = bytearray(os.urandom(BLOCK))
+    blocks = IMAGE_BYTES // BLOCK
+    failures: list[int] = []
+    in_flight = 0
+
+    def done(error: Any) -> int:
+        nonlocal in_flight
+        in_flight -= 1
+        if error.value:
+            failures.append(error.value)
+        return 1  # retire the command
+
+    issued = 0
+    start = time.perf_counter()
+    deadline = start + duration
+    while time.perf_counter() < deadline:
+        while in_flight >= depth:
+            handle.poll(-1)
+        offset = rng.randrange(blocks) * BLOCK
+        in_flight += 1
+        if write:
+            handle.aio_pwrite(payload, offset, completion=done)
+        else:
+            handle.aio_pread(bytearray(BLOCK), offset, completion=done)
+        issued += 1
+    while in_flight:
+        handle.poll(-1)
+    seconds = time.perf_counter() - start
+    if failures:
+        raise RuntimeError(f"libnbd failed {len(failures)} requests: {failures[:3]}")
+    return issued / seconds
+
+
+def libnbd_sync(handle: Any, write: bool, duration: float, rng: random.Random) -> float:
+    """Random 4 KiB synchronous requests, one at a time, for ``duration`` s; return IOPS."""
+    payload = os.urandom(BLOCK)
+    blocks = IMAGE_BYTES // BLOCK
+    done = 0
+    start = time.perf_counter()
+    deadline = start + duration
+    while time.perf_counter() < deadline:
+        offset = rng.randrange(blocks) * BLOCK
+        if write:
+            handle.pwrite(payload, offset)
+        else:
+            handle.pread(BLOCK, offset)
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
+def nbd_unavailable(schemes: Any) -> str | None:
+    """Why the ``nbd:`` rows cannot be measured here, or ``None``."""
+    if "nbd" not in schemes:
+        return (
+            "no backend factory registers the scheme 'nbd' in this checkout "
+            f"(schemes: {', '.join(sorted(schemes))})"
+        )
+    if shutil.which("nbdkit") is None:
+        return "needs nbdkit (apt-get install nbdkit)"
+    try:
+        import nbd  # noqa: F401
+    except ImportError:
+        return "needs python3-libnbd importable from this Python"
+    return None
+
+
+def start_nbdkit(socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``nbdkit memory`` of ``IMAGE_BYTES`` on ``socket_path``; return once it listens."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["nbdkit", "--unix", str(socket_path), "--foreground", "memory", str(IMAGE_BYTES)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not socket_path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            bc.stop(proc)
+            raise RuntimeError(f"nbdkit did not start: {log.read_text(errors='replace')}")
+        time.sleep(0.01)
+    return proc
+
+
 def backend_random(
     backend: Any, write: bool, depth: int, duration: float, rng: random.Random
 ) -> float:
     """
     Random 4 KiB requests on an ``IAsyncBlockBackend`` in this process, ``depth`` workers.
 
-    The ``rbd:`` backend without the network and the AoE server around it:
-    librbd's completions hop to the reactor as they do in the gateway.
+    The ``rbd:`` or ``nbd:`` backend without the network and the AoE server
+    around it: its completions reach the reactor as they do in the gateway.
     """
     from twisted.internet import defer, reactor
 
@@ -339,14 +448,14 @@ def main() -> int:
 
     schemes = find_backend_factories()
     print(f"# Remote backends (issue #13), {bc.now_utc()}\n\n{bc.machine()}\n")
-    if "nbd" not in schemes:
-        print(
-            "nbd: no backend factory registers the scheme 'nbd' in this checkout "
-            f"(schemes: {', '.join(sorted(schemes))}); rbd: and file: only.\n"
-        )
+    no_nbd = nbd_unavailable(schemes)
+    if no_nbd is not None:
+        print(f"nbd: not measured: {no_nbd}; rbd: and file: only.\n")
+    rows = ROWS + (NBD_ROWS if no_nbd is None else ())
     work = Path(tempfile.mkdtemp(prefix="aoe-remote-bench-"))
     cluster = CephCluster(work / "ceph", memstore_bytes=1 << 30)
     gateway = None
+    nbdkit = None
     figures: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}
     try:
@@ -360,6 +469,19 @@ def main() -> int:
             image.write(chunk, offset)
         backend = open_rbd(f"rbd/{image_name},conf={cluster.conf},id=bench", reactor=reactor)
         file_image = bc.make_image(work / "file.img", IMAGE_BYTES)
+        handle = nbd_backend = None
+        if no_nbd is None:
+            import nbd
+
+            from aoe_twisted.backends.nbd import NBDBackendFactory
+
+            nbd_socket = work / "nbdkit.sock"
+            nbdkit = start_nbdkit(nbd_socket, work / "nbdkit.log")
+            handle = nbd.NBD()
+            handle.connect_unix(str(nbd_socket))
+            for offset in range(0, IMAGE_BYTES, len(chunk)):
+                handle.pwrite(chunk, offset)
+            nbd_backend = NBDBackendFactory().open(f"unix:{nbd_socket}")
         with bc.veth_pair(MTU) as pair:
             argv = [
                 "--iface", pair.server_if,
@@ -367,10 +489,14 @@ def main() -> int:
                 "id=gateway",
                 "--target", f"{SHELF}.{FILE_SLOT}=file:{file_image}",
             ]  # fmt: skip
+            if no_nbd is None:
+                argv += ["--target", f"{SHELF}.{NBD_SLOT}=nbd:unix:{nbd_socket}"]
             gateway = start_gateway(pair.server_ns, argv, work / "gateway.log")
             client = AoEClient.listen(pair.client_if, netns=pair.client_ns)
             disks = {"AoE → rbd:": open_disk(client, RBD_SLOT)}
             disks["AoE → file:"] = open_disk(client, FILE_SLOT)
+            if no_nbd is None:
+                disks["AoE → nbd:"] = open_disk(client, NBD_SLOT)
             for disk in disks.values():
                 if disk.window < DEPTH or disk.sectors_per_frame < BLOCK // SECTOR:
                     raise RuntimeError(
@@ -380,11 +506,16 @@ def main() -> int:
             osd_pid = cluster.daemon_pids()[-1]
             rng = random.Random(13)
             for repeat in range(args.repeat):
-                for name, depth in ROWS:
+                for name, depth in rows:
+                    server_pid = nbdkit.pid if "nbd" in name.lower() and nbdkit else osd_pid
                     for write in (False, True):
                         key = f"{name}, {'window' if 'AoE' in name else 'depth'} {depth}"
                         op = "write" if write else "read"
-                        before = (bc.cpu_seconds(gateway.pid), bc.cpu_seconds(osd_pid), own_cpu())
+                        before = (
+                            bc.cpu_seconds(gateway.pid),
+                            bc.cpu_seconds(server_pid),
+                            own_cpu(),
+                        )
                         began = time.perf_counter()
                         if name == "librbd aio":
                             iops = librbd_aio(image, write, depth, args.duration, rng)
@@ -392,21 +523,32 @@ def main() -> int:
                             iops = librbd_sync(image, write, args.duration, rng)
                         elif name == "RBDBackend":
                             iops = backend_random(backend, write, depth, args.duration, rng)
+                        elif name == "libnbd aio":
+                            iops = libnbd_aio(handle, write, depth, args.duration, rng)
+                        elif name == "libnbd sync":
+                            iops = libnbd_sync(handle, write, args.duration, rng)
+                        elif name == "NBDBackend":
+                            iops = backend_random(nbd_backend, write, depth, args.duration, rng)
                         else:
                             iops = aoe_random(disks[name], write, depth, args.duration, rng)
                         wall = time.perf_counter() - began
-                        after = (bc.cpu_seconds(gateway.pid), bc.cpu_seconds(osd_pid), own_cpu())
+                        after = (bc.cpu_seconds(gateway.pid), bc.cpu_seconds(server_pid), own_cpu())
                         figures.setdefault(key, {}).setdefault(op, []).append(iops)
                         cpu.setdefault(key, {}).setdefault(f"gateway {op}", []).append(
                             (after[0] - before[0]) / wall
                         )
-                        cpu[key].setdefault(f"osd {op}", []).append((after[1] - before[1]) / wall)
+                        cpu[key].setdefault(f"server {op}", []).append(
+                            (after[1] - before[1]) / wall
+                        )
                         cpu[key].setdefault(f"client {op}", []).append(
                             (after[2] - before[2]) / wall
                         )
                 print(f"repeat {repeat + 1}/{args.repeat} done", file=sys.stderr, flush=True)
             _run_in_reactor(reactor, client.close)
             _run_in_reactor(reactor, backend.close)
+            if nbd_backend is not None:
+                _run_in_reactor(reactor, nbd_backend.close)
+                handle.shutdown()
             image.close()
             ioctx.close()
             client_rados.shutdown()
@@ -415,24 +557,27 @@ def main() -> int:
     finally:
         if gateway is not None:
             bc.stop(gateway)
+        if nbdkit is not None:
+            bc.stop(nbdkit)
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    reference = "librbd aio, depth 64"
-    rows = []
+    lines = []
     for key in figures:
+        reference = "libnbd aio, depth 64" if "nbd" in key.lower() else "librbd aio, depth 64"
         reads, writes = (bc.Spread(figures[key][op]) for op in ("read", "write"))
         ref_reads, ref_writes = (bc.Spread(figures[reference][op]) for op in ("read", "write"))
-        rows.append([
+        lines.append([
             key, reads.fmt(0), bc.ratio(reads, ref_reads), writes.fmt(0),
             bc.ratio(writes, ref_writes), _cpu(cpu[key], "client"),
-            _cpu(cpu[key], "gateway") if "AoE" in key else "-", _cpu(cpu[key], "osd"),
+            _cpu(cpu[key], "gateway") if "AoE" in key else "-",
+            "-" if "file:" in key else _cpu(cpu[key], "server"),
         ])  # fmt: skip
     print(bc.table(
         f"4 KiB random requests, IOPS: median (min-max) of {args.repeat} x {args.duration:g} s",
         ["path", "read IOPS", "vs aio 64", "write IOPS", "vs aio 64",
-         "this process CPU r/w", "gateway CPU r/w", "OSD CPU r/w"],
-        rows,
+         "this process CPU r/w", "gateway CPU r/w", "server CPU r/w"],
+        lines,
     ))  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps({"iops": figures, "cpu": cpu}, indent=1))

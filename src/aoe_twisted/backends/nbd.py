@@ -877,6 +877,13 @@ class NBDBackend:
         direction (submissions made while settling included) or notice that
         the connection died.
         """
+        handle = self._handle
+        if handle is not None and handle.aio_get_direction() == 0 and _dead(handle):
+            # Before settling anything: libnbd fails the commands it had in flight
+            # when the connection dies; their callbacks must see the disk
+            # reconnecting, and the "connection lost" line must count them.
+            self._drop(self._last_error or "the server closed the connection")
+            return
         if self._done or self._state == "closing":
             self._drain()
         handle = self._handle
@@ -940,7 +947,8 @@ class NBDBackend:
             self._link.stop()
             self._link = None
         handle, self._handle = self._handle, None
-        failed = len(self._live)
+        # Unsettled requests, less those libnbd completed well just before the end.
+        failed = len(self._live) - sum(1 for _, error in self._done if not error)
         for request in list(self._holding):
             self._done.append((request, errno.ENOTCONN))
         del handle  # the last reference: libnbd closes it and forgets the buffers
