@@ -703,7 +703,16 @@ class DeadlineTests(TestCase):
         self.assertEqual(backend.in_flight, 0)  # dropped with the connection
         self.assertEqual(len(logs.matching("not answered in 0.3 s")), 1, logs.lines)
         self.assertEqual(len(logs.matching("connection lost (nothing answered in 0.3 s)")), 1)
-        yield wait_for(lambda: backend.state == "connected", 5, "reconnected")
+        try:
+            yield wait_for(lambda: backend.state == "connected", 3, "reconnected")
+        except AssertionError:
+            if server.running:
+                raise
+            # nbdkit 1.32 may abort when a connection closes with delayed replies
+            # pending ("raw_send_socket: Assertion `sock >= 0' failed"): the
+            # backend then reconnects to a new one on the same socket.
+            server.start()
+            yield wait_for(lambda: backend.state == "connected", 10, "reconnected")
         yield backend.write(0, b"w" * 4096)
         started = time.monotonic()
         yield backend.close()

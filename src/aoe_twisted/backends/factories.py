@@ -20,6 +20,7 @@ __all__ = [
     "BlockDeviceBackendFactory",
     "FileBackendFactory",
     "MemoryBackendFactory",
+    "NBDPluginFactory",
     "RBDBackendFactory",
     "ThreadedBackendFactory",
 ]
@@ -114,3 +115,26 @@ class RBDBackendFactory:
         from aoe_twisted.backends.rbd import open_rbd
 
         return open_rbd(spec, read_only)
+
+
+@implementer(IBackendFactory, IPlugin)
+class NBDPluginFactory:
+    """
+    Opens ``nbd:unix:PATH[:EXPORT]`` or ``nbd:HOST:PORT[:EXPORT]``: a disk an NBD server exports.
+
+    The plugin's light face: ``aoe_twisted.backends.nbd`` (its
+    ``NBDBackendFactory``) is imported only by ``open``.
+    """
+
+    scheme = "nbd"
+    spec_format = "unix:PATH[:EXPORT] or HOST:PORT[:EXPORT]"
+    description = (
+        "a disk an NBD server exports (qemu-nbd, nbdkit, nbd-server), through libnbd; "
+        "needs python3-libnbd"
+    )
+
+    def open(self, spec: str, read_only: bool = False) -> Any:
+        """Connect to the export (blocking, at most the connect timeout)."""
+        from aoe_twisted.backends.nbd import NBDBackendFactory
+
+        return NBDBackendFactory().open(spec, read_only)

@@ -4,14 +4,14 @@ from aoe_twisted.backends.factories import (
     BlockDeviceBackendFactory,
     FileBackendFactory,
     MemoryBackendFactory,
+    NBDPluginFactory,
     RBDBackendFactory,
     ThreadedBackendFactory,
 )
-from aoe_twisted.backends.nbd import NBDBackendFactory
 
 memory_backend = MemoryBackendFactory()
 file_backend = FileBackendFactory()
 block_backend = BlockDeviceBackendFactory()
 thread_backend = ThreadedBackendFactory()
 rbd_backend = RBDBackendFactory()
-nbd_backend = NBDBackendFactory()
+nbd_backend = NBDPluginFactory()
