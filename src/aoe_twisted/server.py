@@ -204,8 +204,9 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._rechecks: dict[tuple[int, int], IDelayedCall] = {}
         self._sectors = 0xFF
         self._host: Any = None
-        #: Whether some target served here asks for group commit of its own (kept up to date).
-        self._some_sync = any(t.sync for t in self.targets)
+        #: Whether a write the in-place path declines may wait for group commit.
+        self._holds_writes = False
+        self._targets_changed()
         self._ticker: Any = None
         self._forget_calls: dict[tuple[int, int], IDelayedCall] = {}
 
@@ -317,10 +318,14 @@ class AoEProtocol(AbstractDatagramProtocol):
 
     # -- the targets, changed while serving ----------------------------------
 
+    def _targets_changed(self) -> None:
+        """Learn again, once per change of the targets, what the per-frame path tests."""
+        self._holds_writes = self.sync or any(t.sync for t in self.targets)
+
     def add_target(self, target: Target) -> None:
         """Serve ``target`` too (its address must be free here): ask the segment, then serve."""
         self.targets.append(target)
-        self._some_sync = any(t.sync for t in self.targets)
+        self._targets_changed()
         if self.dispatcher is None:
             return
         self._filter()
@@ -345,7 +350,7 @@ class AoEProtocol(AbstractDatagramProtocol):
         if target is None:
             return None
         self.targets.remove(target)
-        self._some_sync = any(t.sync for t in self.targets)
+        self._targets_changed()
         self.drainFinished()
         if self.dispatcher is not None:
             grace = gone and self.removed_grace > 0
@@ -380,7 +385,7 @@ class AoEProtocol(AbstractDatagramProtocol):
                 break
         else:
             raise KeyError(f"e{target.shelf}.{target.slot} is not served on {self.interface}")
-        self._some_sync = any(t.sync for t in self.targets)
+        self._targets_changed()
         if self.dispatcher is None:
             return
         self.drainFinished()
@@ -582,7 +587,7 @@ class AoEProtocol(AbstractDatagramProtocol):
             return 0
         length = dispatcher.frame_received_into(frame, reply)
         if not length:
-            if self.sync or self._some_sync:  # a write was declined: it waits for its sync
+            if self._holds_writes:  # a declined write may wait for its sync: not general()
                 self._act(dispatcher.frame_received(frame))
             else:
                 self._act(dispatcher.general(frame))
