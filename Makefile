@@ -19,7 +19,7 @@ help:
 deps:
 	@scripts/install-system-deps
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile src/aoe_twisted/lane/_lane.c
 	@scripts/install-system-deps --python-only
 	@# Debian's python3-libnbd and python3-rbd (nbd:, rbd:) are not on PyPI: see them.
 	$(PYTHON) -m venv --system-site-packages $(VENV)

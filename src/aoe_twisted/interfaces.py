@@ -20,6 +20,9 @@ refines, declared with ``@implementer`` and checked once with
 
 - ``IZeroCopyBackend``: reads straight into the reply's buffer, writes from
   the request's buffer (the data path of the ``PACKET_MMAP`` rings);
+- ``ILaneBackend``: the disk's bytes are in a file descriptor or a buffer
+  of this process, which the compiled data lane (``aoe_twisted.lane``)
+  reads and writes without calling Python;
 - ``IDataSyncBackend``: a cheaper sync than ``flush`` for ``--sync``;
 - ``IDescriptorBackend``: the disk is one open file descriptor, which
   ``--workers`` hands to its worker processes;
@@ -56,6 +59,7 @@ __all__ = [
     "IDirectIOFactory",
     "IDiskIdentity",
     "IIdentifier",
+    "ILaneBackend",
     "IProcessShareableBackend",
     "IStatePersister",
     "ITransactionalACLStore",
@@ -131,6 +135,34 @@ class IZeroCopyBackend(IBlockBackend):
         The promise this interface adds: when ``write`` returns (or raises)
         the backend holds no reference to ``data`` and has copied what it
         needs; ``data`` may be a view of a ring slot that is reused at once.
+        """
+
+
+class ILaneBackend(IZeroCopyBackend):
+    """
+    A disk the compiled data lane can read and write itself, without calling Python.
+
+    The lane (``aoe_twisted.lane``) answers plain reads and writes in C:
+    ``pread``/``pwrite`` between the ring slots and a descriptor, or a copy
+    to and from a buffer.  A backend that provides this says where its
+    bytes are; one that does not is served by the Python path, as always.
+    The built-in ``file:``, ``block:`` and ``memory:`` disks provide it, and
+    so does a slice (``offset``/``length``) of one.
+
+    The promise is the one ``read``/``write`` keep: reading the range
+    ``storage.offset + offset`` of ``storage.fd`` (with ``pread``, whole
+    aligned blocks if ``storage.direct``), or of ``storage.buffer``, gives
+    what ``read(offset, length)`` would, and writing there is what
+    ``write`` does, with nothing else to do (no cache of the backend's own,
+    no bookkeeping in Python); ``flush``/``sync_data`` then make it durable.
+    """
+
+    def lane_storage() -> Any:
+        """
+        Return where the disk's bytes are, as an ``aoe_twisted.lane.LaneStorage``.
+
+        Asked when the target is served (not per frame); the descriptor or
+        buffer must stay valid as long as the backend is open.
         """
 
 

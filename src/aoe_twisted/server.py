@@ -40,12 +40,14 @@ from aoe_twisted.core.stats import initiators_of, merge_snapshots
 from aoe_twisted.core.target import Pending, Target
 from aoe_twisted.core.wire import SECTOR_SIZE, format_mac
 from aoe_twisted.interfaces import IBlockBackend, IDataSyncBackend
+from aoe_twisted.lane import describe as describe_lane
+from aoe_twisted.lane.table import build_table
 from aoe_twisted.net.link import LinkEvent, LinkMonitor
 from aoe_twisted.net.packetsystem import CannotOpenInterface
 from aoe_twisted.net.port import (
     AoEPort,
+    ILaneFrameSink,
     ILinkAwareProtocol,
-    IZeroCopyFrameSink,
     max_sectors_for_mtu,
 )
 from aoe_twisted.net.ring import receive_ring_frames
@@ -93,7 +95,7 @@ def _durability_call(backend: IBlockBackend) -> Callable[[], None]:
     return backend.flush  # type: ignore[no-any-return]
 
 
-@implementer(IZeroCopyFrameSink, ILinkAwareProtocol)
+@implementer(ILaneFrameSink, ILinkAwareProtocol)
 class AoEProtocol(AbstractDatagramProtocol):
     """
     Serve ``targets`` on the port this protocol is connected to.
@@ -206,6 +208,10 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._host: Any = None
         #: Whether a write the in-place path declines may wait for group commit.
         self._holds_writes = False
+        #: The compiled lane's table, and the dispatcher and generation it was built for.
+        self._lane_table: Any = None
+        self._lane_for: Dispatcher | None = None
+        self._lane_generation = -1
         self._targets_changed()
         self._ticker: Any = None
         self._forget_calls: dict[tuple[int, int], IDelayedCall] = {}
@@ -592,6 +598,39 @@ class AoEProtocol(AbstractDatagramProtocol):
             else:
                 self._act(dispatcher.general(frame))
         return length
+
+    def laneTable(self) -> Any:
+        """
+        ``ILaneFrameSink``: the compiled lane's table for the targets served now, or ``None``.
+
+        Built again when the dispatcher or its targets changed; ``None``
+        while replies are held for group commit (every frame then goes
+        through ``frameReceivedInto``, which holds its reply too).  Under
+        ``sync`` the lane answers reads only.
+        """
+        if self._held:
+            return None
+        dispatcher = self.dispatcher
+        if dispatcher is None or not dispatcher.fast_path:
+            return None
+        if dispatcher is not self._lane_for or dispatcher.generation != self._lane_generation:
+            self._lane_table = build_table(
+                dispatcher.fast_index.values(), writes=not dispatcher.hold_writes
+            )
+            self._lane_for = dispatcher
+            self._lane_generation = dispatcher.generation
+        return self._lane_table
+
+    def laneAnswered(self, count: int) -> None:
+        """``ILaneFrameSink``: count ``count`` frames answered by the lane, as the fast path's."""
+        dispatcher = self.dispatcher
+        if dispatcher is None:
+            return
+        counters = dispatcher.counters
+        counters.received += count
+        counters.answered += count
+        counters.replies += count
+        counters.fast += count
 
     def _act(self, decision: Decision) -> None:
         """Carry out ``decision``: log what it says, send its replies, do its disk operations."""
@@ -1402,6 +1441,7 @@ class AoEService(service.Service):
         """Start serving (opening the ports now if ``privilegedStartService`` did not)."""
         if not self.ports:
             self._open()
+        _log.info(describe_lane())
         super().startService()
         self._sweeper = LoopingCall(self.sweep)
         if self.reactor is not None:

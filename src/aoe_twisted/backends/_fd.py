@@ -37,7 +37,13 @@ from zope.interface import implementer
 from aoe_twisted.backends._range import check_range
 from aoe_twisted.core.wire import SECTOR_SIZE
 from aoe_twisted.errors import BackendSpecError
-from aoe_twisted.interfaces import IDataSyncBackend, IDescriptorBackend, IZeroCopyBackend
+from aoe_twisted.interfaces import (
+    IDataSyncBackend,
+    IDescriptorBackend,
+    ILaneBackend,
+    IZeroCopyBackend,
+)
+from aoe_twisted.lane.storage import LaneStorage
 from aoe_twisted.units import check_disk_size
 
 __all__ = ["FDBackend", "describe_file_type"]
@@ -74,7 +80,7 @@ def _open_failure(kind: str, path: str, read_only: bool, error: OSError) -> Back
     return BackendSpecError(f"cannot open {kind} {path}: {reason}")
 
 
-@implementer(IZeroCopyBackend, IDataSyncBackend, IDescriptorBackend)
+@implementer(IZeroCopyBackend, ILaneBackend, IDataSyncBackend, IDescriptorBackend)
 @define
 class FDBackend:
     """
@@ -330,6 +336,10 @@ class FDBackend:
             if written == 0:
                 raise OSError(errno.EIO, f"{self.path} accepted no bytes at {offset + done}")
             done += written
+
+    def lane_storage(self) -> LaneStorage:
+        """``ILaneBackend``: the descriptor, ``O_DIRECT`` and its block size if ``direct``."""
+        return LaneStorage(fd=self._fd, direct=self.direct, alignment=self.alignment)
 
     def flush(self) -> None:
         """``fsync`` the disk, so every completed write is durable."""

@@ -12,13 +12,19 @@ from zope.interface import implementer
 from aoe_twisted.backends._range import check_range
 from aoe_twisted.backends.shared_memory import SharedMemoryBackend
 from aoe_twisted.errors import BackendSpecError
-from aoe_twisted.interfaces import IDataSyncBackend, IProcessShareableBackend, IZeroCopyBackend
+from aoe_twisted.interfaces import (
+    IDataSyncBackend,
+    ILaneBackend,
+    IProcessShareableBackend,
+    IZeroCopyBackend,
+)
+from aoe_twisted.lane.storage import LaneStorage
 from aoe_twisted.units import check_disk_size
 
 __all__ = ["MemoryBackend"]
 
 
-@implementer(IZeroCopyBackend, IDataSyncBackend, IProcessShareableBackend)
+@implementer(IZeroCopyBackend, ILaneBackend, IDataSyncBackend, IProcessShareableBackend)
 @define
 class MemoryBackend:
     """
@@ -72,6 +78,10 @@ class MemoryBackend:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), "memory disk")
         check_range(offset, len(data), self.size)
         self._view[offset : offset + len(data)] = data
+
+    def lane_storage(self) -> LaneStorage:
+        """``ILaneBackend``: the ``bytearray`` itself (not the view ``close`` releases)."""
+        return LaneStorage(buffer=self._view.obj)
 
     def flush(self) -> None:
         """Do nothing: memory is as durable as this disk gets."""

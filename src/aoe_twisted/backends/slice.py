@@ -37,9 +37,11 @@ from aoe_twisted.interfaces import (
     IDataSyncBackend,
     IDescriptorBackend,
     IDiskIdentity,
+    ILaneBackend,
     IProcessShareableBackend,
     IZeroCopyBackend,
 )
+from aoe_twisted.lane.storage import LaneStorage, sliced
 from aoe_twisted.units import SECTOR_SIZE
 
 __all__ = ["SliceBackend", "slice_backend"]
@@ -47,6 +49,7 @@ __all__ = ["SliceBackend", "slice_backend"]
 #: The optional abilities a slice has exactly when the disk it slices has them.
 _FORWARDED: tuple[InterfaceClass, ...] = (
     IZeroCopyBackend,
+    ILaneBackend,
     IDataSyncBackend,
     IDiskIdentity,
     IDescriptorBackend,
@@ -187,6 +190,10 @@ class SliceBackend:
         if offset < 0 or offset + len(view) > self.size:
             check_range(offset, len(view), self.size)
         return self._read_into(self.offset + offset, view)
+
+    def lane_storage(self) -> LaneStorage:
+        """``ILaneBackend``: the inner disk's storage, from the slice's first byte."""
+        return sliced(self.inner.lane_storage(), self.offset)  # type: ignore[attr-defined]
 
     def sync_data(self) -> None:
         """``IDataSyncBackend``: the inner disk's ``sync_data``."""

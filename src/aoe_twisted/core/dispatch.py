@@ -132,6 +132,8 @@ class Dispatcher:
     index: dict[tuple[int, int], Target] = field(init=False)
     fast_index: dict[tuple[int, int], Target] = field(init=False)
     removed: dict[tuple[int, int], Target] = field(init=False, factory=dict)
+    generation: int = field(init=False, default=0)
+    """Bumped by every change of the targets served (``add``, ``remove``, ``replace``)."""
 
     def __attrs_post_init__(self) -> None:
         """Index the targets by address: finding one costs one lookup, however many there are."""
@@ -153,6 +155,7 @@ class Dispatcher:
         if key in self.index:
             raise ValueError(f"two targets at e{target.shelf}.{target.slot}")
         self.removed.pop(key, None)
+        self.generation += 1
         self.targets.append(target)
         self.index[key] = target
         if not target.asynchronous:
@@ -173,6 +176,7 @@ class Dispatcher:
         if target is None:
             return None
         self.fast_index.pop((shelf, slot), None)
+        self.generation += 1
         self.targets.remove(target)
         if answer_removed:
             self.removed[(shelf, slot)] = target
@@ -182,6 +186,7 @@ class Dispatcher:
         """Serve ``target`` in place of the one at its address (which is returned) from now on."""
         key = (target.shelf, target.slot)
         old = self.index[key]
+        self.generation += 1
         self.targets[self.targets.index(old)] = target
         self.index[key] = target
         if target.asynchronous:

@@ -15,6 +15,14 @@ an initiator's "last seen" is known without a clock read per frame: an
 initiator whose frame count moved since the last sweep was seen at that
 sweep (accurate to the sweep interval).
 
+With the compiled data lane (``aoe_twisted.lane``) a target's stats also
+hold a ``tally``: the counters the lane adds to in C, and the initiators
+and tags it has seen, which the Python paths count through as well (so a
+retransmission is recognised whichever path saw the first copy).
+``absorb`` adds what the lane counted to the attributes here; ``sweep``
+(and so ``snapshot``) absorbs first, so every figure read through them
+counts both paths.
+
 ``snapshot`` returns the figures in the one format the control socket,
 ``aoe-twisted ctl`` and the Prometheus endpoint read (documented in
 docs/operations.md), and ``merge_snapshots`` sums the snapshots of several
@@ -24,8 +32,11 @@ docs/operations.md), and ``merge_snapshots`` sums the snapshots of several
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from aoe_twisted import lane as _lane
 
 __all__ = [
     "AOE_ERROR_NAMES",
@@ -136,6 +147,7 @@ class TargetStats:
         "reserve",
         "retransmits",
         "seconds",
+        "tally",
         "write",
         "write_bytes",
     )
@@ -153,9 +165,18 @@ class TargetStats:
         self.buckets = [0] * (len(SERVICE_BUCKETS) + 1)
         self.seconds = 0.0
         self.peers: dict[bytes, Peer] = {}
+        native = _lane.native
+        #: The compiled lane's counters and initiators for this target (``None``: no lane).
+        self.tally: Any = None if native is None else native.Tally()
 
     def seen(self, src: bytes, tag: bytes) -> None:
         """Count a request from ``src`` with ``tag``: a frame, and whether it was sent before."""
+        tally = self.tally
+        if tally is not None:
+            # The lane's book of initiators and tags, shared with it.
+            if tally.seen(src, tag):
+                self.retransmits += 1
+            return
         peer = self.peers.get(src)
         if peer is None:
             peer = self.peers[src] = Peer()
@@ -197,8 +218,42 @@ class TargetStats:
         """Count one AoE error reply with ``code``."""
         self.aoe_errors[code] = self.aoe_errors.get(code, 0) + 1
 
+    def absorb(self) -> None:
+        """
+        Add what the compiled lane counted since the last call to these counters.
+
+        Its backend failures are noted as ``failed`` notes them (with the
+        operating system's words for the errno); its initiators' frame
+        counts replace the ``peers``' (the lane's book is the one both
+        paths count in).  Nothing to do without the lane.
+        """
+        tally = self.tally
+        if tally is None:
+            return
+        (read, write, read_bytes, write_bytes, ata_errors, retransmits, seconds, buckets,
+         failures) = tally.take()
+        self.read += read
+        self.write += write
+        self.read_bytes += read_bytes
+        self.write_bytes += write_bytes
+        self.ata_errors += ata_errors
+        self.retransmits += retransmits
+        self.seconds += seconds
+        mine = self.buckets
+        for index, count in enumerate(buckets):
+            mine[index] += count
+        for operation, number in failures:
+            self.failed(operation, OSError(number, os.strerror(number)))
+        peers = self.peers
+        for mac, frames in tally.peers():
+            peer = peers.get(mac)
+            if peer is None:
+                peer = peers[mac] = Peer()
+            peer.frames = frames
+
     def sweep(self, now: float) -> None:
         """Note ``now`` as the last-seen time of each initiator that sent frames since the last."""
+        self.absorb()
         for peer in self.peers.values():
             if peer.frames != peer.swept:
                 peer.swept = peer.frames

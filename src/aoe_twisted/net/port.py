@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from twisted.python.reflect import fullyQualifiedName
 from zope.interface import Interface, implementer
 
+from aoe_twisted import lane as _lane
 from aoe_twisted.core.wire import ETHERTYPE, MIN_FRAME_SIZE, format_mac
 from aoe_twisted.net.bpf import (
     MAX_INSTRUCTIONS,
@@ -81,6 +82,7 @@ __all__ = [
     "AoEPort",
     "EthernetAddress",
     "IFrameSink",
+    "ILaneFrameSink",
     "IZeroCopyFrameSink",
     "max_sectors_for_mtu",
     "receive_buffer_size",
@@ -209,6 +211,33 @@ class IZeroCopyFrameSink(IFrameSink):
         """
 
 
+class ILaneFrameSink(IZeroCopyFrameSink):
+    """
+    A protocol whose plain reads and writes the compiled data lane may answer in its place.
+
+    On a port with rings, when ``aoe_twisted.lane`` is compiled, the port
+    lets the lane (C) walk the RX ring with the protocol's table of targets
+    (``laneTable``): it answers the frames it can, straight into TX slots,
+    and stops at any other, which the port then gives to
+    ``frameReceivedInto`` as usual.  The protocol counts what the lane
+    answered when told (``laneAnswered``); the targets' own counters are
+    counted by the lane itself (``TargetStats.tally``).
+    """
+
+    def laneTable() -> Any:
+        """
+        Return the lane's table of targets as they are now, or ``None``.
+
+        ``None`` means the lane must answer nothing now (no target it can
+        serve, or replies are being held): every frame goes to
+        ``frameReceivedInto``.  Asked before each stretch of frames the lane
+        walks, so it must be cheap when nothing changed.
+        """
+
+    def laneAnswered(count: int) -> None:  # noqa: N805
+        """The lane answered ``count`` more frames for this protocol."""
+
+
 def _missing(error: OSError) -> bool:
     """Whether ``error`` says the interface does not exist."""
     return error.errno in (errno.ENODEV, errno.ENXIO) and not error.filename
@@ -289,6 +318,10 @@ class AoEPort(abstract.FileDescriptor):
         self.protocol = protocol
         self._frame_sink = IFrameSink.providedBy(protocol)
         self._zero_copy_sink = IZeroCopyFrameSink.providedBy(protocol)
+        #: The protocol the compiled lane answers for, when there is a lane.
+        self._lane_sink: Any = (
+            protocol if _lane.native is not None and ILaneFrameSink.providedBy(protocol) else None
+        )
         self._link_aware = ILinkAwareProtocol.providedBy(protocol)
         self.wait_for_interface = wait_for_interface
         self.bound = False
@@ -664,7 +697,67 @@ class AoEPort(abstract.FileDescriptor):
 
     def _drain_ring(self, rings: PacketRings) -> None:
         """
-        Pass the frames waiting in the RX ring to the protocol, in place.
+        Answer the frames waiting in the RX ring: by the compiled lane, else the protocol.
+
+        With the compiled lane (an ``ILaneFrameSink`` protocol and
+        ``aoe_twisted.lane.native``) the lane walks the ring and answers what
+        it can; each frame it leaves is given to the protocol by
+        ``_walk_ring``, then the lane goes on.  Without it, ``_walk_ring``
+        gives every frame to the protocol.  Either way at most
+        ``max_frames_per_read`` slots are walked.
+        """
+        sink = self._lane_sink
+        budget = self.max_frames_per_read
+        if sink is None:
+            self._walk_ring(rings, budget)
+            return
+        native = _lane.native
+        assert native is not None
+        while budget > 0:
+            table = sink.laneTable()
+            if table is None:
+                self._walk_ring(rings, budget)
+                return
+            lane = self._ring_lane(rings, native)
+            stop, rx, tx, received, ignored, answered, unflushed = lane.drain(
+                table, rings.rx_next, rings.tx_next, budget, self._unflushed, self.tx_batch
+            )
+            rings.rx_next = rx
+            rings.tx_next = tx
+            budget -= received + ignored
+            self.frames_received += received
+            self.frames_ignored += ignored
+            self.frames_sent += answered
+            self._unflushed = unflushed
+            if answered:
+                sink.laneAnswered(answered)
+            if stop == native.STOP_FLUSH:
+                self._flush()
+            elif stop == native.STOP_PYTHON:
+                budget -= self._walk_ring(rings, 1)
+            else:  # the ring is drained, or the budget spent
+                return
+
+    def _ring_lane(self, rings: PacketRings, native: Any) -> Any:
+        """Return the compiled lane over ``rings`` for this port as it is now (MAC, MTU)."""
+        key = (self.mac, self._max_frame, self.accept_other_hosts)
+        if rings.lane is None or rings.lane_key != key:
+            rings.lane = native.Lane(
+                rings.view,
+                rings.rx_offsets,
+                rings.rx.frame_size,
+                rings.tx_offsets,
+                rings.tx.frame_size,
+                self.mac,
+                self._max_frame,
+                self.accept_other_hosts,
+            )
+            rings.lane_key = key
+        return rings.lane
+
+    def _walk_ring(self, rings: PacketRings, limit: int) -> int:
+        """
+        Pass up to ``limit`` frames waiting in the RX ring to the protocol, in place.
 
         An ``IZeroCopyFrameSink`` gets ``frameReceivedInto(frame, reply)``: each
         frame as a ``memoryview`` of its RX slot and ``reply``, a view of the
@@ -673,7 +766,7 @@ class AoEPort(abstract.FileDescriptor):
         through ``write`` instead, but not both).  Other protocols get ``datagramReceived``
         with a copy (``bytes``) and the ``sockaddr_ll`` as ``recvfrom`` gives
         it.  Either way the frame's view is released when the call returns
-        and the slot goes back to the kernel.
+        and the slot goes back to the kernel.  Return the slots walked.
         """
         status = rings.status
         view = rings.view
@@ -693,7 +786,7 @@ class AoEPort(abstract.FileDescriptor):
         batch = self.tx_batch
         received = ignored = 0
         try:
-            for _ in range(self.max_frames_per_read):
+            for _ in range(limit):
                 offset = offsets[index]
                 if not status[offset >> 2] & TP_STATUS_USER:
                     break
@@ -756,6 +849,7 @@ class AoEPort(abstract.FileDescriptor):
             rings.rx_next = index
             self.frames_received += received
             self.frames_ignored += ignored
+        return received + ignored
 
     def _address(self, rings: PacketRings, offset: int) -> tuple[Any, ...]:
         """Return the ``sockaddr_ll`` of the RX slot at ``offset`` as ``recvfrom`` gives it."""

@@ -33,6 +33,7 @@ import mmap
 import socket
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 from attrs import frozen
 
@@ -228,6 +229,9 @@ class PacketRings:
         ]
         self.rx_next = 0
         self.tx_next = 0
+        #: The compiled lane walking these rings (``AoEPort``), and what it was built for.
+        self.lane: Any = None
+        self.lane_key: Any = None
 
     @classmethod
     def setup(
@@ -311,6 +315,7 @@ class PacketRings:
         one), the mapping cannot be closed now and is left to the garbage
         collector; ``False`` says so.
         """
+        self.lane = None  # it holds the mapping: let go of it first
         for frame in self.tx_frames:
             frame.release()
         self.tx_frames = []

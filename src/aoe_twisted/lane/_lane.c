@@ -1,0 +1,1187 @@
+/*
+ * aoe_twisted.lane._lane: the compiled data lane.
+ *
+ * What it does, and only that: walk a PACKET_MMAP receive ring, answer the
+ * plain ATA READ/WRITE SECTORS (EXT) frames that aoe_twisted.core.fastpath
+ * answers (the same frames, the same reply bytes, the same counters), with
+ * pread/pwrite (or a copy for a memory disk) straight between the ring slots
+ * and the disk, the reply written into a transmit ring slot and queued.
+ * Every other frame is handed back to Python untouched: the lane stops at it
+ * and says so, and the Python path (the reference) decides about it.
+ *
+ * A packet parser is a remote attack surface: every length and offset read
+ * from a frame or a ring slot is checked against what holds it before use.
+ *
+ * Three types:
+ *   Tally  one target's counters the lane adds to, and the initiators it has
+ *          seen with their latest tags (shared with the Python path, which
+ *          calls Tally.seen, so a retransmission is recognised whichever
+ *          path saw the first copy).
+ *   Table  the targets the lane may answer for, by shelf.slot, each with its
+ *          disk (a descriptor or a buffer) and its Tally.
+ *   Lane   one port's rings: drain() walks them; answer() is the same
+ *          decision for one frame and one reply buffer (tests, fuzzing).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* -- the wire ------------------------------------------------------------ */
+
+#define HEADER_SIZE 36      /* Ethernet 14, AoE 10, ATA 12 */
+#define MIN_FRAME 60
+#define SECTOR 512
+#define ETHERTYPE_AOE 0x88A2
+#define REQUEST_VERFLAGS 0x10
+#define REPLY_VERFLAGS 0x18
+#define ECHOED_AFLAGS (0x40 | 0x10 | 0x02 | 0x01)
+#define AFLAG_WRITE 0x01
+#define AFLAG_EXTENDED 0x40
+#define DRDY 0x40
+#define ERR_DRDY 0x41
+#define ERROR_ABRT 0x04
+#define ERROR_UNC 0x40
+#define MASK28 ((UINT64_C(1) << 28) - 1)
+#define MASK48 ((UINT64_C(1) << 48) - 1)
+
+/* -- the rings (linux/if_packet.h, TPACKET_V2) ----------------------------- */
+
+#define TP_STATUS_KERNEL 0
+#define TP_STATUS_USER 1
+#define TP_STATUS_AVAILABLE 0
+#define TP_STATUS_SEND_REQUEST 1
+#define TX_DATA_AT 32
+#define RX_PKTTYPE_AT 42
+#define PACKET_OTHERHOST 3
+#define PACKET_OUTGOING 4
+
+/* -- the counters ------------------------------------------------------- */
+
+#define BUCKETS 22          /* 21 powers of two of microseconds, then +Inf */
+#define RECENT_TAGS 1024    /* aoe_twisted.core.stats.RECENT_TAGS */
+
+typedef struct {
+    uint64_t *slots;        /* tag | 1 << 32, or 0 for an empty slot */
+    uint32_t capacity;      /* a power of two, or 0 before the first tag */
+    uint32_t count;
+} TagSet;
+
+typedef struct {
+    uint64_t mac;
+    uint64_t frames;
+    TagSet newer;
+    TagSet older;
+} Peer;
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t read, write, read_bytes, write_bytes, ata_errors, retransmits;
+    uint64_t buckets[BUCKETS];
+    double seconds;
+    Peer *peers;
+    uint32_t peer_count, peer_capacity;
+    int32_t *peer_index;    /* open addressing: MAC -> index in peers, -1 empty */
+    uint32_t index_capacity;
+    uint32_t last;          /* the peer seen last: most frames come from it again */
+    PyObject *failures;     /* [(operation, errno)], taken by take() */
+} Tally;
+
+static uint64_t
+hash64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= UINT64_C(0xff51afd7ed558ccd);
+    x ^= x >> 33;
+    x *= UINT64_C(0xc4ceb9fe1a85ec53);
+    x ^= x >> 33;
+    return x;
+}
+
+static int
+tagset_contains(const TagSet *set, uint32_t tag)
+{
+    if (set->capacity == 0)
+        return 0;
+    uint64_t want = (uint64_t)tag | (UINT64_C(1) << 32);
+    uint32_t mask = set->capacity - 1;
+    for (uint32_t i = (uint32_t)hash64(tag) & mask;; i = (i + 1) & mask) {
+        uint64_t slot = set->slots[i];
+        if (slot == 0)
+            return 0;
+        if (slot == want)
+            return 1;
+    }
+}
+
+static int tagset_add(TagSet *set, uint32_t tag);
+
+static int
+tagset_grow(TagSet *set)
+{
+    uint32_t capacity = set->capacity ? set->capacity * 2 : 16;
+    uint64_t *old = set->slots;
+    uint32_t old_capacity = set->capacity;
+    set->slots = calloc(capacity, sizeof(uint64_t));
+    if (set->slots == NULL) {
+        set->slots = old;
+        return -1;
+    }
+    set->capacity = capacity;
+    set->count = 0;
+    for (uint32_t i = 0; i < old_capacity; i++) {
+        if (old[i])
+            tagset_add(set, (uint32_t)old[i]);
+    }
+    free(old);
+    return 0;
+}
+
+/* Add a tag known to be absent; -1 (and nothing added) without memory. */
+static int
+tagset_add(TagSet *set, uint32_t tag)
+{
+    if ((set->count + 1) * 2 > set->capacity && tagset_grow(set) < 0)
+        return -1;
+    uint32_t mask = set->capacity - 1;
+    uint32_t i = (uint32_t)hash64(tag) & mask;
+    while (set->slots[i])
+        i = (i + 1) & mask;
+    set->slots[i] = (uint64_t)tag | (UINT64_C(1) << 32);
+    set->count++;
+    return 0;
+}
+
+static void
+tagset_clear(TagSet *set)
+{
+    if (set->slots)
+        memset(set->slots, 0, set->capacity * sizeof(uint64_t));
+    set->count = 0;
+}
+
+static uint64_t
+mac48(const uint8_t *m)
+{
+    return ((uint64_t)m[0] << 40) | ((uint64_t)m[1] << 32) | ((uint64_t)m[2] << 24)
+        | ((uint64_t)m[3] << 16) | ((uint64_t)m[4] << 8) | (uint64_t)m[5];
+}
+
+static int
+tally_rehash(Tally *t, uint32_t capacity)
+{
+    int32_t *index = malloc(capacity * sizeof(int32_t));
+    if (index == NULL)
+        return -1;
+    memset(index, 0xff, capacity * sizeof(int32_t));
+    uint32_t mask = capacity - 1;
+    for (uint32_t p = 0; p < t->peer_count; p++) {
+        uint32_t i = (uint32_t)hash64(t->peers[p].mac) & mask;
+        while (index[i] >= 0)
+            i = (i + 1) & mask;
+        index[i] = (int32_t)p;
+    }
+    free(t->peer_index);
+    t->peer_index = index;
+    t->index_capacity = capacity;
+    return 0;
+}
+
+/* The peer with this MAC, added if new; NULL without memory. */
+static Peer *
+tally_peer(Tally *t, uint64_t mac)
+{
+    if (t->peer_count && t->peers[t->last].mac == mac)
+        return &t->peers[t->last];
+    if (t->index_capacity) {
+        uint32_t mask = t->index_capacity - 1;
+        for (uint32_t i = (uint32_t)hash64(mac) & mask; t->peer_index[i] >= 0;
+             i = (i + 1) & mask) {
+            if (t->peers[t->peer_index[i]].mac == mac) {
+                t->last = (uint32_t)t->peer_index[i];
+                return &t->peers[t->last];
+            }
+        }
+    }
+    if (t->peer_count == INT32_MAX)
+        return NULL;
+    if (t->peer_count == t->peer_capacity) {
+        uint32_t capacity = t->peer_capacity ? t->peer_capacity * 2 : 4;
+        Peer *peers = realloc(t->peers, capacity * sizeof(Peer));
+        if (peers == NULL)
+            return NULL;
+        t->peers = peers;
+        t->peer_capacity = capacity;
+    }
+    if ((t->peer_count + 1) * 2 > t->index_capacity
+        && tally_rehash(t, t->index_capacity ? t->index_capacity * 2 : 8) < 0)
+        return NULL;
+    Peer *peer = &t->peers[t->peer_count];
+    memset(peer, 0, sizeof(Peer));
+    peer->mac = mac;
+    uint32_t mask = t->index_capacity - 1;
+    uint32_t i = (uint32_t)hash64(mac) & mask;
+    while (t->peer_index[i] >= 0)
+        i = (i + 1) & mask;
+    t->peer_index[i] = (int32_t)t->peer_count;
+    t->last = t->peer_count++;
+    return peer;
+}
+
+/*
+ * Count a request from src with tag: 1 if the tag is among the initiator's
+ * latest (a retransmission), 0 if not, -1 without memory (nothing counted).
+ * TargetStats.seen, for the same sequence, gives the same answers.
+ */
+static int
+tally_seen(Tally *t, const uint8_t *src, uint32_t tag)
+{
+    Peer *peer = tally_peer(t, mac48(src));
+    if (peer == NULL)
+        return -1;
+    peer->frames++;
+    if (tagset_contains(&peer->newer, tag) || tagset_contains(&peer->older, tag))
+        return 1;
+    if (tagset_add(&peer->newer, tag) < 0) {
+        peer->frames--;
+        return -1;
+    }
+    if (peer->newer.count >= RECENT_TAGS) {
+        TagSet swap = peer->older;
+        peer->older = peer->newer;
+        peer->newer = swap;
+        tagset_clear(&peer->newer);
+    }
+    return 0;
+}
+
+static void
+tally_served(Tally *t, double elapsed)
+{
+    uint64_t micros = elapsed > 0 ? (uint64_t)(elapsed * 1000000.0) : 0;
+    int bucket = micros ? 64 - __builtin_clzll(micros) : 0;
+    t->buckets[bucket < BUCKETS - 1 ? bucket : BUCKETS - 1]++;
+    t->seconds += elapsed;
+}
+
+static void
+tally_failed(Tally *t, const char *operation, int error)
+{
+    /* Counted on the error path only; a failure to note it loses the words, not the count. */
+    PyObject *item = Py_BuildValue("(si)", operation, error);
+    if (item == NULL || PyList_Append(t->failures, item) < 0)
+        PyErr_Clear();
+    Py_XDECREF(item);
+}
+
+static PyObject *
+Tally_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if (!PyArg_ParseTuple(args, ":Tally"))
+        return NULL;
+    Tally *t = (Tally *)type->tp_alloc(type, 0);
+    if (t == NULL)
+        return NULL;
+    t->failures = PyList_New(0);
+    if (t->failures == NULL) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    return (PyObject *)t;
+}
+
+static void
+Tally_dealloc(Tally *t)
+{
+    for (uint32_t p = 0; p < t->peer_count; p++) {
+        free(t->peers[p].newer.slots);
+        free(t->peers[p].older.slots);
+    }
+    free(t->peers);
+    free(t->peer_index);
+    Py_XDECREF(t->failures);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *
+Tally_seen(Tally *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer src, tag;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "seen(src, tag) takes two arguments");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &src, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[1], &tag, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    int result = -2;
+    if (src.len == 6 && tag.len == 4) {
+        const uint8_t *b = tag.buf;
+        result = tally_seen(t, src.buf, ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16)
+                                            | ((uint32_t)b[2] << 8) | b[3]);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&tag);
+    if (result == -2) {
+        PyErr_SetString(PyExc_ValueError, "seen: a 6-byte MAC and a 4-byte tag");
+        return NULL;
+    }
+    if (result < 0)
+        return PyErr_NoMemory();
+    return PyBool_FromLong(result);
+}
+
+static PyObject *
+Tally_take(Tally *t, PyObject *unused)
+{
+    PyObject *buckets = PyTuple_New(BUCKETS);
+    if (buckets == NULL)
+        return NULL;
+    for (int i = 0; i < BUCKETS; i++) {
+        PyObject *n = PyLong_FromUnsignedLongLong(t->buckets[i]);
+        if (n == NULL) {
+            Py_DECREF(buckets);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(buckets, i, n);
+    }
+    PyObject *failures = PyList_New(0);
+    if (failures == NULL) {
+        Py_DECREF(buckets);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue(
+        "(KKKKKKdNN)", (unsigned long long)t->read, (unsigned long long)t->write,
+        (unsigned long long)t->read_bytes, (unsigned long long)t->write_bytes,
+        (unsigned long long)t->ata_errors, (unsigned long long)t->retransmits, t->seconds,
+        buckets, t->failures);
+    if (result == NULL) {
+        Py_DECREF(failures);
+        return NULL;
+    }
+    t->failures = failures;
+    t->read = t->write = t->read_bytes = t->write_bytes = t->ata_errors = t->retransmits = 0;
+    memset(t->buckets, 0, sizeof(t->buckets));
+    t->seconds = 0.0;
+    return result;
+}
+
+static PyObject *
+Tally_peers(Tally *t, PyObject *unused)
+{
+    PyObject *list = PyList_New(t->peer_count);
+    if (list == NULL)
+        return NULL;
+    for (uint32_t p = 0; p < t->peer_count; p++) {
+        uint8_t mac[6];
+        for (int i = 0; i < 6; i++)
+            mac[i] = (uint8_t)(t->peers[p].mac >> (40 - 8 * i));
+        PyObject *item = Py_BuildValue("(y#K)", (const char *)mac, (Py_ssize_t)6,
+                                       (unsigned long long)t->peers[p].frames);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, p, item);
+    }
+    return list;
+}
+
+static PyMethodDef Tally_methods[] = {
+    {"seen", (PyCFunction)(void (*)(void))Tally_seen, METH_FASTCALL,
+     "seen(src, tag) -> bool: count a request; True if its tag was among the latest."},
+    {"take", (PyCFunction)Tally_take, METH_NOARGS,
+     "take() -> (read, write, read_bytes, write_bytes, ata_errors, retransmits, seconds, "
+     "buckets, failures): what the lane counted since the last take, zeroed."},
+    {"peers", (PyCFunction)Tally_peers, METH_NOARGS,
+     "peers() -> [(mac, frames)]: every initiator seen, in the order first seen."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TallyType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aoe_twisted.lane._lane.Tally",
+    .tp_basicsize = sizeof(Tally),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One target's lane counters and the initiators it has seen, with their tags.",
+    .tp_new = Tally_new,
+    .tp_dealloc = (destructor)Tally_dealloc,
+    .tp_methods = Tally_methods,
+};
+
+/* -- the table ---------------------------------------------------------- */
+
+typedef struct {
+    uint32_t key;           /* shelf << 8 | slot */
+    uint32_t max_sectors;
+    uint64_t sectors;       /* the disk's size in sectors */
+    int fd;                 /* -1: the disk is the buffer */
+    int direct;             /* O_DIRECT: whole aligned blocks through the bounce buffer */
+    uint32_t alignment;
+    uint64_t base;          /* the disk's first byte in the descriptor or buffer */
+    Py_buffer memory;       /* the buffer, when fd is -1 */
+    int writes;             /* whether writes may be answered (not waiting for group commit) */
+    PyObject *target;       /* the Target: its acl and backend are read per frame */
+    PyObject *backend;      /* the backend the table was built for */
+    Tally *tally;
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    Entry *entries;
+    Py_ssize_t count;
+    int32_t *index;         /* open addressing: key -> entry, -1 empty */
+    uint32_t index_capacity;
+    uint8_t *bounce;        /* page-aligned, for O_DIRECT disks */
+    size_t bounce_size;
+} Table;
+
+static PyObject *s_acl, *s_backend, *s_mask_list, *s_reserve_list, *s_read_only, *s_sync;
+
+static void
+Table_dealloc(Table *t)
+{
+    for (Py_ssize_t i = 0; i < t->count; i++) {
+        Entry *e = &t->entries[i];
+        if (e->fd < 0 && e->memory.obj != NULL)
+            PyBuffer_Release(&e->memory);
+        Py_XDECREF(e->target);
+        Py_XDECREF(e->backend);
+        Py_XDECREF((PyObject *)e->tally);
+    }
+    free(t->entries);
+    free(t->index);
+    free(t->bounce);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static Entry *
+table_find(const Table *t, uint32_t key)
+{
+    if (t->index_capacity == 0)
+        return NULL;
+    uint32_t mask = t->index_capacity - 1;
+    for (uint32_t i = (uint32_t)hash64(key) & mask; t->index[i] >= 0; i = (i + 1) & mask) {
+        if (t->entries[t->index[i]].key == key)
+            return &t->entries[t->index[i]];
+    }
+    return NULL;
+}
+
+/*
+ * Table(entries): each entry a tuple
+ *   (shelf, slot, max_sectors, sectors, fd, buffer, base, direct, alignment, writes,
+ *    target, backend, tally)
+ * with fd -1 and a writable buffer for a memory disk, or fd >= 0 and None.
+ */
+static PyObject *
+Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *items;
+    if (!PyArg_ParseTuple(args, "O:Table", &items))
+        return NULL;
+    PyObject *seq = PySequence_Fast(items, "Table: a sequence of entries");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Table *t = (Table *)type->tp_alloc(type, 0);
+    if (t == NULL)
+        goto fail;
+    t->entries = calloc(n ? n : 1, sizeof(Entry));
+    uint32_t capacity = 8;
+    while (capacity < (uint64_t)n * 2)
+        capacity *= 2;
+    t->index = malloc(capacity * sizeof(int32_t));
+    if (t->entries == NULL || t->index == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    memset(t->index, 0xff, capacity * sizeof(int32_t));
+    t->index_capacity = capacity;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned int shelf, slot, max_sectors, alignment;
+        unsigned long long sectors, base;
+        int fd, direct, writes;
+        PyObject *buffer, *target, *backend, *tally;
+        Entry *e = &t->entries[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_ITEMS(seq)[i], "IIIKiOKpIpOOO!:Table entry",
+                              &shelf, &slot, &max_sectors, &sectors, &fd, &buffer, &base,
+                              &direct, &alignment, &writes, &target, &backend, &TallyType,
+                              &tally))
+            goto fail;
+        if (shelf > 0xFFFE || slot > 0xFE || max_sectors == 0 || max_sectors > 255
+            || alignment == 0 || (alignment & (alignment - 1)) || alignment > (1u << 20)) {
+            PyErr_SetString(PyExc_ValueError, "Table entry: bad address, max_sectors or alignment");
+            goto fail;
+        }
+        e->key = shelf << 8 | slot;
+        if (table_find(t, e->key) != NULL) {
+            PyErr_SetString(PyExc_ValueError, "Table: two entries at one address");
+            goto fail;
+        }
+        e->max_sectors = max_sectors;
+        e->sectors = sectors;
+        e->fd = fd;
+        e->direct = direct;
+        e->alignment = alignment;
+        e->base = base;
+        e->writes = writes;
+        if (fd < 0) {
+            e->fd = -1;
+            if (PyObject_GetBuffer(buffer, &e->memory, PyBUF_WRITABLE) < 0)
+                goto fail;
+            if (base > (unsigned long long)e->memory.len
+                || sectors > ((unsigned long long)e->memory.len - base) / SECTOR) {
+                PyErr_SetString(PyExc_ValueError, "Table entry: the disk overruns its buffer");
+                PyBuffer_Release(&e->memory);  /* not counted yet: dealloc skips it */
+                goto fail;
+            }
+        }
+        Py_INCREF(target);
+        e->target = target;
+        Py_INCREF(backend);
+        e->backend = backend;
+        Py_INCREF(tally);
+        e->tally = (Tally *)tally;
+        t->count = i + 1;
+        uint32_t mask = capacity - 1;
+        uint32_t j = (uint32_t)hash64(e->key) & mask;
+        while (t->index[j] >= 0)
+            j = (j + 1) & mask;
+        t->index[j] = (int32_t)i;
+    }
+    Py_DECREF(seq);
+    return (PyObject *)t;
+fail:
+    Py_DECREF(seq);
+    Py_XDECREF(t);
+    return NULL;
+}
+
+static Py_ssize_t
+Table_length(Table *t)
+{
+    return t->count;
+}
+
+static PySequenceMethods Table_as_sequence = {
+    .sq_length = (lenfunc)Table_length,
+};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aoe_twisted.lane._lane.Table",
+    .tp_basicsize = sizeof(Table),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The targets the lane answers for, by shelf.slot, with their disks.",
+    .tp_new = Table_new,
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_as_sequence = &Table_as_sequence,
+};
+
+/* -- the disk ----------------------------------------------------------- */
+
+static uint8_t *
+bounce(Table *t, size_t size)
+{
+    if (t->bounce_size >= size)
+        return t->bounce;
+    size_t want = size < 262144 ? 262144 : size;
+    void *p = NULL;
+    if (posix_memalign(&p, 4096, want) != 0)
+        return NULL;
+    free(t->bounce);
+    t->bounce = p;
+    t->bounce_size = want;
+    return t->bounce;
+}
+
+/* Fill buf from offset: pread until done; EIO at the end of the file; 0 or an errno. */
+static int
+pread_all(int fd, uint8_t *buf, size_t length, uint64_t offset)
+{
+    size_t done = 0;
+    while (done < length) {
+        ssize_t got = pread(fd, buf + done, length - done, (off_t)(offset + done));
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (got == 0)
+            return EIO;
+        done += (size_t)got;
+    }
+    return 0;
+}
+
+static int
+pwrite_all(int fd, const uint8_t *buf, size_t length, uint64_t offset)
+{
+    size_t done = 0;
+    while (done < length) {
+        ssize_t put = pwrite(fd, buf + done, length - done, (off_t)(offset + done));
+        if (put < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (put == 0)
+            return EIO;
+        done += (size_t)put;
+    }
+    return 0;
+}
+
+/* One pread of exactly length bytes (O_DIRECT: a short one is the end of the disk). */
+static int
+pread_exact(int fd, uint8_t *buf, size_t length, uint64_t offset)
+{
+    for (;;) {
+        ssize_t got = pread(fd, buf, length, (off_t)offset);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            return errno;
+        return (size_t)got == length ? 0 : EIO;
+    }
+}
+
+static int
+disk_read(Table *t, Entry *e, uint64_t offset, uint8_t *into, size_t length)
+{
+    if (e->fd < 0) {
+        memcpy(into, (uint8_t *)e->memory.buf + e->base + offset, length);
+        return 0;
+    }
+    offset += e->base;
+    if (!e->direct)
+        return pread_all(e->fd, into, length, offset);
+    uint64_t a = e->alignment;
+    uint64_t start = offset - offset % a;
+    uint64_t end = (offset + length + a - 1) / a * a;
+    uint8_t *b = bounce(t, end - start);
+    if (b == NULL)
+        return ENOMEM;
+    int error = pread_exact(e->fd, b, end - start, start);
+    if (error)
+        return error;
+    memcpy(into, b + (offset - start), length);
+    return 0;
+}
+
+static int
+disk_write(Table *t, Entry *e, uint64_t offset, const uint8_t *data, size_t length)
+{
+    if (e->fd < 0) {
+        memcpy((uint8_t *)e->memory.buf + e->base + offset, data, length);
+        return 0;
+    }
+    offset += e->base;
+    if (!e->direct)
+        return pwrite_all(e->fd, data, length, offset);
+    /* Whole blocks: a partial block at either edge is read first (read-modify-write). */
+    uint64_t a = e->alignment;
+    uint64_t start = offset - offset % a;
+    uint64_t end = (offset + length + a - 1) / a * a;
+    uint8_t *b = bounce(t, end - start);
+    if (b == NULL)
+        return ENOMEM;
+    int error;
+    int head_partial = offset != start;
+    if (head_partial && (error = pread_exact(e->fd, b, a, start)))
+        return error;
+    if (offset + length != end && !(head_partial && end - a == start)
+        && (error = pread_exact(e->fd, b + (end - start - a), a, end - a)))
+        return error;
+    memcpy(b + (offset - start), data, length);
+    for (;;) {
+        ssize_t put = pwrite(e->fd, b, end - start, (off_t)start);
+        if (put < 0 && errno == EINTR)
+            continue;
+        if (put < 0)
+            return errno;
+        return (uint64_t)put == end - start ? 0 : EIO;
+    }
+}
+
+/* -- the decision ------------------------------------------------------- */
+
+static double
+now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Whether src is admitted by the list attribute name of acl (empty: everyone); -1 on error. */
+static int
+admits(PyObject *acl, PyObject *name, const uint8_t *src)
+{
+    PyObject *list = PyObject_GetAttr(acl, name);
+    if (list == NULL)
+        return -1;
+    int result;
+    if (PyTuple_CheckExact(list)) {
+        Py_ssize_t n = PyTuple_GET_SIZE(list);
+        result = n == 0;
+        for (Py_ssize_t i = 0; i < n && !result; i++) {
+            PyObject *mac = PyTuple_GET_ITEM(list, i);
+            if (PyBytes_CheckExact(mac) && PyBytes_GET_SIZE(mac) == 6
+                && memcmp(PyBytes_AS_STRING(mac), src, 6) == 0)
+                result = 1;
+        }
+    } else {
+        /* Not a tuple of bytes: leave the frame to the Python path, which knows. */
+        result = 0;
+    }
+    Py_DECREF(list);
+    return result;
+}
+
+static void
+reply_header(uint8_t *r, const uint8_t *f, const uint8_t *mac, uint8_t error, uint8_t count)
+{
+    memcpy(r, f + 6, 6);                    /* to the initiator */
+    memcpy(r + 6, mac, 6);                  /* from us */
+    r[12] = ETHERTYPE_AOE >> 8;
+    r[13] = ETHERTYPE_AOE & 0xff;
+    r[14] = REPLY_VERFLAGS;
+    r[15] = 0;
+    memcpy(r + 16, f + 16, 3);              /* shelf.slot: the target's own */
+    r[19] = 0;
+    memcpy(r + 20, f + 20, 4);              /* the tag */
+    r[24] = f[24] & ECHOED_AFLAGS;
+    r[25] = error;
+    r[26] = error ? count : 0;
+    r[27] = error ? ERR_DRDY : DRDY;
+    memcpy(r + 28, f + 28, 6);              /* the LBA as sent */
+    r[34] = r[35] = 0;
+}
+
+/*
+ * Answer frame (flen bytes) into reply (capacity bytes) from the interface
+ * mac: the reply's length, 0 if the lane does not answer it (nothing done,
+ * nothing counted), -1 with a Python exception.  fastpath.fast_reply_into,
+ * with writes the table's per-target flag.
+ */
+static Py_ssize_t
+answer(Table *t, const uint8_t *f, Py_ssize_t flen, uint8_t *reply, Py_ssize_t capacity,
+       const uint8_t *mac)
+{
+    if (flen < HEADER_SIZE)
+        return 0;
+    if (f[12] != (ETHERTYPE_AOE >> 8) || f[13] != (ETHERTYPE_AOE & 0xff)
+        || f[14] != REQUEST_VERFLAGS || f[15] != 0 || f[19] != 0 || f[34] != 0 || f[35] != 0
+        || (f[6] & 1))
+        return 0;
+    uint8_t aflags = f[24], count = f[26], cmd = f[27];
+    int write;
+    uint64_t lba_mask;
+    switch (cmd) {
+    case 0x20: write = 0; lba_mask = MASK28; break;
+    case 0x24: write = 0; lba_mask = (aflags & AFLAG_EXTENDED) ? MASK48 : MASK28; break;
+    case 0x30: write = 1; lba_mask = MASK28; break;
+    case 0x34: write = 1; lba_mask = (aflags & AFLAG_EXTENDED) ? MASK48 : MASK28; break;
+    default: return 0;
+    }
+    if (write != ((aflags & AFLAG_WRITE) != 0))
+        return 0;
+    Entry *e = table_find(t, ((uint32_t)f[16] << 16) | ((uint32_t)f[17] << 8) | f[18]);
+    if (e == NULL)
+        return 0;
+    if (count == 0 || count > e->max_sectors)
+        return 0;
+    const uint8_t *src = f + 6;
+    /* The target as it is now: a backend swapped in place leaves the lane. */
+    PyObject *backend = PyObject_GetAttr(e->target, s_backend);
+    if (backend == NULL)
+        return -1;
+    Py_DECREF(backend);  /* still held by the target; only its identity is compared */
+    if (backend != e->backend)
+        return 0;
+    PyObject *acl = PyObject_GetAttr(e->target, s_acl);
+    if (acl == NULL)
+        return -1;
+    int ok = admits(acl, s_mask_list, src);
+    if (ok > 0)
+        ok = admits(acl, s_reserve_list, src);
+    Py_DECREF(acl);
+    if (ok <= 0)
+        return ok;
+    uint64_t lba = (uint64_t)f[28] | ((uint64_t)f[29] << 8) | ((uint64_t)f[30] << 16)
+        | ((uint64_t)f[31] << 24) | ((uint64_t)f[32] << 32) | ((uint64_t)f[33] << 40);
+    uint64_t first = lba & lba_mask;
+    if (first + count > e->sectors)
+        return 0;
+    uint32_t tag = ((uint32_t)f[20] << 24) | ((uint32_t)f[21] << 16) | ((uint32_t)f[22] << 8)
+        | f[23];
+    size_t length = (size_t)count * SECTOR;
+    Tally *tally = e->tally;
+    if (write) {
+        if (!e->writes || flen < (Py_ssize_t)(HEADER_SIZE + length) || capacity < MIN_FRAME)
+            return 0;
+        PyObject *value = PyObject_GetAttr(e->target, s_sync);
+        if (value == NULL)
+            return -1;
+        int sync = PyObject_IsTrue(value);
+        Py_DECREF(value);
+        if (sync != 0)
+            return sync < 0 ? -1 : 0;
+        value = PyObject_GetAttr(backend, s_read_only);
+        if (value == NULL)
+            return -1;
+        int read_only = PyObject_IsTrue(value);
+        Py_DECREF(value);
+        if (read_only != 0)
+            return read_only < 0 ? -1 : 0;
+        int seen = tally_seen(tally, src, tag);
+        if (seen < 0) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        tally->retransmits += seen;
+        tally->write++;
+        double started = now();
+        int error = disk_write(t, e, first * SECTOR, f + HEADER_SIZE, length);
+        tally_served(tally, now() - started);
+        if (error) {
+            tally->ata_errors++;
+            tally_failed(tally, "write", error);
+            reply_header(reply, f, mac, ERROR_ABRT, count);
+        } else {
+            tally->write_bytes += length;
+            reply_header(reply, f, mac, 0, count);
+        }
+        memset(reply + HEADER_SIZE, 0, MIN_FRAME - HEADER_SIZE);
+        return MIN_FRAME;
+    }
+    if (capacity < (Py_ssize_t)(HEADER_SIZE + length))
+        return 0;
+    int seen = tally_seen(tally, src, tag);
+    if (seen < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    tally->retransmits += seen;
+    tally->read++;
+    double started = now();
+    int error = disk_read(t, e, first * SECTOR, reply + HEADER_SIZE, length);
+    tally_served(tally, now() - started);
+    if (error) {
+        tally->ata_errors++;
+        tally_failed(tally, "read", error);
+        reply_header(reply, f, mac, ERROR_UNC, count);
+        memset(reply + HEADER_SIZE, 0, MIN_FRAME - HEADER_SIZE);
+        return MIN_FRAME;
+    }
+    tally->read_bytes += length;
+    reply_header(reply, f, mac, 0, count);
+    return (Py_ssize_t)(HEADER_SIZE + length);
+}
+
+/* -- the lane ----------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer ring;
+    uint64_t *rx, *tx;      /* slot offsets in ring order */
+    uint32_t rx_count, tx_count;
+    uint32_t rx_slot, tx_slot;  /* slot sizes: what a frame may occupy */
+    uint8_t mac[6];
+    uint32_t max_frame;
+    int accept_other;
+} Lane;
+
+static void
+Lane_dealloc(Lane *l)
+{
+    if (l->ring.obj != NULL)
+        PyBuffer_Release(&l->ring);
+    free(l->rx);
+    free(l->tx);
+    Py_TYPE(l)->tp_free((PyObject *)l);
+}
+
+static uint64_t *
+offsets(PyObject *items, uint32_t *count, uint64_t limit, uint32_t slot)
+{
+    PyObject *seq = PySequence_Fast(items, "Lane: slot offsets must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    uint64_t *out = NULL;
+    if (n == 0 || n > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "Lane: a ring has 1 to 16M slots");
+        goto done;
+    }
+    out = malloc(n * sizeof(uint64_t));
+    if (out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_ITEMS(seq)[i]);
+        if (PyErr_Occurred() || v % 4 || v + slot > limit) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "Lane: a slot outside the ring");
+            free(out);
+            out = NULL;
+            goto done;
+        }
+        out[i] = v;
+    }
+    *count = (uint32_t)n;
+done:
+    Py_DECREF(seq);
+    return out;
+}
+
+/* Lane(ring, rx_offsets, rx_slot_size, tx_offsets, tx_slot_size, mac, max_frame, accept_other) */
+static PyObject *
+Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *ring, *rx, *tx;
+    unsigned int rx_slot, tx_slot, max_frame;
+    int accept_other;
+    Py_buffer mac;
+    if (!PyArg_ParseTuple(args, "OOIOIy*Ip:Lane", &ring, &rx, &rx_slot, &tx, &tx_slot, &mac,
+                          &max_frame, &accept_other))
+        return NULL;
+    Lane *l = (Lane *)type->tp_alloc(type, 0);
+    if (l == NULL) {
+        PyBuffer_Release(&mac);
+        return NULL;
+    }
+    if (mac.len != 6) {
+        PyErr_SetString(PyExc_ValueError, "Lane: a 6-byte MAC");
+        goto fail;
+    }
+    memcpy(l->mac, mac.buf, 6);
+    if (rx_slot < 64 || tx_slot < TX_DATA_AT + MIN_FRAME) {
+        PyErr_SetString(PyExc_ValueError, "Lane: slots too small");
+        goto fail;
+    }
+    if (PyObject_GetBuffer(ring, &l->ring, PyBUF_WRITABLE) < 0)
+        goto fail;
+    if ((uintptr_t)l->ring.buf % 4) {
+        PyErr_SetString(PyExc_ValueError, "Lane: the ring is not word-aligned");
+        goto fail;
+    }
+    l->rx_slot = rx_slot;
+    l->tx_slot = tx_slot;
+    l->rx = offsets(rx, &l->rx_count, (uint64_t)l->ring.len, rx_slot);
+    if (l->rx == NULL)
+        goto fail;
+    l->tx = offsets(tx, &l->tx_count, (uint64_t)l->ring.len, tx_slot);
+    if (l->tx == NULL)
+        goto fail;
+    l->max_frame = max_frame;
+    l->accept_other = accept_other;
+    PyBuffer_Release(&mac);
+    return (PyObject *)l;
+fail:
+    PyBuffer_Release(&mac);
+    Py_DECREF(l);
+    return NULL;
+}
+
+enum { STOP_EMPTY = 0, STOP_BUDGET = 1, STOP_PYTHON = 2, STOP_FLUSH = 3 };
+
+/*
+ * drain(table, rx_next, tx_next, budget, unflushed, batch)
+ *   -> (stop, rx_next, tx_next, received, ignored, answered, unflushed)
+ *
+ * Walk the RX ring from slot rx_next, at most budget slots.  A slot the
+ * port ignores (our own outgoing frame, another host's, too long) is
+ * counted and handed back; a frame the lane answers gets its reply in TX
+ * slot tx_next, queued for the kernel (tp_len, then SEND_REQUEST).  Stops:
+ *   STOP_EMPTY   the next slot is the kernel's: the ring is drained;
+ *   STOP_BUDGET  budget slots walked;
+ *   STOP_PYTHON  slot rx_next holds a frame the lane leaves to Python (or the
+ *                next TX slot is not free): not consumed, still the user's;
+ *   STOP_FLUSH   unflushed reached batch: send the queue, then call again.
+ */
+static PyObject *
+Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyObject_TypeCheck(args[0], &TableType)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "drain(table, rx_next, tx_next, budget, unflushed, batch)");
+        return NULL;
+    }
+    Table *t = (Table *)args[0];
+    Py_ssize_t rx_next = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t tx_next = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t budget = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t unflushed = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t batch = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (rx_next < 0 || rx_next >= l->rx_count || tx_next < 0 || tx_next >= l->tx_count) {
+        PyErr_SetString(PyExc_IndexError, "drain: no such slot");
+        return NULL;
+    }
+    uint8_t *ring = l->ring.buf;
+    Py_ssize_t received = 0, ignored = 0, answered = 0;
+    int stop = STOP_BUDGET;
+    Py_ssize_t error = 0;
+    while (budget-- > 0) {
+        uint8_t *slot = ring + l->rx[rx_next];
+        uint32_t *status = (uint32_t *)slot;
+        if (!(__atomic_load_n(status, __ATOMIC_ACQUIRE) & TP_STATUS_USER)) {
+            stop = STOP_EMPTY;
+            break;
+        }
+        uint32_t length, snaplen;
+        uint16_t at;
+        memcpy(&length, slot + 4, 4);
+        memcpy(&snaplen, slot + 8, 4);
+        memcpy(&at, slot + 12, 2);
+        uint8_t pkttype = slot[RX_PKTTYPE_AT];
+        if (pkttype == PACKET_OUTGOING || (pkttype == PACKET_OTHERHOST && !l->accept_other)
+            || length > l->max_frame) {
+            ignored++;
+        } else {
+            /* A frame must lie inside its slot, and a reply needs a free TX slot. */
+            uint8_t *tx = ring + l->tx[tx_next];
+            if ((uint64_t)at + snaplen > l->rx_slot
+                || __atomic_load_n((uint32_t *)tx, __ATOMIC_ACQUIRE) != TP_STATUS_AVAILABLE) {
+                stop = STOP_PYTHON;
+                break;
+            }
+            Py_ssize_t written = answer(t, slot + at, snaplen, tx + TX_DATA_AT,
+                                        l->tx_slot - TX_DATA_AT, l->mac);
+            if (written <= 0) {
+                error = written;
+                stop = STOP_PYTHON;
+                break;
+            }
+            uint32_t len32 = (uint32_t)written;
+            memcpy(tx + 4, &len32, 4);
+            __atomic_store_n((uint32_t *)tx, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+            if (++tx_next == l->tx_count)
+                tx_next = 0;
+            received++;
+            answered++;
+            unflushed++;
+        }
+        __atomic_store_n(status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
+        if (++rx_next == l->rx_count)
+            rx_next = 0;
+        if (unflushed >= batch) {
+            stop = STOP_FLUSH;
+            break;
+        }
+    }
+    if (error < 0) {
+        /* A Python error reading the target (its acl raised): the Python path will see it too. */
+        PyErr_Clear();
+    }
+    return Py_BuildValue("(innnnnn)", stop, rx_next, tx_next, received, ignored, answered,
+                         unflushed);
+}
+
+/*
+ * answer(table, frame, reply) -> int: the reply's length written into reply, or 0.
+ * The lane's decision for one frame, as drain makes it for each slot.
+ */
+static PyObject *
+Lane_answer(Lane *l, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyObject_TypeCheck(args[0], &TableType)) {
+        PyErr_SetString(PyExc_TypeError, "answer(table, frame, reply)");
+        return NULL;
+    }
+    Py_buffer frame, reply;
+    if (PyObject_GetBuffer(args[1], &frame, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[2], &reply, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&frame);
+        return NULL;
+    }
+    Py_ssize_t written = answer((Table *)args[0], frame.buf, frame.len, reply.buf, reply.len,
+                                l->mac);
+    PyBuffer_Release(&frame);
+    PyBuffer_Release(&reply);
+    if (written < 0)
+        return NULL;
+    return PyLong_FromSsize_t(written);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"drain", (PyCFunction)(void (*)(void))Lane_drain, METH_FASTCALL,
+     "drain(table, rx_next, tx_next, budget, unflushed, batch) -> (stop, rx_next, tx_next, "
+     "received, ignored, answered, unflushed)"},
+    {"answer", (PyCFunction)(void (*)(void))Lane_answer, METH_FASTCALL,
+     "answer(table, frame, reply) -> the reply's length written into reply, or 0."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "aoe_twisted.lane._lane.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One port's PACKET_MMAP rings, walked in C.",
+    .tp_new = Lane_new,
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_methods = Lane_methods,
+};
+
+/* -- the module ------------------------------------------------------- */
+
+static struct PyModuleDef lane_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aoe_twisted.lane._lane",
+    .m_doc = "The compiled data lane: plain ATA reads and writes answered in C.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__lane(void)
+{
+    if (PyType_Ready(&TallyType) < 0 || PyType_Ready(&TableType) < 0
+        || PyType_Ready(&LaneType) < 0)
+        return NULL;
+    s_acl = PyUnicode_InternFromString("acl");
+    s_backend = PyUnicode_InternFromString("backend");
+    s_mask_list = PyUnicode_InternFromString("mask_list");
+    s_reserve_list = PyUnicode_InternFromString("reserve_list");
+    s_read_only = PyUnicode_InternFromString("read_only");
+    s_sync = PyUnicode_InternFromString("sync");
+    if (!s_acl || !s_backend || !s_mask_list || !s_reserve_list || !s_read_only || !s_sync)
+        return NULL;
+    PyObject *m = PyModule_Create(&lane_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "RECENT_TAGS", RECENT_TAGS) < 0
+        || PyModule_AddIntConstant(m, "BUCKETS", BUCKETS) < 0
+        || PyModule_AddIntConstant(m, "STOP_EMPTY", STOP_EMPTY) < 0
+        || PyModule_AddIntConstant(m, "STOP_BUDGET", STOP_BUDGET) < 0
+        || PyModule_AddIntConstant(m, "STOP_PYTHON", STOP_PYTHON) < 0
+        || PyModule_AddIntConstant(m, "STOP_FLUSH", STOP_FLUSH) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&TallyType);
+    Py_INCREF(&TableType);
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(m, "Tally", (PyObject *)&TallyType) < 0
+        || PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0
+        || PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
