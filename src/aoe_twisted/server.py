@@ -606,7 +606,8 @@ class AoEProtocol(AbstractDatagramProtocol):
         Built again when the dispatcher or its targets changed; ``None``
         while replies are held for group commit (every frame then goes
         through ``frameReceivedInto``, which holds its reply too).  Under
-        ``sync`` the lane answers reads only.
+        ``sync`` the lane holds its writes' replies in their TX slots, and
+        ``drainFinished`` syncs those disks too before releasing them.
         """
         if self._held:
             return None
@@ -615,7 +616,7 @@ class AoEProtocol(AbstractDatagramProtocol):
             return None
         if dispatcher is not self._lane_for or dispatcher.generation != self._lane_generation:
             self._lane_table = build_table(
-                dispatcher.fast_index.values(), writes=not dispatcher.hold_writes
+                dispatcher.fast_index.values(), hold_writes=dispatcher.hold_writes
             )
             self._lane_for = dispatcher
             self._lane_generation = dispatcher.generation
@@ -796,11 +797,15 @@ class AoEProtocol(AbstractDatagramProtocol):
             if self._drain_fallback.active():
                 self._drain_fallback.cancel()
             self._drain_fallback = None
-        if not self._held:
+        port = self.transport if isinstance(self.transport, AoEPort) else None
+        lane_written = port.lane_held() if port is not None else []
+        if not self._held and not lane_written:
             return
         held, self._held = self._held, []
         writes, self._held_writes = self._held_writes, {}
         dirty, self._dirty = self._dirty, {}
+        for target in lane_written:
+            dirty.setdefault(id(target), target)
         failed: set[int] = set()
         waiting: list[defer.Deferred[Any]] = []
         for key, target in dirty.items():
@@ -815,6 +820,13 @@ class AoEProtocol(AbstractDatagramProtocol):
                 result.addErrback(self._async_sync_failed, failed, key, target)
                 waiting.append(result)
         self.syncs += len(dirty)
+        if lane_written:
+            # The compiled lane's disks are synchronous: synced above, released now,
+            # before any reply held here (theirs came from later requests).
+            assert port is not None
+            released, refused = port.lane_release(failed)
+            self.synced_writes += released - refused
+            self.sync_failures += refused
         # Replies leave in the order their requests came: after any earlier group
         # still waiting on one of the same disks (not behind other disks' flushes).
         earlier = {id(c): c for c in map(self._commits.get, dirty) if c is not None}

@@ -57,6 +57,8 @@
 #define TP_STATUS_USER 1
 #define TP_STATUS_AVAILABLE 0
 #define TP_STATUS_SEND_REQUEST 1
+/* Ours: a reply written and held for group commit; the kernel sends only SEND_REQUEST. */
+#define TP_STATUS_HELD (1u << 30)
 #define TX_DATA_AT 32
 #define RX_PKTTYPE_AT 42
 #define PACKET_OTHERHOST 3
@@ -420,6 +422,8 @@ static PyTypeObject TallyType = {
 
 /* -- the table ---------------------------------------------------------- */
 
+enum { WRITES_DECLINED = 0, WRITES_SENT = 1, WRITES_HELD = 2 };
+
 typedef struct {
     uint32_t key;           /* shelf << 8 | slot */
     uint32_t max_sectors;
@@ -429,7 +433,7 @@ typedef struct {
     uint32_t alignment;
     uint64_t base;          /* the disk's first byte in the descriptor or buffer */
     Py_buffer memory;       /* the buffer, when fd is -1 */
-    int writes;             /* whether writes may be answered (not waiting for group commit) */
+    int writes;             /* WRITES_DECLINED, WRITES_SENT or WRITES_HELD (group commit) */
     PyObject *target;       /* the Target: its acl and backend are read per frame */
     PyObject *backend;      /* the backend the table was built for */
     Tally *tally;
@@ -481,7 +485,9 @@ table_find(const Table *t, uint32_t key)
  * Table(entries): each entry a tuple
  *   (shelf, slot, max_sectors, sectors, fd, buffer, base, direct, alignment, writes,
  *    target, backend, tally)
- * with fd -1 and a writable buffer for a memory disk, or fd >= 0 and None.
+ * with fd -1 and a writable buffer for a memory disk, or fd >= 0 and None;
+ * writes 0 (declined), 1 (answered at once) or 2 (answered, the reply held
+ * for group commit until Lane.release).
  */
 static PyObject *
 Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
@@ -513,14 +519,16 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         int fd, direct, writes;
         PyObject *buffer, *target, *backend, *tally;
         Entry *e = &t->entries[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_ITEMS(seq)[i], "IIIKiOKpIpOOO!:Table entry",
+        if (!PyArg_ParseTuple(PySequence_Fast_ITEMS(seq)[i], "IIIKiOKpIiOOO!:Table entry",
                               &shelf, &slot, &max_sectors, &sectors, &fd, &buffer, &base,
                               &direct, &alignment, &writes, &target, &backend, &TallyType,
                               &tally))
             goto fail;
         if (shelf > 0xFFFE || slot > 0xFE || max_sectors == 0 || max_sectors > 255
-            || alignment == 0 || (alignment & (alignment - 1)) || alignment > (1u << 20)) {
-            PyErr_SetString(PyExc_ValueError, "Table entry: bad address, max_sectors or alignment");
+            || alignment == 0 || (alignment & (alignment - 1)) || alignment > (1u << 20)
+            || writes < WRITES_DECLINED || writes > WRITES_HELD) {
+            PyErr_SetString(PyExc_ValueError,
+                            "Table entry: bad address, max_sectors, alignment or writes");
             goto fail;
         }
         e->key = shelf << 8 | slot;
@@ -773,12 +781,15 @@ reply_header(uint8_t *r, const uint8_t *f, const uint8_t *mac, uint8_t error, ui
  * Answer frame (flen bytes) into reply (capacity bytes) from the interface
  * mac: the reply's length, 0 if the lane does not answer it (nothing done,
  * nothing counted), -1 with a Python exception.  fastpath.fast_reply_into,
- * with writes the table's per-target flag.
+ * with writes the table's per-target mode; *held says the reply acknowledges
+ * a write that must wait for group commit (WRITES_HELD), and then *target is
+ * the Target written (a borrowed reference).
  */
 static Py_ssize_t
 answer(Table *t, const uint8_t *f, Py_ssize_t flen, uint8_t *reply, Py_ssize_t capacity,
-       const uint8_t *mac)
+       const uint8_t *mac, int *held, PyObject **written)
 {
+    *held = 0;
     if (flen < HEADER_SIZE)
         return 0;
     if (f[12] != (ETHERTYPE_AOE >> 8) || f[13] != (ETHERTYPE_AOE & 0xff)
@@ -829,15 +840,20 @@ answer(Table *t, const uint8_t *f, Py_ssize_t flen, uint8_t *reply, Py_ssize_t c
     size_t length = (size_t)count * SECTOR;
     Tally *tally = e->tally;
     if (write) {
-        if (!e->writes || flen < (Py_ssize_t)(HEADER_SIZE + length) || capacity < MIN_FRAME)
+        if (e->writes == WRITES_DECLINED || flen < (Py_ssize_t)(HEADER_SIZE + length)
+            || capacity < MIN_FRAME)
             return 0;
-        PyObject *value = PyObject_GetAttr(e->target, s_sync);
-        if (value == NULL)
-            return -1;
-        int sync = PyObject_IsTrue(value);
-        Py_DECREF(value);
-        if (sync != 0)
-            return sync < 0 ? -1 : 0;
+        PyObject *value;
+        if (e->writes == WRITES_SENT) {
+            /* A target made sync in place: its writes now wait, which this table does not do. */
+            value = PyObject_GetAttr(e->target, s_sync);
+            if (value == NULL)
+                return -1;
+            int sync = PyObject_IsTrue(value);
+            Py_DECREF(value);
+            if (sync != 0)
+                return sync < 0 ? -1 : 0;
+        }
         value = PyObject_GetAttr(backend, s_read_only);
         if (value == NULL)
             return -1;
@@ -862,6 +878,10 @@ answer(Table *t, const uint8_t *f, Py_ssize_t flen, uint8_t *reply, Py_ssize_t c
         } else {
             tally->write_bytes += length;
             reply_header(reply, f, mac, 0, count);
+            if (e->writes == WRITES_HELD) {
+                *held = 1;
+                *written = e->target;
+            }
         }
         memset(reply + HEADER_SIZE, 0, MIN_FRAME - HEADER_SIZE);
         return MIN_FRAME;
@@ -901,11 +921,21 @@ typedef struct {
     uint8_t mac[6];
     uint32_t max_frame;
     int accept_other;
+    /* Replies held for group commit: their TX slots, targets (owned) and sector counts. */
+    uint32_t *held_slot;
+    PyObject **held_target;
+    uint8_t *held_count;
+    uint32_t held, held_capacity;
 } Lane;
 
 static void
 Lane_dealloc(Lane *l)
 {
+    for (uint32_t i = 0; i < l->held; i++)
+        Py_DECREF(l->held_target[i]);
+    free(l->held_slot);
+    free(l->held_target);
+    free(l->held_count);
     if (l->ring.obj != NULL)
         PyBuffer_Release(&l->ring);
     free(l->rx);
@@ -998,6 +1028,77 @@ fail:
 
 enum { STOP_EMPTY = 0, STOP_BUDGET = 1, STOP_PYTHON = 2, STOP_FLUSH = 3 };
 
+static int
+lane_grow_held(Lane *l)
+{
+    uint32_t capacity = l->held_capacity ? l->held_capacity * 2 : 64;
+    uint32_t *slots = realloc(l->held_slot, capacity * sizeof(uint32_t));
+    if (slots == NULL)
+        return -1;
+    l->held_slot = slots;
+    PyObject **targets = realloc(l->held_target, capacity * sizeof(PyObject *));
+    if (targets == NULL)
+        return -1;
+    l->held_target = targets;
+    uint8_t *counts = realloc(l->held_count, capacity);
+    if (counts == NULL)
+        return -1;
+    l->held_count = counts;
+    l->held_capacity = capacity;
+    return 0;
+}
+
+/* held() -> [Target]: the targets written by replies held for group commit, each once. */
+static PyObject *
+Lane_held(Lane *l, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    for (uint32_t i = 0; i < l->held; i++) {
+        int known = PySequence_Contains(list, l->held_target[i]);
+        if (known < 0 || (!known && PyList_Append(list, l->held_target[i]) < 0)) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return list;
+}
+
+/*
+ * release(failed) -> (released, refused): send the held replies.
+ *
+ * failed holds the id() of each target whose disk could not be made durable:
+ * their replies become the refusal (ERR|DRDY, ABRT, the request's sector
+ * count), never an acknowledgement.  Every held slot is then queued
+ * (SEND_REQUEST) in ring order; the next send transmits them.
+ */
+static PyObject *
+Lane_release(Lane *l, PyObject *failed)
+{
+    uint8_t *ring = l->ring.buf;
+    Py_ssize_t refused = 0, released = l->held;
+    for (uint32_t i = 0; i < l->held; i++) {
+        uint8_t *tx = ring + l->tx[l->held_slot[i]];
+        PyObject *id = PyLong_FromVoidPtr(l->held_target[i]);
+        int bad = id == NULL ? -1 : PySequence_Contains(failed, id);
+        Py_XDECREF(id);
+        if (bad != 0) {
+            /* Failed, or cannot tell: refuse. An unacknowledged write is only retried. */
+            PyErr_Clear();
+            uint8_t *reply = tx + TX_DATA_AT;
+            reply[25] = ERROR_ABRT;
+            reply[26] = l->held_count[i];
+            reply[27] = ERR_DRDY;
+            refused++;
+        }
+        __atomic_store_n((uint32_t *)tx, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+        Py_DECREF(l->held_target[i]);
+    }
+    l->held = 0;
+    return Py_BuildValue("(nn)", released, refused);
+}
+
 /*
  * drain(table, rx_next, tx_next, budget, unflushed, batch)
  *   -> (stop, rx_next, tx_next, received, ignored, answered, unflushed)
@@ -1060,8 +1161,15 @@ Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
                 stop = STOP_PYTHON;
                 break;
             }
+            /* Room to note a held reply first: a write is never done and then forgotten. */
+            if (l->held == l->held_capacity && lane_grow_held(l) < 0) {
+                stop = STOP_PYTHON;
+                break;
+            }
+            int hold;
+            PyObject *target;
             Py_ssize_t written = answer(t, slot + at, snaplen, tx + TX_DATA_AT,
-                                        l->tx_slot - TX_DATA_AT, l->mac);
+                                        l->tx_slot - TX_DATA_AT, l->mac, &hold, &target);
             if (written <= 0) {
                 error = written;
                 stop = STOP_PYTHON;
@@ -1069,7 +1177,16 @@ Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
             }
             uint32_t len32 = (uint32_t)written;
             memcpy(tx + 4, &len32, 4);
-            __atomic_store_n((uint32_t *)tx, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+            if (hold) {
+                Py_INCREF(target);
+                l->held_slot[l->held] = (uint32_t)tx_next;
+                l->held_target[l->held] = target;
+                l->held_count[l->held] = slot[at + 26];
+                l->held++;
+                __atomic_store_n((uint32_t *)tx, TP_STATUS_HELD, __ATOMIC_RELEASE);
+            } else {
+                __atomic_store_n((uint32_t *)tx, TP_STATUS_SEND_REQUEST, __ATOMIC_RELEASE);
+            }
             if (++tx_next == l->tx_count)
                 tx_next = 0;
             received++;
@@ -1110,8 +1227,10 @@ Lane_answer(Lane *l, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&frame);
         return NULL;
     }
+    int held;
+    PyObject *target;
     Py_ssize_t written = answer((Table *)args[0], frame.buf, frame.len, reply.buf, reply.len,
-                                l->mac);
+                                l->mac, &held, &target);
     PyBuffer_Release(&frame);
     PyBuffer_Release(&reply);
     if (written < 0)
@@ -1123,6 +1242,11 @@ static PyMethodDef Lane_methods[] = {
     {"drain", (PyCFunction)(void (*)(void))Lane_drain, METH_FASTCALL,
      "drain(table, rx_next, tx_next, budget, unflushed, batch) -> (stop, rx_next, tx_next, "
      "received, ignored, answered, unflushed)"},
+    {"held", (PyCFunction)Lane_held, METH_NOARGS,
+     "held() -> [Target]: the targets whose writes wait for group commit, each once."},
+    {"release", (PyCFunction)Lane_release, METH_O,
+     "release(failed) -> (released, refused): queue the held replies; a target whose id() "
+     "is in failed gets refusals (ABRT) instead."},
     {"answer", (PyCFunction)(void (*)(void))Lane_answer, METH_FASTCALL,
      "answer(table, frame, reply) -> the reply's length written into reply, or 0."},
     {NULL, NULL, 0, NULL},
@@ -1170,7 +1294,10 @@ PyInit__lane(void)
         || PyModule_AddIntConstant(m, "STOP_EMPTY", STOP_EMPTY) < 0
         || PyModule_AddIntConstant(m, "STOP_BUDGET", STOP_BUDGET) < 0
         || PyModule_AddIntConstant(m, "STOP_PYTHON", STOP_PYTHON) < 0
-        || PyModule_AddIntConstant(m, "STOP_FLUSH", STOP_FLUSH) < 0) {
+        || PyModule_AddIntConstant(m, "STOP_FLUSH", STOP_FLUSH) < 0
+        || PyModule_AddIntConstant(m, "WRITES_DECLINED", WRITES_DECLINED) < 0
+        || PyModule_AddIntConstant(m, "WRITES_SENT", WRITES_SENT) < 0
+        || PyModule_AddIntConstant(m, "WRITES_HELD", WRITES_HELD) < 0) {
         Py_DECREF(m);
         return NULL;
     }

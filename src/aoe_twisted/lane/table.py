@@ -19,15 +19,16 @@ def lane_served(target: Target) -> bool:
     return ILaneBackend.providedBy(target.backend) and target.stats.tally is not None
 
 
-def build_table(targets: Iterable[Target], writes: bool = True) -> Any:
+def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
     """
     Return the lane's table for ``targets`` (those it can serve), or ``None`` if none.
 
-    ``writes`` false (``--sync``: every write waits for group commit) leaves
-    all writes to the Python path; a target's own ``sync`` does the same
-    for its writes (the lane reads it per write, as ``fastpath`` does).
-    The table holds the targets and their disks as they are now: build a
-    new one when the targets served change (``Dispatcher.generation``).
+    With ``hold_writes`` (``--sync``), and for a target whose own ``sync``
+    is set, the lane still does the writes, but holds each reply in its TX
+    slot until group commit: ``Lane.held`` names the disks to sync and
+    ``Lane.release`` sends the replies (or refusals).  The table holds the
+    targets and their disks as they are now: build a new one when the
+    targets served change (``Dispatcher.generation``).
     """
     native = _lane.native
     if native is None:
@@ -48,7 +49,7 @@ def build_table(targets: Iterable[Target], writes: bool = True) -> Any:
             storage.offset,
             storage.direct,
             storage.alignment,
-            writes,
+            native.WRITES_HELD if hold_writes or target.sync else native.WRITES_SENT,
             target,
             backend,
             target.stats.tally,

@@ -110,8 +110,10 @@ _RETRY_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 _RX_RING_FRAMES = MIN_RING_FRAMES
 #: What the kernel charges a received frame beyond its MTU, at most (``receive_buffer_size``).
 _RECEIVE_SLACK_PER_FRAME = 1024
-#: Slots of the TX ring.
-_TX_RING_FRAMES = 256
+#: Slots of the TX ring: twice a drain's frames (``max_frames_per_read``), so that replies
+#: the compiled lane holds for group commit (which keep later slots from being sent until
+#: the drain ends) never leave a drain without a free slot.
+_TX_RING_FRAMES = 512
 #: Replies queued in the TX ring before one ``send`` flushes them, within a drain: few
 #: enough that an initiator keeping 16 requests in flight gets replies (and sends more)
 #: while the drain goes on, instead of the two sides taking turns (measured best of 1-32).
@@ -754,6 +756,30 @@ class AoEPort(abstract.FileDescriptor):
             )
             rings.lane_key = key
         return rings.lane
+
+    def lane_held(self) -> list[Any]:
+        """Return the targets whose writes the compiled lane answered and holds for group commit."""
+        rings = self._rings
+        if rings is None or rings.lane is None:
+            return []
+        return rings.lane.held()  # type: ignore[no-any-return]
+
+    def lane_release(self, failed: set[int]) -> tuple[int, int]:
+        """
+        Queue the replies the compiled lane holds; return (replies, refusals).
+
+        A target whose ``id`` is in ``failed`` (its disk could not be made
+        durable) gets ``ERR|DRDY``/``ABRT`` instead of each acknowledgement.
+        They go with the port's next ``send``.
+        """
+        rings = self._rings
+        if rings is None or rings.lane is None:
+            return 0, 0
+        released, refused = rings.lane.release(failed)
+        self._unflushed += released
+        if released and not self._batching:
+            self._flush()
+        return released, refused
 
     def _walk_ring(self, rings: PacketRings, limit: int) -> int:
         """
