@@ -12,9 +12,13 @@ carries out the disk operation the decision asks for).  The cases are a 1 KiB
 (``aoe_twisted.core.fastpath``); ``--no-fast-path`` measures the general path alone,
 ``--into`` the zero-copy variant the port uses with ``PACKET_MMAP`` rings
 (``Dispatcher.frame_received_into``: the request read from a ``memoryview``,
-the reply written into a reused buffer, as into a TX ring slot).
+the reply written into a reused buffer, as into a TX ring slot).  ``--lane``
+measures the compiled lane (``aoe_twisted.lane``) as the port runs it: one
+``Lane.drain`` walking an in-memory ring of ``LANE_BATCH`` slots holding the
+frame, its replies written into the TX ring (handed back between calls, as the
+kernel does); the figure is per frame, the slots' hand-back included.
 
-    python benchmarks/micro_serve.py [-n 20000] [--repeat 7] [--no-fast-path | --into]
+    python benchmarks/micro_serve.py [-n 20000] [--repeat 7] [--no-fast-path | --into | --lane]
 """
 
 from __future__ import annotations
@@ -29,9 +33,56 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from micro_codec import _INITIATOR, _TARGET, cases, measure
 
+from aoe_twisted import lane
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.core.dispatch import Dispatcher
 from aoe_twisted.core.target import Target
+from aoe_twisted.lane.table import build_table
+from aoe_twisted.net.ring import RX_SLOT_HEADER, PacketRings, RingGeometry
+
+#: Slots one ``--lane`` drain walks (the port's drains are up to 256).
+LANE_BATCH = 64
+
+
+def lane_server(target: Target, frame: bytes) -> object:
+    """
+    Return a function that serves ``LANE_BATCH`` copies of ``frame`` by one ``Lane.drain``.
+
+    The RX ring (in a ``bytearray``) holds the frame in every slot; the
+    function marks them the user's (as the kernel does), drains them and
+    gives the TX slots back (as the kernel does once sent).
+    """
+    native = lane.native
+    if native is None:
+        raise SystemExit(f"micro_serve: no compiled lane ({lane.lane_reason})")
+    geometry = RingGeometry.for_mtu(9000, LANE_BATCH)
+    tx_geometry = RingGeometry.for_mtu(9000, LANE_BATCH)
+    rings = PacketRings(bytearray(geometry.size + tx_geometry.size), geometry, tx_geometry)
+    at = 80  # tp_mac: where the frame starts in its slot (past the headers, aligned)
+    for offset in rings.rx_offsets:
+        RX_SLOT_HEADER.pack_into(rings.view, offset + 4, len(frame), len(frame), at)
+        rings.view[offset + at : offset + at + len(frame)] = frame
+    runner = native.Lane(
+        rings.view, rings.rx_offsets, geometry.frame_size, rings.tx_offsets,
+        tx_geometry.frame_size, _TARGET, 9100, False,
+    )  # fmt: skip
+    table = build_table([target])
+    status = rings.status
+    rx_words = [offset >> 2 for offset in rings.rx_offsets[:LANE_BATCH]]
+    tx_words = [offset >> 2 for offset in rings.tx_offsets[:LANE_BATCH]]
+
+    def serve() -> object:
+        for word in rx_words:
+            status[word] = 1
+        result = runner.drain(table, 0, 0, LANE_BATCH, 0, 1 << 30)
+        for word in tx_words:
+            status[word] = 0
+        return result
+
+    stop, _rx, _tx, _received, _ignored, answered, _unflushed = serve()  # type: ignore[misc]
+    if answered != LANE_BATCH:
+        raise SystemExit(f"micro_serve: the lane answered {answered} of {LANE_BATCH} (stop {stop})")
+    return serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,9 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="serve with frame_received_into (zero copy, as from the rings)",
     )
+    parser.add_argument(
+        "--lane", action="store_true", help="serve by the compiled lane, walking a ring"
+    )
     args = parser.parse_args(argv)
-    if args.into and args.no_fast_path:
-        parser.error("--into is the fast path; it cannot go with --no-fast-path")
+    if sum((args.into, args.no_fast_path, args.lane)) > 1:
+        parser.error("--into, --lane and --no-fast-path are different paths: choose one")
     slot = memoryview(bytearray(16384))
 
     target = Target(1, 0, MemoryBackend(1 << 30), max_sectors=16)
@@ -78,8 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             def serve(view: memoryview = view) -> object:
                 return dispatcher.frame_received_into(view, slot)
 
-        measure(serve, max(1, args.n // 10), 1)  # warm up
-        rates = measure(serve, args.n, args.repeat)
+        per_call = 1
+        if args.lane:
+            serve = lane_server(target, frame)  # type: ignore[assignment]
+            per_call = LANE_BATCH
+        calls = max(1, args.n // per_call)
+        measure(serve, max(1, calls // 10), 1)  # warm up
+        rates = [rate * per_call for rate in measure(serve, calls, args.repeat)]
         median = statistics.median(rates)
         print(
             f"{name:<22} {median:>13,.0f} {min(rates):>10,.0f} {max(rates):>10,.0f} "
