@@ -25,6 +25,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <stdint.h>
@@ -1252,6 +1253,12 @@ static PyMethodDef Lane_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef Lane_members[] = {
+    {"holding", T_UINT, offsetof(Lane, held), READONLY,
+     "How many replies the lane holds for group commit (until release)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyTypeObject LaneType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "aoe_twisted.lane._lane.Lane",
@@ -1261,6 +1268,7 @@ static PyTypeObject LaneType = {
     .tp_new = Lane_new,
     .tp_dealloc = (destructor)Lane_dealloc,
     .tp_methods = Lane_methods,
+    .tp_members = Lane_members,
 };
 
 /* -- the module ------------------------------------------------------- */

@@ -339,6 +339,8 @@ class AoEPort(abstract.FileDescriptor):
         self.tx_batch = _TX_BATCH
         self._batching = False
         self._unflushed = 0
+        #: The last drain was the compiled lane's alone, and it holds nothing.
+        self._lane_quiet = False
         self.mac: bytes | None = None
         self.mtu: int | None = None
         self._fileno = -1
@@ -670,6 +672,7 @@ class AoEPort(abstract.FileDescriptor):
         """
         received = self.frames_received
         self._batching = True
+        self._lane_quiet = False
         try:
             if self._rings is not None:
                 self._drain_ring(self._rings)
@@ -686,8 +689,13 @@ class AoEPort(abstract.FileDescriptor):
                     self._batching = False
 
     def _drain_finished(self, received: int) -> None:
-        """Call an ``IFrameSink``'s ``drainFinished`` if frames came since ``received``."""
-        if self.frames_received == received or not self._frame_sink:
+        """
+        Call an ``IFrameSink``'s ``drainFinished`` if frames came since ``received``.
+
+        Not when the compiled lane answered every one of them and holds no
+        reply: the protocol saw none of them, so there is nothing to end.
+        """
+        if self.frames_received == received or not self._frame_sink or self._lane_quiet:
             return
         try:
             self.protocol.drainFinished()  # type: ignore[attr-defined]
@@ -715,30 +723,37 @@ class AoEPort(abstract.FileDescriptor):
             return
         native = _lane.native
         assert native is not None
-        while budget > 0:
-            table = sink.laneTable()
-            if table is None:
-                self._walk_ring(rings, budget)
-                return
-            lane = self._ring_lane(rings, native)
-            stop, rx, tx, received, ignored, answered, unflushed = lane.drain(
-                table, rings.rx_next, rings.tx_next, budget, self._unflushed, self.tx_batch
-            )
-            rings.rx_next = rx
-            rings.tx_next = tx
-            budget -= received + ignored
-            self.frames_received += received
-            self.frames_ignored += ignored
-            self.frames_sent += answered
-            self._unflushed = unflushed
+        lane = None
+        walked = answered = 0
+        try:
+            while budget > 0:
+                table = sink.laneTable()
+                if table is None:
+                    walked += self._walk_ring(rings, budget)
+                    return
+                lane = self._ring_lane(rings, native)
+                stop, rx, tx, received, ignored, answered_now, unflushed = lane.drain(
+                    table, rings.rx_next, rings.tx_next, budget, self._unflushed, self.tx_batch
+                )
+                rings.rx_next = rx
+                rings.tx_next = tx
+                budget -= received + ignored
+                self.frames_received += received
+                self.frames_ignored += ignored
+                self.frames_sent += answered_now
+                self._unflushed = unflushed
+                answered += answered_now
+                if stop == native.STOP_FLUSH:
+                    self._flush()
+                elif stop == native.STOP_PYTHON:
+                    walked += self._walk_ring(rings, 1)
+                    budget -= 1
+                else:  # the ring is drained, or the budget spent
+                    return
+        finally:
             if answered:
                 sink.laneAnswered(answered)
-            if stop == native.STOP_FLUSH:
-                self._flush()
-            elif stop == native.STOP_PYTHON:
-                budget -= self._walk_ring(rings, 1)
-            else:  # the ring is drained, or the budget spent
-                return
+            self._lane_quiet = not walked and lane is not None and not lane.holding
 
     def _ring_lane(self, rings: PacketRings, native: Any) -> Any:
         """Return the compiled lane over ``rings`` for this port as it is now (MAC, MTU)."""
