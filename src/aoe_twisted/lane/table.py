@@ -6,12 +6,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from twisted.logger import Logger
+
 from aoe_twisted import lane as _lane
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import SECTOR_SIZE
 from aoe_twisted.interfaces import ILaneBackend
+from aoe_twisted.lane.storage import LaneStorage
 
 __all__ = ["build_table", "lane_served"]
+
+_log = Logger()
+
+#: The largest ``O_DIRECT`` block the lane moves through its aligned buffer.
+_MAX_ALIGNMENT = 1 << 20
 
 
 def lane_served(target: Target) -> bool:
@@ -38,7 +46,18 @@ def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
         if not lane_served(target):
             continue
         backend = target.backend
-        storage = backend.lane_storage()  # type: ignore[attr-defined]
+        try:
+            storage = backend.lane_storage()  # type: ignore[attr-defined]
+            _check(storage, backend.size)
+        except Exception as e:
+            # A plugin's mistake costs its target the lane, never the port.
+            _log.error(
+                "{target}: the compiled lane cannot serve this disk ({error}); "
+                "the Python lane serves it",
+                target=target.name,
+                error=e,
+            )
+            continue
         entries.append((
             target.shelf,
             target.slot,
@@ -57,3 +76,24 @@ def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
     if not entries:
         return None
     return native.Table(entries)
+
+
+def _check(storage: Any, size: int) -> None:
+    """
+    Raise ``ValueError`` unless ``storage`` is one the lane can use for a disk of ``size``.
+
+    What ``Table`` itself would refuse, said in words: a buffer that does
+    not hold the disk, an ``O_DIRECT`` block size that is not a power of
+    two up to 1 MiB.
+    """
+    if not isinstance(storage, LaneStorage):
+        raise ValueError(f"lane_storage() returned {storage!r}, not a LaneStorage")
+    alignment = storage.alignment
+    if alignment <= 0 or alignment & (alignment - 1) or alignment > _MAX_ALIGNMENT:
+        raise ValueError(f"O_DIRECT block size {alignment} is not a power of two up to 1 MiB")
+    if storage.buffer is not None:
+        length = memoryview(storage.buffer).nbytes
+        if storage.offset + size > length:
+            raise ValueError(
+                f"its buffer of {length} bytes does not hold {size} bytes from {storage.offset}"
+            )

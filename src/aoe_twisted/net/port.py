@@ -727,7 +727,16 @@ class AoEPort(abstract.FileDescriptor):
         walked = answered = 0
         try:
             while budget > 0:
-                table = sink.laneTable()
+                try:
+                    table = sink.laneTable()
+                except Exception:
+                    # A bug, not a frame: this port goes on with the Python lane.
+                    _log.failure(
+                        "AoE port {interface}: the compiled lane is off for this port",
+                        interface=self.interface,
+                    )
+                    self._lane_sink = sink = None
+                    table = None
                 if table is None:
                     walked += self._walk_ring(rings, budget)
                     return
