@@ -735,7 +735,7 @@ class AoEPort(abstract.FileDescriptor):
                         "AoE port {interface}: the compiled lane is off for this port",
                         interface=self.interface,
                     )
-                    self._lane_sink = sink = None
+                    self._lane_sink = None
                     table = None
                 if table is None:
                     walked += self._walk_ring(rings, budget)
