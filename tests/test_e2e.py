@@ -9,6 +9,15 @@ The namespaces, and the veth pair with them, are deleted when the test ends.
 
 Root only: without it (or without ``ip``) the tests skip, or fail under
 ``AOE_TWISTED_REQUIRE_INTEROP=1``.
+
+The tests of reads, writes, access control, disks and malformed input run
+with both data lanes (``tests.test_fastpath.LaneChoice``): the Python lane
+(``aoe_twisted.lane.native`` patched to ``None``, which is what
+``AOE_TWISTED_PURE_PYTHON=1`` gives a server started in its own process)
+and, when it is built, the compiled one (the ``CompiledLane*`` cases).
+Each checks which lane answered: with the compiled lane every frame the
+fast path could answer was answered by it, with the Python lane none was.
+The other tests run with whichever lane the environment gives.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from aoe_twisted.testing import (
 )
 from tests.netns import VethPair, require, run
 from tests.peer import Peer, Reply
+from tests.test_fastpath import LaneChoice
 
 Gen = Generator[defer.Deferred[Any], Any, None]
 
@@ -104,16 +114,21 @@ def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> defer.Defer
     return poll()
 
 
-class EndToEndCase(TestCase):
+class EndToEndCase(LaneChoice, TestCase):
     """Start a server and a peer on a fresh veth pair; check replies."""
 
     timeout = 30
 
     def setUp(self) -> None:
+        super().setUp()
         require(self)
 
     def serve(
-        self, targets: list[Target], mtu: int = 1500, max_sectors: int | None = None
+        self,
+        targets: list[Target],
+        mtu: int = 1500,
+        max_sectors: int | None = None,
+        sync: bool = False,
     ) -> AoEService:
         """
         Serve ``targets`` on the server end of a new veth pair, with a peer on the other.
@@ -126,15 +141,52 @@ class EndToEndCase(TestCase):
         self.peer.start()
         self.addCleanup(self.peer.stop)
         service = AoEService(
-            self.pair.server_if, targets, netns=self.pair.server_ns, max_sectors=max_sectors
-        )
+            self.pair.server_if, targets, netns=self.pair.server_ns, max_sectors=max_sectors,
+            sync=sync,
+        )  # fmt: skip
         self.addCleanup(service.stopService)
         service.privilegedStartService()
         service.startService()
         assert service.port is not None and service.port.mac is not None
         self.service = service
         self.server = service.port.mac
+        self._watch_lane(service)
         return service
+
+    def _watch_lane(self, service: AoEService) -> None:
+        """
+        Count the frames the compiled lane answers; check at the end that the lane chosen ran.
+
+        With the compiled lane, every frame the fast path could answer (the
+        dispatcher's ``fast``) is one the lane answered; with the Python
+        lane the port has no lane and none is answered by it.
+        """
+        protocol = service.protocol
+        port = service.port
+        assert protocol is not None and protocol.dispatcher is not None and port is not None
+        counters = protocol.dispatcher.counters
+        answered = protocol.laneAnswered
+        by_lane = [0]
+
+        def counting(count: int) -> None:
+            by_lane[0] += count
+            answered(count)
+
+        protocol.laneAnswered = counting  # type: ignore[method-assign]
+        lane_sink = port._lane_sink
+
+        def check() -> None:
+            if self.compiled is None:
+                return
+            if self.compiled:
+                self.assertIsNotNone(lane_sink, "the compiled lane runs on the port")
+                self.assertEqual(by_lane[0], counters.fast, "the lane answered every plain frame")
+            else:
+                self.assertIsNone(lane_sink, "the Python lane: no compiled lane on the port")
+                self.assertEqual(by_lane[0], 0)
+
+        # Run before the service stops (cleanups run last first).
+        self.addCleanup(check)
 
     def one(self, replies: list[Reply]) -> Reply:
         """Return the one reply in ``replies``, failing if there is not exactly one."""
@@ -229,7 +281,9 @@ class DiscoveryTests(EndToEndCase):
 
 
 class ATATests(EndToEndCase):
-    """Identify, read and write."""
+    """Identify, read and write (the Python lane)."""
+
+    compiled = False
 
     @defer.inlineCallbacks
     def test_identify(self) -> Gen:
@@ -289,6 +343,27 @@ class ATATests(EndToEndCase):
         self.assertEqual(reply.arg.sector_count, 8)
 
     @defer.inlineCallbacks
+    def test_sync_writes(self) -> Gen:
+        """
+        With ``sync`` (writes acknowledged once durable) writes on a file disk are
+        acknowledged, read back, and are in the file.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(pattern(64 * SECTOR_SIZE, 50))
+        target = Target(0, 1, FileBackend.open(path))
+        self.serve([target], sync=True)
+        data = [pattern(2 * SECTOR_SIZE, 51 + n) for n in range(4)]
+        replies = yield defer.gatherResults(
+            [self.peer.write(self.server, 0, 1, 8 * n, d) for n, d in enumerate(data)]
+        )
+        for reply in replies:
+            self.ata_ok(reply)
+        for n, d in enumerate(data):
+            self.ata_ok((yield self.peer.read(self.server, 0, 1, 8 * n, 2)), d)
+            self.assertEqual(target.backend.read(8 * n * SECTOR_SIZE, 2 * SECTOR_SIZE), d)
+
+    @defer.inlineCallbacks
     def test_out_of_range(self) -> Gen:
         """Reads and writes past the end fail with IDNF and change nothing."""
         target = memory_target(0, 1, sectors=256)
@@ -334,7 +409,9 @@ class ConfigTests(EndToEndCase):
 
 
 class AccessControlTests(EndToEndCase):
-    """MAC mask lists (AoEr11 3.3) and reserve lists (3.4), with a forged second host."""
+    """MAC mask lists (AoEr11 3.3) and reserve lists (3.4), with a forged second host (Python)."""
+
+    compiled = False
 
     @defer.inlineCallbacks
     def test_mask_list(self) -> Gen:
@@ -404,7 +481,9 @@ class AccessControlTests(EndToEndCase):
 
 
 class BackendTests(EndToEndCase):
-    """Disks that outlive the server: bytes are checked where they landed."""
+    """Disks that outlive the server: bytes are checked where they landed (the Python lane)."""
+
+    compiled = False
 
     @defer.inlineCallbacks
     def test_file_backend(self) -> Gen:
@@ -456,6 +535,24 @@ class BackendTests(EndToEndCase):
         with open(backing, "rb") as f:
             on_disk = f.read()
         self.assertEqual(on_disk, first + original[SECTOR_SIZE:-SECTOR_SIZE] + last)
+
+
+class CompiledLaneATATests(ATATests):
+    """``ATATests`` with the compiled lane answering."""
+
+    compiled = True
+
+
+class CompiledLaneAccessControlTests(AccessControlTests):
+    """``AccessControlTests`` with the compiled lane answering (it reads the lists per frame)."""
+
+    compiled = True
+
+
+class CompiledLaneBackendTests(BackendTests):
+    """``BackendTests`` with the compiled lane answering (``pread``/``pwrite``)."""
+
+    compiled = True
 
 
 def _detach(device: str) -> None:
@@ -634,7 +731,9 @@ def _acts(payload: bytes) -> bool:
 
 
 class MalformedInputTests(EndToEndCase):
-    """A flood of garbage changes nothing and costs nothing but a log line."""
+    """A flood of garbage changes nothing and costs nothing but a log line (the Python lane)."""
+
+    compiled = False
 
     FRAMES = 2000
     BATCH = 50
@@ -689,6 +788,12 @@ class MalformedInputTests(EndToEndCase):
         yield service.stopService()
         self.assertEqual(len(lines), 2)
         self.assertEqual(lines[1]["count"], malformed - 1)
+
+
+class CompiledLaneMalformedInputTests(MalformedInputTests):
+    """``MalformedInputTests`` with the compiled lane walking the ring first."""
+
+    compiled = True
 
 
 class NamespaceTests(SynchronousTestCase):

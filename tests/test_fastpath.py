@@ -9,6 +9,13 @@ leave every other frame to the general path untouched.  The zero-copy
 variant (``fast_reply_into``, ``Dispatcher.frame_received_into``), which
 writes the reply into a reused buffer as the port does into a TX ring slot,
 must give the same bytes again, whatever the buffer held before.
+
+Everything a target counts goes through its ``TargetStats``, which counts
+initiators and tags in the compiled lane's ``Tally`` when the lane is built
+and in Python when it is not: the tests that count (``LaneChoice``) run
+against both, the compiled variant skipping where the extension is absent
+(or ``AOE_TWISTED_PURE_PYTHON=1``).  ``tests.test_lane`` tests the compiled
+lane's own answers against this module's reference.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from typing import Any
+from typing import Any, ClassVar
 
 from attrs import define, field
 from hypothesis import given, settings
@@ -24,6 +31,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
+from aoe_twisted import lane as _lane
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.core.acl import MemoryACLStore
@@ -58,6 +66,37 @@ BAD_SECTOR = 48
 
 _READS = (int(ATACmdStatus.READ_28BIT), int(ATACmdStatus.READ_48BIT))
 _WRITES = (int(ATACmdStatus.WRITE_28BIT), int(ATACmdStatus.WRITE_48BIT))
+
+
+class LaneChoice(SynchronousTestCase):
+    """
+    A test case run with one data lane: ``compiled`` says which.
+
+    ``False``: the Python lane, as ``AOE_TWISTED_PURE_PYTHON=1`` gives
+    (``aoe_twisted.lane.native`` patched to ``None`` for the test, so the
+    targets it makes count in Python and no port runs the compiled lane);
+    ``True``: the compiled lane, skipped when it is not there; ``None``:
+    whichever the environment gives.  Targets, dispatchers and ports read
+    ``native`` when they are made, so make them in the test, not at import.
+    """
+
+    compiled: ClassVar[bool | None] = None
+
+    def setUp(self) -> None:
+        super().setUp()
+        if self.compiled is None:
+            return
+        if not self.compiled:
+            self.patch(_lane, "native", None)
+        elif _lane.native is None:
+            raise SkipTest(f"the compiled lane is not here: {_lane.lane_reason}")
+
+    def assertLane(self, dispatcher: Dispatcher) -> None:
+        """Check that every target of ``dispatcher`` counts in the lane this case runs with."""
+        if self.compiled is None:
+            return
+        for target in dispatcher.targets:
+            self.assertEqual(target.stats.tally is not None, self.compiled, target.address)
 
 
 @implementer(IBlockBackend)
@@ -281,17 +320,14 @@ def writes(dispatcher: Dispatcher) -> list[int]:
     return [t.backend.writes for t in dispatcher.targets if isinstance(t.backend, FailingBackend)]
 
 
-class EquivalenceTests(SynchronousTestCase):
-    """The fast path answers exactly as the general path does."""
+class _EquivalenceChecks(LaneChoice):
+    """What the equivalence tests check, for the lane each concrete case runs with."""
 
-    @settings(max_examples=400)
-    @given(setups(), st.lists(frames, min_size=1, max_size=6))
-    def test_same_replies_counters_and_disks(self, setup: Setup, sent: list[bytes]) -> None:
-        """
-        Any frames give the same replies, counters, disks and write attempts either way.
-        """
+    def check_same(self, setup: Setup, sent: list[bytes]) -> None:
+        """``sent`` gives the same replies, counters, disks and write attempts either way."""
         fast = setup.dispatcher(fast_path=True)
         general = setup.dispatcher(fast_path=False)
+        self.assertLane(fast)
         for frame in sent:
             self.assertEqual(fast.serve(frame), general.serve(frame))
         self.assertEqual(fates(fast), fates(general))
@@ -300,17 +336,12 @@ class EquivalenceTests(SynchronousTestCase):
         self.assertEqual(writes(fast), writes(general))
         self.assertEqual(general.counters.fast, 0)
 
-    @settings(max_examples=400)
-    @given(setups(), st.lists(frames, min_size=1, max_size=6))
-    def test_into_same_replies_counters_and_disks(
-        self, setup: Setup, sent: list[bytes]
-    ) -> None:
-        """
-        Answering into a reused buffer gives the replies, counters and disks of both others.
-        """
+    def check_into(self, setup: Setup, sent: list[bytes]) -> None:
+        """Answering into a reused buffer gives the replies, counters and disks of both others."""
         into = setup.dispatcher(fast_path=True)
         fast = setup.dispatcher(fast_path=True)
         general = setup.dispatcher(fast_path=False)
+        self.assertLane(into)
         for frame in sent:
             expected = general.serve(frame)
             self.assertEqual(fast.serve(frame), expected)
@@ -321,21 +352,10 @@ class EquivalenceTests(SynchronousTestCase):
         self.assertEqual(disks(into), disks(general))
         self.assertEqual(writes(into), writes(general))
 
-    @given(
-        st.sampled_from([*_READS, *_WRITES]),
-        st.integers(1, 4),
-        st.integers(0, SECTORS - 4),
-        st.sampled_from([0x00, 0x01, 0x10, 0x40, 0x41, 0x53, 0xFF, 0xAC]),
-        strategies.uint8,
-        strategies.tags,
-        st.sampled_from([0, 1, 24]),
-    )
-    def test_plain_requests_take_the_fast_path(
+    def check_plain(
         self, cmd: int, count: int, lba: int, aflags: int, feature: int, tag: bytes, extra: int
     ) -> None:
-        """
-        Every plain read and write is answered by the fast path, as the general path answers.
-        """
+        """A plain read or write is answered by the fast path, as the general path answers."""
         write = cmd in _WRITES
         aflags = aflags | 0x01 if write else aflags & ~0x01
         data = sectors(count) + bytes(extra) if write else b""
@@ -346,6 +366,7 @@ class EquivalenceTests(SynchronousTestCase):
         setup = Setup(max_sectors=4)
         fast = setup.dispatcher(fast_path=True)
         general = setup.dispatcher(fast_path=False)
+        self.assertLane(fast)
         self.assertEqual(fast.serve(frame), general.serve(frame))
         self.assertEqual(fast.counters.fast, 1)
         self.assertEqual(fates(fast), fates(general))
@@ -365,8 +386,94 @@ class EquivalenceTests(SynchronousTestCase):
         self.assertEqual(disks(into), disks(general))
 
 
-class FastPathTests(SynchronousTestCase):
-    """What the fast path answers, and that it is taken."""
+#: What ``check_plain`` draws: command, count, LBA, AFlags, feature, tag, bytes past the data.
+_PLAIN = (
+    st.sampled_from([*_READS, *_WRITES]),
+    st.integers(1, 4),
+    st.integers(0, SECTORS - 4),
+    st.sampled_from([0x00, 0x01, 0x10, 0x40, 0x41, 0x53, 0xFF, 0xAC]),
+    strategies.uint8,
+    strategies.tags,
+    st.sampled_from([0, 1, 24]),
+)
+
+
+class EquivalenceTests(_EquivalenceChecks):
+    """The fast path answers exactly as the general path does (the Python lane counting)."""
+
+    compiled = False
+
+    @settings(max_examples=250)
+    @given(setups(), st.lists(frames, min_size=1, max_size=6))
+    def test_same_replies_counters_and_disks(self, setup: Setup, sent: list[bytes]) -> None:
+        """
+        Any frames give the same replies, counters, disks and write attempts either way.
+        """
+        self.check_same(setup, sent)
+
+    @settings(max_examples=250)
+    @given(setups(), st.lists(frames, min_size=1, max_size=6))
+    def test_into_same_replies_counters_and_disks(
+        self, setup: Setup, sent: list[bytes]
+    ) -> None:
+        """
+        Answering into a reused buffer gives the replies, counters and disks of both others.
+        """
+        self.check_into(setup, sent)
+
+    @given(*_PLAIN)
+    def test_plain_requests_take_the_fast_path(
+        self, cmd: int, count: int, lba: int, aflags: int, feature: int, tag: bytes, extra: int
+    ) -> None:
+        """
+        Every plain read and write is answered by the fast path, as the general path answers.
+        """
+        self.check_plain(cmd, count, lba, aflags, feature, tag, extra)
+
+
+class CompiledLaneEquivalenceTests(_EquivalenceChecks):
+    """
+    The same, with the compiled lane's ``Tally`` counting initiators and tags for both paths.
+
+    Fewer examples: what differs from ``EquivalenceTests`` is the book of
+    tags, which ``tests.test_lane`` also tests on its own.
+    """
+
+    compiled = True
+
+    @settings(max_examples=150)
+    @given(setups(), st.lists(frames, min_size=1, max_size=6))
+    def test_same_replies_counters_and_disks(self, setup: Setup, sent: list[bytes]) -> None:
+        """
+        Any frames give the same replies, counters, disks and write attempts either way.
+        """
+        self.check_same(setup, sent)
+
+    @settings(max_examples=150)
+    @given(setups(), st.lists(frames, min_size=1, max_size=6))
+    def test_into_same_replies_counters_and_disks(
+        self, setup: Setup, sent: list[bytes]
+    ) -> None:
+        """
+        Answering into a reused buffer gives the replies, counters and disks of both others.
+        """
+        self.check_into(setup, sent)
+
+    @settings(max_examples=50)
+    @given(*_PLAIN)
+    def test_plain_requests_take_the_fast_path(
+        self, cmd: int, count: int, lba: int, aflags: int, feature: int, tag: bytes, extra: int
+    ) -> None:
+        """
+        Every plain read and write is answered by the fast path, as the general path answers.
+        """
+        self.check_plain(cmd, count, lba, aflags, feature, tag, extra)
+
+
+class FastPathTests(LaneChoice):
+    """What the fast path answers, and that it is taken (the Python lane counting)."""
+
+    compiled = False
 
     def test_read_reply(self) -> None:
         """
@@ -464,6 +571,23 @@ class FastPathTests(SynchronousTestCase):
         self.assertEqual(len(dispatcher.serve(ethernet_frame(ata_request()))), 1)
         self.assertEqual(dispatcher.counters.fast, 0)
 
+    def test_retransmission_seen_by_either_path(self) -> None:
+        """
+        A tag the fast path saw is a retransmission when the general path sees it, and the
+        initiator's frames count both: the two paths count in one book of tags.
+        """
+        dispatcher = Setup().dispatcher(fast_path=True)
+        self.assertLane(dispatcher)
+        dispatcher.serve(ethernet_frame(ata_request(tag=TAG)))
+        dispatcher.serve(ethernet_frame(ata_request(0xEC, tag=TAG)))
+        dispatcher.serve(ethernet_frame(ata_request(0xEC, tag=b"\x09" * 4)))
+        dispatcher.serve(ethernet_frame(ata_request(tag=b"\x09" * 4)))
+        self.assertEqual(dispatcher.counters.fast, 2)
+        figures = target_stats(dispatcher)[0]
+        self.assertEqual(figures["retransmits"], 2)
+        self.assertEqual(figures["initiators"][0]["frames"], 4)
+        self.assertEqual(figures["requests"]["read"], 2)
+
     def test_header_struct(self) -> None:
         """
         The joined struct is the 36 bytes of Ethernet, AoE and ATA headers.
@@ -507,8 +631,10 @@ FALLBACKS: list[tuple[str, Setup, bytes]] = [
 ]
 
 
-class FallbackTests(SynchronousTestCase):
-    """Every frame the fast path does not serve goes to the general path unchanged."""
+class FallbackTests(LaneChoice):
+    """Every frame the fast path does not serve goes to the general path unchanged (Python)."""
+
+    compiled = False
 
     def test_fallbacks(self) -> None:
         """
@@ -563,8 +689,10 @@ class KeepingBackend:
         pass
 
 
-class IntoTests(SynchronousTestCase):
-    """``fast_reply_into``: the same answers, written in place, keeping nothing."""
+class IntoTests(LaneChoice):
+    """``fast_reply_into``: the same answers, written in place, keeping nothing (Python lane)."""
+
+    compiled = False
 
     def test_read_lands_in_the_buffer(self) -> None:
         """
@@ -664,6 +792,24 @@ class IntoTests(SynchronousTestCase):
         read = ethernet_frame(ata_request(0x24, lba=2))
         length = fast_reply_into(read, memoryview(slot), TARGET_MAC, index([target]))
         self.assertEqual(bytes(slot[36:length]), sectors(1, 0x44))
+
+
+class CompiledLaneFastPathTests(FastPathTests):
+    """``FastPathTests`` with the compiled lane's ``Tally`` counting."""
+
+    compiled = True
+
+
+class CompiledLaneFallbackTests(FallbackTests):
+    """``FallbackTests`` with the compiled lane's ``Tally`` counting."""
+
+    compiled = True
+
+
+class CompiledLaneIntoTests(IntoTests):
+    """``IntoTests`` with the compiled lane's ``Tally`` counting."""
+
+    compiled = True
 
 
 class ReadIntoTests(SynchronousTestCase):

@@ -363,15 +363,16 @@ Tally_take(Tally *t, PyObject *unused)
         return NULL;
     }
     PyObject *result = Py_BuildValue(
-        "(KKKKKKdNN)", (unsigned long long)t->read, (unsigned long long)t->write,
+        "(KKKKKKdOO)", (unsigned long long)t->read, (unsigned long long)t->write,
         (unsigned long long)t->read_bytes, (unsigned long long)t->write_bytes,
         (unsigned long long)t->ata_errors, (unsigned long long)t->retransmits, t->seconds,
         buckets, t->failures);
+    Py_DECREF(buckets);
     if (result == NULL) {
         Py_DECREF(failures);
         return NULL;
     }
-    t->failures = failures;
+    Py_SETREF(t->failures, failures);  /* the result holds the old list */
     t->read = t->write = t->read_bytes = t->write_bytes = t->ata_errors = t->retransmits = 0;
     memset(t->buckets, 0, sizeof(t->buckets));
     t->seconds = 0.0;
@@ -515,33 +516,41 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     memset(t->index, 0xff, capacity * sizeof(int32_t));
     t->index_capacity = capacity;
     for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned int shelf, slot, max_sectors, alignment;
+        Py_ssize_t shelf, slot, max_sectors, alignment, sectors_n, base_n;
         unsigned long long sectors, base;
         int fd, direct, writes;
         PyObject *buffer, *target, *backend, *tally;
         Entry *e = &t->entries[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_ITEMS(seq)[i], "IIIKiOKpIiOOO!:Table entry",
-                              &shelf, &slot, &max_sectors, &sectors, &fd, &buffer, &base,
-                              &direct, &alignment, &writes, &target, &backend, &TallyType,
-                              &tally))
+        PyObject *item = PySequence_Fast_ITEMS(seq)[i];
+        if (!PyTuple_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "Table: each entry is a tuple");
             goto fail;
-        if (shelf > 0xFFFE || slot > 0xFE || max_sectors == 0 || max_sectors > 255
-            || alignment == 0 || (alignment & (alignment - 1)) || alignment > (1u << 20)
+        }
+        /* "n": Python ints past Py_ssize_t raise OverflowError, never wrap. */
+        if (!PyArg_ParseTuple(item, "nnnniOnpniOOO!:Table entry", &shelf, &slot, &max_sectors,
+                              &sectors_n, &fd, &buffer, &base_n, &direct, &alignment, &writes,
+                              &target, &backend, &TallyType, &tally))
+            goto fail;
+        if (shelf < 0 || shelf > 0xFFFE || slot < 0 || slot > 0xFE || max_sectors <= 0
+            || max_sectors > 255 || sectors_n < 0 || base_n < 0 || alignment <= 0
+            || (alignment & (alignment - 1)) || alignment > (1 << 20)
             || writes < WRITES_DECLINED || writes > WRITES_HELD) {
             PyErr_SetString(PyExc_ValueError,
                             "Table entry: bad address, max_sectors, alignment or writes");
             goto fail;
         }
-        e->key = shelf << 8 | slot;
+        sectors = (unsigned long long)sectors_n;
+        base = (unsigned long long)base_n;
+        e->key = (uint32_t)(shelf << 8 | slot);
         if (table_find(t, e->key) != NULL) {
             PyErr_SetString(PyExc_ValueError, "Table: two entries at one address");
             goto fail;
         }
-        e->max_sectors = max_sectors;
+        e->max_sectors = (uint32_t)max_sectors;
         e->sectors = sectors;
         e->fd = fd;
         e->direct = direct;
-        e->alignment = alignment;
+        e->alignment = (uint32_t)alignment;
         e->base = base;
         e->writes = writes;
         if (fd < 0) {
@@ -963,7 +972,7 @@ offsets(PyObject *items, uint32_t *count, uint64_t limit, uint32_t slot)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_ITEMS(seq)[i]);
-        if (PyErr_Occurred() || v % 4 || v + slot > limit) {
+        if (PyErr_Occurred() || v % 4 || v > limit || slot > limit - v) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_ValueError, "Lane: a slot outside the ring");
             free(out);
@@ -983,10 +992,10 @@ static PyObject *
 Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     PyObject *ring, *rx, *tx;
-    unsigned int rx_slot, tx_slot, max_frame;
+    Py_ssize_t rx_slot, tx_slot, max_frame;
     int accept_other;
     Py_buffer mac;
-    if (!PyArg_ParseTuple(args, "OOIOIy*Ip:Lane", &ring, &rx, &rx_slot, &tx, &tx_slot, &mac,
+    if (!PyArg_ParseTuple(args, "OOnOny*np:Lane", &ring, &rx, &rx_slot, &tx, &tx_slot, &mac,
                           &max_frame, &accept_other))
         return NULL;
     Lane *l = (Lane *)type->tp_alloc(type, 0);
@@ -999,8 +1008,9 @@ Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         goto fail;
     }
     memcpy(l->mac, mac.buf, 6);
-    if (rx_slot < 64 || tx_slot < TX_DATA_AT + MIN_FRAME) {
-        PyErr_SetString(PyExc_ValueError, "Lane: slots too small");
+    if (rx_slot < 64 || tx_slot < TX_DATA_AT + MIN_FRAME || rx_slot > (1 << 24)
+        || tx_slot > (1 << 24) || max_frame < 0 || max_frame > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "Lane: slot sizes or max_frame out of range");
         goto fail;
     }
     if (PyObject_GetBuffer(ring, &l->ring, PyBUF_WRITABLE) < 0)
@@ -1009,15 +1019,15 @@ Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "Lane: the ring is not word-aligned");
         goto fail;
     }
-    l->rx_slot = rx_slot;
-    l->tx_slot = tx_slot;
+    l->rx_slot = (uint32_t)rx_slot;
+    l->tx_slot = (uint32_t)tx_slot;
     l->rx = offsets(rx, &l->rx_count, (uint64_t)l->ring.len, rx_slot);
     if (l->rx == NULL)
         goto fail;
     l->tx = offsets(tx, &l->tx_count, (uint64_t)l->ring.len, tx_slot);
     if (l->tx == NULL)
         goto fail;
-    l->max_frame = max_frame;
+    l->max_frame = (uint32_t)max_frame;
     l->accept_other = accept_other;
     PyBuffer_Release(&mac);
     return (PyObject *)l;
