@@ -14,6 +14,7 @@ help:
 	@echo "make test   - install everything the tests need and run the whole trial suite"
 	@echo "make lint   - ruff over src, tests, benchmarks, fuzz and scripts"
 	@echo "make fuzz   - run each atheris fuzz target for FUZZ_SECONDS (default 60)"
+	@echo "make fuzz-native - the lane and frames targets for FUZZ_SECONDS each, against _lane.c built with ASan and UBSan"
 	@echo "make bench  - micro-benchmarks, then vblade vs aoe-twisted (veth load generator, Linux initiator; quick)"
 
 deps:
@@ -58,3 +59,11 @@ FUZZ_SECONDS ?= 60
 fuzz: venv
 	$(PY) -m pip install -q -e '.[fuzz]'
 	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS)
+
+# make fuzz-native FUZZ_SECONDS=150: the compiled lane (_lane.c) built with AddressSanitizer and
+# UndefinedBehaviorSanitizer into build/fuzz-native/, checked to be instrumented (a canary must
+# abort), then the lane and frames targets against it; fuzz/native.py says how.
+.PHONY: fuzz-native
+fuzz-native: venv
+	$(PY) -m pip install -q -e '.[fuzz]'
+	$(PY) fuzz/native.py --seconds $(FUZZ_SECONDS)

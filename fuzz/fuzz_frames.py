@@ -20,8 +20,15 @@ import atheris
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fuzz.native import check_preloaded, preload
+
+# Under make fuzz-native: the lane's Tally (every target's stats) built with sanitizers.
+_sanitized = preload()
+
 with atheris.instrument_imports(include=["aoe_twisted", "fuzz"]):
     from fuzz.harness import check_frames
+
+check_preloaded(_sanitized)
 
 
 def test_one_input(data: bytes) -> None:

@@ -41,6 +41,8 @@ to the next and a crasher replays alone.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
 
 from attrs import frozen
 
@@ -78,7 +80,9 @@ from aoe_twisted.net.port import max_sectors_for_mtu
 
 __all__ = [
     "ALLOWED_MAC",
+    "DISK_SECTORS",
     "MAX_FRAMES",
+    "PATTERN",
     "SERVER_MAC",
     "FuzzInvariantError",
     "Scenario",
@@ -88,6 +92,7 @@ __all__ = [
     "check_frames",
     "classify_frame",
     "encode_input",
+    "memory_disk",
     "parse_input",
 ]
 
@@ -119,7 +124,7 @@ _LAYOUTS: tuple[tuple[tuple[int, int], ...], ...] = (
     ((1, 2),),
 )
 #: Disk contents, the same every iteration (a pattern, so a write of zeros shows).
-_PATTERN = random.Random(0xA0E).randbytes(DISK_SECTORS * SECTOR_SIZE)
+PATTERN = random.Random(0xA0E).randbytes(DISK_SECTORS * SECTOR_SIZE)
 
 
 class FuzzInvariantError(AssertionError):
@@ -258,14 +263,15 @@ class Scenario:
         return 9000 if self.jumbo else 1500
 
 
-def parse_input(data: bytes) -> tuple[Scenario, list[bytes]]:
+def parse_input(data: bytes, oversized: bool = False) -> tuple[Scenario, list[bytes]]:
     """
     Split a frames input into its scenario and frames.
 
     Byte 0 is the scenario; then each frame is a 2-byte big-endian length and
     that many bytes (the last one takes what is left if the input is shorter).
     Frames longer than the MTU plus the Ethernet header are left out, as
-    ``AoEPort`` drops them before the dispatcher sees them.
+    ``AoEPort`` drops them before the dispatcher sees them, unless
+    ``oversized`` (the lane's ring walk drops them itself, by ``tp_len``).
     """
     if not data:
         return Scenario.from_byte(0), []
@@ -279,7 +285,7 @@ def parse_input(data: bytes) -> tuple[Scenario, list[bytes]]:
         position += 2 + length
         if scenario.force_source and len(frame) >= 12:
             frame = frame[:6] + ALLOWED_MAC + frame[12:]
-        if len(frame) <= limit:
+        if oversized or len(frame) <= limit:
             frames.append(frame)
     return scenario, frames
 
@@ -292,13 +298,24 @@ def encode_input(scenario: Scenario, frames: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def build_targets(scenario: Scenario) -> list[Target]:
-    """Return fresh targets for ``scenario``: memory disks holding a fixed pattern."""
+def memory_disk() -> MemoryBackend:
+    """Return a fresh memory disk of ``DISK_SECTORS`` sectors holding the fixed pattern."""
+    backend = MemoryBackend(DISK_SECTORS * SECTOR_SIZE)
+    backend.write(0, PATTERN)
+    return backend
+
+
+def build_targets(scenario: Scenario, disk: Callable[[], Any] = memory_disk) -> list[Target]:
+    """
+    Return fresh targets for ``scenario``, each on a new disk from ``disk()``.
+
+    ``disk`` returns a backend of ``DISK_SECTORS`` sectors holding the fixed
+    pattern (memory disks by default; the lane's checks use others too).
+    """
     targets = []
     sectors = max_sectors_for_mtu(scenario.mtu)
     for shelf, slot in _LAYOUTS[scenario.layout]:
-        backend = MemoryBackend(DISK_SECTORS * SECTOR_SIZE)
-        backend.write(0, _PATTERN)
+        backend = disk()
         backend.read_only = scenario.read_only and (shelf, slot) != (1, 0)
         acl = MemoryACLStore(
             config_string=b"fuzz" if scenario.config else b"",

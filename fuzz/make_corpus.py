@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """
 Write the seeds: every frame of the captures in ``tests/data`` and hand-built
-frames of each command, for both fuzz targets.
+frames of each command, for the three fuzz targets.
 
 ``fuzz/seeds/decode/`` gets one file per distinct frame or AoE message (named
 by SHA-1, as libFuzzer names inputs); ``fuzz/seeds/frames/`` gets frames
 inputs (``fuzz.harness.encode_input``): each request alone under a few
-scenarios, and short sequences that set ACL state and then read or write.
+scenarios, and short sequences that set ACL state and then read or write;
+``fuzz/seeds/lane/`` gets the same under lane options (``LANE_PREFIXES``).
 The seeds stay as written; ``make fuzz`` starts from them and keeps what it
 finds, minimized, in ``fuzz/corpus/<target>/``.  Re-run this after changing
 the input format.
@@ -43,7 +44,7 @@ from aoe_twisted.core.wire import (  # noqa: E402
 from fuzz.harness import ALLOWED_MAC, SERVER_MAC, Scenario, encode_input  # noqa: E402
 from tests.pcap import read_pcap  # noqa: E402
 
-__all__ = ["main", "seed_frames"]
+__all__ = ["LANE_PREFIXES", "lane_inputs", "main", "seed_frames"]
 
 OTHER_MAC = bytes.fromhex("020000000b02")
 
@@ -135,6 +136,20 @@ def frames_inputs(hand: list[bytes], captured: list[bytes]) -> list[bytes]:
     return inputs
 
 
+#: Lane options and ring seed bytes the lane seeds cycle through (``fuzz.lane_harness``):
+#: answer() on each kind of disk, with writes held, a sync target, a faulty descriptor;
+#: the ring walk clean and with hostile slot headers, a refused group commit.
+LANE_PREFIXES = (
+    b"\x00\x00", b"\x41\x01", b"\x56\x02", b"\x5b\x03",
+    b"\x20\x00", b"\x21\x35", b"\x3a\x91", b"\xa3\xf7", b"\x2e\x00", b"\x30\x4b",
+)
+
+
+def lane_inputs(frames: list[bytes]) -> list[bytes]:
+    """Return the lane-target seeds: each frames seed under one of ``LANE_PREFIXES``."""
+    return [LANE_PREFIXES[i % len(LANE_PREFIXES)] + data for i, data in enumerate(frames)]
+
+
 def _write_all(directory: Path, inputs: list[bytes]) -> int:
     """Write each input to ``directory`` named by its SHA-1, as libFuzzer does."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -150,7 +165,9 @@ def main() -> None:
     captured = capture_frames()
     decode = hand + captured + [frame[14:] for frame in hand]
     print("decode:", _write_all(corpus / "decode", decode), "seeds")
-    print("frames:", _write_all(corpus / "frames", frames_inputs(hand, captured)), "seeds")
+    frames = frames_inputs(hand, captured)
+    print("frames:", _write_all(corpus / "frames", frames), "seeds")
+    print("lane:", _write_all(corpus / "lane", lane_inputs(frames)), "seeds")
 
 
 if __name__ == "__main__":

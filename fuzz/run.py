@@ -2,8 +2,9 @@
 """
 Run the fuzz targets for a given time each, keeping the corpus minimized and the crashers.
 
-``make fuzz FUZZ_SECONDS=60`` runs this.  For each target (``decode``,
-``frames``) libFuzzer runs for ``--seconds`` from ``fuzz/seeds/<target>/``
+``make fuzz FUZZ_SECONDS=60`` runs this (and ``make fuzz-native``, through
+``native.py``, with the sanitized lane).  For each target (``decode``,
+``frames``, ``lane``) libFuzzer runs for ``--seconds`` from ``fuzz/seeds/<target>/``
 (written by ``make_corpus.py``) and ``fuzz/corpus/<target>/`` (what earlier
 runs found), with a scratch directory for what it finds now; a crash is
 written to ``fuzz/crashers/<target>-crash-<sha1>`` and the run resumes for the
@@ -29,9 +30,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TARGETS = {"decode": "fuzz_decode.py", "frames": "fuzz_frames.py"}
+TARGETS = {"decode": "fuzz_decode.py", "frames": "fuzz_frames.py", "lane": "fuzz_lane.py"}
 #: The longest input each target takes: a jumbo frame, or eight frames plus prefixes.
-MAX_LEN = {"decode": 9100, "frames": 12000}
+MAX_LEN = {"decode": 9100, "frames": 12000, "lane": 12002}
 #: The corpus kept in the repository must stay small.
 CORPUS_LIMIT = 2 * 1024 * 1024
 _STATUS = re.compile(r"#(\d+)\s+(?:pulse|NEW|REDUCE|DONE|INITED).*?cov: (\d+) ft: (\d+)")

@@ -823,6 +823,7 @@ class AoEPort(abstract.FileDescriptor):
         offsets = rings.rx_offsets
         slots = len(offsets)
         index = rings.rx_next
+        slot_size = rings.rx.frame_size
         unpack_from = RX_SLOT_HEADER.unpack_from
         max_frame = self._max_frame
         accept_other = self.accept_other_hosts
@@ -851,7 +852,8 @@ class AoEPort(abstract.FileDescriptor):
                 else:
                     received += 1
                     start = offset + mac
-                    frame = view[start : start + snaplen]
+                    # Never past the slot, whatever its header says (the kernel's never does).
+                    frame = view[start : min(start + snaplen, offset + slot_size)]
                     try:
                         if into is None:
                             protocol.datagramReceived(bytes(frame), self._address(rings, offset))
