@@ -52,7 +52,22 @@ compares each ``nbd:`` row with ``libnbd aio, depth 64``, every other row
 with ``librbd aio, depth 64``; "server CPU" is the OSD's for the ``rbd:``
 and librbd rows, nbdkit's for the NBD rows.
 
+"gateway µs/req" is the gateway's CPU (all its threads) per request
+served; "retransmits" counts the initiator's, summed over the repeats.
+
     sudo .venv/bin/python benchmarks/remote_backends.py [--duration 2] [--repeat 3] [--json FILE]
+        [--only rbd|nbd] [--row TEXT]... [--against-source [LABEL=]SRC]...
+        [--py-spy PATH] [--cprofile] [--keep]
+
+``--only nbd`` leaves the Ceph cluster out; ``--row`` keeps the rows whose
+name holds TEXT.  ``--against-source`` runs another gateway from another
+source tree's ``src`` (say a ``git archive`` of the commit before) at the
+next shelf, and every AoE row is measured on each gateway in turn: an
+interleaved before/after on the same initiator, cluster and nbdkit.
+``--py-spy`` samples each gateway for the whole run (py-spy can be
+installed from PyPI anywhere, e.g. a venv in /tmp) and ``--cprofile`` runs
+them under cProfile (calls per request; the IOPS are then not the real
+ones); both print the top entries.
 
 Needs root (namespaces, raw sockets), ceph-mon, ceph-osd and python3-rbd;
 nbdkit and python3-libnbd for the ``nbd:`` rows.
@@ -61,12 +76,14 @@ nbdkit and python3-libnbd for the ``nbd:`` rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -98,6 +115,7 @@ ROWS = (
     ("AoE → rbd:", 1),
     ("AoE → file:", DEPTH),
 )
+CPROFILE_ENV = "AOE_REMOTE_BACKENDS_CPROFILE"
 NBD_ROWS = (
     ("libnbd aio", DEPTH),
     ("libnbd sync", 1),
@@ -129,15 +147,44 @@ def serve(netns: str, argv: list[str]) -> None:
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()  # type: ignore[attr-defined]
+    stats = os.environ.get(CPROFILE_ENV)
+    if not stats:
+        reactor.run()  # type: ignore[attr-defined]
+        return
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        reactor.run()  # type: ignore[attr-defined]
+    finally:
+        profile.disable()
+        profile.dump_stats(stats)
 
 
-def start_gateway(netns: str, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start ``serve`` in a child process; return once it serves every target (or raise)."""
+def start_gateway(
+    netns: str,
+    argv: list[str],
+    log: Path,
+    source: str | None = None,
+    cprofile: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """
+    Start ``serve`` in a child process; return once it serves every target (or raise).
+
+    ``source``: the ``src`` directory of another aoe-twisted to run (put
+    first on ``PYTHONPATH``); ``cprofile``: run the gateway under cProfile
+    and write its statistics there when it stops.
+    """
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    if cprofile is not None:
+        env[CPROFILE_ENV] = str(cprofile)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--serve-in", netns, "--", *argv],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     targets = sum(1 for a in argv if a == "--target")
     deadline = time.monotonic() + 60
@@ -286,12 +333,19 @@ def start_nbdkit(socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     deadline = time.monotonic() + 10
-    while not socket_path.exists():
+    while True:
+        # The socket file appears at bind(), before listen(): wait for a connection.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(socket_path))
+            except OSError:
+                pass
+            else:
+                return proc
         if proc.poll() is not None or time.monotonic() > deadline:
             bc.stop(proc)
             raise RuntimeError(f"nbdkit did not start: {log.read_text(errors='replace')}")
         time.sleep(0.01)
-    return proc
 
 
 def backend_random(
@@ -403,11 +457,11 @@ def _run_in_reactor(reactor: Any, work: Callable[[], Any]) -> Any:
     return result
 
 
-def open_disk(client: Any, slot: int) -> Any:
-    """Open e5.``slot`` with ``client`` (runs the reactor until it is open)."""
+def open_disk(client: Any, shelf: int, slot: int) -> Any:
+    """Open e``shelf``.``slot`` with ``client`` (runs the reactor until it is open)."""
     from twisted.internet import reactor
 
-    return _run_in_reactor(reactor, lambda: client.open(SHELF, slot))
+    return _run_in_reactor(reactor, lambda: client.open(shelf, slot))
 
 
 def own_cpu() -> float:
@@ -430,44 +484,98 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="repeats of every row")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--only", choices=("all", "rbd", "nbd"), default="all",
+        help="measure only the rbd: rows or only the nbd: rows (no Ceph cluster for nbd)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--against-source", metavar="[LABEL=]SRC", action="append", default=[],
+        help="also run a gateway from this src directory (another aoe-twisted; rows "
+             "labelled LABEL, 'before' by default) at the next free shelf; every AoE row is "
+             "measured on each gateway in turn, interleaved (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--py-spy", metavar="PATH",
+        help="sample every gateway with this py-spy for the whole run; print the top entries",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cprofile", action="store_true",
+        help="run the gateways under cProfile (slower: for calls per request, not IOPS)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--row", action="append", metavar="TEXT",
+        help="measure only the rows whose name holds TEXT (repeatable; e.g. 'AoE → nbd:'); "
+             "the ratio needs the reference row too",
+    )  # fmt: skip
+    parser.add_argument("--top", type=int, default=25, help="profile entries listed")
+    parser.add_argument(
+        "--keep", action="store_true",
+        help="keep the work directory (the gateways' and nbdkit's logs) and say where",
+    )  # fmt: skip
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, raw sockets)", file=sys.stderr)
         return 2
-    reason = unavailable_reason()
-    if reason is not None:
-        print(f"cannot start the Ceph cluster: {reason}", file=sys.stderr)
-        return 2
+    want_rbd = args.only in ("all", "rbd")
+    want_nbd = args.only in ("all", "nbd")
+    if want_rbd:
+        reason = unavailable_reason()
+        if reason is not None:
+            print(f"cannot start the Ceph cluster: {reason}", file=sys.stderr)
+            return 2
 
-    import rbd
     from twisted.internet import reactor
 
-    from aoe_twisted.backends.rbd import open_rbd
     from aoe_twisted.backendspec import find_backend_factories
     from aoe_twisted.initiator.client import AoEClient
 
     schemes = find_backend_factories()
     print(f"# Remote backends (issue #13), {bc.now_utc()}\n\n{bc.machine()}\n")
-    no_nbd = nbd_unavailable(schemes)
-    if no_nbd is not None:
-        print(f"nbd: not measured: {no_nbd}; rbd: and file: only.\n")
-    rows = ROWS + (NBD_ROWS if no_nbd is None else ())
+    no_nbd = nbd_unavailable(schemes) if want_nbd else "not asked for (--only rbd)"
+    if no_nbd is not None and want_nbd:
+        print(f"nbd: not measured: {no_nbd}.\n")
+        if not want_rbd:
+            return 2
+    rows: tuple[tuple[str, int], ...] = ROWS if want_rbd else (("AoE → file:", DEPTH),)
+    rows += NBD_ROWS if no_nbd is None else ()
+    if args.row:
+        rows = tuple(
+            (name, depth)
+            for name, depth in rows
+            if any(text in f"{name}, {depth}" for text in args.row)
+        )
+    # (label, source): this checkout's gateway, and those to compare with.
+    gateways: list[tuple[str, str | None]] = [("", None)]
+    for index, against in enumerate(args.against_source):
+        label, _, source = against.rpartition("=")
+        label = label or ("before" if index == 0 else f"before{index + 1}")
+        gateways.append((label, source))
+        print(f"'{label}' rows: a gateway from {source}\n")
     work = Path(tempfile.mkdtemp(prefix="aoe-remote-bench-"))
-    cluster = CephCluster(work / "ceph", memstore_bytes=1 << 30)
-    gateway = None
+    cluster = CephCluster(work / "ceph", memstore_bytes=1 << 30) if want_rbd else None
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    spies: dict[str, subprocess.Popen[bytes]] = {}
     nbdkit = None
     figures: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}
+    served: dict[str, float] = {label: 0.0 for label, _ in gateways}
     try:
-        cluster.start()
-        image_name = cluster.create_image(None, IMAGE_BYTES, name="bench", features=LAYERING)
-        client_rados = cluster.connect()
-        ioctx = client_rados.open_ioctx("rbd")
-        image = rbd.Image(ioctx, image_name)
         chunk = os.urandom(4 << 20)
-        for offset in range(0, IMAGE_BYTES, len(chunk)):
-            image.write(chunk, offset)
-        backend = open_rbd(f"rbd/{image_name},conf={cluster.conf},id=bench", reactor=reactor)
+        image = ioctx = client_rados = backend = None
+        image_name = ""
+        if cluster is not None:
+            import rbd
+
+            from aoe_twisted.backends.rbd import open_rbd
+
+            cluster.start()
+            image_name = cluster.create_image(None, IMAGE_BYTES, name="bench", features=LAYERING)
+            client_rados = cluster.connect()
+            ioctx = client_rados.open_ioctx("rbd")
+            image = rbd.Image(ioctx, image_name)
+            for offset in range(0, IMAGE_BYTES, len(chunk)):
+                image.write(chunk, offset)
+            backend = open_rbd(f"rbd/{image_name},conf={cluster.conf},id=bench", reactor=reactor)
         file_image = bc.make_image(work / "file.img", IMAGE_BYTES)
         handle = nbd_backend = None
         if no_nbd is None:
@@ -483,105 +591,208 @@ def main() -> int:
                 handle.pwrite(chunk, offset)
             nbd_backend = NBDBackendFactory().open(f"unix:{nbd_socket}")
         with bc.veth_pair(MTU) as pair:
-            argv = [
-                "--iface", pair.server_if,
-                "--target", f"{SHELF}.{RBD_SLOT}=rbd:rbd/{image_name},conf={cluster.conf},"
-                "id=gateway",
-                "--target", f"{SHELF}.{FILE_SLOT}=file:{file_image}",
-            ]  # fmt: skip
-            if no_nbd is None:
-                argv += ["--target", f"{SHELF}.{NBD_SLOT}=nbd:unix:{nbd_socket}"]
-            gateway = start_gateway(pair.server_ns, argv, work / "gateway.log")
             client = AoEClient.listen(pair.client_if, netns=pair.client_ns)
-            disks = {"AoE → rbd:": open_disk(client, RBD_SLOT)}
-            disks["AoE → file:"] = open_disk(client, FILE_SLOT)
-            if no_nbd is None:
-                disks["AoE → nbd:"] = open_disk(client, NBD_SLOT)
+            disks: dict[tuple[str, str], Any] = {}
+            for index, (label, source) in enumerate(gateways):
+                shelf = SHELF + index
+                argv = ["--iface", pair.server_if]
+                if cluster is not None:
+                    argv += [
+                        "--target", f"{shelf}.{RBD_SLOT}=rbd:rbd/{image_name},"
+                        f"conf={cluster.conf},id=gateway{index}",
+                    ]  # fmt: skip
+                argv += ["--target", f"{shelf}.{FILE_SLOT}=file:{file_image}"]
+                if no_nbd is None:
+                    argv += ["--target", f"{shelf}.{NBD_SLOT}=nbd:unix:{nbd_socket}"]
+                name = label or "this"
+                proc = start_gateway(
+                    pair.server_ns,
+                    argv,
+                    work / f"gateway-{name}.log",
+                    source=source,
+                    cprofile=work / f"gateway-{name}.pstats" if args.cprofile else None,
+                )
+                procs[label] = proc
+                if args.py_spy:
+                    spies[label] = subprocess.Popen(
+                        [args.py_spy, "record", "--pid", str(proc.pid), "--rate", "250",
+                         "--format", "raw", "--output", str(work / f"pyspy-{name}.txt"),
+                         "--nonblocking"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                if cluster is not None:
+                    disks[(label, "AoE → rbd:")] = open_disk(client, shelf, RBD_SLOT)
+                disks[(label, "AoE → file:")] = open_disk(client, shelf, FILE_SLOT)
+                if no_nbd is None:
+                    disks[(label, "AoE → nbd:")] = open_disk(client, shelf, NBD_SLOT)
             for disk in disks.values():
                 if disk.window < DEPTH or disk.sectors_per_frame < BLOCK // SECTOR:
                     raise RuntimeError(
                         f"{disk.name}: window {disk.window}, "
                         f"{disk.sectors_per_frame} sectors per frame"
                     )
-            osd_pid = cluster.daemon_pids()[-1]
+            osd_pid = cluster.daemon_pids()[-1] if cluster is not None else None
             rng = random.Random(13)
             for repeat in range(args.repeat):
                 for name, depth in rows:
                     server_pid = nbdkit.pid if "nbd" in name.lower() and nbdkit else osd_pid
-                    for write in (False, True):
+                    for label, _ in gateways if "AoE" in name else gateways[:1]:
+                        gateway_pid = procs[label].pid
                         key = f"{name}, {'window' if 'AoE' in name else 'depth'} {depth}"
-                        op = "write" if write else "read"
-                        before = (
-                            bc.cpu_seconds(gateway.pid),
-                            bc.cpu_seconds(server_pid),
-                            own_cpu(),
-                        )
-                        began = time.perf_counter()
-                        if name == "librbd aio":
-                            iops = librbd_aio(image, write, depth, args.duration, rng)
-                        elif name == "librbd sync":
-                            iops = librbd_sync(image, write, args.duration, rng)
-                        elif name == "RBDBackend":
-                            iops = backend_random(backend, write, depth, args.duration, rng)
-                        elif name == "libnbd aio":
-                            iops = libnbd_aio(handle, write, depth, args.duration, rng)
-                        elif name == "libnbd sync":
-                            iops = libnbd_sync(handle, write, args.duration, rng)
-                        elif name == "NBDBackend":
-                            iops = backend_random(nbd_backend, write, depth, args.duration, rng)
-                        else:
-                            iops = aoe_random(disks[name], write, depth, args.duration, rng)
-                        wall = time.perf_counter() - began
-                        after = (bc.cpu_seconds(gateway.pid), bc.cpu_seconds(server_pid), own_cpu())
-                        figures.setdefault(key, {}).setdefault(op, []).append(iops)
-                        cpu.setdefault(key, {}).setdefault(f"gateway {op}", []).append(
-                            (after[0] - before[0]) / wall
-                        )
-                        cpu[key].setdefault(f"server {op}", []).append(
-                            (after[1] - before[1]) / wall
-                        )
-                        cpu[key].setdefault(f"client {op}", []).append(
-                            (after[2] - before[2]) / wall
-                        )
+                        key += f" [{label}]" if label else ""
+                        for write in (False, True):
+                            op = "write" if write else "read"
+                            before = (
+                                bc.cpu_seconds(gateway_pid),
+                                bc.cpu_seconds(server_pid) if server_pid else 0.0,
+                                own_cpu(),
+                            )
+                            resent = client.protocol.retransmits
+                            began = time.perf_counter()
+                            if name == "librbd aio":
+                                iops = librbd_aio(image, write, depth, args.duration, rng)
+                            elif name == "librbd sync":
+                                iops = librbd_sync(image, write, args.duration, rng)
+                            elif name == "RBDBackend":
+                                iops = backend_random(backend, write, depth, args.duration, rng)
+                            elif name == "libnbd aio":
+                                iops = libnbd_aio(handle, write, depth, args.duration, rng)
+                            elif name == "libnbd sync":
+                                iops = libnbd_sync(handle, write, args.duration, rng)
+                            elif name == "NBDBackend":
+                                iops = backend_random(nbd_backend, write, depth, args.duration, rng)
+                            else:
+                                iops = aoe_random(
+                                    disks[(label, name)], write, depth, args.duration, rng
+                                )
+                            wall = time.perf_counter() - began
+                            after = (
+                                bc.cpu_seconds(gateway_pid),
+                                bc.cpu_seconds(server_pid) if server_pid else 0.0,
+                                own_cpu(),
+                            )
+                            figures.setdefault(key, {}).setdefault(op, []).append(iops)
+                            row_cpu = cpu.setdefault(key, {})
+                            gateway_cpu = (after[0] - before[0]) / wall
+                            row_cpu.setdefault(f"gateway {op}", []).append(gateway_cpu)
+                            row_cpu.setdefault(f"gateway_us {op}", []).append(
+                                1e6 * gateway_cpu / iops if iops else 0.0
+                            )
+                            row_cpu.setdefault(f"server {op}", []).append(
+                                (after[1] - before[1]) / wall
+                            )
+                            row_cpu.setdefault(f"client {op}", []).append(
+                                (after[2] - before[2]) / wall
+                            )
+                            row_cpu.setdefault(f"retransmits {op}", []).append(
+                                client.protocol.retransmits - resent
+                            )
+                            if "AoE" in name:
+                                served[label] += iops * wall
                 print(f"repeat {repeat + 1}/{args.repeat} done", file=sys.stderr, flush=True)
             _run_in_reactor(reactor, client.close)
-            _run_in_reactor(reactor, backend.close)
+            if backend is not None:
+                _run_in_reactor(reactor, backend.close)
             if nbd_backend is not None:
                 _run_in_reactor(reactor, nbd_backend.close)
                 handle.shutdown()
-            image.close()
-            ioctx.close()
-            client_rados.shutdown()
-            bc.stop(gateway)
-            gateway = None
+            if image is not None:
+                image.close()
+                ioctx.close()
+                client_rados.shutdown()
+            for label in list(procs):
+                bc.stop(procs.pop(label), grace=60)
+            profiles = _profiles(args, gateways, spies, served, work)
     finally:
-        if gateway is not None:
-            bc.stop(gateway)
+        for proc in procs.values():
+            bc.stop(proc)
+        for spy in spies.values():
+            if spy.poll() is None:
+                spy.kill()
         if nbdkit is not None:
             bc.stop(nbdkit)
-        cluster.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if cluster is not None:
+            cluster.stop()
+        if args.keep:
+            print(f"work directory kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     lines = []
     for key in figures:
-        reference = "libnbd aio, depth 64" if "nbd" in key.lower() else "librbd aio, depth 64"
+        path = key.split(",")[0]
+        reference = "libnbd aio, depth 64" if "nbd" in path.lower() else "librbd aio, depth 64"
         reads, writes = (bc.Spread(figures[key][op]) for op in ("read", "write"))
-        ref_reads, ref_writes = (bc.Spread(figures[reference][op]) for op in ("read", "write"))
+        if reference in figures:
+            ref_reads, ref_writes = (bc.Spread(figures[reference][op]) for op in ("read", "write"))
+            vs_reads, vs_writes = bc.ratio(reads, ref_reads), bc.ratio(writes, ref_writes)
+        else:
+            vs_reads = vs_writes = "-"
+        aoe = "AoE" in key
         lines.append([
-            key, reads.fmt(0), bc.ratio(reads, ref_reads), writes.fmt(0),
-            bc.ratio(writes, ref_writes), _cpu(cpu[key], "client"),
-            _cpu(cpu[key], "gateway") if "AoE" in key else "-",
+            key, reads.fmt(0), vs_reads, writes.fmt(0), vs_writes,
+            _cpu(cpu[key], "client"),
+            _cpu(cpu[key], "gateway") if aoe else "-",
+            _us(cpu[key]) if aoe else "-",
             "-" if "file:" in key else _cpu(cpu[key], "server"),
+            " / ".join(f"{sum(cpu[key][f'retransmits {op}']):.0f}" for op in ("read", "write"))
+            if aoe else "-",
         ])  # fmt: skip
     print(bc.table(
-        f"4 KiB random requests, IOPS: median (min-max) of {args.repeat} x {args.duration:g} s",
+        f"4 KiB random requests, IOPS: median (min-max) of {args.repeat} x {args.duration:g} s"
+        + (" (gateways under cProfile)" if args.cprofile else ""),
         ["path", "read IOPS", "vs aio 64", "write IOPS", "vs aio 64",
-         "this process CPU r/w", "gateway CPU r/w", "server CPU r/w"],
+         "this process CPU r/w", "gateway CPU r/w", "gateway µs/req r/w", "server CPU r/w",
+         "retransmits r/w"],
         lines,
     ))  # fmt: skip
+    for text in profiles:
+        print(f"\n{text}")
     if args.json is not None:
         args.json.write_text(json.dumps({"iops": figures, "cpu": cpu}, indent=1))
     return 0
+
+
+def _us(figures: dict[str, list[float]]) -> str:
+    """``READ / WRITE``: the gateway's median CPU microseconds per request in the rows."""
+    return " / ".join(
+        f"{bc.Spread(figures[f'gateway_us {op}']).median:.0f}" for op in ("read", "write")
+    )
+
+
+def _profiles(
+    args: argparse.Namespace,
+    gateways: list[tuple[str, str | None]],
+    spies: dict[str, subprocess.Popen[bytes]],
+    served: dict[str, float],
+    work: Path,
+) -> list[str]:
+    """The py-spy and cProfile summaries of the stopped gateways, one text per profile."""
+    import profile_server
+
+    texts = []
+    for label, _ in gateways:
+        name = label or "this"
+        spy = spies.get(label)
+        if spy is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(30)
+            raw = work / f"pyspy-{name}.txt"
+            body = (
+                profile_server._pyspy_summary(raw, args.top)
+                if raw.exists()
+                else "py-spy wrote nothing"
+            )
+            texts.append(f"## py-spy, gateway '{name}' (all its busy time in the run)\n\n{body}")
+        stats = work / f"gateway-{name}.pstats"
+        if args.cprofile:
+            body = (
+                profile_server._cprofile_summary(stats, int(served[label]), args.top)
+                if stats.exists()
+                else "cProfile wrote no statistics"
+            )
+            texts.append(f"## cProfile, gateway '{name}'\n\n{body}")
+    return texts
 
 
 if __name__ == "__main__":

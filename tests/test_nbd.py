@@ -21,12 +21,15 @@ the server tests skip, saying which is missing, or fail under
 
 from __future__ import annotations
 
+import array
 import errno
+import fcntl
 import hashlib
 import random
 import re
 import socket
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -532,6 +535,72 @@ class ConnectTests(TestCase):
         nbdkit(self, "memory", "1M", tcp=("::1", port6))
         backend = yield open_nbd(self, f"[::1]:{port6}")
         self.assertEqual(backend.size, MIB)
+
+
+def unread(fd: int) -> int:
+    """How many bytes wait to be read on the socket ``fd`` (``FIONREAD``)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count, True)
+    return count[0]
+
+
+class BurstTests(TestCase):
+    """What one readiness event of the socket costs: the answers waiting, read together."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        require_nbd(self, "nbdkit")
+
+    @defer.inlineCallbacks
+    def test_answers_waiting_take_one_turn(self) -> Gen:
+        """
+        64 answers already on the socket are read in one reactor turn (libnbd reads one per
+        ``aio_notify_read``; one turn each would cost an ``epoll_wait`` and a dispatch per
+        answer), every byte right, and no call finds the socket empty.
+        """
+        server = nbdkit(self, "memory", "1M")
+        backend = yield open_nbd(self, unix_spec(server))
+        data = random.Random(5).randbytes(DEPTH * SECTOR)
+        yield backend.write(0, data)
+        link = backend._link
+        handle = backend._handle
+        turns: list[int] = []
+        empty: list[int] = []
+        read_turn = link.doRead
+        notify = handle.aio_notify_read
+
+        def counted_turn() -> None:
+            turns.append(1)
+            read_turn()
+
+        def checked_notify() -> None:
+            if not unread(link.fileno()):
+                empty.append(1)
+            notify()
+
+        link.doRead = counted_turn  # the reactor looks it up on the instance
+        handle.aio_notify_read = checked_notify
+        reads = [backend.read(i * SECTOR, SECTOR) for i in range(DEPTH)]
+        time.sleep(0.3)  # the reactor waits; the server answers all 64 meanwhile
+        self.assertGreater(unread(link.fileno()), 0)
+        got = yield defer.gatherResults(reads)
+        self.assertEqual(b"".join(got), data)
+        self.assertLessEqual(len(turns), 2, "one reactor turn per answer")
+        self.assertEqual(empty, [], "aio_notify_read called on an empty socket")
+
+    @defer.inlineCallbacks
+    def test_simple_replies(self) -> Gen:
+        """
+        The backend asks for simple replies: a read's answer is a header and the data (two
+        system calls), not structured chunks (four); it uses nothing they add.
+        """
+        server = nbdkit(self, "memory", "1M")
+        backend = yield open_nbd(self, unix_spec(server))
+        self.assertFalse(backend._handle.get_structured_replies_negotiated())
+        blocking = NBDBackendFactory().open(unix_spec(server))
+        self.addCleanup(blocking.close)
+        self.assertFalse(blocking._handle.get_structured_replies_negotiated())
 
 
 class IntegrityTests(TestCase):

@@ -194,6 +194,14 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._operations: dict[tuple[Any, ...], list[Pending]] = {}
         #: Group commits still waiting for an asynchronous disk's flush, by disk (its key).
         self._commits: dict[int, defer.Deferred[Any]] = {}
+        #: The asynchronous operations' deadlines, oldest first: what -> (deadline, Deferred);
+        #: one timer (``_deadline_call``) for all of them instead of one per request.
+        self._deadlines: dict[tuple[Any, ...], tuple[float, defer.Deferred[Any]]] = {}
+        self._expired: set[tuple[Any, ...]] = set()
+        self._deadline_call: IDelayedCall | None = None
+        #: Replies to asynchronous completions, sent together once the reactor's turn ends.
+        self._outbox: list[bytes] = []
+        self._outbox_call: IDelayedCall | None = None
         self.watch: DuplicateWatch | None = None
         #: The MACs of this server's other interfaces (not other servers), set by the service.
         self.own_macs: frozenset[bytes] = frozenset()
@@ -694,13 +702,19 @@ class AoEProtocol(AbstractDatagramProtocol):
         target = pending.target
         key = (id(target.stats), pending.initiator)
         io = pending.io
-        same = (key, io.kind, io.offset, io.length, bytes(io.data))
+        # Keyed without the data (no copy or hash of a write's payload per request);
+        # the data is compared only when a request to the same place is under way.
+        same: tuple[Any, ...] = (key, io.kind, io.offset, io.length)
         waiting = self._operations.get(same)
         if waiting is not None:
-            # The same request again (an initiator's retransmission under a new
-            # tag): answered with the operation already under way, not a second one.
-            waiting.append(pending)
-            return
+            if waiting[0].io.data == io.data:
+                # The same request again (an initiator's retransmission under a new
+                # tag): answered with the operation already under way, not a second one.
+                waiting.append(pending)
+                return
+            # Another write to the same place while the first is under way (no
+            # order holds between requests in flight): an operation of its own.
+            same = (*same, id(pending))
         window = self._in_flight.get(key, 0)
         if target.buffer_count and window >= target.buffer_count:
             target.stats.in_flight -= 1
@@ -709,15 +723,24 @@ class AoEProtocol(AbstractDatagramProtocol):
         self._in_flight[key] = window + 1
         self._operations[same] = [pending]
         started = perf_counter()
-        d = defer.maybeDeferred(submit, io, target.backend)
-        d.addTimeout(self.backend_timeout, self.clock)
+        try:
+            d = submit(io, target.backend)
+        except BaseException:
+            d = defer.fail()
+        else:
+            if not isinstance(d, defer.Deferred):
+                d = defer.succeed(d)
+        deadlines = self._deadlines
 
         def done(result: Any) -> None:
+            deadlines.pop(same, None)
             self._completed(same, result, None, perf_counter() - started)
 
         def failed(failure: Failure) -> None:
+            deadlines.pop(same, None)
             error = failure.value
-            if isinstance(failure.value, defer.TimeoutError):
+            if same in self._expired:
+                self._expired.discard(same)
                 error = OSError(
                     errno.ETIMEDOUT, f"no answer from the disk in {self.backend_timeout:g} s"
                 )
@@ -731,7 +754,34 @@ class AoEProtocol(AbstractDatagramProtocol):
                 error = OSError(errno.EIO, f"unexpected error: {failure.getErrorMessage()}")
             self._completed(same, None, error, perf_counter() - started)
 
+        if not d.called:
+            deadlines[same] = (self.clock.seconds() + self.backend_timeout, d)
+            if self._deadline_call is None:
+                self._deadline_call = self.clock.callLater(self.backend_timeout, self._expire)
         d.addCallbacks(done, failed)
+
+    def _expire(self) -> None:
+        """
+        Cancel every asynchronous operation past its deadline (answered ``ETIMEDOUT``).
+
+        One timer for all of them, set again for the oldest left, rather than
+        a ``DelayedCall`` per request: the deadlines are in the order the
+        operations started.
+        """
+        self._deadline_call = None
+        now = self.clock.seconds()
+        deadlines = self._deadlines
+        while deadlines:
+            same = next(iter(deadlines))
+            deadline, d = deadlines[same]
+            if deadline > now:
+                break
+            del deadlines[same]
+            self._expired.add(same)
+            d.cancel()  # fires failed(), which answers ETIMEDOUT (and forgets it expired)
+        if deadlines:
+            deadline = next(iter(deadlines.values()))[0]
+            self._deadline_call = self.clock.callLater(max(0.0, deadline - now), self._expire)
 
     def _completed(
         self,
@@ -760,14 +810,21 @@ class AoEProtocol(AbstractDatagramProtocol):
                 continue
             decision = dispatcher.complete(pending, result, error, elapsed)
             if decision.replies and self.transport is not None:
-                self._deliver(decision)
+                self._deliver(decision, later=True)
 
-    def _deliver(self, decision: Decision) -> None:
+    def _deliver(self, decision: Decision, later: bool = False) -> None:
         """
         Send ``decision``'s replies, or hold them for group commit.
 
         Under ``sync`` a reply acknowledging a write is held until its disk
         is synced, and so is every reply after it in the same drain.
+
+        ``later``: the replies to an asynchronous completion, which arrive
+        outside the port's drain (one at a time, from the disk's own events):
+        with a port that sends several frames with one system call
+        (``batches_writes``: its rings are mapped) they are queued and sent
+        together at the end of the reactor's turn (``callLater(0)``), one
+        ``send`` for the burst rather than one each.
         """
         written = decision.written
         durable = written is not None and (self.sync or written.sync)
@@ -780,9 +837,23 @@ class AoEProtocol(AbstractDatagramProtocol):
                     self._drain_fallback = self.clock.callLater(0, self.drainFinished)
             self._held.extend(decision.replies)
             return
+        if later and isinstance(self.transport, AoEPort) and self.transport.batches_writes:
+            self._outbox.extend(decision.replies)
+            if self._outbox_call is None:
+                self._outbox_call = self.clock.callLater(0, self._send_outbox)
+            return
         write = self.transport.write  # type: ignore[union-attr]
         for reply in decision.replies:
             write(reply)  # type: ignore[call-arg]
+
+    def _send_outbox(self) -> None:
+        """Send the replies asynchronous completions queued, with one flush if the port can."""
+        self._outbox_call = None
+        frames, self._outbox = self._outbox, []
+        transport = self.transport
+        if transport is None or not frames:
+            return
+        transport.writeFrames(frames)  # type: ignore[attr-defined]
 
     def drainFinished(self) -> None:
         """
@@ -945,6 +1016,12 @@ class AoEProtocol(AbstractDatagramProtocol):
     def stopProtocol(self) -> None:
         """Send what is still held, log what is still unsummarised and what was counted."""
         self.drainFinished()
+        if self._outbox_call is not None:
+            self._outbox_call.cancel()
+            self._send_outbox()
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_call = None
         self._stop_watching()
         for call in [*self._forget_calls.values(), *self._rechecks.values()]:
             if call.active():

@@ -16,6 +16,12 @@ driven by the Twisted reactor, with no threads:
   records the completion; the Deferreds fire once the libnbd call has
   returned (a callback chain that submits the next command would otherwise
   deadlock);
+- libnbd reads one reply per ``aio_notify_read``: while bytes wait on the
+  socket (``FIONREAD``) it is called again, so the answers that arrived
+  together cost one reactor turn; and the backend asks for simple replies
+  (``set_request_structured_replies(False)``): a read's answer is a header
+  and the data, two system calls where structured chunks take four, and
+  ``pread``/``pwrite``/``flush`` need nothing structured replies add;
 - the reactor watches a *duplicate* of libnbd's descriptor: libnbd closes
   its own the moment the connection dies, inside ``aio_notify_read``, and
   the duplicate keeps the number valid until the reactor has forgotten it;
@@ -61,10 +67,13 @@ drops the connection, which the backend takes for a lost server.
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import os
 import re
+import termios
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -117,6 +126,14 @@ _CLOSE_TIMEOUT = 5.0
 _SECTOR = 512
 _READ = 1  # nbd.AIO_DIRECTION_READ
 _WRITE = 2  # nbd.AIO_DIRECTION_WRITE
+_SWEEP_SLACK = 0.01
+"""Requests whose deadlines fall this close (s) after a sweep expire with it: requests sent
+together fail together (not the first alone, the connection then dropped under the others
+as stalled), and one timer serves a burst."""
+_REPLIES_PER_TURN = 256
+"""At most this many ``aio_notify_read`` calls for one readiness event (libnbd reads one reply
+per call): a burst of answers costs one reactor turn, and a server that answers faster than
+the backend reads still lets the reactor serve everything else between bursts."""
 
 
 # -- the spec ---------------------------------------------------------------------------------
@@ -287,6 +304,9 @@ def _start_connect(nbd: ModuleType, address: NBDAddress, host: str | None = None
     handle = nbd.NBD()
     try:
         handle.set_export_name(address.export)
+        # Simple replies: a 4 KiB read is answered in two system calls (header,
+        # data) instead of four; pread, pwrite and flush need nothing more.
+        handle.set_request_structured_replies(False)
         if address.kind == "unix":
             handle.aio_connect_unix(address.address)
         else:
@@ -351,6 +371,7 @@ class _Link:
         self._on_lost = on_lost
         self._prefix = prefix
         self._writing = False
+        self._count = array("i", [0])  # FIONREAD's answer, reused
         reactor.addReader(self)
 
     def fileno(self) -> int:
@@ -374,6 +395,23 @@ class _Link:
         if self._fd >= 0:
             self._close()
             self._on_lost()
+
+    def unread(self) -> int:
+        """
+        How many bytes wait to be read on the socket (``FIONREAD``); 0 once stopped.
+
+        Whether libnbd may be told the socket is readable again without a
+        reactor turn: ``aio_notify_read`` is for a readable socket (calling
+        it on an empty one, as an experiment here did, left requests
+        unanswered until their deadline).
+        """
+        if self._fd < 0:
+            return 0
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, self._count, True)
+        except OSError:
+            return 0
+        return self._count[0]
 
     def want_write(self, on: bool) -> None:
         """Watch (or stop watching) the socket for room to write."""
@@ -842,7 +880,14 @@ class NBDBackend:
         if self._sweeper is None:
             self._sweeper = self._reactor.callLater(self.timeout, self._sweep)
         if not self._draining:  # else the pump after the drain re-checks, once for all
-            self._pump()
+            # The common case in short: libnbd sent the command (or queued it and
+            # wants to write) and completed nothing; anything else takes the pump.
+            direction = self._handle.aio_get_direction()
+            link = self._link
+            if direction and not self._done and link is not None:
+                link.want_write(bool(direction & _WRITE))
+            else:
+                self._pump()
         return request.deferred
 
     # -- driving libnbd
@@ -858,13 +903,35 @@ class NBDBackend:
         self._pump()
 
     def _ready(self, readable: bool) -> None:
-        """The reactor says the socket is ready: let libnbd read or write, then settle."""
+        """
+        The reactor says the socket is ready: let libnbd read or write, then settle.
+
+        libnbd reads at most one reply per ``aio_notify_read``, and with
+        many requests in flight the socket usually holds several: it is
+        called again while bytes wait on the socket (``FIONREAD``; never on
+        an empty socket, which libnbd does not expect), at most
+        ``_REPLIES_PER_TURN`` times, and the Deferreds of the whole burst
+        fire together afterwards.  So a burst of answers costs one reactor
+        turn, not one turn (an ``epoll_wait`` and the reactor's dispatch)
+        per answer.  A failed command ends the loop, so that a connection
+        that just died is not asked again and its first error is the one
+        kept.
+        """
         handle = self._handle
         if handle is None:
             return
         try:
             if readable:
                 handle.aio_notify_read()
+                link = self._link
+                if link is not None:
+                    done = self._done
+                    notify = handle.aio_notify_read
+                    unread = link.unread
+                    for _ in range(_REPLIES_PER_TURN - 1):
+                        if (done and done[-1][1]) or not unread():
+                            break
+                        notify()
             else:
                 handle.aio_notify_write()
         except self._nbd.Error as e:
@@ -1031,7 +1098,7 @@ class NBDBackend:
         stalled = False
         while live:
             request = next(iter(live))
-            if request.deadline > now:
+            if request.deadline > now + _SWEEP_SLACK:
                 break
             del live[request]
             request.expired = True  # keeps its buffer until libnbd lets go

@@ -36,7 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from attrs import frozen
@@ -1034,6 +1034,31 @@ class AoEPort(abstract.FileDescriptor):
             frame = bytes(frame) + bytes(MIN_FRAME_SIZE - len(frame))
         if self._transmit(self._system.send, self._fileno, frame):
             self.frames_sent += 1
+
+    @property
+    def batches_writes(self) -> bool:
+        """Whether ``writeFrames`` sends several frames with one system call (rings mapped)."""
+        return self._rings is not None
+
+    def writeFrames(self, frames: Sequence[bytes]) -> None:
+        """
+        Transmit each of ``frames`` as one Ethernet frame, as ``write`` does,
+        with one ``send`` for all of them (rings), not one each.
+
+        For replies that leave outside a drain (asynchronous completions).
+        """
+        if self._batching or self._rings is None:
+            for frame in frames:
+                self.write(frame)
+            return
+        self._batching = True
+        try:
+            for frame in frames:
+                self.write(frame)
+        finally:
+            self._batching = False
+        if self._unflushed:
+            self._flush()
 
     def _dropped(self, e: OSError) -> None:
         """Count a frame the kernel would not take; log at 1, 2, 4, 8... drops."""
