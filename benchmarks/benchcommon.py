@@ -1,7 +1,8 @@
 """
 Shared pieces of the server benchmarks (``raw_capacity.py``, ``linux_initiator.py``,
 ``profile_server.py``): the servers under test, CPU accounting from ``/proc``,
-repeat statistics, the side-by-side table and a description of the machine.
+repeat statistics, the side-by-side table, a description of the machine, and
+the build of ``loadgen.c`` (the compiled load generator and echo target).
 
 Not a benchmark itself; nothing here is imported by the package or the tests.
 """
@@ -9,9 +10,11 @@ Not a benchmark itself; nothing here is imported by the package or the tests.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -97,20 +100,76 @@ class ServerSpec:
     """One server under test: a name for the table and how to start it."""
 
     name: str
-    kind: str  # "vblade" or "ours"
+    kind: str  # "vblade", "ours" or "echo" (loadgen.c's trivial echo target, no disk)
     extra: tuple[str, ...] = ()
     #: For "ours": run the aoe-twisted of this source tree (its ``src``), not this checkout's.
     source: str | None = None
+    #: raw_capacity.py: drive this server with the "c" or "python" generator (None: the run's).
+    generator: str | None = None
 
     def argv(self, iface: str, image: Path, shelf: int = 0, slot: int = 1) -> list[str]:
         """The command line serving ``image`` as e``shelf``.``slot`` on ``iface``."""
         if self.kind == "vblade":
             return ["vblade", *self.extra, str(shelf), str(slot), iface, str(image)]
+        if self.kind == "echo":
+            return [str(loadgen_binary()), "echo", "--iface", iface, "--shelf", str(shelf),
+                    "--slot", str(slot), *self.extra]  # fmt: skip
         return [
             *TWISTD, "-n", "--pidfile=", "aoe", "--iface", iface,
             "--backend", f"file:{image}", "--shelf", str(shelf), "--slot", str(slot),
             *self.extra,
         ]  # fmt: skip
+
+
+LOADGEN_SOURCE = Path(__file__).resolve().with_name("loadgen.c")
+
+
+def loadgen_cache() -> Path:
+    """
+    Where the compiled load generator is kept: outside the checkout, never in it.
+
+    ``$AOE_BENCH_CACHE``, else ``$XDG_CACHE_HOME/aoe-twisted``, else
+    ``~/.cache/aoe-twisted`` (under ``sudo`` that is root's).
+    """
+    if os.environ.get("AOE_BENCH_CACHE"):
+        return Path(os.environ["AOE_BENCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "aoe-twisted"
+
+
+def loadgen_binary() -> Path:
+    """
+    ``loadgen.c`` compiled with ``cc -O2`` (``$CC`` if set), cached by the source's hash.
+
+    Built once per version of the source into :func:`loadgen_cache` (written
+    under a temporary name, then renamed, so concurrent runs never see half a
+    binary; builds of other versions are removed). Raises ``RuntimeError`` if
+    there is no compiler or it fails.
+    """
+    source = LOADGEN_SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    cache = loadgen_cache()
+    binary = cache / f"loadgen-{digest}"
+    if os.access(binary, os.X_OK):
+        return binary
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc}) to build {LOADGEN_SOURCE.name}")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".loadgen-{digest}.{os.getpid()}"
+    res = subprocess.run(
+        [cc, "-O2", "-Wall", "-o", str(tmp), str(LOADGEN_SOURCE), "-lm"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{cc} {LOADGEN_SOURCE.name} failed: {res.stderr.strip()[-2000:]}")
+    os.replace(tmp, binary)
+    for stale in cache.glob("loadgen-*"):  # builds of earlier versions of the source
+        if stale != binary:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return binary
 
 
 def start_in_netns(

@@ -4,12 +4,22 @@ Raw server capacity: vblade and aoe-twisted driven by a load generator over a ve
 
 For each MTU (1500 and 9000) two network namespaces are joined by a veth pair.
 The server under test (``vblade`` or ``twistd aoe``, the same image file)
-runs in one; the load generator runs in the other as a separate process
-(``--generator``): a raw ``AF_PACKET`` socket, pre-built request frames, no
-Twisted, and a fixed window of requests in flight equal to the buffer count
-the target advertises in its config reply.  It measures MB/s, IOPS and the
-p50/p99 latency of every request, for sequential and random 1-sector and
-max-sector (what the MTU allows: 2 at 1500, 17 at 9000) reads and writes.
+runs in one; the load generator runs in the other as a separate process: a
+raw ``AF_PACKET`` socket, pre-built request frames, no Twisted, and a fixed
+window of requests in flight equal to the buffer count the target advertises
+in its config reply.  It measures MB/s, IOPS and the p50/p99 latency of every
+request, for sequential and random 1-sector and max-sector (what the MTU
+allows: 2 at 1500, 17 at 9000) reads and writes.
+
+The generator is ``loadgen.c`` (``recvmmsg`` and ``sendmmsg``, no system call
+per frame; ``--loadgen-args "--rx ring"`` for a ``PACKET_MMAP`` RX ring),
+compiled with ``cc -O2`` into a cache outside the checkout
+(``~/.cache/aoe-twisted/``, keyed by the source's hash) on first use.
+``--python-generator`` uses the pure-Python one (``--generator`` below), which
+needs about 2.5x the CPU per request and caps at 130-210k requests/s on one
+CPU of this machine.  ``--ceiling`` measures the generators themselves: Python
+and C in turn against ``loadgen.c``'s trivial echo target (no disk), or
+against ``--ceiling-target vblade``/``ours``; see docs/benchmarks-generator.md.
 
 The servers are interleaved: every repeat starts vblade and then our server
 (the order alternates), each for all the rows, and the table gives the median
@@ -19,6 +29,7 @@ server's, so a reader can see which side is saturated.
 
     sudo python benchmarks/raw_capacity.py [--quick] [--repeat 5] [--duration 3]
         [--mtu 1500 --mtu 9000] [--ours-args "--workers 2"] [--json out.json]
+        [--python-generator] [--ceiling [--ceiling-target echo|vblade|ours]]
 
 Needs root (namespaces, raw sockets) and ``vblade``.
 """
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import select
 import socket
@@ -132,6 +144,7 @@ def _drive(sock: socket.socket, server_mac: bytes, frames: list[bytearray], wind
     stop_at = measure_from + duration
     measuring = False
     cpu0 = cpu1 = m_start = m_end = 0.0
+    sys0 = sys1 = 0.0
     srv0 = srv1 = (0.0, 0.0)
 
     def issue() -> None:
@@ -174,11 +187,13 @@ def _drive(sock: socket.socket, server_mac: bytes, frames: list[bytearray], wind
                 sending = False
                 m_end = now
                 cpu1 = time.process_time()
+                sys1 = os.times().system
                 srv1 = bc.cpu_split(server_pid)
         elif sending and now >= measure_from:
             measuring = True
             m_start = now
             cpu0 = time.process_time()
+            sys0 = os.times().system
             srv0 = bc.cpu_split(server_pid)
         if sending:
             issue()
@@ -191,6 +206,7 @@ def _drive(sock: socket.socket, server_mac: bytes, frames: list[bytearray], wind
         "p50_us": latencies[done // 2] * 1e6 if done else float("nan"),
         "p99_us": latencies[min(done - 1, done * 99 // 100)] * 1e6 if done else float("nan"),
         "gen_cpu": (cpu1 - cpu0) / wall,
+        "gen_sys": (sys1 - sys0) / wall,
         "server_cpu": (sum(srv1) - sum(srv0)) / wall,
         "server_sys": (srv1[1] - srv0[1]) / wall,
         "requests": done,
@@ -218,7 +234,8 @@ def generator(args: argparse.Namespace) -> int:
                          args.disk_sectors, seed=i)
         result = _drive(sock, server_mac, frames, window, args.warmup, args.duration,
                         args.server_pid, count)
-        result.update(row=[pattern, size, op], sectors=count, window=window, bufcnt=bufcnt)
+        result.update(row=[pattern, size, op], sectors=count, window=window, bufcnt=bufcnt,
+                      generator="python")
         print(json.dumps(result), flush=True)
     return 0
 
@@ -227,16 +244,47 @@ def generator(args: argparse.Namespace) -> int:
 # The orchestrator
 
 
+def generator_kind(args: argparse.Namespace, wanted: str | None = None) -> str:
+    """
+    ``"c"`` or ``"python"``: ``wanted``, else ``--python-generator``, else C if it builds.
+
+    A C generator that cannot be built (no compiler) falls back to the Python
+    one with a warning, so the benchmark still runs; the rows say which ran.
+    """
+    kind = wanted or ("python" if getattr(args, "python_generator", False) else "c")
+    if kind == "c":
+        try:
+            bc.loadgen_binary()
+        except (OSError, RuntimeError) as e:
+            if wanted == "c":
+                raise
+            print(f"raw_capacity: {e}; using the Python generator", file=sys.stderr)
+            return "python"
+    return kind
+
+
 def run_generator(pair: bc.Veth, server_pid: int, rows: list, args: argparse.Namespace,
-                  window: int = 0) -> list[dict]:
-    """Run the generator process in the client namespace for ``rows``; return its results."""
-    argv = [
-        "ip", "netns", "exec", pair.client_ns, sys.executable, __file__, "--generator",
-        "--iface", pair.client_if, "--server-pid", str(server_pid), "--rows", json.dumps(rows),
+                  window: int = 0, generator: str | None = None) -> list[dict]:
+    """
+    Run the generator process in the client namespace for ``rows``; return its results.
+
+    ``generator``: ``"c"`` (``loadgen.c``) or ``"python"`` (``--generator``);
+    by default the C one unless ``args.python_generator``.  Both print the same
+    JSON rows (the C one adds nothing the report needs but ``generator``).
+    """
+    common = [
+        "--iface", pair.client_if, "--server-pid", str(server_pid),
         "--duration", str(args.duration), "--warmup", str(args.warmup),
         "--disk-sectors", str(IMAGE_BYTES // SECTOR), "--window", str(window),
         "--initiators", str(getattr(args, "initiators", 1)),
     ]  # fmt: skip
+    if generator_kind(args, generator) == "c":
+        argv = ["ip", "netns", "exec", pair.client_ns, str(bc.loadgen_binary()), "gen",
+                "--rows", ",".join(":".join(r) for r in rows), *common,
+                *str(getattr(args, "loadgen_args", "") or "").split()]  # fmt: skip
+    else:
+        argv = ["ip", "netns", "exec", pair.client_ns, sys.executable, __file__, "--generator",
+                "--rows", json.dumps(rows), *common]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, check=False,
                           timeout=120 + len(rows) * (args.duration + args.warmup + 10))
     if proc.returncode != 0:
@@ -259,7 +307,8 @@ def measure(args: argparse.Namespace, servers: list[bc.ServerSpec], work: Path) 
                                              log, spec.source)
                     scraper = _scraper(pair.server_ns, spec)
                     try:
-                        rows = run_generator(pair, proc.pid, ROWS, args)
+                        rows = run_generator(pair, proc.pid, ROWS, args,
+                                             generator=spec.generator)
                     finally:
                         bc.stop(proc)
                         if scraper is not None:
@@ -267,7 +316,8 @@ def measure(args: argparse.Namespace, servers: list[bc.ServerSpec], work: Path) 
                     for r in rows:
                         per_mtu[spec.name].setdefault(" ".join(r["row"]), []).append(r)
                     print(f"  MTU {mtu} repeat {rep + 1}/{args.repeat} {spec.name}: "
-                          + ", ".join(f"{' '.join(r['row'])} {r['iops']:,.0f}" for r in rows),
+                          + ", ".join(f"{' '.join(r['row'])} {r['iops']:,.0f} "
+                                      f"(gen {r['gen_cpu']:.0%})" for r in rows),
                           file=sys.stderr, flush=True)
     return results
 
@@ -305,7 +355,9 @@ def report(results: dict, servers: list[bc.ServerSpec], args: argparse.Namespace
            f"{args.repeat} interleaved repeats x {args.duration} s per row (after "
            f"{args.warmup} s warm-up); figures are median (min-max); "
            f"{args.initiators} initiator(s), window = the target's buffer count per "
-           f"initiator; aoe-twisted options: {args.ours_args or '(none)'}. "
+           f"initiator; aoe-twisted options: {args.ours_args or '(none)'}; "
+           f"load generator: {_generators(results, servers)}"
+           f"{' ' + repr(args.loadgen_args) if getattr(args, 'loadgen_args', '') else ''}. "
            "gen/srv CPU: generator and server CPU seconds per "
            "wall second; srv CPU µs/req: server CPU (of it in the kernel) per request.", ""]
     for mtu, per in results.items():
@@ -350,8 +402,45 @@ def report(results: dict, servers: list[bc.ServerSpec], args: argparse.Namespace
              f"gen/srv CPU ({b})", "srv CPU µs/req (sys) v / a", "err+retx v / a"],
             rows_out,
         ))  # fmt: skip
+        if any(spec.generator for spec in servers):
+            out.append("")
+            out.append(_generator_cost(per, a, b))
         out.append("")
     return "\n".join(out)
+
+
+def _generator_cost(per: dict, a: str, b: str) -> str:
+    """
+    For ``--ceiling``: the generator's CPU µs per request (of it in the kernel), per row.
+
+    Steadier than its IOPS on a shared machine: 1e6 / (µs/req) is what one
+    whole CPU would let that generator reach if the target kept up.
+    """
+    parts = []
+    for pattern, size, op in ROWS:
+        key = f"{pattern} {size} {op}"
+        cells = []
+        for name in (a, b):
+            rs = per[name].get(key, [])
+            if not rs:
+                cells.append("n/a")
+                continue
+            cpu = statistics.median(1e6 * r["gen_cpu"] / r["iops"] for r in rs)
+            sys_ = statistics.median(1e6 * r.get("gen_sys", 0.0) / r["iops"] for r in rs)
+            cells.append(f"{cpu:.1f} ({sys_:.1f})")
+        parts.append(f"{key} {' / '.join(cells)}")
+    return f"Generator CPU µs/req (sys), {a} / {b}: " + "; ".join(parts) + "."
+
+
+def _generators(results: dict, servers: list[bc.ServerSpec]) -> str:
+    """Which generator drove each server (from the rows: a C build may have fallen back)."""
+    names = {"c": "C (loadgen.c)", "python": "Python"}
+    used = []
+    for spec in servers:
+        kinds = sorted({r.get("generator", "python") for per in results.values()
+                        for rs in per.get(spec.name, {}).values() for r in rs})  # fmt: skip
+        used.append(f"{spec.name}: {'+'.join(names.get(k, k) for k in kinds) or '?'}")
+    return ", ".join(used)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +475,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against-source", default=None,
                         help="with --against-args: that aoe-twisted from this src directory "
                              "(another version, for before/after)")
+    parser.add_argument("--python-generator", action="store_true",
+                        help="drive the servers with the pure-Python generator instead of "
+                             "loadgen.c (compiled on first use into ~/.cache/aoe-twisted)")
+    parser.add_argument("--loadgen-args", default="",
+                        help="extra options for loadgen.c's generator, e.g. '--rx ring' or "
+                             "'--spin 100'")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="measure the generators, not the servers: the Python and the C "
+                             "generator in turn against --ceiling-target")
+    parser.add_argument("--ceiling-target", choices=("echo", "vblade", "ours"), default="echo",
+                        help="with --ceiling: loadgen.c's trivial echo target (default: no "
+                             "disk, so what it reaches is the generator's ceiling), vblade "
+                             "(with --vblade-args) or aoe-twisted (with --ours-args)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.generator:
@@ -403,6 +505,14 @@ def main(argv: list[str] | None = None) -> int:
         servers[0] = bc.ServerSpec(
             label, "ours", tuple((args.against_args or "").split()), args.against_source
         )
+    if args.ceiling:
+        extra = {"echo": "", "vblade": args.vblade_args, "ours": args.ours_args}
+        target = args.ceiling_target
+        opts = tuple(extra[target].split())
+        servers = [
+            bc.ServerSpec(f"{target}/py-gen", target, opts, generator="python"),
+            bc.ServerSpec(f"{target}/C-gen", target, opts, generator="c"),
+        ]
     with tempfile.TemporaryDirectory(prefix="aoe-bench-") as work:
         results = measure(args, servers, Path(work))
     if args.json:
