@@ -307,7 +307,7 @@ def measure(args: argparse.Namespace, servers: list[bc.ServerSpec], work: Path) 
                                              log, spec.source)
                     scraper = _scraper(pair.server_ns, spec)
                     try:
-                        rows = run_generator(pair, proc.pid, ROWS, args,
+                        rows = run_generator(pair, proc.pid, ROWS, args, window=args.window,
                                              generator=spec.generator)
                     finally:
                         bc.stop(proc)
