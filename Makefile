@@ -45,7 +45,8 @@ demo: venv
 
 bench: deps venv
 	$(PY) benchmarks/micro_codec.py
-	$(PY) benchmarks/micro_serve.py
+	$(PY) benchmarks/micro_serve.py --into
+	$(PY) benchmarks/micro_serve.py --lane
 	$(PY) benchmarks/raw_capacity.py --quick
 	$(PY) benchmarks/linux_initiator.py --quick
 

@@ -104,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if sum((args.into, args.no_fast_path, args.lane)) > 1:
         parser.error("--into, --lane and --no-fast-path are different paths: choose one")
+    if args.lane and lane.native is None:
+        print(f"micro_serve: no compiled lane to measure ({lane.lane_reason})")
+        return 0
     slot = memoryview(bytearray(16384))
 
     target = Target(1, 0, MemoryBackend(1 << 30), max_sectors=16)
