@@ -623,39 +623,26 @@ bounce(Table *t, size_t size)
     return t->bounce;
 }
 
-/* Fill buf from offset: pread until done; EIO at the end of the file; 0 or an errno. */
+/*
+ * Read (write 0) or write (write 1) all of buf at offset, looping on short
+ * transfers and EINTR: 0, or an errno (EIO when the file ends or takes nothing).
+ */
 static int
-pread_all(int fd, uint8_t *buf, size_t length, uint64_t offset)
+transfer_all(int fd, uint8_t *buf, size_t length, uint64_t offset, int write)
 {
     size_t done = 0;
     while (done < length) {
-        ssize_t got = pread(fd, buf + done, length - done, (off_t)(offset + done));
-        if (got < 0) {
+        off_t at = (off_t)(offset + done);
+        ssize_t n = write ? pwrite(fd, buf + done, length - done, at)
+                          : pread(fd, buf + done, length - done, at);
+        if (n < 0) {
             if (errno == EINTR)
                 continue;
             return errno;
         }
-        if (got == 0)
+        if (n == 0)
             return EIO;
-        done += (size_t)got;
-    }
-    return 0;
-}
-
-static int
-pwrite_all(int fd, const uint8_t *buf, size_t length, uint64_t offset)
-{
-    size_t done = 0;
-    while (done < length) {
-        ssize_t put = pwrite(fd, buf + done, length - done, (off_t)(offset + done));
-        if (put < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (put == 0)
-            return EIO;
-        done += (size_t)put;
+        done += (size_t)n;
     }
     return 0;
 }
@@ -683,7 +670,7 @@ disk_read(Table *t, Entry *e, uint64_t offset, uint8_t *into, size_t length)
     }
     offset += e->base;
     if (!e->direct)
-        return pread_all(e->fd, into, length, offset);
+        return transfer_all(e->fd, into, length, offset, 0);
     uint64_t a = e->alignment;
     uint64_t start = offset - offset % a;
     uint64_t end = (offset + length + a - 1) / a * a;
@@ -706,7 +693,7 @@ disk_write(Table *t, Entry *e, uint64_t offset, const uint8_t *data, size_t leng
     }
     offset += e->base;
     if (!e->direct)
-        return pwrite_all(e->fd, data, length, offset);
+        return transfer_all(e->fd, (uint8_t *)data, length, offset, 1);
     /* Whole blocks: a partial block at either edge is read first (read-modify-write). */
     uint64_t a = e->alignment;
     uint64_t start = offset - offset % a;
