@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.core.target import Target
-from aoe_twisted.net.port import AoEPort
+from aoe_twisted.net.port import TX_RING_FRAMES, AoEPort
 from aoe_twisted.net.ring import DEFAULT_RING_FRAMES, RingGeometry
 from aoe_twisted.server import AoEService
 from aoe_twisted.tap import Options, makeService
@@ -49,8 +49,8 @@ def many_targets(count: int = MANY, buffer_count: int = 64) -> list[Target]:
 
 
 def ring_bound(mtu: int, frames: int = DEFAULT_RING_FRAMES) -> int:
-    """The bytes an RX ring of ``frames`` slots and the 256-slot TX ring map at ``mtu``."""
-    return RingGeometry.for_mtu(mtu, frames).size + RingGeometry.for_mtu(mtu, 256).size
+    """The bytes an RX ring of ``frames`` slots and the TX ring map at ``mtu``."""
+    return RingGeometry.for_mtu(mtu, frames).size + RingGeometry.for_mtu(mtu, TX_RING_FRAMES).size
 
 
 class RingSizingTests(SynchronousTestCase):

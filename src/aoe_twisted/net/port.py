@@ -79,6 +79,7 @@ from aoe_twisted.net.ring import (
 )
 
 __all__ = [
+    "TX_RING_FRAMES",
     "AoEPort",
     "EthernetAddress",
     "IFrameSink",
@@ -113,7 +114,7 @@ _RECEIVE_SLACK_PER_FRAME = 1024
 #: Slots of the TX ring: twice a drain's frames (``max_frames_per_read``), so that replies
 #: the compiled lane holds for group commit (which keep later slots from being sent until
 #: the drain ends) never leave a drain without a free slot.
-_TX_RING_FRAMES = 512
+TX_RING_FRAMES = 512
 #: Replies queued in the TX ring before one ``send`` flushes them, within a drain: few
 #: enough that an initiator keeping 16 requests in flight gets replies (and sends more)
 #: while the drain goes on, instead of the two sides taking turns (measured best of 1-32).
@@ -636,7 +637,7 @@ class AoEPort(abstract.FileDescriptor):
         if not self.rings or not self._ring_system:
             return None
         rx = RingGeometry.for_mtu(mtu, max(_RX_RING_FRAMES, self.receive_frames or 0))
-        tx = RingGeometry.for_mtu(mtu, _TX_RING_FRAMES)
+        tx = RingGeometry.for_mtu(mtu, TX_RING_FRAMES)
         try:
             rings: PacketRings | None = self._system.map_rings(fd, rx, tx)
         except OSError as e:
