@@ -754,6 +754,18 @@ admits(PyObject *acl, PyObject *name, const uint8_t *src)
     return result;
 }
 
+/* Whether attribute name of obj is true: 1, 0, or -1 with a Python exception. */
+static int
+attribute_true(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL)
+        return -1;
+    int result = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    return result;
+}
+
 static void
 reply_header(uint8_t *r, const uint8_t *f, const uint8_t *mac, uint8_t error, uint8_t count)
 {
@@ -835,76 +847,57 @@ answer(Table *t, const uint8_t *f, Py_ssize_t flen, uint8_t *reply, Py_ssize_t c
     uint32_t tag = ((uint32_t)f[20] << 24) | ((uint32_t)f[21] << 16) | ((uint32_t)f[22] << 8)
         | f[23];
     size_t length = (size_t)count * SECTOR;
-    Tally *tally = e->tally;
     if (write) {
         if (e->writes == WRITES_DECLINED || flen < (Py_ssize_t)(HEADER_SIZE + length)
             || capacity < MIN_FRAME)
             return 0;
-        PyObject *value;
-        if (e->writes == WRITES_SENT) {
-            /* A target made sync in place: its writes now wait, which this table does not do. */
-            value = PyObject_GetAttr(e->target, s_sync);
-            if (value == NULL)
-                return -1;
-            int sync = PyObject_IsTrue(value);
-            Py_DECREF(value);
-            if (sync != 0)
-                return sync < 0 ? -1 : 0;
-        }
-        value = PyObject_GetAttr(backend, s_read_only);
-        if (value == NULL)
-            return -1;
-        int read_only = PyObject_IsTrue(value);
-        Py_DECREF(value);
-        if (read_only != 0)
-            return read_only < 0 ? -1 : 0;
-        int seen = tally_seen(tally, src, tag);
-        if (seen < 0) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        tally->retransmits += seen;
-        tally->write++;
-        double started = now();
-        int error = disk_write(t, e, first * SECTOR, f + HEADER_SIZE, length);
-        tally_served(tally, now() - started);
-        if (error) {
-            tally->ata_errors++;
-            tally_failed(tally, "write", error);
-            reply_header(reply, f, mac, ERROR_ABRT, count);
-        } else {
-            tally->write_bytes += length;
-            reply_header(reply, f, mac, 0, count);
-            if (e->writes == WRITES_HELD) {
-                *held = 1;
-                *written = e->target;
-            }
-        }
-        memset(reply + HEADER_SIZE, 0, MIN_FRAME - HEADER_SIZE);
-        return MIN_FRAME;
-    }
-    if (capacity < (Py_ssize_t)(HEADER_SIZE + length))
+        /* A target made sync in place: its writes now wait, which this table does not do. */
+        int no = e->writes == WRITES_SENT ? attribute_true(e->target, s_sync) : 0;
+        if (no == 0)
+            no = attribute_true(backend, s_read_only);
+        if (no != 0)
+            return no < 0 ? -1 : 0;
+    } else if (capacity < (Py_ssize_t)(HEADER_SIZE + length)) {
         return 0;
+    }
+    /* Answered from here on: counted as TargetStats counts it, whatever the disk says. */
+    Tally *tally = e->tally;
     int seen = tally_seen(tally, src, tag);
     if (seen < 0) {
         PyErr_NoMemory();
         return -1;
     }
     tally->retransmits += seen;
-    tally->read++;
     double started = now();
-    int error = disk_read(t, e, first * SECTOR, reply + HEADER_SIZE, length);
+    int error;
+    if (write) {
+        tally->write++;
+        error = disk_write(t, e, first * SECTOR, f + HEADER_SIZE, length);
+    } else {
+        tally->read++;
+        error = disk_read(t, e, first * SECTOR, reply + HEADER_SIZE, length);
+    }
     tally_served(tally, now() - started);
     if (error) {
+        /* A failed write is ABRT (never tried again), a failed read UNC, as the ATA engine. */
         tally->ata_errors++;
-        tally_failed(tally, "read", error);
-        reply_header(reply, f, mac, ERROR_UNC, count);
+        tally_failed(tally, write ? "write" : "read", error);
+        reply_header(reply, f, mac, write ? ERROR_ABRT : ERROR_UNC, count);
         memset(reply + HEADER_SIZE, 0, MIN_FRAME - HEADER_SIZE);
         return MIN_FRAME;
     }
-    tally->read_bytes += length;
     reply_header(reply, f, mac, 0, count);
-    return (Py_ssize_t)(HEADER_SIZE + length);
+    if (!write) {
+        tally->read_bytes += length;
+        return (Py_ssize_t)(HEADER_SIZE + length);
+    }
+    tally->write_bytes += length;
+    if (e->writes == WRITES_HELD) {
+        *held = 1;
+        *written = e->target;
+    }
+    memset(reply + HEADER_SIZE, 0, MIN_FRAME - HEADER_SIZE);
+    return MIN_FRAME;
 }
 
 /* -- the lane ----------------------------------------------------------- */
