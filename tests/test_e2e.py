@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import random
 import shutil
+import sys
 from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, utils
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -129,17 +131,20 @@ class EndToEndCase(LaneChoice, TestCase):
         mtu: int = 1500,
         max_sectors: int | None = None,
         sync: bool = False,
+        peer: bool = True,
     ) -> AoEService:
         """
         Serve ``targets`` on the server end of a new veth pair, with a peer on the other.
 
         The peer starts first so it sees the start-up announcements.  The
         cleanups stop the service, then the peer, then delete the namespaces.
+        Without ``peer``, nothing in this process listens on the other end.
         """
         self.pair = VethPair.create(self, mtu=mtu)
-        self.peer = Peer(self.pair.client_if, self.pair.client_ns)
-        self.peer.start()
-        self.addCleanup(self.peer.stop)
+        if peer:
+            self.peer = Peer(self.pair.client_if, self.pair.client_ns)
+            self.peer.start()
+            self.addCleanup(self.peer.stop)
         service = AoEService(
             self.pair.server_if, targets, netns=self.pair.server_ns, max_sectors=max_sectors,
             sync=sync,
@@ -553,6 +558,80 @@ class CompiledLaneBackendTests(BackendTests):
     """``BackendTests`` with the compiled lane answering (``pread``/``pwrite``)."""
 
     compiled = True
+
+
+#: A client in its own process: for ``argv[3]`` seconds, one 1-sector read at a time
+#: (LBA n % 256 for the n-th) to ``argv[2]`` over ``argv[1]``, each reply awaited; then
+#: it prints how many it read and a hash of the sectors in order.
+_ONE_AT_A_TIME = """
+import hashlib, socket, sys, time
+from aoe_twisted.testing import ata_request, ethernet_frame
+interface, server, seconds = sys.argv[1], bytes.fromhex(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88A2))
+s.bind((interface, 0x88A2))
+s.settimeout(2)
+mac = s.getsockname()[4]
+data = hashlib.sha256()
+count = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    s.send(ethernet_frame(ata_request(lba=count % 256, tag=count), src=mac, dst=server))
+    while True:
+        reply = s.recv(2048)
+        if reply[6:12] == server and int.from_bytes(reply[20:24], "big") == count:
+            break
+    if reply[27] & 0x01:
+        sys.exit("ATA error")
+    data.update(reply[36:36 + 512])
+    count += 1
+print(count, data.hexdigest())
+"""
+
+
+class LingerTests(EndToEndCase):
+    """
+    The compiled lane waits in C for the port's next frame (``Lane.linger``) while
+    nothing else in the reactor needs it, and hands the reactor back on time.
+    """
+
+    compiled = True
+
+    @defer.inlineCallbacks
+    def test_one_at_a_time(self) -> Gen:
+        """
+        A client in another process sending one read at a time: most frames are answered
+        without a reactor turn, every reply is right, and a timed call every 10 ms keeps
+        firing on time although the port may linger for 5 s.
+        """
+        target = memory_target(1, 0)
+        service = self.serve([target], peer=False)
+        port = service.port
+        assert port is not None and port.mac is not None
+        port.linger_ms = 5000
+        ticks: list[float] = []
+        clock = task.LoopingCall(lambda: ticks.append(reactor.seconds()))
+        clock.start(0.01)
+        self.addCleanup(lambda: clock.running and clock.stop())
+        out, err, code = yield utils.getProcessOutputAndValue(
+            "ip",
+            ["netns", "exec", self.pair.client_ns, sys.executable, "-c", _ONE_AT_A_TIME,
+             self.pair.client_if, port.mac.hex(), "1.0"],
+            env=os.environ,
+        )  # fmt: skip
+        clock.stop()
+        self.assertEqual(code, 0, err)
+        count_text, digest_text = out.split()
+        count = int(count_text)
+        self.assertGreater(count, 100)
+        disk = target.backend.read(0, 256 * SECTOR_SIZE)
+        expected = hashlib.sha256()
+        for n in range(count):
+            expected.update(disk[(n % 256) * SECTOR_SIZE : (n % 256 + 1) * SECTOR_SIZE])
+        self.assertEqual(digest_text.decode(), expected.hexdigest())
+        self.assertGreater(port.lane_wakeups, count // 2)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(ticks)]
+        self.assertGreater(len(gaps), 50)
+        self.assertLess(max(gaps), 0.25, "the timed call waited for the lane")
 
 
 def _detach(device: str) -> None:

@@ -23,11 +23,14 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import select
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -772,8 +775,8 @@ def tx_slot(rings: PacketRings, index: int) -> tuple[int, int, bytes]:
     return status, length, bytes(rings.view[offset + TX_DATA_AT : offset + TX_DATA_AT + length])
 
 
-class DrainTests(_NativeCase):
-    """``Lane.drain``: the RX ring walked, replies queued in TX slots, and where it stops."""
+class _RingCase(_NativeCase):
+    """Two memory disks, small rings in a ``bytearray``, and the Python lane to compare with."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -802,6 +805,10 @@ class DrainTests(_NativeCase):
         """Drain ``self.rings`` from where they are; return what ``drain`` returns."""
         return lane.drain(self.table, self.rings.rx_next, self.rings.tx_next, budget, unflushed,
                           batch)  # fmt: skip
+
+
+class DrainTests(_RingCase):
+    """``Lane.drain``: the RX ring walked, replies queued in TX slots, and where it stops."""
 
     def test_answers_until_empty(self) -> None:
         """
@@ -1084,6 +1091,154 @@ class DrainTests(_NativeCase):
         self.assertEqual(got, expected)
         self.assertEqual(world.disks(), reference.disks())
         self.assertEqual(target_stats(world.dispatcher), target_stats(reference.dispatcher))
+
+
+# -- waiting for the next frame ------------------------------------------------------
+
+
+class LingerTests(_RingCase):
+    """
+    ``Lane.linger``: drain, send, wait on an epoll set for the port's descriptor alone,
+    drain again; back to Python when anything else needs it.
+
+    The port's descriptor is one end of a ``socketpair`` (the "kicks" that queue
+    the TX ring are empty datagrams to the other end); frames come into the
+    ``bytearray`` ring from a timer thread, which then makes the descriptor
+    readable, as the kernel does.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ours, self.other_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.other_end.close)
+        self.epoll = select.epoll()
+        self.addCleanup(self.epoll.close)
+        self.epoll.register(self.ours.fileno(), select.EPOLLIN)
+
+    def linger(self, lane: Any, wait_ms: int, table: Any = None) -> tuple[Any, float]:
+        """Linger from where the rings are; return what ``linger`` returns and the seconds."""
+        started = time.monotonic()
+        result = lane.linger(self.table if table is None else table, self.rings.rx_next,
+                             self.rings.tx_next, 64, 0, 8, self.ours.fileno(),
+                             self.epoll.fileno(), wait_ms)  # fmt: skip
+        self.rings.rx_next, self.rings.tx_next = result[1], result[2]
+        return result, time.monotonic() - started
+
+    def arrive(self, after: float, index: int, frame: bytes) -> None:
+        """In ``after`` seconds, put ``frame`` in RX slot ``index`` and signal it."""
+
+        def deliver() -> None:
+            put(self.rings, index, frame)
+            self.other_end.send(b"frame")
+
+        timer = threading.Timer(after, deliver)
+        timer.start()
+        self.addCleanup(timer.join)
+
+    def kicks(self) -> int:
+        """Return how many sends the lane made (the empty datagrams waiting at the other end)."""
+        self.other_end.setblocking(False)
+        count = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.other_end.recv(16)
+                count += 1
+        return count
+
+    def test_frames_arriving_while_it_waits(self) -> None:
+        """
+        A frame already there and one that comes 50 ms later are both answered in one call,
+        each sent at once; a wake-up that finds no frame ends it, well before ``wait_ms``.
+        """
+        frames = [ethernet_frame(ata_request(lba=n, tag=n)) for n in range(2)]
+        put(self.rings, 0, frames[0])
+        self.arrive(0.05, 1, frames[1])
+        result, seconds = self.linger(self.lane(), 5000)
+        self.assertEqual(result, (self.native.STOP_EMPTY, 2, 2, 2, 0, 2, 0, 2))
+        self.assertGreaterEqual(seconds, 0.04)
+        self.assertLess(seconds, 2.5)
+        self.assertEqual(self.kicks(), 2)
+        for index, frame in enumerate(frames):
+            reply = self.expected(frame)
+            self.assertEqual(tx_slot(self.rings, index), (TP_STATUS_SEND_REQUEST, len(reply),
+                                                           reply))  # fmt: skip
+
+    def test_wait_bounded(self) -> None:
+        """With nothing coming, it returns after ``wait_ms`` (the reactor's next call)."""
+        put(self.rings, 0, ethernet_frame(ata_request()))
+        result, seconds = self.linger(self.lane(), 60)
+        self.assertEqual(result, (self.native.STOP_EMPTY, 1, 1, 1, 0, 1, 0, 0))
+        self.assertGreaterEqual(seconds, 0.055)
+        self.assertLess(seconds, 2.5)
+        result, seconds = self.linger(self.lane(), 0)
+        self.assertEqual(result, (self.native.STOP_EMPTY, 1, 1, 0, 0, 0, 0, 0))
+        self.assertLess(seconds, 0.05)
+
+    def test_anything_else_ready(self) -> None:
+        """
+        Another descriptor ready, or the port's descriptor ready for more than reading
+        (writable, an error), ends the wait at once: it is the reactor's to handle.
+        """
+        put(self.rings, 0, ethernet_frame(ata_request()))
+        other, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(other.close)
+        self.addCleanup(peer.close)
+        self.epoll.register(other.fileno(), select.EPOLLIN)
+        peer.send(b"for the reactor")
+        result, seconds = self.linger(self.lane(), 5000)
+        self.assertEqual(result, (self.native.STOP_EMPTY, 1, 1, 1, 0, 1, 0, 0))
+        self.assertLess(seconds, 2.5)
+        self.epoll.unregister(other.fileno())
+        self.epoll.modify(self.ours.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        self.arrive(0.0, 1, ethernet_frame(ata_request(tag=7)))
+        result, seconds = self.linger(self.lane(), 5000)
+        self.assertEqual(result[0], self.native.STOP_EMPTY)
+        self.assertEqual(result[7], 0)
+        self.assertLess(seconds, 2.5)
+
+    def test_python_frame_ends_it(self) -> None:
+        """A frame for Python arriving while it waits: ``STOP_PYTHON`` at that slot."""
+        self.arrive(0.02, 0, ethernet_frame(ata_request(0xEC)))
+        result, seconds = self.linger(self.lane(), 5000)
+        self.assertEqual(result, (self.native.STOP_PYTHON, 0, 0, 0, 0, 0, 0, 1))
+        self.assertLess(seconds, 2.5)
+
+    def test_held_reply_ends_it(self) -> None:
+        """A write held for group commit ends it: Python must sync and release it."""
+        with lane_module(self.native):
+            table = build_table(self.world.dispatcher.fast_index.values(), hold_writes=True)
+        put(self.rings, 0, ethernet_frame(ata_request(0x34, data=sectors(1, 5))))
+        lane = self.lane()
+        result, seconds = self.linger(lane, 5000, table)
+        self.assertEqual(result, (self.native.STOP_EMPTY, 1, 1, 1, 0, 1, 0, 0))
+        self.assertEqual(lane.holding, 1)
+        self.assertLess(seconds, 2.5)
+        self.assertEqual(lane.release(set()), (1, 0))
+
+    def test_failed_send_left_to_the_port(self) -> None:
+        """
+        A send that fails (here: not a socket) returns ``STOP_FLUSH`` with the replies still
+        queued, for the port's flush and its handling of send errors.
+        """
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        put(self.rings, 0, ethernet_frame(ata_request()))
+        result = self.lane().linger(self.table, 0, 0, 64, 0, 8, write_end, self.epoll.fileno(),
+                                    5000)  # fmt: skip
+        self.assertEqual(result, (self.native.STOP_FLUSH, 1, 1, 1, 0, 1, 1, 0))
+
+    def test_linger_refuses(self) -> None:
+        """``linger`` wants nine arguments, descriptors that can be and a sane wait."""
+        lane = self.lane()
+        fd, epfd = self.ours.fileno(), self.epoll.fileno()
+        self.assertRaises(TypeError, lane.linger, self.table, 0, 0, 1, 0, 1, fd, epfd)
+        self.assertRaises(TypeError, lane.linger, None, 0, 0, 1, 0, 1, fd, epfd, 0)
+        self.assertRaises(ValueError, lane.linger, self.table, 0, 0, 1, 0, 1, -1, epfd, 0)
+        self.assertRaises(ValueError, lane.linger, self.table, 0, 0, 1, 0, 1, fd, 2**40, 0)
+        self.assertRaises(ValueError, lane.linger, self.table, 0, 0, 1, 0, 1, fd, epfd, 10**6)
+        self.assertRaises(IndexError, lane.linger, self.table, 9, 0, 1, 0, 1, fd, epfd, 0)
 
 
 # -- the disk failing -----------------------------------------------------------

@@ -28,11 +28,14 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
 
 /* -- the wire ------------------------------------------------------------ */
 
@@ -1089,48 +1092,37 @@ Lane_release(Lane *l, PyObject *failed)
     return Py_BuildValue("(nn)", released, refused);
 }
 
+/* One walk of the RX ring: where it starts and ends, and what it counted. */
+typedef struct {
+    Py_ssize_t rx_next, tx_next, budget, unflushed, batch;
+    Py_ssize_t received, ignored, answered;
+} Walk;
+
 /*
- * drain(table, rx_next, tx_next, budget, unflushed, batch)
- *   -> (stop, rx_next, tx_next, received, ignored, answered, unflushed)
- *
- * Walk the RX ring from slot rx_next, at most budget slots.  A slot the
+ * Walk the RX ring from slot w->rx_next, at most w->budget slots.  A slot the
  * port ignores (our own outgoing frame, another host's, too long) is
  * counted and handed back; a frame the lane answers gets its reply in TX
- * slot tx_next, queued for the kernel (tp_len, then SEND_REQUEST).  Stops:
+ * slot w->tx_next, queued for the kernel (tp_len, then SEND_REQUEST).
+ * Returns why it stopped:
  *   STOP_EMPTY   the next slot is the kernel's: the ring is drained;
  *   STOP_BUDGET  budget slots walked;
  *   STOP_PYTHON  slot rx_next holds a frame the lane leaves to Python (or the
  *                next TX slot is not free): not consumed, still the user's;
  *   STOP_FLUSH   unflushed reached batch: send the queue, then call again.
  */
-static PyObject *
-Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
+static int
+lane_walk(Lane *l, Table *t, Walk *w)
 {
-    if (nargs != 6 || !PyObject_TypeCheck(args[0], &TableType)) {
-        PyErr_SetString(PyExc_TypeError,
-                        "drain(table, rx_next, tx_next, budget, unflushed, batch)");
-        return NULL;
-    }
-    Table *t = (Table *)args[0];
-    Py_ssize_t rx_next = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t tx_next = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t budget = PyLong_AsSsize_t(args[3]);
-    Py_ssize_t unflushed = PyLong_AsSsize_t(args[4]);
-    Py_ssize_t batch = PyLong_AsSsize_t(args[5]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (rx_next < 0 || rx_next >= l->rx_count || tx_next < 0 || tx_next >= l->tx_count) {
-        PyErr_SetString(PyExc_IndexError, "drain: no such slot");
-        return NULL;
-    }
     uint8_t *ring = l->ring.buf;
-    Py_ssize_t received = 0, ignored = 0, answered = 0;
+    Py_ssize_t rx_next = w->rx_next, tx_next = w->tx_next;
     int stop = STOP_BUDGET;
     Py_ssize_t error = 0;
-    while (budget-- > 0) {
+    while (w->budget > 0) {
+        w->budget--;
         uint8_t *slot = ring + l->rx[rx_next];
         uint32_t *status = (uint32_t *)slot;
         if (!(__atomic_load_n(status, __ATOMIC_ACQUIRE) & TP_STATUS_USER)) {
+            w->budget++;
             stop = STOP_EMPTY;
             break;
         }
@@ -1142,17 +1134,19 @@ Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
         uint8_t pkttype = slot[RX_PKTTYPE_AT];
         if (pkttype == PACKET_OUTGOING || (pkttype == PACKET_OTHERHOST && !l->accept_other)
             || length > l->max_frame) {
-            ignored++;
+            w->ignored++;
         } else {
             /* A frame must lie inside its slot, and a reply needs a free TX slot. */
             uint8_t *tx = ring + l->tx[tx_next];
             if ((uint64_t)at + snaplen > l->rx_slot
                 || __atomic_load_n((uint32_t *)tx, __ATOMIC_ACQUIRE) != TP_STATUS_AVAILABLE) {
+                w->budget++;
                 stop = STOP_PYTHON;
                 break;
             }
             /* Room to note a held reply first: a write is never done and then forgotten. */
             if (l->held == l->held_capacity && lane_grow_held(l) < 0) {
+                w->budget++;
                 stop = STOP_PYTHON;
                 break;
             }
@@ -1161,6 +1155,7 @@ Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
             Py_ssize_t written = answer(t, slot + at, snaplen, tx + TX_DATA_AT,
                                         l->tx_slot - TX_DATA_AT, l->mac, &hold, &target);
             if (written <= 0) {
+                w->budget++;
                 error = written;
                 stop = STOP_PYTHON;
                 break;
@@ -1179,14 +1174,14 @@ Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
             }
             if (++tx_next == l->tx_count)
                 tx_next = 0;
-            received++;
-            answered++;
-            unflushed++;
+            w->received++;
+            w->answered++;
+            w->unflushed++;
         }
         __atomic_store_n(status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
         if (++rx_next == l->rx_count)
             rx_next = 0;
-        if (unflushed >= batch) {
+        if (w->unflushed >= w->batch) {
             stop = STOP_FLUSH;
             break;
         }
@@ -1195,8 +1190,145 @@ Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
         /* A Python error reading the target (its acl raised): the Python path will see it too. */
         PyErr_Clear();
     }
-    return Py_BuildValue("(innnnnn)", stop, rx_next, tx_next, received, ignored, answered,
-                         unflushed);
+    w->rx_next = rx_next;
+    w->tx_next = tx_next;
+    return stop;
+}
+
+/* Parse (table, rx_next, tx_next, budget, unflushed, batch) into *t and *w; -1 on error. */
+static int
+walk_arguments(Lane *l, PyObject *const *args, Table **t, Walk *w)
+{
+    if (!PyObject_TypeCheck(args[0], &TableType)) {
+        PyErr_SetString(PyExc_TypeError, "the first argument must be a Table");
+        return -1;
+    }
+    *t = (Table *)args[0];
+    memset(w, 0, sizeof(*w));
+    w->rx_next = PyLong_AsSsize_t(args[1]);
+    w->tx_next = PyLong_AsSsize_t(args[2]);
+    w->budget = PyLong_AsSsize_t(args[3]);
+    w->unflushed = PyLong_AsSsize_t(args[4]);
+    w->batch = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred())
+        return -1;
+    if (w->rx_next < 0 || w->rx_next >= l->rx_count || w->tx_next < 0
+        || w->tx_next >= l->tx_count) {
+        PyErr_SetString(PyExc_IndexError, "no such slot");
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * drain(table, rx_next, tx_next, budget, unflushed, batch)
+ *   -> (stop, rx_next, tx_next, received, ignored, answered, unflushed)
+ *
+ * One walk of the ring (lane_walk): the port sends the queue at STOP_FLUSH
+ * and hands the frame at rx_next to Python at STOP_PYTHON.
+ */
+static PyObject *
+Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
+{
+    Table *t;
+    Walk w;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "drain(table, rx_next, tx_next, budget, unflushed, batch)");
+        return NULL;
+    }
+    if (walk_arguments(l, args, &t, &w) < 0)
+        return NULL;
+    int stop = lane_walk(l, t, &w);
+    return Py_BuildValue("(innnnnn)", stop, w.rx_next, w.tx_next, w.received, w.ignored,
+                         w.answered, w.unflushed);
+}
+
+static int64_t
+monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/*
+ * linger(table, rx_next, tx_next, budget, unflushed, batch, fd, epfd, wait_ms)
+ *   -> (stop, rx_next, tx_next, received, ignored, answered, unflushed, wakeups)
+ *
+ * drain, then stay: send the queue (send(fd) of nothing, as the port's flush),
+ * wait on the reactor's epoll descriptor epfd, and walk the ring again each
+ * time the only thing ready is fd, readable -- so a port whose frames come one
+ * or two at a time costs an epoll_wait per frame, not a turn of the reactor
+ * in Python.  Returns to Python, like drain, at STOP_PYTHON, STOP_BUDGET (a
+ * walk of budget slots), when a reply is held for group commit, when a send
+ * fails (STOP_FLUSH, the queue left for the port's flush and its error
+ * handling), when anything else is ready (another descriptor, fd writable or
+ * in error), when a wake-up finds no frame, on a signal, and after wait_ms
+ * in all (the port passes the time to the reactor's next timed call).  The
+ * epoll set is level-triggered (Twisted's), so looking at it takes nothing
+ * from the reactor: what made the lane return is reported to it again.
+ */
+static PyObject *
+Lane_linger(Lane *l, PyObject *const *args, Py_ssize_t nargs)
+{
+    Table *t;
+    Walk w;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "linger(table, rx_next, tx_next, budget, unflushed, "
+                                         "batch, fd, epfd, wait_ms)");
+        return NULL;
+    }
+    if (walk_arguments(l, args, &t, &w) < 0)
+        return NULL;
+    long fd = PyLong_AsLong(args[6]);
+    long epfd = PyLong_AsLong(args[7]);
+    long wait_ms = PyLong_AsLong(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || fd > INT_MAX || epfd < 0 || epfd > INT_MAX || wait_ms > 60000) {
+        PyErr_SetString(PyExc_ValueError, "linger: no such descriptor, or wait_ms over 60000");
+        return NULL;
+    }
+    /* What had been walked when the last wake-up came: a wake-up with no frame ends it. */
+    Py_ssize_t budget = w.budget, wakeups = 0, at_wakeup = -1;
+    int64_t deadline = monotonic_ns() + (int64_t)(wait_ms > 0 ? wait_ms : 0) * 1000000;
+    int stop;
+    for (;;) {
+        stop = lane_walk(l, t, &w);
+        if (stop == STOP_FLUSH || (stop == STOP_EMPTY && w.unflushed > 0)) {
+            if (send((int)fd, NULL, 0, MSG_DONTWAIT) < 0) {
+                stop = STOP_FLUSH;
+                break;
+            }
+            w.unflushed = 0;
+            if (stop == STOP_FLUSH)
+                continue;
+        }
+        if (stop != STOP_EMPTY || l->held || w.received + w.ignored == at_wakeup)
+            break;
+        int64_t left = deadline - monotonic_ns();
+        if (left <= 0)
+            break;
+        struct epoll_event events[4];
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait((int)epfd, events, 4, (int)((left + 999999) / 1000000));
+        Py_END_ALLOW_THREADS
+        if (n <= 0)
+            break;
+        int ours = 1;
+        for (int i = 0; i < n; i++)
+            if (events[i].data.fd != fd || events[i].events != EPOLLIN)
+                ours = 0;
+        if (!ours)
+            break;
+        wakeups++;
+        at_wakeup = w.received + w.ignored;
+        w.budget = budget;
+    }
+    return Py_BuildValue("(innnnnnn)", stop, w.rx_next, w.tx_next, w.received, w.ignored,
+                         w.answered, w.unflushed, wakeups);
 }
 
 /*
@@ -1234,6 +1366,11 @@ static PyMethodDef Lane_methods[] = {
     {"drain", (PyCFunction)(void (*)(void))Lane_drain, METH_FASTCALL,
      "drain(table, rx_next, tx_next, budget, unflushed, batch) -> (stop, rx_next, tx_next, "
      "received, ignored, answered, unflushed)"},
+    {"linger", (PyCFunction)(void (*)(void))Lane_linger, METH_FASTCALL,
+     "linger(table, rx_next, tx_next, budget, unflushed, batch, fd, epfd, wait_ms) -> "
+     "(stop, rx_next, tx_next, received, ignored, answered, unflushed, wakeups): drain, "
+     "then wait on epfd for fd alone and drain again, until anything else is ready or "
+     "wait_ms have passed."},
     {"held", (PyCFunction)Lane_held, METH_NOARGS,
      "held() -> [Target]: the targets whose writes wait for group commit, each once."},
     {"release", (PyCFunction)Lane_release, METH_O,

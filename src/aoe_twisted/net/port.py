@@ -41,6 +41,7 @@ from typing import Any
 
 from attrs import frozen
 from twisted.internet import abstract, defer, error, interfaces, task
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -119,6 +120,29 @@ TX_RING_FRAMES = 512
 #: enough that an initiator keeping 16 requests in flight gets replies (and sends more)
 #: while the drain goes on, instead of the two sides taking turns (measured best of 1-32).
 _TX_BATCH = 8
+
+#: The longest (ms) one ``doRead`` stays in the compiled lane waiting for the
+#: port's next frame.  Anything else ready (another descriptor, a timed call
+#: due) ends the wait at once, so this bounds only what nothing else needs:
+#: how soon an idle port hands the wait back to the reactor.
+LINGER_MS = 10
+
+
+def _reactor_epoll(reactor: Any) -> int | None:
+    """
+    The descriptor of ``reactor``'s epoll set, if it is Twisted's epoll reactor.
+
+    The compiled lane waits on it (``Lane.linger``) to tell "only this port's
+    frames are ready" from "the reactor has something else to do" without
+    taking anything from it: Twisted registers descriptors level-triggered,
+    so an event the lane sees and leaves is reported to the reactor again.
+    ``_poller`` is the reactor's own attribute (no public accessor exists);
+    any other reactor gets ``None`` and the lane never waits.
+    """
+    if isinstance(reactor, EPollReactor):
+        fileno: int = reactor._poller.fileno()
+        return fileno
+    return None
 
 
 def receive_buffer_size(frames: int, mtu: int) -> int:
@@ -286,6 +310,7 @@ class AoEPort(abstract.FileDescriptor):
         socket_fd: int | None = None,
         rings: bool = True,
         wait_for_interface: bool = False,
+        linger_ms: int = LINGER_MS,
     ) -> None:
         """
         @param interface: the interface to bind to, e.g. ``"eth0"``.
@@ -313,6 +338,9 @@ class AoEPort(abstract.FileDescriptor):
         @param wait_for_interface: if ``interface`` does not exist, open a
             socket that receives nothing and wait (``bound`` stays false)
             instead of failing; ``rebind`` binds it once it appears.
+        @param linger_ms: with the compiled lane on Twisted's epoll reactor, how
+            long one ``doRead`` may go on waiting for and answering this port's
+            frames while nothing else is ready (0: not at all).
         """
         abstract.FileDescriptor.__init__(self, reactor)
         self._system: IPacketSystem = RealPacketSystem() if system is None else system
@@ -342,6 +370,15 @@ class AoEPort(abstract.FileDescriptor):
         self._unflushed = 0
         #: The last drain was the compiled lane's alone, and it holds nothing.
         self._lane_quiet = False
+        #: The longest (ms) the compiled lane waits in C for this port's next
+        #: frame before the reactor's turn (0: never; see ``_drain_ring``).
+        self.linger_ms = linger_ms
+        #: The reactor's epoll descriptor, when the lane may wait on it.
+        self._epoll = (
+            _reactor_epoll(self.reactor) if isinstance(self._system, RealPacketSystem) else None
+        )
+        #: How many times the lane woke up for a frame without a reactor turn.
+        self.lane_wakeups = 0
         self.mac: bytes | None = None
         self.mtu: int | None = None
         self._fileno = -1
@@ -726,6 +763,8 @@ class AoEPort(abstract.FileDescriptor):
         assert native is not None
         lane = None
         walked = answered = 0
+        linger = False
+        wait = 0
         try:
             while budget > 0:
                 try:
@@ -742,12 +781,27 @@ class AoEPort(abstract.FileDescriptor):
                     walked += self._walk_ring(rings, budget)
                     return
                 lane = self._ring_lane(rings, native)
-                stop, rx, tx, received, ignored, answered_now, unflushed = lane.drain(
-                    table, rings.rx_next, rings.tx_next, budget, self._unflushed, self.tx_batch
-                )
+                if linger:
+                    result = lane.linger(
+                        table,
+                        rings.rx_next,
+                        rings.tx_next,
+                        self.max_frames_per_read,
+                        self._unflushed,
+                        self.tx_batch,
+                        self._fileno,
+                        self._epoll,
+                        wait,
+                    )
+                    self.lane_wakeups += result[7]
+                    stop, rx, tx, received, ignored, answered_now, unflushed = result[:7]
+                else:
+                    stop, rx, tx, received, ignored, answered_now, unflushed = lane.drain(
+                        table, rings.rx_next, rings.tx_next, budget, self._unflushed, self.tx_batch
+                    )
+                    budget -= received + ignored
                 rings.rx_next = rx
                 rings.tx_next = tx
-                budget -= received + ignored
                 self.frames_received += received
                 self.frames_ignored += ignored
                 self.frames_sent += answered_now
@@ -758,12 +812,35 @@ class AoEPort(abstract.FileDescriptor):
                 elif stop == native.STOP_PYTHON:
                     walked += self._walk_ring(rings, 1)
                     budget -= 1
+                elif (
+                    stop == native.STOP_EMPTY
+                    and not linger
+                    and not walked
+                    and not lane.holding
+                    and self._epoll is not None
+                ):
+                    # Every frame was the lane's and nothing waits for Python:
+                    # wait for the next one in C rather than in a reactor turn.
+                    wait = self._linger_wait()
+                    linger = wait > 0
+                    if not linger:
+                        return
                 else:  # the ring is drained, or the budget spent
                     return
         finally:
             if answered:
                 sink.laneAnswered(answered)
             self._lane_quiet = not walked and lane is not None and not lane.holding
+
+    def _linger_wait(self) -> int:
+        """
+        How long (ms) the lane may wait for this port's next frame: ``linger_ms``,
+        or less if the reactor has a call due sooner.
+        """
+        due = self.reactor.timeout()
+        if due is None:
+            return self.linger_ms
+        return min(self.linger_ms, int(due * 1000))
 
     def _ring_lane(self, rings: PacketRings, native: Any) -> Any:
         """Return the compiled lane over ``rings`` for this port as it is now (MAC, MTU)."""
