@@ -75,10 +75,42 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return user, system
 
 
+def _run_time(pid: int) -> float:
+    """
+    CPU seconds of every live thread of ``pid`` and its live children, to the nanosecond.
+
+    The first field of ``/proc/PID/task/TID/schedstat`` is the time the
+    thread has run.  ``/proc/PID/stat`` counts in clock ticks (10 ms), too
+    coarse for a pass that costs the server a tenth of a second.
+    """
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            continue
+    seconds = total / 1e9
+    for child in _children(pid):
+        try:
+            seconds += _run_time(child)
+        except OSError:
+            continue
+    return seconds
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat`` utime+stime)."""
-    user, system = cpu_split(pid)
-    return user + system
+    """
+    CPU seconds of process ``pid`` (and its children) so far.
+
+    From the scheduler's run time (``schedstat``, nanoseconds) where the
+    kernel keeps it, else ``/proc/PID/stat``'s utime+stime (clock ticks).
+    """
+    try:
+        return _run_time(pid)
+    except (OSError, ValueError, IndexError):
+        user, system = cpu_split(pid)
+        return user + system
 
 
 def twistd_help() -> str:

@@ -781,17 +781,19 @@ class AoEPort(abstract.FileDescriptor):
                     walked += self._walk_ring(rings, budget)
                     return
                 lane = self._ring_lane(rings, native)
-                if linger:
+                if self._epoll is not None:
+                    # The lane sends its own batches too (STOP_FLUSH only when a
+                    # send fails); it waits for more frames only when ``linger``.
                     result = lane.linger(
                         table,
                         rings.rx_next,
                         rings.tx_next,
-                        self.max_frames_per_read,
+                        self.max_frames_per_read if linger else budget,
                         self._unflushed,
                         self.tx_batch,
                         self._fileno,
                         self._epoll,
-                        wait,
+                        wait if linger else 0,
                     )
                     self.lane_wakeups += result[7]
                     stop, rx, tx, received, ignored, answered_now, unflushed = result[:7]
@@ -799,6 +801,7 @@ class AoEPort(abstract.FileDescriptor):
                     stop, rx, tx, received, ignored, answered_now, unflushed = lane.drain(
                         table, rings.rx_next, rings.tx_next, budget, self._unflushed, self.tx_batch
                     )
+                if not linger:
                     budget -= received + ignored
                 rings.rx_next = rx
                 rings.tx_next = tx
