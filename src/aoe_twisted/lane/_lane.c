@@ -1256,6 +1256,8 @@ monotonic_ns(void)
  * linger(table, rx_next, tx_next, budget, unflushed, batch, fd, epfd, wait_ms)
  *   -> (stop, rx_next, tx_next, received, ignored, answered, unflushed, wakeups)
  *
+ * wakeups: the wake-ups that brought frames (or a frame for Python).
+ *
  * drain, then stay: send the queue (send(fd) of nothing, as the port's flush),
  * wait on the reactor's epoll descriptor epfd, and walk the ring again each
  * time the only thing ready is fd, readable -- so a port whose frames come one
@@ -1305,8 +1307,12 @@ Lane_linger(Lane *l, PyObject *const *args, Py_ssize_t nargs)
             if (stop == STOP_FLUSH)
                 continue;
         }
-        if (stop != STOP_EMPTY || l->held || w.received + w.ignored == at_wakeup)
+        if (stop != STOP_EMPTY || l->held)
             break;
+        if (w.received + w.ignored == at_wakeup) {
+            wakeups--;      /* it brought no frame: not one answered without Python */
+            break;
+        }
         int64_t left = deadline - monotonic_ns();
         if (left <= 0)
             break;

@@ -41,7 +41,6 @@ from typing import Any
 
 from attrs import frozen
 from twisted.internet import abstract, defer, error, interfaces, task
-from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,6 +88,11 @@ __all__ = [
     "max_sectors_for_mtu",
     "receive_buffer_size",
 ]
+
+try:
+    from twisted.internet.epollreactor import EPollReactor
+except ImportError:  # no epoll: the lane never waits (``_reactor_epoll``)
+    EPollReactor = None
 
 _log = Logger()
 
@@ -139,7 +143,7 @@ def _reactor_epoll(reactor: Any) -> int | None:
     ``_poller`` is the reactor's own attribute (no public accessor exists);
     any other reactor gets ``None`` and the lane never waits.
     """
-    if isinstance(reactor, EPollReactor):
+    if EPollReactor is not None and isinstance(reactor, EPollReactor):
         fileno: int = reactor._poller.fileno()
         return fileno
     return None
@@ -763,7 +767,9 @@ class AoEPort(abstract.FileDescriptor):
         assert native is not None
         lane = None
         walked = answered = 0
-        linger = False
+        # ``linger``: the lane is waiting for frames (once per drain at most:
+        # ``lingered``); a frame for Python or a failed send ends it for good.
+        linger = lingered = False
         wait = 0
         try:
             while budget > 0:
@@ -811,13 +817,15 @@ class AoEPort(abstract.FileDescriptor):
                 self._unflushed = unflushed
                 answered += answered_now
                 if stop == native.STOP_FLUSH:
+                    linger = False
                     self._flush()
                 elif stop == native.STOP_PYTHON:
+                    linger = False
                     walked += self._walk_ring(rings, 1)
                     budget -= 1
                 elif (
                     stop == native.STOP_EMPTY
-                    and not linger
+                    and not lingered
                     and not walked
                     and not lane.holding
                     and self._epoll is not None
@@ -825,7 +833,7 @@ class AoEPort(abstract.FileDescriptor):
                     # Every frame was the lane's and nothing waits for Python:
                     # wait for the next one in C rather than in a reactor turn.
                     wait = self._linger_wait()
-                    linger = wait > 0
+                    linger = lingered = wait > 0
                     if not linger:
                         return
                 else:  # the ring is drained, or the budget spent
@@ -837,13 +845,14 @@ class AoEPort(abstract.FileDescriptor):
 
     def _linger_wait(self) -> int:
         """
-        How long (ms) the lane may wait for this port's next frame: ``linger_ms``,
-        or less if the reactor has a call due sooner.
+        How long (ms) the lane may wait for this port's next frame: ``linger_ms``
+        (at most a minute), or less if the reactor has a call due sooner.
         """
+        longest = max(0, min(self.linger_ms, 60_000))
         due = self.reactor.timeout()
         if due is None:
-            return self.linger_ms
-        return min(self.linger_ms, int(due * 1000))
+            return longest
+        return min(longest, int(due * 1000))
 
     def _ring_lane(self, rings: PacketRings, native: Any) -> Any:
         """Return the compiled lane over ``rings`` for this port as it is now (MAC, MTU)."""
