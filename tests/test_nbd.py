@@ -60,6 +60,7 @@ from tests.nbdservers import (
     qemu_nbd_overlay,
     require_nbd,
 )
+from tests.workload import ModelWorkload
 
 Gen = Generator[defer.Deferred[Any], Any, None]
 
@@ -110,15 +111,12 @@ def unix_spec(server: NBDServer, export: str = "") -> str:
     return format_nbd_spec("unix", str(server.socket_path), export)
 
 
-class Workload:
+class Workload(ModelWorkload):
     """
-    Requests, ``depth`` at a time, at random non-overlapping sectors, checked against ``model``.
+    ``ModelWorkload`` on an ``nbd:`` backend, called directly.
 
-    ``model`` is what the disk holds; a successful write updates it.  A write
-    that failed may or may not have reached the disk, so each of its
-    sectors may afterwards read as the model's bytes or as one of
-    ``candidates[sector]``.  ``wrong`` lists every read that returned
-    anything else; ``failures`` every ``OSError``.
+    ``failures`` lists every ``OSError``; ``peak`` is the most requests the
+    backend had in flight at once.
     """
 
     def __init__(
@@ -130,113 +128,26 @@ class Workload:
         max_sectors: int = 128,
         writes: float = 0.5,
     ) -> None:
+        super().__init__(model, seed, depth, max_sectors, writes)
         self.backend = backend
-        self.model = model
-        self.rng = random.Random(seed)
-        self.depth = depth
-        self.max_sectors = max_sectors
-        self.writes = writes
-        self.sectors = len(model) // SECTOR
-        self.busy: set[int] = set()
-        self.candidates: dict[int, set[bytes]] = {}
-        self.wrong: list[str] = []
         self.failures: list[OSError] = []
-        self.completed = 0
         self.peak = 0
-        self.on_complete: Callable[[int], None] = lambda completed: None
-        self._remaining = 0
 
-    def run(self, count: int) -> defer.Deferred[Any]:
-        """Make ``count`` requests, ``depth`` in flight; fire when all are answered."""
-        self._remaining = count
-        return defer.gatherResults(
-            [self._lane() for _ in range(self.depth)], consumeErrors=True
-        )
+    def read(self, start: int, count: int) -> defer.Deferred[bytes]:
+        return self.backend.read(start * SECTOR, count * SECTOR)
 
-    @defer.inlineCallbacks
-    def _lane(self) -> Gen:
-        while self._remaining > 0:
-            self._remaining -= 1
-            yield self._one()
-            self.completed += 1
-            self.on_complete(self.completed)
+    def write(self, start: int, data: bytes) -> defer.Deferred[Any]:
+        return self.backend.write(start * SECTOR, data)
 
-    def _pick(self) -> tuple[int, int]:
-        while True:
-            count = self.rng.randint(1, self.max_sectors)
-            start = self.rng.randrange(0, self.sectors - count + 1)
-            span = range(start, start + count)
-            if self.busy.isdisjoint(span):
-                self.busy.update(span)
-                return start, count
+    def flush(self) -> defer.Deferred[Any]:
+        return self.backend.flush()
 
-    @defer.inlineCallbacks
-    def _one(self) -> Gen:
-        if self.rng.random() < 1 / 32:
-            try:
-                yield self.backend.flush()
-            except OSError as e:
-                self.failures.append(e)
-            return
-        start, count = self._pick()
-        offset, length = start * SECTOR, count * SECTOR
-        try:
-            if self.rng.random() < self.writes:
-                data = self.rng.randbytes(length)
-                d = self.backend.write(offset, data)
-                self.peak = max(self.peak, self.backend.in_flight)
-                try:
-                    yield d
-                except OSError as e:
-                    self.failures.append(e)
-                    for i in range(count):
-                        self.candidates.setdefault(start + i, set()).add(
-                            data[i * SECTOR : (i + 1) * SECTOR]
-                        )
-                else:
-                    self.model[offset : offset + length] = data
-                    for i in range(count):
-                        self.candidates.pop(start + i, None)
-            else:
-                d = self.backend.read(offset, length)
-                self.peak = max(self.peak, self.backend.in_flight)
-                try:
-                    got = yield d
-                except OSError as e:
-                    self.failures.append(e)
-                else:
-                    self.check(start, got)
-        finally:
-            self.busy.difference_update(range(start, start + count))
+    def failed(self, error: BaseException) -> None:
+        assert isinstance(error, OSError)
+        self.failures.append(error)
 
-    def check(self, start: int, got: bytes) -> None:
-        """Record in ``wrong`` any sector of ``got`` (read at ``start``) the disk cannot hold."""
-        offset = start * SECTOR
-        if got == self.model[offset : offset + len(got)] and len(got) % SECTOR == 0:
-            return
-        if len(got) % SECTOR:
-            self.wrong.append(f"{len(got)} bytes at sector {start}")
-            return
-        for i in range(len(got) // SECTOR):
-            piece = got[i * SECTOR : (i + 1) * SECTOR]
-            at = offset + i * SECTOR
-            if piece != self.model[at : at + SECTOR] and piece not in self.candidates.get(
-                start + i, ()
-            ):
-                self.wrong.append(f"sector {start + i}")
-
-    @defer.inlineCallbacks
-    def check_all(self, chunk: int = 64 * 1024) -> Gen:
-        """Read the whole disk, ``depth`` chunks in flight, and ``check`` every sector."""
-        limit = defer.DeferredSemaphore(self.depth)
-
-        def one(offset: int) -> defer.Deferred[None]:
-            d = limit.run(self.backend.read, offset, chunk)
-            return d.addCallback(lambda got: self.check(offset // SECTOR, got))
-
-        yield defer.gatherResults(
-            [one(offset) for offset in range(0, len(self.model), chunk)], consumeErrors=True
-        )
+    def started(self) -> None:
+        self.peak = max(self.peak, self.backend.in_flight)
 
 
 @defer.inlineCallbacks

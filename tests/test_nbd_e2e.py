@@ -50,7 +50,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from tests.test_linux_initiator import (
     log_problems,
     twistd_unavailable_reason,
 )
+from tests.workload import ModelWorkload
 
 Gen = Generator[defer.Deferred[Any], Any, None]
 
@@ -131,127 +132,39 @@ def md5(data: bytes | bytearray) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-class AoEWorkload:
+class AoEWorkload(ModelWorkload):
     """
-    Requests, ``depth`` at a time, at random non-overlapping sectors of ``disk``, checked.
+    ``ModelWorkload`` on a remote disk, through AoE.
 
-    ``model`` is what the disk holds; a successful write updates it.  Every
-    request is one frame (at most ``disk.sectors_per_frame`` sectors), so a
-    failed request left nothing of itself on its way to the server that could
-    land after a later request to the same sectors.  A write that failed may
-    or may not have reached the disk: each of its sectors may afterwards read
-    as the model's bytes or as one of ``candidates[sector]``.  ``wrong``
-    lists every read that returned anything else, ``ata_errors`` every
-    ``ATAError``, ``others`` every other failure (a timeout: the server did
-    not answer).
+    Every request is one frame (at most ``disk.sectors_per_frame`` sectors),
+    so a failed request left nothing of itself on its way to the server that
+    could land after a later request to the same sectors.  ``ata_errors``
+    lists every ``ATAError``, ``others`` every other failure (a timeout: the
+    server did not answer).
     """
+
+    recorded = (Exception,)
 
     def __init__(self, disk: RemoteDisk, model: bytearray, seed: int, depth: int = DEPTH) -> None:
+        super().__init__(model, seed, depth, disk.sectors_per_frame)
         self.disk = disk
-        self.model = model
-        self.rng = random.Random(seed)
-        self.depth = depth
-        self.max_sectors = disk.sectors_per_frame
-        self.sectors = len(model) // SECTOR
-        self.busy: set[int] = set()
-        self.candidates: dict[int, set[bytes]] = {}
-        self.wrong: list[str] = []
         self.ata_errors: list[ATAError] = []
         self.others: list[BaseException] = []
-        self.completed = 0
-        self.on_complete: Callable[[int], None] = lambda completed: None
-        self._remaining = 0
 
-    def run(self, count: int) -> defer.Deferred[Any]:
-        """Make ``count`` requests, ``depth`` in flight; fire when all are answered."""
-        self._remaining = count
-        return defer.gatherResults([self._lane() for _ in range(self.depth)], consumeErrors=True)
+    def read(self, start: int, count: int) -> defer.Deferred[bytes]:
+        return self.disk.read(start, count)
 
-    @defer.inlineCallbacks
-    def _lane(self) -> Gen:
-        while self._remaining > 0:
-            self._remaining -= 1
-            yield self._one()
-            self.completed += 1
-            self.on_complete(self.completed)
+    def write(self, start: int, data: bytes) -> defer.Deferred[Any]:
+        return self.disk.write(start, data)
 
-    def _failed(self, error: BaseException) -> None:
+    def flush(self) -> defer.Deferred[Any]:
+        return self.disk.flush()
+
+    def failed(self, error: BaseException) -> None:
         if isinstance(error, ATAError):
             self.ata_errors.append(error)
         else:
             self.others.append(error)
-
-    def _pick(self) -> tuple[int, int]:
-        while True:
-            count = self.rng.randint(1, self.max_sectors)
-            start = self.rng.randrange(0, self.sectors - count + 1)
-            span = range(start, start + count)
-            if self.busy.isdisjoint(span):
-                self.busy.update(span)
-                return start, count
-
-    @defer.inlineCallbacks
-    def _one(self) -> Gen:
-        if self.rng.random() < 1 / 32:
-            try:
-                yield self.disk.flush()
-            except Exception as e:
-                self._failed(e)
-            return
-        start, count = self._pick()
-        offset, length = start * SECTOR, count * SECTOR
-        try:
-            if self.rng.random() < 0.5:
-                data = self.rng.randbytes(length)
-                try:
-                    yield self.disk.write(start, data)
-                except Exception as e:
-                    self._failed(e)
-                    for i in range(count):
-                        piece = data[i * SECTOR : (i + 1) * SECTOR]
-                        self.candidates.setdefault(start + i, set()).add(piece)
-                else:
-                    self.model[offset : offset + length] = data
-                    for i in range(count):
-                        self.candidates.pop(start + i, None)
-            else:
-                try:
-                    got = yield self.disk.read(start, count)
-                except Exception as e:
-                    self._failed(e)
-                else:
-                    self.check(start, got)
-        finally:
-            self.busy.difference_update(range(start, start + count))
-
-    def check(self, start: int, got: bytes) -> None:
-        """Record in ``wrong`` any sector of ``got`` (read at ``start``) the disk cannot hold."""
-        offset = start * SECTOR
-        if len(got) % SECTOR:
-            self.wrong.append(f"{len(got)} bytes at sector {start}")
-            return
-        if got == self.model[offset : offset + len(got)]:
-            return
-        for i in range(len(got) // SECTOR):
-            piece = got[i * SECTOR : (i + 1) * SECTOR]
-            at = offset + i * SECTOR
-            if piece != self.model[at : at + SECTOR] and piece not in self.candidates.get(
-                start + i, ()
-            ):
-                self.wrong.append(f"sector {start + i}")
-
-    @defer.inlineCallbacks
-    def check_all(self, sectors: int = 128) -> Gen:
-        """Read the whole disk, ``depth`` reads in flight, and ``check`` every sector."""
-        limit = defer.DeferredSemaphore(self.depth)
-
-        def one(start: int) -> defer.Deferred[None]:
-            d = limit.run(self.disk.read, start, min(sectors, self.sectors - start))
-            return d.addCallback(lambda got: self.check(start, got))
-
-        yield defer.gatherResults(
-            [one(start) for start in range(0, self.sectors, sectors)], consumeErrors=True
-        )
 
 
 # -- 1. the user-space initiator -----------------------------------------------------------
