@@ -220,6 +220,17 @@ def check_decode(data: bytes) -> None:
 # -- the dispatcher -------------------------------------------------------------
 
 
+def unpack_option_byte(value: int) -> tuple[int, bool, bool, bool, bool, bool, bool]:
+    """Split an input's option byte: bits 0-1 a number (0-3), bits 2-7 six flags."""
+    b = [bool(value >> bit & 1) for bit in range(2, 8)]
+    return (value & 3, b[0], b[1], b[2], b[3], b[4], b[5])
+
+
+def pack_option_byte(number: int, *flags: bool) -> int:
+    """The option byte of ``number`` (0-3) and six ``flags`` (``unpack_option_byte``'s inverse)."""
+    return number | sum(int(flag) << bit for bit, flag in enumerate(flags, 2))
+
+
 @frozen
 class Scenario:
     """What the first byte of a frames input picks: targets, ACL state, MTU, source."""
@@ -235,26 +246,18 @@ class Scenario:
     @classmethod
     def from_byte(cls, value: int) -> Scenario:
         """Decode the scenario byte (bits: 0-1 layout, 2 mask, 3 reserve, 4 config, 5 MTU...)."""
-        return cls(
-            value & 3,
-            bool(value & 0x04),
-            bool(value & 0x08),
-            bool(value & 0x10),
-            bool(value & 0x20),
-            bool(value & 0x40),
-            bool(value & 0x80),
-        )
+        return cls(*unpack_option_byte(value))
 
     def to_byte(self) -> int:
         """Encode the scenario byte."""
-        return (
-            self.layout
-            | self.masked << 2
-            | self.reserved << 3
-            | self.config << 4
-            | self.jumbo << 5
-            | self.force_source << 6
-            | self.read_only << 7
+        return pack_option_byte(
+            self.layout,
+            self.masked,
+            self.reserved,
+            self.config,
+            self.jumbo,
+            self.force_source,
+            self.read_only,
         )
 
     @property

@@ -81,7 +81,9 @@ from fuzz.harness import (
     build_targets,
     encode_input,
     memory_disk,
+    pack_option_byte,
     parse_input,
+    unpack_option_byte,
 )
 
 __all__ = ["PLAIN", "LaneOptions", "check_lane", "encode_lane_input", "parse_lane_input"]
@@ -131,26 +133,18 @@ class LaneOptions:
     @classmethod
     def from_byte(cls, value: int) -> LaneOptions:
         """Decode: bits 0-1 disk, 2 faulty, 3 hold writes, 4 sync, 5 ring, 6 sweep, 7 other."""
-        return cls(
-            value & 3,
-            bool(value & 0x04),
-            bool(value & 0x08),
-            bool(value & 0x10),
-            bool(value & 0x20),
-            bool(value & 0x40),
-            bool(value & 0x80),
-        )
+        return cls(*unpack_option_byte(value))
 
     def to_byte(self) -> int:
         """Encode byte 0."""
-        return (
-            self.disk
-            | self.faulty << 2
-            | self.hold_writes << 3
-            | self.target_sync << 4
-            | self.ring << 5
-            | self.sweep_each << 6
-            | self.accept_other << 7
+        return pack_option_byte(
+            self.disk,
+            self.faulty,
+            self.hold_writes,
+            self.target_sync,
+            self.ring,
+            self.sweep_each,
+            self.accept_other,
         )
 
 
