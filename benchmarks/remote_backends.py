@@ -233,8 +233,18 @@ def librbd_aio(image: Any, write: bool, depth: int, duration: float, rng: random
     return issued / seconds
 
 
-def librbd_sync(image: Any, write: bool, duration: float, rng: random.Random) -> float:
-    """Random 4 KiB synchronous requests, one at a time, for ``duration`` s; return IOPS."""
+def sync_iops(
+    read: Callable[[int], Any],
+    write: Callable[[bytes, int], Any] | None,
+    duration: float,
+    rng: random.Random,
+) -> float:
+    """
+    Random 4 KiB synchronous requests, one at a time, for ``duration`` s; return IOPS.
+
+    ``read(offset)`` reads a block; ``write(payload, offset)``, if given, is
+    called instead of ``read`` (librbd's and libnbd's calls take these orders).
+    """
     payload = os.urandom(BLOCK)
     blocks = IMAGE_BYTES // BLOCK
     done = 0
@@ -242,12 +252,19 @@ def librbd_sync(image: Any, write: bool, duration: float, rng: random.Random) ->
     deadline = start + duration
     while time.perf_counter() < deadline:
         offset = rng.randrange(blocks) * BLOCK
-        if write:
-            image.write(payload, offset)
+        if write is not None:
+            write(payload, offset)
         else:
-            image.read(offset, BLOCK)
+            read(offset)
         done += 1
     return done / (time.perf_counter() - start)
+
+
+def librbd_sync(image: Any, write: bool, duration: float, rng: random.Random) -> float:
+    """Random 4 KiB synchronous librbd requests, one at a time (``sync_iops``)."""
+    return sync_iops(
+        lambda offset: image.read(offset, BLOCK), image.write if write else None, duration, rng
+    )
 
 
 # -- libnbd directly ----------------------------------------------------------------------
@@ -293,20 +310,10 @@ def libnbd_aio(handle: Any, write: bool, depth: int, duration: float, rng: rando
 
 
 def libnbd_sync(handle: Any, write: bool, duration: float, rng: random.Random) -> float:
-    """Random 4 KiB synchronous requests, one at a time, for ``duration`` s; return IOPS."""
-    payload = os.urandom(BLOCK)
-    blocks = IMAGE_BYTES // BLOCK
-    done = 0
-    start = time.perf_counter()
-    deadline = start + duration
-    while time.perf_counter() < deadline:
-        offset = rng.randrange(blocks) * BLOCK
-        if write:
-            handle.pwrite(payload, offset)
-        else:
-            handle.pread(BLOCK, offset)
-        done += 1
-    return done / (time.perf_counter() - start)
+    """Random 4 KiB synchronous libnbd requests, one at a time (``sync_iops``)."""
+    return sync_iops(
+        lambda offset: handle.pread(BLOCK, offset), handle.pwrite if write else None, duration, rng
+    )
 
 
 def nbd_unavailable(schemes: Any) -> str | None:
