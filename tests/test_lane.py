@@ -51,7 +51,6 @@ from aoe_twisted.core.fastpath import fast_reply, fast_reply_into
 from aoe_twisted.core.stats import RECENT_TAGS, TargetStats
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import (
-    ETHERTYPE,
     MIN_FRAME_SIZE,
     SECTOR_SIZE,
     ATACmdStatus,
@@ -65,7 +64,6 @@ from aoe_twisted.errors import BackendSpecError
 from aoe_twisted.interfaces import ILaneBackend
 from aoe_twisted.lane.table import build_table, lane_served
 from aoe_twisted.net.ring import (
-    SOCKADDR_LL,
     TP_STATUS_AVAILABLE,
     TP_STATUS_KERNEL,
     TP_STATUS_SEND_REQUEST,
@@ -84,6 +82,7 @@ from aoe_twisted.testing import (
     mask_request,
     reserve_request,
 )
+from aoe_twisted.testing.packets import RX_FRAME_AT, fill_rx_slot
 from tests import strategies
 from tests.test_fastpath import (
     SECTORS,
@@ -723,8 +722,6 @@ class TallyTests(_NativeCase):
 
 # -- the rings --------------------------------------------------------------
 
-#: Where the kernel puts a frame in an RX slot (``tp_mac``), as the port's tests have it.
-RX_FRAME_AT = 66
 #: Small rings: four RX and four TX slots of 2048 bytes.
 GEOMETRY = RingGeometry(8192, 1, 2048, 4)
 
@@ -744,16 +741,8 @@ def put(
     at: int = RX_FRAME_AT,
 ) -> None:
     """Put ``frame`` in RX slot ``index`` as the kernel does, and hand the slot to us."""
-    offset = rings.rx_offsets[index]
-    length = len(frame) if length is None else length
-    snaplen = len(frame) if snaplen is None else snaplen
-    TPACKET2_HDR.pack_into(rings.view, offset, TP_STATUS_KERNEL, length, snaplen, at, at + 14,
-                           0, 0, 0, 0)  # fmt: skip
-    SOCKADDR_LL.pack_into(rings.view, offset + TX_DATA_AT, socket.AF_PACKET,
-                          socket.htons(ETHERTYPE), 1, 1, pkttype, 6, frame[6:12])  # fmt: skip
-    room = min(len(frame), len(rings.view) - offset - at)
-    rings.view[offset + at : offset + at + room] = frame[:room]
-    rings.status[offset >> 2] = TP_STATUS_USER
+    fill_rx_slot(rings, rings.rx_offsets[index], frame, pkttype, frame[6:12], length=length,
+                 snaplen=snaplen, at=at)  # fmt: skip
 
 
 def put_frame(rings: PacketRings, index: int) -> bytes:

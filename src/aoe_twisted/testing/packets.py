@@ -23,7 +23,7 @@ from typing import Any
 from attrs import define, field
 from zope.interface import implementer
 
-from aoe_twisted.core.wire import BROADCAST_MAC
+from aoe_twisted.core.wire import BROADCAST_MAC, ETHERTYPE
 from aoe_twisted.net.netns import NETNS_RUN_DIR
 from aoe_twisted.net.packetsystem import IRingPacketSystem
 from aoe_twisted.net.ring import (
@@ -38,14 +38,52 @@ from aoe_twisted.net.ring import (
     RingGeometry,
 )
 
-__all__ = ["MemoryInterface", "MemoryPacketSocket", "MemoryPacketSystem"]
+__all__ = [
+    "RX_FRAME_AT",
+    "MemoryInterface",
+    "MemoryPacketSocket",
+    "MemoryPacketSystem",
+    "fill_rx_slot",
+]
 
 #: ``sll_hatype`` of an Ethernet interface (``ARPHRD_ETHER``).
 _ARPHRD_ETHER = 1
 #: Where the kernel puts a frame in an RX slot of ``TPACKET_V2`` (``tp_mac``).
-_RX_FRAME_AT = 66
+RX_FRAME_AT = 66
 #: Linux's default receive buffer (``net.core.rmem_default``), as ``SO_RCVBUF`` reports it.
 _DEFAULT_RCVBUF = 212992
+
+
+def fill_rx_slot(
+    rings: PacketRings,
+    offset: int,
+    frame: bytes,
+    pkttype: int,
+    src: bytes,
+    *,
+    ethertype: int = ETHERTYPE,
+    hatype: int = _ARPHRD_ETHER,
+    length: int | None = None,
+    snaplen: int | None = None,
+    at: int = RX_FRAME_AT,
+) -> None:
+    """
+    Put ``frame`` in the RX slot at ``offset`` as the kernel does, and hand the slot over.
+
+    The ``tpacket2_hdr`` (``tp_len`` = ``length``, ``tp_snaplen`` = ``snaplen``,
+    both ``len(frame)`` unless given; ``tp_mac`` = ``at``), the ``sockaddr_ll``
+    after it, the frame's bytes (as many as fit before the mapping's end), then
+    ``TP_STATUS_USER``.  Tests give lengths and offsets a kernel never would.
+    """
+    length = len(frame) if length is None else length
+    snaplen = len(frame) if snaplen is None else snaplen
+    TPACKET2_HDR.pack_into(rings.view, offset, TP_STATUS_KERNEL, length, snaplen, at, at + 14,
+                           0, 0, 0, 0)  # fmt: skip
+    SOCKADDR_LL.pack_into(rings.view, offset + TX_DATA_AT, socket.AF_PACKET,
+                          socket.htons(ethertype), 1, hatype, pkttype, len(src), src)  # fmt: skip
+    room = min(snaplen, len(frame), len(rings.view) - offset - at)
+    rings.view[offset + at : offset + at + room] = frame[:room]
+    rings.status[offset >> 2] = TP_STATUS_USER
 
 
 def _oserror(code: int) -> OSError:
@@ -98,17 +136,10 @@ class MemoryPacketSocket:
         if rings.status[offset >> 2] != TP_STATUS_KERNEL:
             self.rx_dropped += 1
             return
-        mac = _RX_FRAME_AT
-        snaplen = min(len(frame), rings.rx.frame_size - mac)
-        TPACKET2_HDR.pack_into(rings.view, offset, TP_STATUS_KERNEL, len(frame), snaplen, mac,
-                               mac + 14, 0, 0, 0, 0)  # fmt: skip
         _name, ethertype, pkttype, hatype, src = addr
-        SOCKADDR_LL.pack_into(
-            rings.view, offset + TX_DATA_AT, socket.AF_PACKET, socket.htons(ethertype), 1,
-            hatype, pkttype, len(src), src,
-        )  # fmt: skip
-        rings.view[offset + mac : offset + mac + snaplen] = frame[:snaplen]
-        rings.status[offset >> 2] = TP_STATUS_USER
+        snaplen = min(len(frame), rings.rx.frame_size - RX_FRAME_AT)
+        fill_rx_slot(rings, offset, frame, pkttype, src, ethertype=ethertype, hatype=hatype,
+                     snaplen=snaplen)  # fmt: skip
         self._rx_next = (self._rx_next + 1) % len(rings.rx_offsets)
 
     def flush(self) -> list[bytes]:
