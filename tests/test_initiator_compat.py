@@ -118,7 +118,8 @@ class InitiatorCompatTests(TestCase):
             slot=BIG[1],
             extra_args=extra,
         )
-        self.server.start()
+        # Every target served before the first request: a broadcast asks them all.
+        self.server.start(targets=len(TARGETS))
         self.addCleanup(self._stop_server)
         self.peer = Peer(self.pair.client_if, self.pair.client_ns)
         self.peer.start()

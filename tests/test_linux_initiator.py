@@ -263,8 +263,13 @@ class TwistdTarget:
         except FileNotFoundError:
             return ""
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the server and wait until it serves; if it does not, stop it and raise."""
+    def start(self, timeout: float = 30.0, targets: int = 1) -> None:
+        """
+        Start the server and wait until it serves; if it does not, stop it and raise.
+
+        ``targets``: how many "serving" lines to wait for (the ``--target``
+        options are served one after the other, after the first).
+        """
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, *self.argv],
@@ -274,8 +279,9 @@ class TwistdTarget:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            ready = _READY_RE.search(self.log)
-            if ready:
+            log = self.log
+            ready = _READY_RE.search(log)
+            if ready and len(_READY_RE.findall(log)) >= targets:
                 self.mac = ready.group(3)
                 self.mtu = int(ready.group(4))
                 self.sectors_per_frame = int(ready.group(5))

@@ -397,7 +397,7 @@ class LinuxInitiatorNBDTests(InteropTestCase):
         with linuxguest.GuestNetwork(mtu=GUEST_MTU) as net:
             target = NBDTarget(net.netns, net.tap, [memory, qemu], workdir / "twistd.log")
             try:
-                target.start()
+                target.start(targets=len(target.specs))
                 result = net.boot(
                     script, timeout=90, console_log=workdir / "console.log", append="loglevel=1"
                 )
