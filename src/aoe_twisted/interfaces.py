@@ -280,9 +280,11 @@ class IAsyncBlockBackend(Interface):
       its ``Deferred`` cancelled: the backend should release what it holds
       for it then, or when it completes.
 
-    The fast path and zero copy serve synchronous disks only; an
-    asynchronous one goes through the general path.  ``--sync`` group
-    commit calls ``flush`` once per disk per group of writes.
+    The compiled lane and zero copy serve synchronous disks only; an
+    asynchronous disk's plain reads and writes are decoded by the fast
+    path (``fastpath.fast_pending``) and started through ``read``/``write``
+    as the general path would start them.  ``--sync`` group commit calls
+    ``flush`` once per disk per group of writes.
     """
 
     size = Attribute("The disk's size in bytes (int), a whole multiple of 512.")

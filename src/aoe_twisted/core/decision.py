@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from aoe_twisted.core.fastpath import FastPending
     from aoe_twisted.core.target import Pending, Target
 
 __all__ = ["NOTHING", "Decision"]
@@ -20,7 +21,8 @@ class Decision:
     What the core decided about one frame, or about one completed disk operation.
 
     - ``replies``: the frames to send now, in order (padded to 60 bytes);
-    - ``pending``: the disk operations (``Pending``) still to carry out on
+    - ``pending``: the disk operations (``Pending``, or the fast path's
+      ``FastPending`` for an asynchronous disk) still to carry out on
       ``pending[i].target.backend``; each goes back to
       ``Dispatcher.complete`` with its result and gives one more decision;
     - ``written``: the target whose write the reply acknowledges (``None``
@@ -47,7 +49,7 @@ class Decision:
         replies: tuple[bytes, ...] = (),
         written: Target | None = None,
         refusal: bytes = b"",
-        pending: tuple[Pending, ...] = (),
+        pending: tuple[Pending | FastPending, ...] = (),
         malformed: str | None = None,
         fault: str | None = None,
         heard: bytes | None = None,

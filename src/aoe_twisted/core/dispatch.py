@@ -21,7 +21,7 @@ from attrs import define, field, setters
 
 from aoe_twisted.core.ata import aborted
 from aoe_twisted.core.decision import NOTHING, Decision
-from aoe_twisted.core.fastpath import fast_reply, fast_reply_into
+from aoe_twisted.core.fastpath import FastPending, fast_pending, fast_reply, fast_reply_into
 from aoe_twisted.core.operations import IOKind, perform
 from aoe_twisted.core.target import Pending, StoreFailure, Target
 from aoe_twisted.core.wire import (
@@ -116,7 +116,9 @@ class Dispatcher:
 
     With ``fast_path`` (the default) plain ATA reads and writes are answered
     by ``aoe_twisted.core.fastpath`` straight from the frame's bytes, with the
-    same reply bytes and counters as the general path.  With ``hold_writes``
+    same reply bytes and counters as the general path; on an asynchronous
+    disk (``async_index``) they are accepted the same way and their
+    operations started (``fastpath.fast_pending``).  With ``hold_writes``
     (``--sync``: writes are acknowledged only once durable) every decision
     acknowledging a write carries its ``refusal``, and
     ``frame_received_into`` leaves writes to ``frame_received`` (a reply
@@ -131,6 +133,7 @@ class Dispatcher:
     pass_responses: bool = False
     index: dict[tuple[int, int], Target] = field(init=False)
     fast_index: dict[tuple[int, int], Target] = field(init=False)
+    async_index: dict[tuple[int, int], Target] = field(init=False)
     removed: dict[tuple[int, int], Target] = field(init=False, factory=dict)
     generation: int = field(init=False, default=0)
     """Bumped by every change of the targets served (``add``, ``remove``, ``replace``)."""
@@ -138,8 +141,10 @@ class Dispatcher:
     def __attrs_post_init__(self) -> None:
         """Index the targets by address: finding one costs one lookup, however many there are."""
         self.index = {(target.shelf, target.slot): target for target in self.targets}
-        # The fast path serves synchronous disks only: an asynchronous one is not in its index.
+        # The fast path answers synchronous disks at once (fast_index) and starts
+        # an asynchronous one's operations (async_index).
         self.fast_index = {k: t for k, t in self.index.items() if not t.asynchronous}
+        self.async_index = {k: t for k, t in self.index.items() if t.asynchronous}
 
     # -- the targets, changed while serving ----------------------------------
 
@@ -158,7 +163,9 @@ class Dispatcher:
         self.generation += 1
         self.targets.append(target)
         self.index[key] = target
-        if not target.asynchronous:
+        if target.asynchronous:
+            self.async_index[key] = target
+        else:
             self.fast_index[key] = target
 
     def remove(self, shelf: int, slot: int, answer_removed: bool = False) -> Target | None:
@@ -176,6 +183,7 @@ class Dispatcher:
         if target is None:
             return None
         self.fast_index.pop((shelf, slot), None)
+        self.async_index.pop((shelf, slot), None)
         self.generation += 1
         self.targets.remove(target)
         if answer_removed:
@@ -191,7 +199,9 @@ class Dispatcher:
         self.index[key] = target
         if target.asynchronous:
             self.fast_index.pop(key, None)
+            self.async_index[key] = target
         else:
+            self.async_index.pop(key, None)
             self.fast_index[key] = target
         return old
 
@@ -240,8 +250,22 @@ class Dispatcher:
         return length
 
     def general(self, frame: bytes | memoryview) -> Decision:
-        """Decide about ``frame`` by the general path alone: the codec and the targets."""
+        """
+        Decide about ``frame``, a frame the fast path did not answer at once.
+
+        A plain read or write to an asynchronous disk is accepted by the
+        fast path's ``fast_pending`` (when ``fast_path`` is on), its one
+        operation left to carry out; everything else goes to the general
+        path: the codec and the targets.
+        """
         counters = self.counters
+        if self.async_index and self.fast_path:
+            accepted = fast_pending(frame, self.mac, self.async_index)
+            if accepted is not None:
+                counters.received += 1
+                counters.answered += 1
+                counters.fast += 1
+                return Decision(pending=(accepted,))
         counters.received += 1
         if not isinstance(frame, bytes):
             # What the targets keep (a write's data) must outlive a ring slot.
@@ -308,7 +332,7 @@ class Dispatcher:
 
     def complete(
         self,
-        pending: Pending,
+        pending: Pending | FastPending,
         result: bytes | None,
         error: OSError | None = None,
         elapsed: float = 0.0,
@@ -322,6 +346,14 @@ class Dispatcher:
         with ``hold_writes``, carries its ``refusal``.  ``elapsed`` is the
         operation's service time in seconds, for the target's ``stats``.
         """
+        if type(pending) is FastPending:
+            decision = Decision((pending.finish(result, error, elapsed),))
+            self.counters.replies += 1
+            if error is None and pending.writes:
+                decision.written = pending.target
+                if self.hold_writes or pending.target.sync:
+                    decision.refusal = pending.refusal()
+            return decision
         frames = self._frames(pending.initiator, [pending.finish(result, error, elapsed)])
         if not frames:
             return NOTHING
@@ -363,8 +395,10 @@ class Dispatcher:
                 replies.extend(self.complete(pending, result, elapsed=elapsed).replies)
         return replies
 
-    def refusal(self, pending: Pending) -> bytes:
+    def refusal(self, pending: Pending | FastPending) -> bytes:
         """Return the ``ERR|DRDY``/``ABRT`` reply refusing ``pending``'s write (frame)."""
+        if type(pending) is FastPending:
+            return pending.refusal()
         refused = pending.reply(None, OSError("not durable"))
         frames = self._frames(pending.initiator, [refused], count=False)
         return frames[0] if frames else b""

@@ -55,7 +55,10 @@ import struct
 from collections.abc import Mapping
 from time import perf_counter as _clock
 
+from attrs import define, setters
+
 from aoe_twisted.core.decision import Decision
+from aoe_twisted.core.operations import BackendIO, IOKind
 from aoe_twisted.core.stats import SERVICE_BUCKETS
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import (
@@ -72,7 +75,7 @@ from aoe_twisted.core.wire.ata import _ATA as _ATA_ARG
 from aoe_twisted.core.wire.ethernet import _ETHERNET
 from aoe_twisted.core.wire.header import _FLAG_RESPONSE, _HEADER
 
-__all__ = ["FRAME_HEADER", "fast_reply", "fast_reply_into"]
+__all__ = ["FRAME_HEADER", "FastPending", "fast_pending", "fast_reply", "fast_reply_into"]
 
 FRAME_HEADER = struct.Struct(
     "!" + _ETHERNET.format.lstrip("!") + _HEADER.format.lstrip("!") + _ATA_ARG.format.lstrip("<")
@@ -290,6 +293,122 @@ def fast_reply_into(
     stats.read_bytes += length
     reply[:_HEADER_SIZE] = _header(src, mac, target, tag, aflags, lba)
     return end
+
+
+
+@define(eq=False, on_setattr=setters.NO_OP)
+class FastPending:
+    """
+    A plain read or write to an asynchronous disk, accepted by ``fast_pending``.
+
+    The fast path's twin of ``target.Pending`` for an ``IAsyncBlockBackend``:
+    its answer waits for the disk, which completes it later and in any
+    order.  It carries what the server needs to start the operation and
+    keep its books (``target``, ``initiator``, ``io``), and what the reply
+    needs (the request's tag, AFlags, LBA and sector count), instead of the
+    request's decoded ``Header``; ``finish`` returns the whole reply frame.
+    The replies are byte for byte the general path's (``Pending.finish``
+    and ``ata.finish_ata``): ``tests.test_fastpath`` checks that they are.
+    """
+
+    target: Target
+    initiator: bytes
+    io: BackendIO
+    mac: bytes
+    tag: bytes
+    aflags: int
+    lba: bytes
+    count: int
+
+    @property
+    def writes(self) -> bool:
+        """Whether a successful ``finish`` acknowledges a write."""
+        return self.io.kind is IOKind.WRITE
+
+    def finish(
+        self, result: bytes | None, error: OSError | None = None, elapsed: float = 0.0
+    ) -> bytes:
+        """
+        Return the reply frame once the operation gave ``result`` (or ``error``), counting it.
+
+        A failed or short read is ``UNC``, a failed write ``ABRT`` (never
+        acknowledged); the target's ``stats`` learn what ``Pending.finish``
+        teaches them: no longer in flight, the service time, the bytes or
+        the failure.
+        """
+        io = self.io
+        stats = self.target.stats
+        stats.in_flight -= 1
+        bucket = int(elapsed * 1_000_000).bit_length()
+        stats.buckets[bucket if bucket < _LAST_BUCKET else _LAST_BUCKET] += 1
+        stats.seconds += elapsed
+        if io.kind is IOKind.WRITE:
+            if error is not None:
+                stats.failed("write", error)
+                return self._failed(_ABRT)
+            stats.write_bytes += io.length
+            return self._header() + _PADDING
+        if error is not None or result is None or len(result) != io.length:
+            stats.failed("read", error)
+            return self._failed(_UNC)
+        stats.read_bytes += io.length
+        return self._header() + result
+
+    def refusal(self) -> bytes:
+        """Return the ``ERR|DRDY``/``ABRT`` reply refusing this write (counting nothing)."""
+        return _header(
+            self.initiator, self.mac, self.target, self.tag, self.aflags, self.lba, _ABRT,
+            self.count,
+        ) + _PADDING
+
+    def _header(self) -> bytes:
+        """Return the successful reply's 36 header bytes."""
+        return _header(self.initiator, self.mac, self.target, self.tag, self.aflags, self.lba)
+
+    def _failed(self, error: int) -> bytes:
+        """Return the ``ERR|DRDY`` reply carrying ``error``, counted as an ATA error."""
+        self.target.stats.ata_errors += 1
+        return _header(
+            self.initiator, self.mac, self.target, self.tag, self.aflags, self.lba, error,
+            self.count,
+        ) + _PADDING
+
+
+def fast_pending(
+    frame: bytes | memoryview, mac: bytes, targets: TargetIndex
+) -> FastPending | None:
+    """
+    Accept ``frame`` as a plain read or write to an asynchronous disk, or return ``None``.
+
+    ``targets`` holds the asynchronous disks (``Dispatcher.async_index``).
+    The frames accepted are those ``fast_reply`` answers (the module
+    docstring), counted as the general path counts them (the request, its
+    initiator and tag, one more in flight); the operation is left for the
+    caller to start, and its completion to ``FastPending.finish``.  A
+    write's data is copied out of ``frame``, which may be a ring slot
+    reused once this returns.  ``None`` means nothing happened: the general
+    path then decides, as it always did (a write to a read-only disk, too
+    short a frame, and every error it answers).
+    """
+    plan = _accept(frame, targets)
+    if plan is None:
+        return None
+    src, target, aflags, count, tag, lba, first, write = plan
+    stats = target.stats
+    length = count * SECTOR_SIZE
+    if write:
+        end = _HEADER_SIZE + length
+        if target.backend.read_only or len(frame) < end:
+            return None
+        io = BackendIO(IOKind.WRITE, first * SECTOR_SIZE, length, bytes(frame[_HEADER_SIZE:end]))
+        stats.seen(src, tag)
+        stats.write += 1
+    else:
+        io = BackendIO(IOKind.READ, first * SECTOR_SIZE, length)
+        stats.seen(src, tag)
+        stats.read += 1
+    stats.in_flight += 1
+    return FastPending(target, src, io, mac, tag, aflags, lba, count)
 
 
 def _header(
