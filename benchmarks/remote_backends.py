@@ -20,6 +20,11 @@ What is compared, 4 KiB random reads and writes, in IOPS:
   MTU 9000 (so 4 KiB is one frame), 64 requests in flight; the ratio to
   ``librbd aio`` is the issue's figure (at least 0.8x wanted);
 - ``AoE → rbd:, window 1``: the same one request at a time (the latency);
+- ``AoE → rbd: by loadgen.c, window 64``: the same gateway driven by the
+  compiled load generator of ``raw_capacity.py`` (``loadgen.c``, in the
+  client namespace, 64 requests in flight) instead of the user-space
+  initiator: what the gateway serves when the initiator costs next to
+  nothing ("this process CPU" is then the generator's);
 - ``AoE → file:, window 64``: the same gateway's ``file:`` target (an image
   in ``/tmp``), for reference: what the client and the server cost without
   the cluster;
@@ -31,7 +36,7 @@ What is compared, 4 KiB random reads and writes, in IOPS:
   driven by the reactor, 64 in flight;
 - ``AoE → nbd:, window 64`` and ``window 1``: the gateway's third target,
   ``nbd:unix:SOCKET`` of the same nbdkit; the ratio to ``libnbd aio`` is
-  the issue's figure for NBD.
+  the issue's figure for NBD; ``AoE → nbd: by loadgen.c`` as for ``rbd:``.
 
 The cluster is ``tests.cephcluster``'s: one monitor and one memstore OSD on
 127.0.0.1 (pool size 1, no cephx), started here; the image (64 MiB,
@@ -113,6 +118,7 @@ ROWS = (
     ("RBDBackend", DEPTH),
     ("AoE → rbd:", DEPTH),
     ("AoE → rbd:", 1),
+    ("AoE → rbd: by loadgen.c", DEPTH),
     ("AoE → file:", DEPTH),
 )
 CPROFILE_ENV = "AOE_REMOTE_BACKENDS_CPROFILE"
@@ -122,7 +128,10 @@ NBD_ROWS = (
     ("NBDBackend", DEPTH),
     ("AoE → nbd:", DEPTH),
     ("AoE → nbd:", 1),
+    ("AoE → nbd: by loadgen.c", DEPTH),
 )
+#: The rows driven by the compiled load generator rather than the user-space initiator.
+LOADGEN = " by loadgen.c"
 
 
 # -- the gateway, in a child process --------------------------------------------------------
@@ -441,6 +450,33 @@ def aoe_random(disk: Any, write: bool, depth: int, duration: float, rng: random.
     return result["iops"]
 
 
+def loadgen_random(
+    pair: Any, shelf: int, slot: int, write: bool, depth: int, duration: float
+) -> tuple[float, float]:
+    """
+    Random 4 KiB requests to e``shelf``.``slot`` from ``loadgen.c``; return (IOPS, its CPU).
+
+    The compiled generator of ``raw_capacity.py``, run in the client
+    namespace of ``pair`` with ``depth`` requests in flight; its CPU is in
+    CPU seconds per second.
+    """
+    argv = [
+        "ip", "netns", "exec", pair.client_ns, str(bc.loadgen_binary()), "gen",
+        "--rows", f"rand:{BLOCK // SECTOR}:{'write' if write else 'read'}",
+        "--iface", pair.client_if, "--shelf", str(shelf), "--slot", str(slot),
+        "--disk-sectors", str(IMAGE_BYTES // SECTOR), "--window", str(depth),
+        "--duration", f"{duration:g}", "--warmup", "0.3",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"loadgen.c failed: {out.stderr.strip()[-300:]}")
+    row = json.loads(lines[-1])
+    if row.get("errors"):
+        raise RuntimeError(f"loadgen.c: {row['errors']} requests answered with an error")
+    return float(row["iops"]), float(row["gen_cpu"])
+
+
 def _run_in_reactor(reactor: Any, work: Callable[[], Any]) -> Any:
     """Run the reactor until the Deferred ``work()`` returns has fired; return its result."""
     from twisted.internet import defer
@@ -668,6 +704,15 @@ def main() -> int:
                                 iops = libnbd_sync(handle, write, args.duration, rng)
                             elif name == "NBDBackend":
                                 iops = backend_random(nbd_backend, write, depth, args.duration, rng)
+                            elif name.endswith(LOADGEN):
+                                iops, generator_cpu = loadgen_random(
+                                    pair,
+                                    SHELF + [g[0] for g in gateways].index(label),
+                                    RBD_SLOT if "rbd" in name else NBD_SLOT,
+                                    write,
+                                    depth,
+                                    args.duration,
+                                )
                             else:
                                 iops = aoe_random(
                                     disks[(label, name)], write, depth, args.duration, rng
@@ -689,7 +734,9 @@ def main() -> int:
                                 (after[1] - before[1]) / wall
                             )
                             row_cpu.setdefault(f"client {op}", []).append(
-                                (after[2] - before[2]) / wall
+                                generator_cpu
+                                if name.endswith(LOADGEN)
+                                else (after[2] - before[2]) / wall
                             )
                             row_cpu.setdefault(f"retransmits {op}", []).append(
                                 client.protocol.retransmits - resent

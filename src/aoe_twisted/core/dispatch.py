@@ -217,7 +217,7 @@ class Dispatcher:
         reused once this returns: the fast path reads it in place, and
         anything else is copied before the general path decodes it.
         """
-        if self.fast_path:
+        if self.fast_path and self.fast_index:
             decision = fast_reply(frame, self.mac, self.fast_index, self.hold_writes)
             if decision is not None:
                 counters = self.counters
@@ -238,7 +238,9 @@ class Dispatcher:
         ``frame_received``, which would try the fast path again).  Nothing
         refers to ``frame`` or ``reply`` afterwards.
         """
-        if not self.fast_path:
+        if not self.fast_path or not self.fast_index:
+            # (No synchronous disk: nothing to answer in place, and an
+            # asynchronous disk's request is not unpacked twice.)
             return 0
         length = fast_reply_into(frame, reply, self.mac, self.fast_index, not self.hold_writes)
         if length:
