@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -64,6 +65,7 @@ from aoe_twisted.net.port import AoEPort
 from aoe_twisted.server import AoEService
 from aoe_twisted.testing import (
     OTHER_MAC,
+    ata_arg,
     ata_request,
     config_request,
     ethernet_frame,
@@ -558,6 +560,46 @@ class CompiledLaneAccessControlTests(AccessControlTests):
 
 class CompiledLaneBackendTests(BackendTests):
     """``BackendTests`` with the compiled lane answering (``pread``/``pwrite``)."""
+
+    compiled = True
+
+
+class StaleFrameTests(EndToEndCase):
+    """
+    A request that waited in the ring while the server's process did not run is
+    dropped when it runs again (``AoEPort.stale_after``), by the kernel's own
+    receive time in the slot.
+    """
+
+    @defer.inlineCallbacks
+    def test_stalled_server_drops_old_write(self) -> Gen:
+        """
+        The server's reactor is blocked (as a stopped process is) for 2.2 s while a
+        write reaches its ring; with ``stale_after`` 1 s it is neither done nor
+        answered when the server runs again, and the same write sent afresh is.
+        """
+        target = memory_target(1, 0)
+        service = self.serve([target])
+        port = service.port
+        assert port is not None
+        port.stale_after = 1
+        before = target.backend.read(0, SECTOR_SIZE)
+        data = b"\x5a" * SECTOR_SIZE
+        tag = self.peer.next_tag()
+        arg = ata_arg(ATACmdStatus.WRITE_48BIT, lba=0, data=data)
+        frame = self.peer.frame(Header(1, False, False, 0, 1, 0, 0, tag, arg), self.server)
+        self.peer.send_raw(frame)  # not awaited: any reply lands in ``unsolicited``
+        time.sleep(2.2)  # this process (the server's reactor) does not run
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual([r for r in self.peer.unsolicited if r.header.tag == tag], [])
+        self.assertEqual(target.backend.read(0, SECTOR_SIZE), before)
+        self.assertEqual(port.frames_stale, 1)
+        self.ata_ok((yield self.peer.write(self.server, 1, 0, 0, data)))
+        self.assertEqual(target.backend.read(0, SECTOR_SIZE), data)
+
+
+class CompiledLaneStaleFrameTests(StaleFrameTests):
+    """``StaleFrameTests`` with the compiled lane walking the ring."""
 
     compiled = True
 

@@ -65,6 +65,8 @@
 #define TP_STATUS_HELD (1u << 30)
 #define TX_DATA_AT 32
 #define RX_PKTTYPE_AT 42
+/* tp_sec: the second (CLOCK_REALTIME) the kernel received the frame. */
+#define RX_SEC_AT 16
 #define PACKET_OTHERHOST 3
 #define PACKET_OUTGOING 4
 
@@ -919,6 +921,13 @@ typedef struct {
     PyObject **held_target;
     uint8_t *held_count;
     uint32_t held, held_capacity;
+    /*
+     * A frame that waited in the RX ring more than stale_after seconds (by its
+     * kernel receive time, tp_sec) is dropped unanswered, and counted in stale
+     * and in the walk's ignored; 0 never drops.  See AoEPort.stale_after.
+     */
+    uint32_t stale_after;
+    Py_ssize_t stale;
 } Lane;
 
 static void
@@ -1117,6 +1126,13 @@ lane_walk(Lane *l, Table *t, Walk *w)
     Py_ssize_t rx_next = w->rx_next, tx_next = w->tx_next;
     int stop = STOP_BUDGET;
     Py_ssize_t error = 0;
+    /* Frames received before this second (CLOCK_REALTIME, as tp_sec) are stale; 0: none. */
+    uint32_t stale_before = 0;
+    if (l->stale_after) {
+        struct timespec now;
+        if (clock_gettime(CLOCK_REALTIME_COARSE, &now) == 0 && now.tv_sec > (time_t)l->stale_after)
+            stale_before = (uint32_t)(now.tv_sec - (time_t)l->stale_after);
+    }
     while (w->budget > 0) {
         w->budget--;
         uint8_t *slot = ring + l->rx[rx_next];
@@ -1132,9 +1148,14 @@ lane_walk(Lane *l, Table *t, Walk *w)
         memcpy(&snaplen, slot + 8, 4);
         memcpy(&at, slot + 12, 2);
         uint8_t pkttype = slot[RX_PKTTYPE_AT];
+        uint32_t received_at;
+        memcpy(&received_at, slot + RX_SEC_AT, 4);
         if (pkttype == PACKET_OUTGOING || (pkttype == PACKET_OTHERHOST && !l->accept_other)
             || length > l->max_frame) {
             w->ignored++;
+        } else if (received_at < stale_before) {
+            w->ignored++;
+            l->stale++;
         } else {
             /* A frame must lie inside its slot, and a reply needs a free TX slot. */
             uint8_t *tx = ring + l->tx[tx_next];
@@ -1390,6 +1411,10 @@ static PyMethodDef Lane_methods[] = {
 static PyMemberDef Lane_members[] = {
     {"holding", T_UINT, offsetof(Lane, held), READONLY,
      "How many replies the lane holds for group commit (until release)."},
+    {"stale_after", T_UINT, offsetof(Lane, stale_after), 0,
+     "Drop frames that waited in the RX ring more than this many seconds (0: never)."},
+    {"stale", T_PYSSIZET, offsetof(Lane, stale), 0,
+     "Frames dropped as stale (counted in ignored too) since this was last set to 0."},
     {NULL, 0, 0, 0, NULL},
 };
 

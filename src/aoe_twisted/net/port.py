@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -66,7 +67,7 @@ from aoe_twisted.net.packetsystem import (
 from aoe_twisted.net.ring import (
     MIN_RING_FRAMES,
     RX_PKTTYPE_AT,
-    RX_SLOT_HEADER,
+    RX_SLOT_STAMPED,
     SOCKADDR_LL,
     TP_STATUS_AVAILABLE,
     TP_STATUS_KERNEL,
@@ -130,6 +131,22 @@ _TX_BATCH = 8
 #: due) ends the wait at once, so this bounds only what nothing else needs:
 #: how soon an idle port hands the wait back to the reactor.
 LINGER_MS = 10
+
+#: Seconds a frame may have waited in the RX ring and still be answered.
+#:
+#: A process that stops running without dying (SIGSTOP, a paused virtual
+#: machine, a stalled host) finds, when it runs again, every frame that came
+#: meanwhile in its ring.  Its initiators have retried those requests (the
+#: Linux initiator sends them through another server of the same disk after
+#: 10 s), and may have written newer data to the same sectors since: carrying
+#: out such a write now would put the older data back.  So a frame received
+#: (by the kernel's timestamp) more than this long ago is dropped unanswered;
+#: an initiator still waiting for it sends it again.  Nothing waits this long
+#: in a ring of a process that runs.
+STALE_AFTER = 5
+
+#: At most one "stale frames dropped" line per this many seconds (the rest are counted in it).
+_STALE_LOG_INTERVAL = 10.0
 
 
 def _reactor_epoll(reactor: Any) -> int | None:
@@ -315,6 +332,7 @@ class AoEPort(abstract.FileDescriptor):
         rings: bool = True,
         wait_for_interface: bool = False,
         linger_ms: int = LINGER_MS,
+        stale_after: int = STALE_AFTER,
     ) -> None:
         """
         @param interface: the interface to bind to, e.g. ``"eth0"``.
@@ -345,6 +363,10 @@ class AoEPort(abstract.FileDescriptor):
         @param linger_ms: with the compiled lane on Twisted's epoll reactor, how
             long one ``doRead`` may go on waiting for and answering this port's
             frames while nothing else is ready (0: not at all).
+        @param stale_after: drop, unanswered, a frame that waited in the RX
+            ring more than this many whole seconds (``STALE_AFTER``; 0:
+            never).  Only with rings, whose slots carry the kernel's receive
+            time.
         """
         abstract.FileDescriptor.__init__(self, reactor)
         self._system: IPacketSystem = RealPacketSystem() if system is None else system
@@ -383,6 +405,12 @@ class AoEPort(abstract.FileDescriptor):
         )
         #: How many times the lane woke up for a frame without a reactor turn.
         self.lane_wakeups = 0
+        #: Seconds after which a frame waiting in the RX ring is dropped (0: never).
+        self.stale_after = stale_after
+        #: Frames dropped as stale (``stale_after``); they count in ``frames_ignored`` too.
+        self.frames_stale = 0
+        self._stale_unlogged = 0
+        self._stale_logged_at: float | None = None
         self.mac: bytes | None = None
         self.mtu: int | None = None
         self._fileno = -1
@@ -809,6 +837,9 @@ class AoEPort(abstract.FileDescriptor):
                     )
                 if not linger:
                     budget -= received + ignored
+                if lane.stale:
+                    self._count_stale(lane.stale)
+                    lane.stale = 0
                 rings.rx_next = rx
                 rings.tx_next = tx
                 self.frames_received += received
@@ -869,6 +900,9 @@ class AoEPort(abstract.FileDescriptor):
                 self.accept_other_hosts,
             )
             rings.lane_key = key
+        stale = max(0, min(int(self.stale_after), 0xFFFFFFFF))
+        if rings.lane.stale_after != stale:
+            rings.lane.stale_after = stale
         return rings.lane
 
     def lane_held(self) -> list[Any]:
@@ -914,7 +948,11 @@ class AoEPort(abstract.FileDescriptor):
         slots = len(offsets)
         index = rings.rx_next
         slot_size = rings.rx.frame_size
-        unpack_from = RX_SLOT_HEADER.unpack_from
+        unpack_from = RX_SLOT_STAMPED.unpack_from
+        stale_after = self.stale_after
+        # Frames the kernel received before this second (tp_sec) are stale (0: none is).
+        stale_before = int(time.time()) - stale_after if stale_after > 0 else 0
+        stale = 0
         max_frame = self._max_frame
         accept_other = self.accept_other_hosts
         protocol = self.protocol
@@ -931,7 +969,7 @@ class AoEPort(abstract.FileDescriptor):
                 offset = offsets[index]
                 if not status[offset >> 2] & TP_STATUS_USER:
                     break
-                length, snaplen, mac = unpack_from(view, offset + 4)
+                length, snaplen, mac, received_at = unpack_from(view, offset + 4)
                 pkttype = view[offset + RX_PKTTYPE_AT]
                 if (
                     pkttype == socket.PACKET_OUTGOING
@@ -939,6 +977,9 @@ class AoEPort(abstract.FileDescriptor):
                     or length > max_frame
                 ):
                     ignored += 1
+                elif received_at < stale_before:
+                    ignored += 1
+                    stale += 1
                 else:
                     received += 1
                     start = offset + mac
@@ -991,7 +1032,34 @@ class AoEPort(abstract.FileDescriptor):
             rings.rx_next = index
             self.frames_received += received
             self.frames_ignored += ignored
+            if stale:
+                self._count_stale(stale)
         return received + ignored
+
+    def _count_stale(self, count: int) -> None:
+        """
+        Count ``count`` frames dropped as stale, and say so in the log.
+
+        One warning at the first, then at most one every
+        ``_STALE_LOG_INTERVAL`` seconds with the count since the last: a
+        process that keeps stalling says so without a line per frame.
+        """
+        self.frames_stale += count
+        self._stale_unlogged += count
+        now = self.reactor.seconds()
+        last = self._stale_logged_at
+        if last is not None and now - last < _STALE_LOG_INTERVAL:
+            return
+        self._stale_logged_at = now
+        dropped, self._stale_unlogged = self._stale_unlogged, 0
+        _log.warn(
+            "AoE port {interface}: dropped {count} frame(s) that waited more than "
+            "{seconds} s in the receive ring (this process was stopped or stalled); "
+            "their initiators send again what they still wait for",
+            interface=self.interface,
+            count=dropped,
+            seconds=self.stale_after,
+        )
 
     def _address(self, rings: PacketRings, offset: int) -> tuple[Any, ...]:
         """Return the ``sockaddr_ll`` of the RX slot at ``offset`` as ``recvfrom`` gives it."""

@@ -48,6 +48,7 @@ __all__ = [
     "PACKET_FANOUT_HASH",
     "RX_PKTTYPE_AT",
     "RX_SLOT_HEADER",
+    "RX_SLOT_STAMPED",
     "SOCKADDR_LL",
     "SOL_PACKET",
     "TPACKET2_HDR",
@@ -106,6 +107,8 @@ TX_DATA_AT = TPACKET2_HDRLEN - SOCKADDR_LL.size
 RX_PKTTYPE_AT = TX_DATA_AT + 10
 #: ``tp_len``, ``tp_snaplen`` and ``tp_mac`` of an RX slot, read from byte 4 of it.
 RX_SLOT_HEADER = struct.Struct("=IIH")
+#: The same and ``tp_sec``, the second (``CLOCK_REALTIME``) the kernel received the frame.
+RX_SLOT_STAMPED = struct.Struct("=IIH2xI")
 #: ``tp_len`` of a TX slot, written at byte 4 of it.
 TX_LEN = struct.Struct("=I")
 #: Room before the frame in an RX slot: the kernel puts it 16 bytes past the aligned header.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from collections import deque
 from typing import Any
 
@@ -66,19 +67,23 @@ def fill_rx_slot(
     length: int | None = None,
     snaplen: int | None = None,
     at: int = RX_FRAME_AT,
+    received_at: int | None = None,
 ) -> None:
     """
     Put ``frame`` in the RX slot at ``offset`` as the kernel does, and hand the slot over.
 
     The ``tpacket2_hdr`` (``tp_len`` = ``length``, ``tp_snaplen`` = ``snaplen``,
-    both ``len(frame)`` unless given; ``tp_mac`` = ``at``), the ``sockaddr_ll``
+    both ``len(frame)`` unless given; ``tp_mac`` = ``at``; ``tp_sec`` =
+    ``received_at``, the current second unless given), the ``sockaddr_ll``
     after it, the frame's bytes (as many as fit before the mapping's end), then
     ``TP_STATUS_USER``.  Tests give lengths and offsets a kernel never would.
     """
     length = len(frame) if length is None else length
     snaplen = len(frame) if snaplen is None else snaplen
+    if received_at is None:
+        received_at = int(time.time())
     TPACKET2_HDR.pack_into(rings.view, offset, TP_STATUS_KERNEL, length, snaplen, at, at + 14,
-                           0, 0, 0, 0)  # fmt: skip
+                           received_at, 0, 0, 0)  # fmt: skip
     SOCKADDR_LL.pack_into(rings.view, offset + TX_DATA_AT, socket.AF_PACKET,
                           socket.htons(ethertype), 1, hatype, pkttype, len(src), src)  # fmt: skip
     room = min(snaplen, len(frame), len(rings.view) - offset - at)

@@ -1,0 +1,181 @@
+"""
+Tests for dropping stale frames: requests that waited in the RX ring longer than
+``AoEPort.stale_after`` seconds (by the kernel's receive time in the slot) are
+not answered, by either lane.
+
+A process that was stopped and runs again must not carry out the writes that
+waited in its ring meanwhile: their initiators have retried them, perhaps
+through another server of the same disk, and may have written newer data
+since.  ``tests.test_e2e.StaleFrameTests`` checks the same with real rings and
+the kernel's own timestamps.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import ClassVar
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+
+from aoe_twisted.backends.memory import MemoryBackend
+from aoe_twisted.core.target import Target
+from aoe_twisted.core.wire import SECTOR_SIZE, ATACmdStatus
+from aoe_twisted.net.port import STALE_AFTER
+from aoe_twisted.net.ring import TP_STATUS_USER
+from aoe_twisted.server import AoEService
+from aoe_twisted.testing import (
+    INITIATOR_MAC,
+    TARGET_MAC,
+    MemoryPacketSystem,
+    ata_request,
+    ethernet_frame,
+)
+from tests.test_fastpath import LaneChoice
+
+#: ``tp_sec`` in a ``tpacket2_hdr``.
+_TP_SEC = struct.Struct("=I")
+_TP_SEC_AT = 16
+SECTORS = 64
+
+
+def write(lba: int, fill: int, tag: int) -> bytes:
+    """A plain one-sector write of ``fill`` bytes at ``lba`` to 1.2, from the initiator."""
+    return ethernet_frame(
+        ata_request(
+            int(ATACmdStatus.WRITE_48BIT), count=1, lba=lba, aflags=0x41,
+            data=bytes([fill]) * SECTOR_SIZE, shelf=1, slot=2, tag=tag.to_bytes(4, "big"),
+        ),
+        INITIATOR_MAC,
+        TARGET_MAC,
+    )  # fmt: skip
+
+
+class _StaleChecks:
+    """A service on a memory system with rings; frames aged in the ring before it reads them."""
+
+    compiled: ClassVar[bool | None] = None
+
+    def setUp(self) -> None:
+        super().setUp()  # type: ignore[misc]
+        self.reactor = MemoryReactorClock()
+        self.system = MemoryPacketSystem(rings=True)
+        self.interface = self.system.add_interface("eth0", mac=TARGET_MAC, mtu=1500)
+        self.disk = MemoryBackend(SECTORS * SECTOR_SIZE)
+        service = AoEService(
+            "eth0", [Target(1, 2, self.disk)], reactor=self.reactor, system=self.system
+        )
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.service = service
+        assert service.port is not None
+        self.port = service.port
+        self.sock = self.system.socket_for(service.port)
+        if self.compiled is not None:
+            self.assertEqual(self.port._lane_sink is not None, self.compiled)
+
+    def age(self, seconds: int) -> None:
+        """Make every frame waiting in the RX ring ``seconds`` older (its ``tp_sec``)."""
+        rings = self.sock.rings
+        assert rings is not None
+        for offset in rings.rx_offsets:
+            if rings.status[offset >> 2] & TP_STATUS_USER:
+                (sec,) = _TP_SEC.unpack_from(rings.view, offset + _TP_SEC_AT)
+                _TP_SEC.pack_into(rings.view, offset + _TP_SEC_AT, sec - seconds)
+
+    def read_now(self) -> list[bytes]:
+        """Let the port read what waits; return what it sent."""
+        before = len(self.sock.sent)
+        self.port.doRead()
+        return list(self.sock.sent[before:])
+
+    def test_stale_write_not_done(self) -> None:
+        """
+        A write that waited longer than ``stale_after`` is neither done nor answered;
+        it is counted, and one warning says why.  Fresh frames behind it are answered.
+        """
+        self.assertEqual(self.port.stale_after, STALE_AFTER)
+        self.interface.receive(write(3, 0x5A, tag=1))
+        self.interface.receive(write(4, 0x5B, tag=2))
+        self.age(STALE_AFTER + 2)
+        self.interface.receive(write(5, 0x5C, tag=3))
+        with capturedLogs() as events:
+            sent = self.read_now()
+        self.assertEqual(len(sent), 1)
+        self.assertEqual(sent[0][20:24], (3).to_bytes(4, "big"))
+        self.assertEqual(self.disk.read(3 * SECTOR_SIZE, 2 * SECTOR_SIZE), bytes(2 * SECTOR_SIZE))
+        self.assertEqual(self.disk.read(5 * SECTOR_SIZE, SECTOR_SIZE), b"\x5c" * SECTOR_SIZE)
+        self.assertEqual(self.port.frames_stale, 2)
+        self.assertEqual(self.port.frames_ignored, 2)
+        self.assertEqual(self.port.frames_received, 1)
+        lines = [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
+        self.assertEqual(len(lines), 1)
+        self.assertIn("dropped 2 frame(s) that waited more than 5 s", lines[0])
+        # The initiator sends it again: answered and done.
+        self.interface.receive(write(3, 0x5A, tag=4))
+        self.assertEqual(len(self.read_now()), 1)
+        self.assertEqual(self.disk.read(3 * SECTOR_SIZE, SECTOR_SIZE), b"\x5a" * SECTOR_SIZE)
+
+    def test_not_yet_stale(self) -> None:
+        """A frame that waited ``stale_after`` seconds or less is answered as ever."""
+        self.interface.receive(write(3, 0x5A, tag=1))
+        self.age(STALE_AFTER - 1)
+        self.assertEqual(len(self.read_now()), 1)
+        self.assertEqual(self.disk.read(3 * SECTOR_SIZE, SECTOR_SIZE), b"\x5a" * SECTOR_SIZE)
+        self.assertEqual(self.port.frames_stale, 0)
+
+    def test_off(self) -> None:
+        """``stale_after = 0``: however old, a frame is answered."""
+        self.port.stale_after = 0
+        self.interface.receive(write(3, 0x5A, tag=1))
+        self.age(100_000)
+        self.assertEqual(len(self.read_now()), 1)
+        self.assertEqual(self.disk.read(3 * SECTOR_SIZE, SECTOR_SIZE), b"\x5a" * SECTOR_SIZE)
+
+    def test_changed_while_serving(self) -> None:
+        """A new ``stale_after`` holds from the next read on, for the compiled lane too."""
+        self.interface.receive(write(3, 0x5A, tag=1))
+        self.age(3)
+        self.assertEqual(len(self.read_now()), 1)
+        self.port.stale_after = 2
+        self.interface.receive(write(4, 0x5B, tag=2))
+        self.age(3)
+        self.assertEqual(self.read_now(), [])
+        self.assertEqual(self.port.frames_stale, 1)
+
+    def test_one_line_per_interval(self) -> None:
+        """
+        Drops within ten seconds of the last warning are counted in the next one,
+        not each given a line.
+        """
+        lines: list[str] = []
+        for round_ in range(3):
+            self.interface.receive(write(3, 0x5A, tag=round_))
+            self.age(STALE_AFTER + 1)
+            with capturedLogs() as events:
+                self.read_now()
+            lines += [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
+            self.reactor.advance(4)
+        self.assertEqual(len(lines), 1)
+        self.reactor.advance(10)
+        self.interface.receive(write(3, 0x5A, tag=9))
+        self.age(STALE_AFTER + 1)
+        with capturedLogs() as events:
+            self.read_now()
+        lines += [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("dropped 3 frame(s)", lines[1])
+        self.assertEqual(self.port.frames_stale, 4)
+
+
+class PythonLaneStaleTests(_StaleChecks, LaneChoice):
+    """The Python lane's walk of the ring drops stale frames."""
+
+    compiled = False
+
+
+class CompiledLaneStaleTests(_StaleChecks, LaneChoice):
+    """The compiled lane drops stale frames itself."""
+
+    compiled = True
