@@ -66,12 +66,15 @@ from aoe_twisted.core.wire import (
     BROADCAST_MAC,
     BROADCAST_MAJOR,
     BROADCAST_MINOR,
+    ETHERNET_HEADER_SIZE,
     ETHERTYPE,
     HEADER_SIZE,
+    MIN_FRAME_SIZE,
     SECTOR_SIZE,
     VERSION,
     ATAArg,
     ATACmdStatus,
+    ATAFlag,
     Command,
     ConfigArg,
     ConfigCommand,
@@ -143,6 +146,27 @@ DEFAULT_PROBE_INTERVAL = 1.0
 #: for the other interfaces' answers (replies after that still add paths).
 DEFAULT_PATH_WAIT = 0.25
 
+#: Where a message's tag starts, and its encoding (a 4-byte tag, as a number).
+_TAG_AT = 6
+_TAG = struct.Struct("!I")
+_ETHERTYPE_BYTES = ETHERTYPE.to_bytes(2, "big")
+#: A frame's bytes before an AoE message's argument: Ethernet and AoE headers.
+_BEFORE_ARG = ETHERNET_HEADER_SIZE + HEADER_SIZE
+#: The fixed fields of an ATA reply, as ``AoEClientProtocol.datagramReceived`` reads
+#: them without decoding the message: EtherType, version and flags, major,
+#: minor, command, tag; then the ATA argument's error and status registers
+#: and its reserved bytes (the other fields are skipped); the sectors follow.
+_ATA_REPLY = struct.Struct("!12xHBxHBBI xBxB6xH")
+_ATA_REPLY_SIZE = _ATA_REPLY.size
+#: Version 1 with the response flag and nothing else: an answer, not an error.
+_ANSWER = VERSION << 4 | 0x08
+_ATA_COMMAND = int(Command.ISSUE_ATA_COMMAND)
+#: An ATA request's AoE header before its tag: version and flags, error, major,
+#: minor, command; its argument (``ATAArg``), and the AFlags bits it sets.
+_ATA_HEAD = struct.Struct("!BBHBB")
+_ATA_ARG = struct.Struct("<BBBB6sH")
+_AFLAG_LBA48 = int(ATAFlag.LBA48_EXTENDED)
+_AFLAG_WRITE = int(ATAFlag.WRITE)
 #: Status bits that fail an ATA command: BSY, DF, DRQ and ERR (Linux ``ktiocomplete``).
 _STATUS_FAILED = 0xA9
 #: The AoE header and ATA argument ride in the Ethernet payload with the sectors.
@@ -548,18 +572,32 @@ class Reply:
 
 @define(eq=False)
 class _Request:
-    """One outstanding request and the state of its retransmission."""
+    """
+    One outstanding request and the state of its retransmission.
+
+    The message is kept encoded, as the bytes before and after the tag
+    (``head``: version and flags to command; ``body``: the argument, padded
+    so that the frame is at least 60 bytes), so each copy is the same frame
+    with a new tag.  ``command``, ``major`` and ``minor`` are what a reply
+    must match.  A request of a ``RemoteDisk`` has no Deferred: its answer or
+    failure goes straight to ``sink`` (the disk) with its ``chunk``.
+    """
 
     dst: bytes
-    header: Header
+    head: bytes
+    body: bytes
+    command: int
+    major: int
+    minor: int
     what: str
     target: str
-    deferred: Deferred[Reply] = field(init=False)
+    deferred: Deferred[Reply] | None = None
     attempts: int = 0
     timeout: float = 0.0
     waited: float = 0.0
     tag: int | None = None
-    timer: IDelayedCall | None = None
+    #: The deadlines of the copy in flight (its timer), if one is.
+    deadlines: _Deadlines | None = None
     #: The retry policy of this request (the protocol's unless given).
     retry: RetryPolicy | None = None
     #: The target's paths, for a request that may move from one path to another.
@@ -570,6 +608,55 @@ class _Request:
     sent_at: float = 0.0
     #: The protocol whose tag the current copy carries.
     owner: Any = None
+    #: The disk that gets the answer instead of a Deferred, and the chunk it is for.
+    sink: RemoteDisk | None = None
+    chunk: _Chunk | None = None
+
+    def settle(self, result: Reply | Failure | Exception) -> None:
+        """Give the answer or failure to whoever waits: the Deferred, or the disk."""
+        sink = self.sink
+        if sink is not None:
+            assert self.chunk is not None
+            sink._chunk_done(
+                Failure(result) if isinstance(result, Exception) else result, self.chunk
+            )
+        elif isinstance(result, Reply):
+            assert self.deferred is not None
+            self.deferred.callback(result)
+        else:
+            assert self.deferred is not None
+            self.deferred.errback(result)
+
+
+#: Deadlines within this much of the present are due: a timer set for a
+#: deadline ``d`` as ``callLater(d - now)`` may fire a rounding error before ``d``.
+_DEADLINE_SLACK = 1e-6
+
+
+@define(eq=False)
+class _Deadlines:
+    """
+    The requests in flight that wait ``timeout`` seconds, in the order they were sent.
+
+    One ``DelayedCall`` (``call``) serves all of them rather than one per
+    request: as they all wait the same time, the order they were sent in is
+    the order of their deadlines, so the timer only ever needs the oldest
+    one's (as ``server.py``'s backend deadlines do).  A request answered
+    before the oldest one leaves the timer as it is; when it fires early it
+    is set again for the oldest left, and when the last one is answered it
+    is cancelled.
+    """
+
+    timeout: float
+    requests: dict[_Request, float] = field(factory=dict)
+    call: IDelayedCall | None = None
+
+    def cancel(self) -> None:
+        """Cancel the timer (nothing left to wait for)."""
+        if self.call is not None:
+            if self.call.active():
+                self.call.cancel()
+            self.call = None
 
 
 class AoEClientProtocol(AbstractDatagramProtocol):
@@ -617,6 +704,11 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         self.ignored = 0
         self.closing = False
         self.config_observers: list[Callable[[bytes, Header], object]] = []
+        # The timers of the requests in flight, one per timeout (``_Deadlines``).
+        self._deadlines: dict[float, _Deadlines] = {}
+        # Our MAC and the EtherType, as the transport ``_source_of`` gave them.
+        self._source_of: object = None
+        self._source_bytes = b""
 
     # -- the transport --------------------------------------------------------
 
@@ -657,6 +749,26 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         self.transport.write(frame)  # type: ignore[union-attr]
         self.frames_sent += 1
 
+    def _source(self) -> bytes:
+        """
+        Return the frame bytes after the destination MAC: our MAC and the EtherType.
+
+        Kept for as long as the transport is the same one (a reopened port
+        may have another MAC), rather than asked of the transport per frame.
+
+        @raise OSError: ``ENETDOWN`` if the port is closed (its interface went away).
+        """
+        transport = self.transport
+        if transport is None:
+            raise OSError(errno.ENETDOWN, "the port is closed")
+        if transport is not self._source_of:
+            mac = self.mac
+            if len(mac) != 6:
+                raise WireError("a MAC address must be 6 bytes")
+            self._source_bytes = mac + _ETHERTYPE_BYTES
+            self._source_of = transport
+        return self._source_bytes
+
     # -- requests with one answer ---------------------------------------------
 
     def request(
@@ -690,8 +802,13 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         ``paths.reroute`` says: another live path if there is one, with a new
         tag on that path's protocol.
         """
-        header = Header(VERSION, False, False, 0, major, minor, command, bytes(4), arg)
-        request = _Request(dst, header, what, target or target_name(major, minor))
+        if len(dst) != 6:
+            raise WireError("a MAC address must be 6 bytes")
+        message = Header(VERSION, False, False, 0, major, minor, command, bytes(4), arg).to_bytes()
+        request = _Request(
+            dst, message[:_TAG_AT], _padded(message[HEADER_SIZE:]), command, major, minor,
+            what, target or target_name(major, minor),
+        )
         request.retry = retry or self.retry
         request.paths = paths
         request.path = path
@@ -707,13 +824,21 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         request.attempts += 1
         request.owner = self
         self._pending[tag] = request
-        request.sent_at = self.reactor.seconds()
-        if request.path is not None:
-            request.path.in_flight += 1
-            request.path.sent += 1
-        request.timer = self.reactor.callLater(request.timeout, self._expire, request)
+        now = request.sent_at = self.reactor.seconds()
+        path = request.path
+        if path is not None:
+            path.in_flight += 1
+            path.sent += 1
+        self._arm(request, now)
         try:
-            self._send(request.dst, evolve(request.header, tag=tag.to_bytes(4, "big")))
+            transport = self.transport
+            if transport is None:
+                raise OSError(errno.ENETDOWN, "the port is closed")
+            transport.write(  # type: ignore[attr-defined]
+                b"".join((request.dst, self._source(), request.head, _TAG.pack(tag),
+                          request.body))
+            )
+            self.frames_sent += 1
         except OSError as e:
             if request.paths is not None and e.errno == errno.ENETDOWN:
                 # The interface is gone for now: this copy is lost like a frame on
@@ -722,26 +847,70 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             # The port itself drops a frame the kernel has no room for (the timer
             # then resends it); what it raises will not get better by retrying.
             self._forget(request)
-            request.deferred.errback(
+            request.settle(
                 AoEClientError(f"{request.target}: cannot send {request.what}: {e.strerror or e}")
             )
+
+    def _arm(self, request: _Request, now: float) -> None:
+        """Start ``request``'s timer: its deadline joins those of its timeout (``_Deadlines``)."""
+        timeout = request.timeout
+        deadlines = self._deadlines.get(timeout)
+        if deadlines is None:
+            deadlines = self._deadlines[timeout] = _Deadlines(timeout)
+        deadlines.requests[request] = now + timeout
+        request.deadlines = deadlines
+        if deadlines.call is None:
+            deadlines.call = self.reactor.callLater(timeout, self._expire_due, deadlines)
+
+    def _expire_due(self, deadlines: _Deadlines) -> None:
+        """
+        A timer fired: expire every request of ``deadlines`` whose deadline came.
+
+        Then set the timer again for the oldest one left (the order they were
+        sent in is the order of their deadlines), if one is.
+        """
+        deadlines.call = None
+        requests = deadlines.requests
+        now = self.reactor.seconds()
+        while requests:
+            request, deadline = next(iter(requests.items()))
+            if deadline > now + _DEADLINE_SLACK:
+                break
+            del requests[request]
+            request.deadlines = None
+            self._expire(request)
+        # Expiring may have sent requests that set a timer for themselves (later
+        # than the oldest left): the timer is for the oldest.
+        deadlines.cancel()
+        if requests:
+            deadline = next(iter(requests.values()))
+            deadlines.call = self.reactor.callLater(max(0.0, deadline - now), self._expire_due,
+                                                    deadlines)
+
+    @staticmethod
+    def _disarm(request: _Request) -> None:
+        """Stop ``request``'s timer: take it out of its deadlines (cancel theirs if it was last)."""
+        deadlines = request.deadlines
+        if deadlines is not None:
+            request.deadlines = None
+            requests = deadlines.requests
+            del requests[request]
+            if not requests:
+                deadlines.cancel()
 
     def _forget(self, request: _Request) -> None:
         """Drop ``request``'s tag, timer and path: it is answered, given up, moved or abandoned."""
         if request.tag is not None:
             self._pending.pop(request.tag, None)
             request.tag = None
-        if request.timer is not None:
-            if request.timer.active():
-                request.timer.cancel()
-            request.timer = None
+        if request.deadlines is not None:
+            self._disarm(request)
         if request.path is not None:
             request.path.in_flight -= 1
             request.path = None
 
     def _expire(self, request: _Request) -> None:
         """No reply in time: retransmit with a new tag (on another path if any), or give up."""
-        request.timer = None
         request.waited += request.timeout
         failed = request.path
         self._forget(request)
@@ -750,7 +919,7 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             paths.timed_out(failed)
         retry = request.retry or self.retry
         if request.attempts > retry.retries:
-            request.deferred.errback(
+            request.settle(
                 AoETimeout(request.target, request.what, request.attempts, request.waited)
             )
             return
@@ -850,7 +1019,39 @@ class AoEClientProtocol(AbstractDatagramProtocol):
 
         Anything that is not an AoE response with our tag bit is ignored, as
         is a reply whose tag is no longer outstanding (a stale copy).
+
+        The common case, a disk's ATA request answered without an error, is
+        read from the frame's fixed fields (the tag first, to find the
+        request) and handed to the disk without decoding the message into
+        objects; everything else is decoded in full (``_received``).
         """
+        if len(datagram) >= _ATA_REPLY_SIZE:
+            (ethertype, verflags, major, minor, command, tag, error, status, reserved,
+             ) = _ATA_REPLY.unpack_from(datagram)
+            if ethertype == ETHERTYPE and verflags == _ANSWER and command == _ATA_COMMAND:
+                request = self._pending.get(tag)
+                if (
+                    request is not None
+                    and request.sink is not None
+                    and not reserved
+                    and request.command == _ATA_COMMAND
+                    and request.major in (BROADCAST_MAJOR, major)
+                    and request.minor in (BROADCAST_MINOR, minor)
+                ):
+                    path = request.path
+                    self._forget(request)
+                    paths = request.paths
+                    if path is not None and paths is not None:
+                        paths.answered(path, self.reactor.seconds() - request.sent_at)
+                    assert request.chunk is not None
+                    request.sink._chunk_answered(
+                        request.chunk, status, error, bytes(datagram[_ATA_REPLY_SIZE:])
+                    )
+                    return
+        self._received(datagram)
+
+    def _received(self, datagram: bytes) -> None:
+        """Decode a frame in full and match it to the request or query it answers."""
         try:
             ethernet = EthernetFrame.from_bytes(datagram)
             if ethernet.ethertype != ETHERTYPE:
@@ -888,10 +1089,9 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         if request is None:
             self.stale_replies += 1
             return
-        sent = request.header
-        if header.command != sent.command or not (
-            sent.major in (BROADCAST_MAJOR, header.major)
-            and sent.minor in (BROADCAST_MINOR, header.minor)
+        if header.command != request.command or not (
+            request.major in (BROADCAST_MAJOR, header.major)
+            and request.minor in (BROADCAST_MINOR, header.minor)
         ):
             self.ignored += 1
             _log.debug(
@@ -906,11 +1106,9 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             # Any answer, even an AoE error, shows the path carries frames both ways.
             request.paths.answered(path, self.reactor.seconds() - request.sent_at)
         if header.flag_error:
-            request.deferred.errback(
-                AoEProtocolError(header.error, request.target, request.what, header)
-            )
+            request.settle(AoEProtocolError(header.error, request.target, request.what, header))
             return
-        request.deferred.callback(Reply(ethernet.src, header))
+        request.settle(Reply(ethernet.src, header))
 
     def stopProtocol(self) -> None:
         """
@@ -924,12 +1122,11 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             if self._pending.get(tag) is not request:
                 continue  # answered or cancelled by an earlier one's failure
             if request.paths is not None and not self.closing:
-                if request.timer is not None and request.timer.active():
-                    request.timer.cancel()
+                self._disarm(request)
                 self._expire(request)
                 continue
             self._forget(request)
-            request.deferred.errback(
+            request.settle(
                 AoEClientError(f"{request.target}: {request.what} abandoned: the port closed")
             )
         for collector_tag in list(self._collectors):
@@ -937,6 +1134,12 @@ class AoEClientProtocol(AbstractDatagramProtocol):
 
 
 # -- paths: local interfaces and server MACs -------------------------------------
+
+
+def _padded(body: bytes) -> bytes:
+    """Return a message's bytes after its tag, zero-filled so that its frame is 60 bytes or more."""
+    short = MIN_FRAME_SIZE - _BEFORE_ARG - len(body)
+    return body + bytes(short) if short > 0 else body
 
 
 def _mtu_sectors(mtu: int) -> int:
@@ -1227,6 +1430,16 @@ class PathSet:
 
     def _next_with_room(self) -> Path | None:
         """The next usable path with room, round robin."""
+        paths = self.paths
+        if len(paths) == 1:
+            # What the loop below does with one path, which is usable whatever its
+            # state (``usable`` falls back to every path) and shares its MAC's
+            # buffers with no other.
+            path = paths[0]
+            self._next = 0
+            if path.in_flight < path.window and path.in_flight < max(1, path.buffer_count):
+                return path
+            return None
         candidates = self.usable()
         count = len(candidates)
         for i in range(count):
@@ -1336,6 +1549,8 @@ class PathSet:
         probed only while another path is live: with none, the requests
         themselves go everywhere.
         """
+        if self._nothing_to_probe():
+            return
         now = self.reactor.seconds()
         interval = self.policy.probe_interval
         for link in self.links:
@@ -1363,6 +1578,27 @@ class PathSet:
                 d = link.protocol.query_config(interval / 2, major=self.shelf, minor=self.slot,
                                                sends=1)
                 d.addErrback(lambda _: None)
+
+    def _nothing_to_probe(self) -> bool:
+        """
+        Whether ``probe_due`` would find nothing to do, asked cheaply (it runs per frame).
+
+        So when every link is up and not waiting to be reopened, no path is
+        dead and every link has a path.
+        """
+        paths = self.paths
+        for path in paths:
+            if path.dead:
+                return False
+        for link in self.links:
+            if link.protocol.transport is None or link.next_reopen is not None:
+                return False
+            for path in paths:
+                if path.link is link:
+                    break
+            else:
+                return False
+        return True
 
     def _probe(self, path: Path) -> None:
         """Send one config query to ``path``'s MAC; its answer (``offer``) revives the path."""
@@ -1909,19 +2145,26 @@ class _Operation:
     results: list[bytes] = field(factory=list)
     remaining: int = 0
     failed: bool = False
+    #: What ``deferred`` fires with, made of ``results`` once every chunk is answered.
+    finish: Callable[[list[bytes]], Any] = lambda results: None
 
 
 @define(eq=False)
 class _Chunk:
-    """One frame's worth of an operation: an ATA argument and where its result goes."""
+    """
+    One frame's worth of an operation: an ATA argument and where its result goes.
+
+    ``arg`` returns the encoded argument and the sectors it carries, built
+    when the frame is first sent (a long write is not copied all at once).
+    """
 
     operation: _Operation
     index: int
-    arg: Callable[[], ATAArg]
+    arg: Callable[[], bytes]
     what: str
     length: int
     expect: int = 0
-    request: Deferred[Reply] | None = None
+    request: _Request | None = None
     #: Where the chunk's bytes start, counted from the operation's first sector.
     start: int = 0
 
@@ -1985,6 +2228,8 @@ class RemoteDisk:
         ))
         paths.sectors_per_frame = self.sectors_per_frame
         paths.on_change = self._pump
+        # The AoE header of every ATA request to this target, but its tag.
+        self._head = _ATA_HEAD.pack(VERSION << 4, 0, info.shelf, info.slot, _ATA_COMMAND)
         self.in_flight = 0
         self.peak_in_flight = 0
         self._queue: deque[_Chunk] = deque()
@@ -2036,7 +2281,7 @@ class RemoteDisk:
                 f"read of LBA {first}+{n}", n * SECTOR_SIZE, expect=n * SECTOR_SIZE,
                 start=(first - lba) * SECTOR_SIZE,
             )
-        op.deferred.addCallback(lambda _: b"".join(op.results))
+        op.finish = b"".join
         self._start(op)
         return op.deferred
 
@@ -2073,7 +2318,6 @@ class RemoteDisk:
                 op, index, self._rw_builder(True, first, n, payload),
                 f"write of LBA {first}+{n}", n * SECTOR_SIZE, start=start,
             )
-        op.deferred.addCallback(lambda _: None)
         self._start(op)
         return op.deferred
 
@@ -2091,18 +2335,17 @@ class RemoteDisk:
         command = ATACmdStatus.FLUSH_EXT if ext else ATACmdStatus.FLUSH
         op = self._operation(None)
         self._add(
-            op, 0, lambda: ATAArg(flag_lba48_extended=ext, cmd_status=command),
+            op, 0, lambda: ATAArg(flag_lba48_extended=ext, cmd_status=command).to_bytes(),
             "FLUSH CACHE", 0,
         )
-        op.deferred.addCallback(lambda _: None)
         self._start(op)
         return op.deferred
 
     def identify(self) -> Deferred[bytes]:
         """Fire with the target's 512-byte IDENTIFY DEVICE page."""
         op = self._operation(None)
-        self._add(op, 0, _identify_arg, "IDENTIFY", 0, expect=512)
-        op.deferred.addCallback(lambda _: op.results[0])
+        self._add(op, 0, lambda: _identify_arg().to_bytes(), "IDENTIFY", 0, expect=512)
+        op.finish = lambda results: results[0]
         self._start(op)
         return op.deferred
 
@@ -2178,7 +2421,7 @@ class RemoteDisk:
         return op
 
     def _add(
-        self, op: _Operation, index: int, arg: Callable[[], ATAArg], what: str, length: int,
+        self, op: _Operation, index: int, arg: Callable[[], bytes], what: str, length: int,
         expect: int = 0, start: int = 0,
     ) -> None:
         op.chunks.append(_Chunk(op, index, arg, what, length, expect, start=start))
@@ -2191,81 +2434,112 @@ class RemoteDisk:
 
     def _rw_builder(
         self, write: bool, lba: int, count: int, data: bytes | memoryview
-    ) -> Callable[[], ATAArg]:
-        """Return a function building the READ/WRITE argument when its frame is sent."""
+    ) -> Callable[[], bytes]:
+        """Return a function encoding the READ/WRITE argument and data when its frame is sent."""
         lba28 = not self.info.lba48 or (self.use_lba28 and lba + count <= _LBA28_LIMIT)
+        if lba28:
+            command = ATACmdStatus.WRITE_28BIT if write else ATACmdStatus.READ_28BIT
+            address = (lba & (_LBA28_LIMIT - 1)) | _LBA28_DEVICE << 24
+        else:
+            command = ATACmdStatus.WRITE_48BIT if write else ATACmdStatus.READ_48BIT
+            address = lba
+        aflags = (0 if lba28 else _AFLAG_LBA48) | (_AFLAG_WRITE if write else 0)
+        command = int(command)
 
-        def build() -> ATAArg:
-            if lba28:
-                command = ATACmdStatus.WRITE_28BIT if write else ATACmdStatus.READ_28BIT
-                address = (lba & (_LBA28_LIMIT - 1)) | _LBA28_DEVICE << 24
-            else:
-                command = ATACmdStatus.WRITE_48BIT if write else ATACmdStatus.READ_48BIT
-                address = lba
-            return ATAArg(
-                flag_lba48_extended=not lba28,
-                flag_write=write,
-                sector_count=count,
-                cmd_status=command,
-                lba=address,
-                data=bytes(data),
-            )
+        def build() -> bytes:
+            # As ATAArg(...).to_bytes() encodes it, without the object.
+            return _ATA_ARG.pack(aflags, 0, count, command, address.to_bytes(6, "little"),
+                                 0) + data
 
         return build
 
     def _pump(self) -> None:
         """Send queued chunks, each on the path ``PathSet.choose`` gives, while one has room."""
-        if self._pumping:
+        if self._pumping or not self._queue:
             return
         self._pumping = True
         try:
-            while self._queue:
-                if self._queue[0].operation.failed:
-                    self._queue.popleft()
+            queue = self._queue
+            paths = self.paths
+            info = self.info
+            while queue:
+                if queue[0].operation.failed:
+                    queue.popleft()
                     continue
-                path = self.paths.choose()
+                path = paths.choose()
                 if path is None:
                     break
-                chunk = self._queue.popleft()
+                chunk = queue.popleft()
                 self.in_flight += 1
-                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-                info = self.info
-                d = path.protocol.request(
-                    path.mac, info.shelf, info.slot, Command.ISSUE_ATA_COMMAND, chunk.arg(),
-                    what=chunk.what, target=self.name, paths=self.paths, path=path,
+                if self.in_flight > self.peak_in_flight:
+                    self.peak_in_flight = self.in_flight
+                protocol = path.protocol
+                request = _Request(
+                    path.mac, self._head, _padded(chunk.arg()), _ATA_COMMAND, info.shelf,
+                    info.slot, chunk.what, self.name, retry=protocol.retry, paths=paths,
+                    path=path, sink=self, chunk=chunk,
                 )
-                chunk.request = d
-                d.addBoth(self._chunk_done, chunk)
+                request.timeout = protocol.retry.initial_timeout
+                chunk.request = request
+                protocol._transmit(request)
         finally:
             self._pumping = False
 
     def _chunk_done(self, result: Reply | Failure, chunk: _Chunk) -> None:
-        """Account for one answered (or failed) frame and send the next ones."""
+        """One frame failed, or was answered by a reply decoded in full: account for it."""
+        if isinstance(result, Failure):
+            self.in_flight -= 1
+            chunk.request = None
+            if not chunk.operation.failed:
+                self._fail(chunk.operation, result)
+            self._pump()
+            return
+        arg = result.header.arg
+        if not isinstance(arg, ATAArg):
+            self.in_flight -= 1
+            chunk.request = None
+            if not chunk.operation.failed:
+                try:
+                    _check_ata(result.header, self.name, chunk.what)
+                except AoEClientError:
+                    self._fail(chunk.operation, Failure())
+            self._pump()
+            return
+        self._chunk_answered(chunk, arg.cmd_status, arg.err_feature, arg.data)
+
+    def _chunk_answered(self, chunk: _Chunk, status: int, error: int, data: bytes) -> None:
+        """
+        Account for one answered frame, from its reply's ATA status and error registers
+        and the bytes after its argument, and send the next ones.
+        """
         self.in_flight -= 1
         chunk.request = None
         op = chunk.operation
         if not op.failed:
-            if isinstance(result, Failure):
-                self._fail(op, result)
-            else:
+            expect = chunk.expect
+            if status & _STATUS_FAILED or len(data) < expect:
                 try:
-                    arg = _check_ata(result.header, self.name, chunk.what)
-                    if len(arg.data) < chunk.expect:
-                        raise BadReply(
-                            f"{self.name}: reply to {chunk.what} carried {len(arg.data)} "
-                            f"bytes, expected {chunk.expect}"
-                        )
+                    if status & _STATUS_FAILED:
+                        raise ATAError(status, error, self.name, chunk.what)
+                    raise BadReply(
+                        f"{self.name}: reply to {chunk.what} carried {len(data)} "
+                        f"bytes, expected {expect}"
+                    )
                 except AoEClientError:
                     self._fail(op, Failure())
-                else:
-                    op.results[chunk.index] = arg.data[: chunk.expect]
-                    op.remaining -= 1
-                    if op.progress is not None and chunk.length:
-                        counted = chunk.counted()
-                        if counted:
-                            op.progress(counted)
-                    if op.remaining == 0:
-                        op.deferred.callback(None)
+            else:
+                op.results[chunk.index] = data[:expect]
+                op.remaining -= 1
+                if op.progress is not None and chunk.length:
+                    counted = chunk.counted()
+                    if counted:
+                        op.progress(counted)
+                if op.remaining == 0:
+                    # Every chunk is answered: let go of them, so that the operation
+                    # and its chunks (which point at each other) are freed at once
+                    # rather than by the cyclic garbage collector.
+                    op.chunks.clear()
+                    op.deferred.callback(op.finish(op.results))
         self._pump()
 
     def _fail(self, op: _Operation, failure: Failure) -> None:
@@ -2274,7 +2548,10 @@ class RemoteDisk:
             return
         op.failed = True
         for chunk in op.chunks:
-            if chunk.request is not None:
-                chunk.request.cancel()
+            request = chunk.request
+            if request is not None:
+                # As cancelling a request's Deferred does: abandon it, then fail it.
+                request.owner._abandon(request)
+                self._chunk_done(Failure(CancelledError()), chunk)
         if not op.deferred.called:
             op.deferred.errback(failure)
