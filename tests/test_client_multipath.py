@@ -28,6 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from aoe_twisted.core.wire import SECTOR_SIZE, ATAArg, Command, Header
 from aoe_twisted.initiator.client import (
     AoEClient,
+    AoEClientError,
     AoETimeout,
     Link,
     PathPolicy,
@@ -317,6 +318,172 @@ class FailoverTests(TwoPathCase):
         self.net_b.protocol.doStop()
         self.failureResultOf(d)
 
+
+class HeldRetransmissionTests(TwoPathCase):
+    """
+    A retransmission held because every other path's window is full goes out as
+    soon as room appears, whether or not new frames are queued behind it.
+    """
+
+    def narrow_disk(self, client: AoEClient | None = None) -> RemoteDisk:
+        """A disk whose two paths take one frame each (``max_in_flight=1``), a first."""
+        if client is None:
+            client = self.client(RetryPolicy(0.5, 2.0, 3), PathPolicy(probe_interval=1000.0))
+        disk: RemoteDisk = self.successResultOf(
+            run_clock(self.clock, client.open(1, 0, max_in_flight=1))
+        )
+        self.assertEqual([p.window for p in disk.paths.paths], [1, 1])
+        disk.paths._next = 0
+        return disk
+
+    def lose_first_request(self, network: FakeNetwork) -> None:
+        """Lose the first READ/WRITE request ``network`` carries (its reply never comes)."""
+        lost: list[bool] = []
+
+        def drop(header: Header) -> bool:
+            if isinstance(header.arg, ATAArg) and not lost:
+                lost.append(True)
+                return True
+            return False
+
+        network.drop_request = drop
+
+    def hold_one(self, disk: RemoteDisk) -> tuple[defer.Deferred[bytes], defer.Deferred[bytes]]:
+        """
+        Read LBA 0+2 over a (lost), then LBA 2+2 over b (answered 0.4 s later); stop
+        just after a's timeout, when the first is held (b is full) and nothing is queued.
+
+        Return the two reads' Deferreds.
+        """
+        self.lose_first_request(self.net_a)
+        self.net_b.reply_delay = lambda header: 0.4 if isinstance(header.arg, ATAArg) else None
+        first = disk.read(0, 2)
+        self.wait(0.3)
+        second = disk.read(2, 2)
+        self.wait(0.25)
+        self.assertEqual([r.what for r in disk.paths._held], ["read of LBA 0+2"])
+        self.assertEqual([p.in_flight for p in disk.paths.paths], [0, 1])
+        self.assertFalse(disk._queue)
+        return first, second
+
+    def wait(self, seconds: float) -> None:
+        """Let ``seconds`` pass, each scheduled call running at its own time."""
+        end = self.clock.seconds() + seconds
+        while True:
+            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= end]
+            if not due:
+                break
+            self.clock.advance(max(0.0, min(due) - self.clock.seconds()))
+        self.clock.advance(end - self.clock.seconds())
+
+    def frames(self) -> int:
+        """Frames sent on both segments so far."""
+        return len(self.net_a.sent) + len(self.net_b.sent)
+
+    def test_answer_sends_held(self) -> None:
+        """
+        The frame on a is lost while b's is slow: at a's timeout b is full and the
+        retransmission is held; b's reply, with nothing queued, sends it.
+        """
+        data = pattern(4 * SECTOR_SIZE, 21)
+        self.target.backend.write(0, data)
+        disk = self.narrow_disk()
+        first, second = self.hold_one(disk)
+        self.assertEqual(self.successResultOf(run_clock(self.clock, second)), data[1024:])
+        self.assertEqual(self.successResultOf(run_clock(self.clock, first)), data[:1024])
+        self.assertEqual(len(disk.paths._held), 0)
+        self.assertEqual(disk.paths.failovers, 1)
+        self.assertEqual((disk.in_flight, disk.paths.in_flight), (0, 0))
+
+    def test_timeout_sends_held(self) -> None:
+        """
+        Both first frames are lost: a's retransmission is held (b is full); b's then
+        moves to a, and the room it leaves on b takes the held one at once.
+        """
+        data = pattern(4 * SECTOR_SIZE, 22)
+        self.target.backend.write(0, data)
+        disk = self.narrow_disk()
+        self.lose_first_request(self.net_a)
+        self.lose_first_request(self.net_b)
+        d = disk.read(0, 4)
+        self.wait(0.5)
+        self.assertEqual(len(disk.paths._held), 0)
+        self.assertEqual([p.in_flight for p in disk.paths.paths], [1, 1])
+        self.assertEqual(self.successResultOf(run_clock(self.clock, d)), data)
+        self.assertEqual(disk.paths.failovers, 2)
+        self.assertEqual((disk.in_flight, disk.paths.in_flight), (0, 0))
+
+    def test_held_of_failed_operation_not_sent(self) -> None:
+        """
+        A held retransmission whose operation failed meanwhile (here: cancelled) is
+        dropped, not sent when room appears.
+        """
+        disk = self.narrow_disk()
+        first, second = self.hold_one(disk)
+        before = self.frames()
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertEqual(len(disk.paths._held), 0)
+        self.successResultOf(run_clock(self.clock, second))
+        self.settle()
+        self.assertEqual(self.frames(), before)
+        self.assertEqual((disk.in_flight, disk.paths.in_flight), (0, 0))
+
+    def test_failing_operation_sends_none_of_its_held(self) -> None:
+        """
+        An operation failing with one frame in flight and a later one held: the room
+        the first leaves is not given to the second (which is dropped), and no frame goes.
+        """
+        links = [Link("a", self.net_a.connect(RetryPolicy(0.5, 2.0, 3))),
+                 Link("b", self.net_b.connect(RetryPolicy(2.0, 4.0, 3)))]
+        disk = self.narrow_disk(AoEClient(links=links,
+                                          path_policy=PathPolicy(probe_interval=1000.0)))
+        disk.paths._next = 1
+        self.lose_first_request(self.net_a)
+        self.net_b.reply_delay = lambda header: 1.0 if isinstance(header.arg, ATAArg) else None
+        d = disk.read(0, 4)
+        self.wait(0.6)
+        self.assertEqual([r.what for r in disk.paths._held], ["read of LBA 2+2"])
+        self.assertEqual([p.in_flight for p in disk.paths.paths], [0, 1])
+        before = self.frames()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.frames(), before)
+        self.assertEqual(len(disk.paths._held), 0)
+        self.assertEqual((disk.in_flight, disk.paths.in_flight), (0, 0))
+
+    def test_all_silent_held_times_out(self) -> None:
+        """
+        Every path silent, retransmissions held: each operation still fails with
+        ``AoETimeout`` when its retries run out, and nothing is left held or timed.
+        """
+        disk = self.narrow_disk()
+        self.host_a.silent = self.host_b.silent = True
+        reads = [disk.read(lba, 2) for lba in range(0, 8, 2)]
+        run_clock(self.clock, defer.DeferredList(reads), limit=60.0)
+        for d in reads:
+            failure = self.failureResultOf(d, AoETimeout)
+            self.assertEqual(failure.value.attempts, 4)
+        self.assertGreater(disk.paths.failovers, 0)
+        self.assertEqual(len(disk.paths._held), 0)
+        self.assertEqual((disk.in_flight, disk.paths.in_flight), (0, 0))
+        self.assertEqual([p.dead for p in disk.paths.paths], [True, True])
+
+    def test_close_fails_held(self) -> None:
+        """``close()`` fails an operation whose only frame is held, rather than leave it."""
+        client = self.client(RetryPolicy(0.5, 2.0, 3), PathPolicy(probe_interval=1000.0))
+        disk = self.narrow_disk(client)
+        first, second = self.hold_one(disk)
+        before = self.frames()
+        client.close()
+        self.failureResultOf(first, AoEClientError)
+        self.assertEqual(len(disk.paths._held), 0)
+        self.net_a.protocol.doStop()
+        self.net_b.protocol.doStop()
+        self.failureResultOf(second, AoEClientError)
+        self.settle()
+        self.assertEqual(self.frames(), before)
+        self.assertEqual((disk.in_flight, disk.paths.in_flight), (0, 0))
 
 # -- real: two servers, two veth pairs, one client with two interfaces ---------------
 

@@ -613,19 +613,28 @@ class _Request:
     chunk: _Chunk | None = None
 
     def settle(self, result: Reply | Failure | Exception) -> None:
-        """Give the answer or failure to whoever waits: the Deferred, or the disk."""
+        """
+        Give the answer or failure to whoever waits: the Deferred, or the disk.
+
+        Called once the request is forgotten, so the room it had on its path is
+        free: the disk sends into it once it has accounted for the answer (its
+        pump); for a request of no disk, retransmissions held for room
+        (``PathSet.release``) go once the Deferred has fired.
+        """
         sink = self.sink
         if sink is not None:
             assert self.chunk is not None
             sink._chunk_done(
                 Failure(result) if isinstance(result, Exception) else result, self.chunk
             )
-        elif isinstance(result, Reply):
-            assert self.deferred is not None
+            return
+        assert self.deferred is not None
+        if isinstance(result, Reply):
             self.deferred.callback(result)
         else:
-            assert self.deferred is not None
             self.deferred.errback(result)
+        if self.paths is not None:
+            self.paths.release()
 
 
 #: Deadlines within this much of the present are due: a timer set for a
@@ -950,12 +959,25 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             attempt=request.attempts + 1,
         )
         path.protocol._transmit(request)
+        if path is not failed:
+            # The copy that timed out left room on ``failed``: a retransmission held
+            # earlier may take it now rather than wait for the next reply.
+            paths.release()
 
     def _abandon(self, request: _Request) -> None:
-        """The caller cancelled: forget the request; its Deferred fails with CancelledError."""
+        """
+        The caller cancelled: forget the request; its Deferred fails with CancelledError.
+
+        A disk's request leaves its room to the disk, which sends into it once it
+        has accounted for the failure (its pump); another's releases held
+        retransmissions at once.
+        """
         self._forget(request)
-        if request.paths is not None:
-            request.paths.drop(request)
+        paths = request.paths
+        if paths is not None:
+            paths.drop(request)
+            if request.sink is None:
+                paths.release()
 
     # -- broadcast queries with many answers ----------------------------------
 
@@ -1282,13 +1304,17 @@ class PathSet:
     next path with room in its window, round robin over the live ones (all
     of them, when none is live: the retry policy then decides), or ``None``
     when all are full; ``reroute`` picks the path for a retransmission:
-    another live one if there is any.  ``answered`` and ``timed_out`` keep
-    each path's window, round-trip time and consecutive timeouts.
+    another live one if there is any, or ``None`` when those are all full:
+    the retransmission is then held (``hold``) and sent by ``release``
+    (or ``choose``) as soon as room appears.  ``answered`` and ``timed_out``
+    keep each path's window, round-trip time and consecutive timeouts.
 
     A path whose frames are smaller than ``sectors_per_frame`` (the disk's,
     fixed when it opened) is not used.  ``on_change`` (the disk's pump) is
-    called when a path is added or comes back.  ``failovers`` counts the
-    retransmissions that moved to another path.
+    called when a config reply adds a path or brings one back (a path that
+    comes back by answering a request gets it from the disk's accounting of
+    that answer).  ``failovers`` counts the retransmissions that moved to
+    another path.
     """
 
     def __init__(
@@ -1313,6 +1339,9 @@ class PathSet:
         self.on_change: Callable[[], object] | None = None
         self.failovers = 0
         self._held: deque[_Request] = deque()
+        # Whether held retransmissions are being sent (``_send_held`` does not run
+        # inside itself) or failed (``stop``).
+        self._sending_held = False
         self._next = 0
         self._link_probes: dict[int, float] = {}
         self._observers: list[tuple[AoEClientProtocol, Callable[[bytes, Header], object]]] = []
@@ -1449,7 +1478,7 @@ class PathSet:
                 return path
         return None
 
-    def reroute(self, failed: Path | None) -> Path:
+    def reroute(self, failed: Path | None) -> Path | None:
         """
         Return the path for a retransmission after ``failed`` timed out.
 
@@ -1472,7 +1501,14 @@ class PathSet:
         return self.usable()[0]
 
     def hold(self, request: _Request) -> None:
-        """Keep a retransmission until a path has room (``choose`` sends it first)."""
+        """
+        Keep a retransmission until a path has room.
+
+        It has no timer while held: whatever frees room sends it (``release``,
+        or ``choose``, which sends held ones before any new frame).  Some other
+        path is full when a request is held, so a request is in flight whose
+        answer, timeout or failure frees room.
+        """
         self._held.append(request)
 
     def drop(self, request: _Request) -> None:
@@ -1480,21 +1516,54 @@ class PathSet:
         if request in self._held:
             self._held.remove(request)
 
+    def release(self) -> None:
+        """
+        Room may have appeared on a path: send the held retransmissions that fit now.
+
+        Called wherever room is freed (a reply accounted for, a copy timed out
+        and moved, a request failed or abandoned, a path back) whether or not
+        new frames wait: a held retransmission has no timer of its own.
+        """
+        if self._held:
+            self.probe_due()
+            self._send_held()
+
     def _send_held(self) -> None:
-        """Send held retransmissions, each on the next usable path with room."""
-        while self._held:
-            path = self._next_with_room()
-            if path is None:
-                return
-            request = self._held.popleft()
-            request.path = path
-            request.dst = path.mac
-            path.protocol._transmit(request)
+        """
+        Send held retransmissions, in the order they were held, each on the next
+        usable path with room.
+
+        Sending may fail at once and fail its operation, whose disk then pumps
+        and lands here again: that inner call returns at once, and this loop,
+        which looks for room again after each send, carries on in order.
+        """
+        if self._sending_held:
+            return
+        self._sending_held = True
+        try:
+            held = self._held
+            while held:
+                path = self._next_with_room()
+                if path is None:
+                    return
+                request = held.popleft()
+                request.path = path
+                request.dst = path.mac
+                path.protocol._transmit(request)
+        finally:
+            self._sending_held = False
 
     # -- what happened --------------------------------------------------------
 
     def answered(self, path: Path, rtt: float) -> None:
-        """A reply came on ``path`` after ``rtt`` seconds: it is alive; its window may grow."""
+        """
+        A reply came on ``path`` after ``rtt`` seconds: it is alive; its window may grow.
+
+        Called before the reply is accounted for, so it sends nothing itself
+        (a frame failing to go at once would fail an operation whose answered
+        chunk is not yet counted): whoever accounts for the reply then sends
+        into the room (the disk's pump, or ``_Request.settle``).
+        """
         path.answered += 1
         path.timeouts = 0
         if path.srtt is None:
@@ -1504,8 +1573,6 @@ class PathSet:
             path.srtt += (rtt - path.srtt) / 8
         if path.dead:
             self._revive(path)
-            if self.on_change is not None:
-                self.on_change()
             return
         path.growth += 1
         if path.growth >= path.window and path.window < path.max_window:
@@ -1616,11 +1683,27 @@ class PathSet:
         d.addBoth(done)
 
     def stop(self) -> None:
-        """Cancel probes in flight and stop hearing config replies."""
+        """
+        Cancel probes in flight, stop hearing config replies, fail held retransmissions.
+
+        A held retransmission is in flight on no port, so closing the ports
+        would not fail it: its operation would never finish.
+        """
         self.unwatch()
         for path in self.paths:
             if path.probe is not None:
                 path.probe.cancel()
+        # Failing one fails its operation, whose disk pumps: the others must not go
+        # out meanwhile (``_send_held`` does nothing while this is set).
+        self._sending_held = True
+        try:
+            while self._held:
+                request = self._held.popleft()
+                request.settle(AoEClientError(
+                    f"{request.target}: {request.what} abandoned: the client closed"
+                ))
+        finally:
+            self._sending_held = False
 
 
 # -- discovery and opening --------------------------------------------------------
@@ -1736,6 +1819,9 @@ class AoEClient:
                     name, protocol, reactor=reactor, system=system, netns=netns,
                     # Room for a full window of replies, twice over, at any MTU.
                     receive_frames=2 * max_in_flight,
+                    # A late reply is still the answer (the port's stale rule is
+                    # for servers: not to carry out requests retried elsewhere).
+                    stale_after=0,
                 )
                 port.startListening()
                 return port
@@ -2454,15 +2540,27 @@ class RemoteDisk:
         return build
 
     def _pump(self) -> None:
-        """Send queued chunks, each on the path ``PathSet.choose`` gives, while one has room."""
-        if self._pumping or not self._queue:
+        """
+        Send into the room on the paths: held retransmissions first, then queued chunks,
+        each on the path ``PathSet.choose`` gives, while one has room.
+
+        Called after every answer or failure is accounted for, and when a path
+        is added or comes back.  Held retransmissions are sent even when no
+        chunk is queued: they have no timer, and nothing else would.
+        """
+        paths = self.paths
+        if self._pumping or not (self._queue or paths._held):
             return
         self._pumping = True
         try:
             queue = self._queue
-            paths = self.paths
             info = self.info
-            while queue:
+            while True:
+                if not queue:
+                    paths.release()
+                    if queue:
+                        continue  # queued while releasing (a failure's callbacks)
+                    break
                 if queue[0].operation.failed:
                     queue.popleft()
                     continue
@@ -2547,11 +2645,15 @@ class RemoteDisk:
         if op.failed:
             return
         op.failed = True
+        # As cancelling a request's Deferred does: abandon them, then fail them.  All
+        # are abandoned first: failing one pumps, and the pump must not send a held
+        # retransmission of this operation into the room it left.
         for chunk in op.chunks:
             request = chunk.request
             if request is not None:
-                # As cancelling a request's Deferred does: abandon it, then fail it.
                 request.owner._abandon(request)
+        for chunk in op.chunks:
+            if chunk.request is not None:
                 self._chunk_done(Failure(CancelledError()), chunk)
         if not op.deferred.called:
             op.deferred.errback(failure)
