@@ -24,6 +24,7 @@ from zope.interface.verify import verifyObject
 
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.core.acl import MemoryACLStore
+from aoe_twisted.core.decision import Decision
 from aoe_twisted.core.dispatch import Dispatcher
 from aoe_twisted.core.fastpath import FastPending
 from aoe_twisted.core.operations import submit
@@ -34,11 +35,11 @@ from aoe_twisted.testing import TARGET_MAC, ata_request, ethernet_frame
 from tests.test_fastpath import (
     BAD_SECTOR,
     SECTORS,
+    FailingBackend,
     Setup,
     fates,
     frames,
     setups,
-    target_stats,
 )
 
 
@@ -94,12 +95,17 @@ class LaterDisk:
             d.callback(None)
 
 
-def dispatcher(setup: Setup, fast_path: bool) -> Dispatcher:
-    """Return a dispatcher for asynchronous disks at 1.0 and 1.1 configured as ``setup`` says."""
+def dispatcher(setup: Setup, fast_path: bool, mixed: bool = False) -> Dispatcher:
+    """
+    Return a dispatcher for disks at 1.0 and 1.1 configured as ``setup`` says:
+    both asynchronous, or (``mixed``) 1.0 a synchronous memory disk.
+    """
     targets = []
     for slot in (0, 1):
-        disk = LaterDisk(MemoryBackend(SECTORS * SECTOR_SIZE, read_only=setup.read_only),
-                         setup.failing)
+        memory = MemoryBackend(SECTORS * SECTOR_SIZE, read_only=setup.read_only)
+        disk: Any = LaterDisk(memory, setup.failing)
+        if mixed and slot == 0:
+            disk = FailingBackend(memory) if setup.failing else memory
         acl = MemoryACLStore(mask_list=setup.mask, reserve_list=setup.reserve)
         targets.append(Target(1, slot, disk, acl=acl, max_sectors=setup.max_sectors))
     return Dispatcher(TARGET_MAC, targets, fast_path=fast_path)
@@ -111,6 +117,8 @@ class Run:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
         self.replies: list[bytes] = []
+        #: How many operations the fast path accepted (``FastPending``).
+        self.accepted = 0
 
     def receive(self, frame: bytes, into: bool = False) -> None:
         """Decide about ``frame`` (as a ring slot, with ``into``) and start its operations."""
@@ -129,6 +137,10 @@ class Run:
             decision = dispatcher.frame_received(frame)
         self.replies.extend(decision.replies)
         for pending in decision.pending:
+            self.accepted += isinstance(pending, FastPending)
+            if not pending.target.asynchronous:
+                self.replies.extend(self.dispatcher.settle(Decision(pending=(pending,))))
+                continue
             d = submit(pending.io, pending.target.backend)
             d.addCallbacks(
                 lambda result, pending=pending: self.done(pending, result, None),
@@ -140,8 +152,8 @@ class Run:
         self.replies.extend(self.dispatcher.complete(pending, result, error, 0.001).replies)
 
     def waiting(self) -> list[int]:
-        """How many operations each disk has waiting."""
-        return [len(t.backend.waiting) for t in self.dispatcher.targets]
+        """How many operations each disk has waiting (none on a synchronous one)."""
+        return [len(getattr(t.backend, "waiting", ())) for t in self.dispatcher.targets]
 
     def complete(self, slot: int, index: int) -> None:
         """Complete disk ``slot``'s ``index``-th waiting operation."""
@@ -151,9 +163,11 @@ class Run:
 class AsyncEquivalenceTests(SynchronousTestCase):
     """The fast path accepts plain requests to asynchronous disks as the general path answers."""
 
-    def check(self, setup: Setup, sent: list[bytes], order: list[int], into: bool) -> None:
-        fast = Run(dispatcher(setup, fast_path=True))
-        general = Run(dispatcher(setup, fast_path=False))
+    def check(
+        self, setup: Setup, sent: list[bytes], order: list[int], into: bool, mixed: bool = False
+    ) -> None:
+        fast = Run(dispatcher(setup, fast_path=True, mixed=mixed))
+        general = Run(dispatcher(setup, fast_path=False, mixed=mixed))
         choices = iter(order)
         for frame in sent:
             fast.receive(frame, into)
@@ -166,11 +180,20 @@ class AsyncEquivalenceTests(SynchronousTestCase):
             self.complete_one(fast, general, next(choices, 0))
         self.assertEqual(fast.replies, general.replies)
         self.assertEqual(fates(fast.dispatcher), fates(general.dispatcher))
-        self.assertEqual(target_stats(fast.dispatcher), target_stats(general.dispatcher))
-        self.assertEqual(
-            disks_of(fast.dispatcher), disks_of(general.dispatcher)
-        )
-        self.assertEqual(general.dispatcher.counters.fast, 0)
+        self.assertEqual(snapshots(fast.dispatcher), snapshots(general.dispatcher))
+        self.assertEqual(disks_of(fast.dispatcher), disks_of(general.dispatcher))
+        # Every plain request was the fast path's (none the general path's), and
+        # only those: the counter says how many it took.
+        self.assertEqual(general.accepted, 0)
+        plain = [is_plain(frame, setup) for frame in sent]
+        if mixed:
+            # Plain requests to 1.0 are answered at once, to 1.1 accepted for later.
+            self.assertEqual(fast.dispatcher.counters.fast, sum(plain))
+            later = [p for p, frame in zip(plain, sent, strict=True) if frame[18:19] == b"\x01"]
+            self.assertEqual(fast.accepted, sum(later))
+        else:
+            self.assertEqual(fast.dispatcher.counters.fast, fast.accepted)
+            self.assertEqual(fast.accepted, sum(plain))
 
     def complete_one(self, fast: Run, general: Run, choice: int) -> None:
         """Complete the same operation on both: the ``choice``-th of all waiting, modulo."""
@@ -195,6 +218,35 @@ class AsyncEquivalenceTests(SynchronousTestCase):
         a write's data is copied before the slot is reused.
         """
         self.check(setup, sent, order, into=True)
+
+    @settings(max_examples=100)
+    @given(setups(), st.lists(frames, min_size=1, max_size=8), st.lists(st.integers(0, 50)))
+    def test_with_a_synchronous_disk_too(
+        self, setup: Setup, sent: list[bytes], order: list[int]
+    ) -> None:
+        """
+        Beside a synchronous disk (answered in place, into the slot) the same holds,
+        from a ring slot and from bytes.
+        """
+        self.check(setup, sent, order, into=True, mixed=True)
+        self.check(setup, sent, order, into=False, mixed=True)
+
+    def test_reply_from_the_completing_dispatcher(self) -> None:
+        """
+        A request accepted before the interface's MAC changed (the server builds a
+        new dispatcher) is answered from the new MAC, as the general path answers.
+        """
+        new_mac = bytes.fromhex("02bb00000001")
+        frame = ethernet_frame(ata_request(int(ATACmdStatus.READ_48BIT), count=1, lba=3))
+        replies = []
+        for fast_path in (True, False):
+            old = dispatcher(Setup(), fast_path=fast_path)
+            (pending,) = old.frame_received(frame).pending
+            new = Dispatcher(new_mac, old.targets, fast_path=fast_path)
+            (reply,) = new.complete(pending, bytes(SECTOR_SIZE)).replies
+            self.assertEqual(reply[6:12], new_mac)
+            replies.append(reply)
+        self.assertEqual(replies[0], replies[1])
 
     def test_plain_requests_take_the_fast_path(self) -> None:
         """Plain reads and writes to an asynchronous disk are accepted as ``FastPending``."""
@@ -255,7 +307,37 @@ class AsyncEquivalenceTests(SynchronousTestCase):
         self.assertEqual(run.async_index, {})
 
 
+def snapshots(dispatcher: Dispatcher) -> list[dict[str, Any]]:
+    """
+    Every target's figures: an asynchronous disk's service times included (each of
+    its operations took 1 ms), a synchronous one's (real, different) but their count.
+    """
+    figures = []
+    for target in dispatcher.targets:
+        snapshot = target.stats.snapshot(target.address, "", 0.0)
+        if not target.asynchronous:
+            del snapshot["service_seconds"]["buckets"], snapshot["service_seconds"]["sum"]
+        figures.append(snapshot)
+    return figures
+
+
+def is_plain(frame: bytes, setup: Setup) -> bool:
+    """
+    Whether ``frame`` is one the fast path answers for synchronous disks set up as
+    ``setup`` says (``fast_reply``, tested against the general path in
+    ``tests.test_fastpath``): the frames it must accept for asynchronous ones.
+    """
+    reference = setup.dispatcher(fast_path=True)
+    reference.frame_received(frame)
+    return reference.counters.fast == 1
+
+
 def disks_of(dispatcher: Dispatcher) -> list[bytes]:
-    """Return every asynchronous target's memory disk's contents."""
-    return [t.backend.disk.read(0, t.backend.disk.size) for t in dispatcher.targets]
+    """Return every target's memory disk's contents."""
+    contents = []
+    for target in dispatcher.targets:
+        backend: Any = target.backend
+        disk = backend if isinstance(backend, MemoryBackend) else backend.disk
+        contents.append(disk.read(0, disk.size))
+    return contents
 

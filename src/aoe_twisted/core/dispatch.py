@@ -57,7 +57,9 @@ class FrameCounters:
     frames produced), ``unencodable`` (replies that could not be encoded, a
     bug), ``faults`` (failures of a target's ACL store).  ``fast`` counts the
     frames the fast path answered, which are also in ``received``,
-    ``answered`` and ``replies``.  ``counters["received"]`` reads one by name.
+    ``answered`` and ``replies``, and the plain requests to asynchronous
+    disks it accepted (``fastpath.fast_pending``), also in ``received`` and
+    ``answered`` (and in ``replies`` once answered).  ``counters["received"]`` reads one by name.
     """
 
     received: int = 0
@@ -349,7 +351,7 @@ class Dispatcher:
         operation's service time in seconds, for the target's ``stats``.
         """
         if type(pending) is FastPending:
-            decision = Decision((pending.finish(result, error, elapsed),))
+            decision = Decision((pending.finish(result, error, elapsed, self.mac),))
             self.counters.replies += 1
             if error is None and pending.writes:
                 decision.written = pending.target
@@ -400,7 +402,7 @@ class Dispatcher:
     def refusal(self, pending: Pending | FastPending) -> bytes:
         """Return the ``ERR|DRDY``/``ABRT`` reply refusing ``pending``'s write (frame)."""
         if type(pending) is FastPending:
-            return pending.refusal()
+            return pending.refusal(self.mac)
         refused = pending.reply(None, OSError("not durable"))
         frames = self._frames(pending.initiator, [refused], count=False)
         return frames[0] if frames else b""

@@ -306,7 +306,9 @@ class FastPending:
     order.  It carries what the server needs to start the operation and
     keep its books (``target``, ``initiator``, ``io``), and what the reply
     needs (the request's tag, AFlags, LBA and sector count), instead of the
-    request's decoded ``Header``; ``finish`` returns the whole reply frame.
+    request's decoded ``Header``; ``finish`` returns the whole reply frame,
+    from the MAC the completing dispatcher gives (the interface's MAC may
+    have changed meanwhile; ``mac``, the accepting one's, otherwise).
     The replies are byte for byte the general path's (``Pending.finish``
     and ``ata.finish_ata``): ``tests.test_fastpath`` checks that they are.
     """
@@ -326,16 +328,22 @@ class FastPending:
         return self.io.kind is IOKind.WRITE
 
     def finish(
-        self, result: bytes | None, error: OSError | None = None, elapsed: float = 0.0
+        self,
+        result: bytes | None,
+        error: OSError | None = None,
+        elapsed: float = 0.0,
+        mac: bytes | None = None,
     ) -> bytes:
         """
-        Return the reply frame once the operation gave ``result`` (or ``error``), counting it.
+        Return the reply frame from ``mac`` once the operation gave ``result`` (or ``error``).
 
         A failed or short read is ``UNC``, a failed write ``ABRT`` (never
         acknowledged); the target's ``stats`` learn what ``Pending.finish``
         teaches them: no longer in flight, the service time, the bytes or
         the failure.
         """
+        if mac is not None:
+            self.mac = mac
         io = self.io
         stats = self.target.stats
         stats.in_flight -= 1
@@ -354,8 +362,10 @@ class FastPending:
         stats.read_bytes += io.length
         return self._header() + result
 
-    def refusal(self) -> bytes:
-        """Return the ``ERR|DRDY``/``ABRT`` reply refusing this write (counting nothing)."""
+    def refusal(self, mac: bytes | None = None) -> bytes:
+        """Return the ``ERR|DRDY``/``ABRT`` reply from ``mac`` refusing this write (no count)."""
+        if mac is not None:
+            self.mac = mac
         return _header(
             self.initiator, self.mac, self.target, self.tag, self.aflags, self.lba, _ABRT,
             self.count,
