@@ -46,6 +46,7 @@ import contextlib
 import os
 import random
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,9 +61,11 @@ from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import ETHERNET_HEADER_SIZE, MIN_FRAME_SIZE, SECTOR_SIZE
 from aoe_twisted.lane.storage import LaneStorage
 from aoe_twisted.lane.table import build_table
+from aoe_twisted.net.port import STALE_AFTER
 from aoe_twisted.net.ring import (
     RX_PKTTYPE_AT,
     RX_SLOT_HEADER,
+    RX_SLOT_STAMPED,
     TP_STATUS_AVAILABLE,
     TP_STATUS_SEND_REQUEST,
     TP_STATUS_SENDING,
@@ -380,11 +383,26 @@ class _Slot:
     snaplen: int
     mac: int
     pkttype: int
+    #: Its receive time (``tp_sec``): fresh, stale (an hour old), no time (a stamp
+    #: from boot), or in the future; the lane drops stale ones (``STALE_AFTER``).
+    age: int = 0
+
+
+#: ``age`` values of a ``_Slot``.
+_FRESH, _STALE, _NO_TIME, _FUTURE = range(4)
+
+
+def _received_at(age: int) -> int:
+    """The ``tp_sec`` of a slot of ``age``, far enough from the second's edges to be sure."""
+    now = int(time.time())
+    return {_FRESH: now, _STALE: now - 3600, _NO_TIME: 1000, _FUTURE: now + 3600}[age]
 
 
 def _hostile(rng: random.Random, slot: _Slot, size: int, max_frame: int) -> _Slot:
     """Spoil one field of ``slot`` (an RX slot of ``size`` bytes) the way ``rng`` picks."""
-    kind = rng.randrange(11)
+    kind = rng.randrange(12)
+    if kind == 11:
+        return evolve(slot, age=rng.choice((_STALE, _NO_TIME, _FUTURE)))
     if kind == 0:
         return evolve(slot, snaplen=rng.getrandbits(32))
     if kind == 1:
@@ -424,6 +442,7 @@ class _Ring:
         buffer = self.buffer
         struct.pack_into("=IIIH", buffer, offset, slot.status, slot.length, slot.snaplen,
                          slot.mac)
+        struct.pack_into("=I", buffer, offset + 16, _received_at(slot.age))
         buffer[offset + RX_PKTTYPE_AT] = slot.pkttype
         room = self.slot - frame_at
         if frame_at >= RX_PKTTYPE_AT + 1 and room > 0:
@@ -445,12 +464,14 @@ class _Ring:
         buffer = self.buffer if image is None else image
         if not _U32.unpack_from(buffer, offset)[0] & TP_STATUS_USER:
             return False, None
-        length, snaplen, mac = RX_SLOT_HEADER.unpack_from(buffer, offset + 4)
+        length, snaplen, mac, received_at = RX_SLOT_STAMPED.unpack_from(buffer, offset + 4)
         pkttype = buffer[offset + RX_PKTTYPE_AT]
+        stale_before = int(time.time()) - STALE_AFTER
         if (
             pkttype == _PACKET_OUTGOING
             or (pkttype == _PACKET_OTHERHOST and not accept_other)
             or length > self.max_frame
+            or stale_before - 365 * 86400 <= received_at < stale_before
         ):
             return True, None
         end = min(mac + snaplen, self.slot)
@@ -544,6 +565,7 @@ def _ring_walk(
     # The lane's walk.
     lane = native.Lane(ring.buffer, ring.rx, ring.slot, ring.tx, ring.slot, SERVER_MAC,
                        ring.max_frame, options.accept_other)
+    lane.stale_after = STALE_AFTER  # as AoEPort sets it
     got: list[_Walked] = []
     held: list[tuple[int, int]] = []  # (TX slot, walk position) of each held reply
     rx, tx = rx_start, tx_start

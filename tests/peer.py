@@ -116,6 +116,7 @@ class Peer:
             netns=netns,
             accept_other_hosts=accept_other_hosts,
             pad_frames=False,
+            stale_after=0,  # a test peer keeps what it received, however late it reads it
         )
         self.mac = b""
         self.mtu = 0

@@ -13,6 +13,7 @@ the kernel's own timestamps.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import ClassVar
 
 from twisted.internet.testing import MemoryReactorClock
@@ -21,6 +22,7 @@ from twisted.logger import capturedLogs, formatEvent
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import SECTOR_SIZE, ATACmdStatus
+from aoe_twisted.net import port as port_module
 from aoe_twisted.net.port import STALE_AFTER
 from aoe_twisted.net.ring import TP_STATUS_USER
 from aoe_twisted.server import AoEService
@@ -51,6 +53,16 @@ def write(lba: int, fill: int, tag: int) -> bytes:
     )  # fmt: skip
 
 
+class SlowMemory(MemoryBackend):
+    """A memory disk that calls ``stall`` after each write the Python lane makes."""
+
+    stall: Callable[[], object] = staticmethod(lambda: None)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        super().write(offset, data)
+        self.stall()
+
+
 class _StaleChecks:
     """A service on a memory system with rings; frames aged in the ring before it reads them."""
 
@@ -61,7 +73,7 @@ class _StaleChecks:
         self.reactor = MemoryReactorClock()
         self.system = MemoryPacketSystem(rings=True)
         self.interface = self.system.add_interface("eth0", mac=TARGET_MAC, mtu=1500)
-        self.disk = MemoryBackend(SECTORS * SECTOR_SIZE)
+        self.disk = SlowMemory(SECTORS * SECTOR_SIZE)
         service = AoEService(
             "eth0", [Target(1, 2, self.disk)], reactor=self.reactor, system=self.system
         )
@@ -83,6 +95,10 @@ class _StaleChecks:
             if rings.status[offset >> 2] & TP_STATUS_USER:
                 (sec,) = _TP_SEC.unpack_from(rings.view, offset + _TP_SEC_AT)
                 _TP_SEC.pack_into(rings.view, offset + _TP_SEC_AT, sec - seconds)
+
+    def summaries(self) -> list[object]:
+        """The timed calls due to log a summary of stale drops."""
+        return [c for c in self.reactor.getDelayedCalls() if c.func == self.port._log_stale]
 
     def read_now(self) -> list[bytes]:
         """Let the port read what waits; return what it sent."""
@@ -146,33 +162,107 @@ class _StaleChecks:
 
     def test_one_line_per_interval(self) -> None:
         """
-        Drops within ten seconds of the last warning are counted in the next one,
-        not each given a line.
+        Drops within ten seconds of the last warning are summed into one more line,
+        due when the ten seconds end: no line per drop, and no drop unsaid.
         """
         lines: list[str] = []
-        for round_ in range(3):
-            self.interface.receive(write(3, 0x5A, tag=round_))
-            self.age(STALE_AFTER + 1)
-            with capturedLogs() as events:
+        with capturedLogs() as events:
+            for round_ in range(3):
+                self.interface.receive(write(3, 0x5A, tag=round_))
+                self.age(STALE_AFTER + 1)
                 self.read_now()
-            lines += [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
-            self.reactor.advance(4)
-        self.assertEqual(len(lines), 1)
-        self.reactor.advance(10)
-        self.interface.receive(write(3, 0x5A, tag=9))
+                self.reactor.advance(3)
+            lines = [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
+            self.assertEqual(len(lines), 1)
+            self.assertIn("dropped 1 frame(s)", lines[0])
+            self.reactor.advance(1)  # ten seconds after the first line
+            lines = [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("dropped 2 frame(s)", lines[1])
+        self.assertEqual(self.port.frames_stale, 3)
+        self.assertEqual(self.summaries(), [])
+
+    def test_stop_over_several_reads(self) -> None:
+        """
+        One stop's frames, walked over several reads (``max_frames_per_read``), are
+        all dropped and all said: four at once, the other six in the next line.
+        """
+        self.port.max_frames_per_read = 4
+        for tag in range(10):
+            self.interface.receive(write(3, 0x5A, tag=tag))
         self.age(STALE_AFTER + 1)
         with capturedLogs() as events:
-            self.read_now()
-        lines += [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
+            for _ in range(3):
+                self.assertEqual(self.read_now(), [])
+            self.reactor.advance(10)
+        lines = [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
         self.assertEqual(len(lines), 2)
-        self.assertIn("dropped 3 frame(s)", lines[1])
-        self.assertEqual(self.port.frames_stale, 4)
+        self.assertIn("dropped 4 frame(s)", lines[0])
+        self.assertIn("dropped 6 frame(s)", lines[1])
+        self.assertEqual(self.port.frames_stale, 10)
+        self.assertEqual(self.disk.read(3 * SECTOR_SIZE, SECTOR_SIZE), bytes(SECTOR_SIZE))
+
+    def test_said_when_the_port_stops(self) -> None:
+        """Drops not yet said when the port stops are said then."""
+        for round_ in range(2):
+            self.interface.receive(write(3, 0x5A, tag=round_))
+            self.age(STALE_AFTER + 1)
+            self.read_now()
+        with capturedLogs() as events:
+            self.port.connectionLost()
+        lines = [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
+        self.assertEqual(len(lines), 1)
+        self.assertIn("dropped 1 frame(s)", lines[0])
+        self.assertEqual(self.summaries(), [])
+
+    def test_not_a_receive_time(self) -> None:
+        """
+        A stamp more than a year old is no receive time (another clock): the frame
+        is answered, never dropped, so a server cannot go silent that way.
+        """
+        self.interface.receive(write(3, 0x5A, tag=1))
+        rings = self.sock.rings
+        assert rings is not None
+        for offset in rings.rx_offsets:
+            if rings.status[offset >> 2] & TP_STATUS_USER:
+                _TP_SEC.pack_into(rings.view, offset + _TP_SEC_AT, 86400)  # a day after boot
+        self.assertEqual(len(self.read_now()), 1)
+        self.assertEqual(self.port.frames_stale, 0)
 
 
 class PythonLaneStaleTests(_StaleChecks, LaneChoice):
     """The Python lane's walk of the ring drops stale frames."""
 
     compiled = False
+
+    def test_disk_stalls_in_the_walk(self) -> None:
+        """
+        A disk that keeps the walk for longer than ``stale_after`` makes the frames
+        after it in the ring stale: the clock is read again after each frame.
+        """
+        clock = [1_000_000.0]
+        self.patch(port_module, "time", _Clock(clock))
+        self.disk.stall = lambda: clock.__setitem__(0, clock[0] + STALE_AFTER + 2)
+        self.interface.receive(write(3, 0x5A, tag=1))
+        self.interface.receive(write(4, 0x5B, tag=2))
+        rings = self.sock.rings
+        assert rings is not None
+        for offset in rings.rx_offsets:
+            if rings.status[offset >> 2] & TP_STATUS_USER:
+                _TP_SEC.pack_into(rings.view, offset + _TP_SEC_AT, int(clock[0]))
+        self.assertEqual(len(self.read_now()), 1)
+        self.assertEqual(self.disk.read(4 * SECTOR_SIZE, SECTOR_SIZE), bytes(SECTOR_SIZE))
+        self.assertEqual(self.port.frames_stale, 1)
+
+
+class _Clock:
+    """A stand-in for the ``time`` module whose ``time()`` reads ``now[0]``."""
+
+    def __init__(self, now: list[float]) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now[0]
 
 
 class CompiledLaneStaleTests(_StaleChecks, LaneChoice):

@@ -1107,6 +1107,28 @@ typedef struct {
     Py_ssize_t received, ignored, answered;
 } Walk;
 
+/* A receive time this many seconds before the present is no time at all (AoEPort._NO_TIME). */
+#define NO_TIME_SECONDS (365u * 86400u)
+
+/*
+ * The window of stale receive times (tp_sec) now: [*no_time, *before), empty
+ * when stale_after is 0.  Older than no_time is not a CLOCK_REALTIME stamp
+ * (a clock counting from boot would make every frame look decades old), and
+ * never a reason to drop a frame.
+ */
+static void
+stale_window(const Lane *l, uint32_t *before, uint32_t *no_time)
+{
+    *before = *no_time = 0;
+    if (!l->stale_after)
+        return;
+    struct timespec now;
+    if (clock_gettime(CLOCK_REALTIME_COARSE, &now) != 0 || now.tv_sec <= (time_t)l->stale_after)
+        return;
+    *before = (uint32_t)(now.tv_sec - (time_t)l->stale_after);
+    *no_time = *before > NO_TIME_SECONDS ? *before - NO_TIME_SECONDS : 0;
+}
+
 /*
  * Walk the RX ring from slot w->rx_next, at most w->budget slots.  A slot the
  * port ignores (our own outgoing frame, another host's, too long) is
@@ -1126,13 +1148,9 @@ lane_walk(Lane *l, Table *t, Walk *w)
     Py_ssize_t rx_next = w->rx_next, tx_next = w->tx_next;
     int stop = STOP_BUDGET;
     Py_ssize_t error = 0;
-    /* Frames received before this second (CLOCK_REALTIME, as tp_sec) are stale; 0: none. */
-    uint32_t stale_before = 0;
-    if (l->stale_after) {
-        struct timespec now;
-        if (clock_gettime(CLOCK_REALTIME_COARSE, &now) == 0 && now.tv_sec > (time_t)l->stale_after)
-            stale_before = (uint32_t)(now.tv_sec - (time_t)l->stale_after);
-    }
+    /* Frames received in [no_time, stale_before) (CLOCK_REALTIME, as tp_sec) are stale. */
+    uint32_t stale_before, no_time;
+    stale_window(l, &stale_before, &no_time);
     while (w->budget > 0) {
         w->budget--;
         uint8_t *slot = ring + l->rx[rx_next];
@@ -1153,7 +1171,7 @@ lane_walk(Lane *l, Table *t, Walk *w)
         if (pkttype == PACKET_OUTGOING || (pkttype == PACKET_OTHERHOST && !l->accept_other)
             || length > l->max_frame) {
             w->ignored++;
-        } else if (received_at < stale_before) {
+        } else if (received_at < stale_before && received_at >= no_time) {
             w->ignored++;
             l->stale++;
         } else {
@@ -1198,6 +1216,8 @@ lane_walk(Lane *l, Table *t, Walk *w)
             w->received++;
             w->answered++;
             w->unflushed++;
+            if (l->stale_after)  /* the disk may have kept us: judge what follows by now */
+                stale_window(l, &stale_before, &no_time);
         }
         __atomic_store_n(status, TP_STATUS_KERNEL, __ATOMIC_RELEASE);
         if (++rx_next == l->rx_count)

@@ -134,16 +134,25 @@ LINGER_MS = 10
 
 #: Seconds a frame may have waited in the RX ring and still be answered.
 #:
-#: A process that stops running without dying (SIGSTOP, a paused virtual
-#: machine, a stalled host) finds, when it runs again, every frame that came
-#: meanwhile in its ring.  Its initiators have retried those requests (the
-#: Linux initiator sends them through another server of the same disk after
-#: 10 s), and may have written newer data to the same sectors since: carrying
-#: out such a write now would put the older data back.  So a frame received
-#: (by the kernel's timestamp) more than this long ago is dropped unanswered;
-#: an initiator still waiting for it sends it again.  Nothing waits this long
-#: in a ring of a process that runs.
+#: A process that stops running without dying while its kernel runs on
+#: (SIGSTOP, a debugger, a disk that blocks it) finds, when it runs again,
+#: every frame that came meanwhile in its ring.  Its initiators have retried
+#: those requests (the Linux initiator sends them through another server of
+#: the same disk after 10 s), and may have written newer data to the same
+#: sectors since: carrying out such a write now would put the older data
+#: back.  So a frame the kernel received more than this long ago (its
+#: timestamp in the slot) is dropped unanswered; an initiator still waiting
+#: for it sends it again.  Nothing waits this long in a ring of a process
+#: that runs.  (A paused virtual machine is not covered: its kernel is
+#: paused too, and stamps what arrived meanwhile when it resumes.)
 STALE_AFTER = 5
+
+#: A receive time more than this many seconds before the present is taken for
+#: no time at all: never a reason to drop a frame.  The kernel stamps ring
+#: slots with ``CLOCK_REALTIME``; were a frame ever stamped from another clock
+#: (one counting from boot), every frame would look decades old, and a server
+#: that drops them all would look alive and serve nothing.
+_NO_TIME = 365 * 86400
 
 #: At most one "stale frames dropped" line per this many seconds (the rest are counted in it).
 _STALE_LOG_INTERVAL = 10.0
@@ -411,6 +420,7 @@ class AoEPort(abstract.FileDescriptor):
         self.frames_stale = 0
         self._stale_unlogged = 0
         self._stale_logged_at: float | None = None
+        self._stale_summary: Any = None
         self.mac: bytes | None = None
         self.mtu: int | None = None
         self._fileno = -1
@@ -949,9 +959,14 @@ class AoEPort(abstract.FileDescriptor):
         index = rings.rx_next
         slot_size = rings.rx.frame_size
         unpack_from = RX_SLOT_STAMPED.unpack_from
-        stale_after = self.stale_after
-        # Frames the kernel received before this second (tp_sec) are stale (0: none is).
-        stale_before = int(time.time()) - stale_after if stale_after > 0 else 0
+        stale_after = int(self.stale_after)
+        # Frames the kernel received before this second (tp_sec) are stale (0: none is),
+        # unless received so long before that the stamp cannot be a receive time.
+        if stale_after > 0:
+            stale_before = int(time.time()) - stale_after
+            no_time_before = stale_before - _NO_TIME
+        else:
+            stale_before = no_time_before = 0
         stale = 0
         max_frame = self._max_frame
         accept_other = self.accept_other_hosts
@@ -977,7 +992,7 @@ class AoEPort(abstract.FileDescriptor):
                     or length > max_frame
                 ):
                     ignored += 1
-                elif received_at < stale_before:
+                elif no_time_before <= received_at < stale_before:
                     ignored += 1
                     stale += 1
                 else:
@@ -1024,6 +1039,11 @@ class AoEPort(abstract.FileDescriptor):
                         )
                     finally:
                         frame.release()
+                    if stale_after > 0:
+                        # The protocol may have waited on its disk: what comes after
+                        # in the ring is judged by the time now.
+                        stale_before = int(time.time()) - stale_after
+                        no_time_before = stale_before - _NO_TIME
                 status[offset >> 2] = TP_STATUS_KERNEL
                 index += 1
                 if index == slots:
@@ -1040,18 +1060,32 @@ class AoEPort(abstract.FileDescriptor):
         """
         Count ``count`` frames dropped as stale, and say so in the log.
 
-        One warning at the first, then at most one every
-        ``_STALE_LOG_INTERVAL`` seconds with the count since the last: a
-        process that keeps stalling says so without a line per frame.
+        One warning at once, then at most one every ``_STALE_LOG_INTERVAL``
+        seconds: the frames dropped after a warning (one stop's ring is
+        walked over several reads) are summed into one more line, due when
+        the interval since the last ends.  A process that keeps stalling says
+        so without a line per frame, and no drop goes unsaid.
         """
         self.frames_stale += count
         self._stale_unlogged += count
+        if self._stale_summary is not None:
+            return  # the line due will say these too
         now = self.reactor.seconds()
         last = self._stale_logged_at
         if last is not None and now - last < _STALE_LOG_INTERVAL:
+            self._stale_summary = self.reactor.callLater(
+                last + _STALE_LOG_INTERVAL - now, self._log_stale
+            )
             return
-        self._stale_logged_at = now
+        self._log_stale()
+
+    def _log_stale(self) -> None:
+        """Log the frames dropped as stale since the last line (``_count_stale``)."""
+        self._stale_summary = None
+        self._stale_logged_at = self.reactor.seconds()
         dropped, self._stale_unlogged = self._stale_unlogged, 0
+        if not dropped:
+            return
         _log.warn(
             "AoE port {interface}: dropped {count} frame(s) that waited more than "
             "{seconds} s in the receive ring (this process was stopped or stalled); "
@@ -1259,6 +1293,10 @@ class AoEPort(abstract.FileDescriptor):
         abstract.FileDescriptor.connectionLost(self, reason)  # type: ignore[arg-type]
         if self._resume is not None and self._resume.active():
             self._resume.cancel()
+        if self._stale_summary is not None:
+            # Said now rather than never: the port will not read again.
+            self._stale_summary.cancel()
+            self._log_stale()
         if self.bound:
             self.protocol.doStop()
         self.bound = False
