@@ -120,7 +120,7 @@ class FakeController:
             "targets": [_target_stats(name, self.step) for name in sorted(self.listings)],
             "interfaces": [{"interface": "eth0", "mac": "02:00:00:00:00:01", "mtu": 1500,
                             "received": 1000 * self.step, "sent": 990 * self.step,
-                            "ignored": 0, "dropped": 0, "malformed": 0}],
+                            "ignored": 0, "dropped": 0, "malformed": 0, "stale": 0}],
             "initiators": [{"mac": "52:54:00:12:34:56", "targets": ["e1.0"], "frames": 5,
                             "last_seen": now - 3}],
         }
@@ -516,9 +516,10 @@ class CommandTests(_ServerCase):
                                             "400.0", "KiB", "40.0", "KiB", "3", "1", "0.100",
                                             "backend_ENOSPC=1"])
         self.assertEqual(lines[2], "")
-        self.assertEqual(lines[3].split()[:3], ["INTERFACE", "MAC", "MTU"])
+        self.assertEqual(lines[3].split(), ["INTERFACE", "MAC", "MTU", "RECEIVED", "SENT",
+                                            "IGNORED", "DROPPED", "MALFORMED", "STALE"])
         self.assertEqual(lines[4].split(), ["eth0", "02:00:00:00:00:01", "1500", "1000", "990",
-                                            "0", "0", "0"])
+                                            "0", "0", "0", "0"])
         snapshot = json.loads(await self.ctl("stats", "--json"))
         self.assertEqual(snapshot, _step_stats(2))
 
@@ -599,7 +600,9 @@ class CommandTests(_ServerCase):
         self.assertEqual(rows, [["e1.0", "100.0", "10.0", "400.0", "40.0", "3", "0.100",
                                  "1.0"]] * 3)
         interfaces = [line.split() for line in out.splitlines() if line.startswith("eth0")]
-        self.assertEqual(interfaces, [["eth0", "1000.0", "990.0", "0.0", "0.0", "0.0"]] * 3)
+        self.assertEqual(
+            interfaces, [["eth0", "1000.0", "990.0", "0.0", "0.0", "0.0", "0.0"]] * 3
+        )
         # Four snapshots: the first is the base of the first report's rates.
         self.assertEqual(self.controller.calls.count(("stats",)), 4)
         reports = await self.ctl("stats", "--watch", "--json", "--interval", "0.01",

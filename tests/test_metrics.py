@@ -77,9 +77,9 @@ def full_snapshot() -> dict[str, Any]:
         ],
         "interfaces": [
             {"interface": "eth0", "mac": "02:00:00:00:00:01", "mtu": 1500, "received": 501,
-             "sent": 402, "ignored": 33, "dropped": 4, "malformed": 5},
+             "sent": 402, "ignored": 33, "dropped": 4, "malformed": 5, "stale": 3},
             {"interface": "eth1", "mac": "02:00:00:00:00:02", "mtu": 9000, "received": 7,
-             "sent": 6, "ignored": 0, "dropped": 0, "malformed": 1},
+             "sent": 6, "ignored": 0, "dropped": 0, "malformed": 1, "stale": 0},
         ],
         "initiators": [
             {"mac": "52:54:00:12:34:56", "targets": ["e1.0", "e1.1"], "frames": 2116,
@@ -301,7 +301,7 @@ class FamiliesTests(SynchronousTestCase):
 
     @settings(max_examples=50, deadline=None)
     @given(
-        counts=st.lists(st.integers(0, 2**52), min_size=22, max_size=22),
+        counts=st.lists(st.integers(0, 2**52), min_size=23, max_size=23),
         seconds=st.floats(0, 1e6, allow_nan=False),
         seen=st.floats(0, 4e9, allow_nan=False),
     )
@@ -316,7 +316,7 @@ class FamiliesTests(SynchronousTestCase):
         target["service_seconds"]["sum"] = seconds
         target["initiators"][0]["frames"] = counts[14]
         target["initiators"][0]["last_seen"] = seen
-        iface = dict(zip(INTERFACE_DIRECTIONS, counts[15:20], strict=True), interface="eth0")
+        iface = dict(zip(INTERFACE_DIRECTIONS, counts[15:21], strict=True), interface="eth0")
         snapshot = {"targets": [target], "interfaces": [iface]}
         self.assertEqual(scraped(parse(local_text(snapshot))), expected_samples(snapshot))
 

@@ -806,7 +806,7 @@ class SnapshotTests(ServiceHarness, SynchronousTestCase):
             interface,
             {"interface": "eth0", "mac": format_mac(TARGET_MAC), "mtu": 1500,
              "received": 10, "sent": 1 + 8, "ignored": 2, "dropped": 0,
-             "malformed": 0},
+             "malformed": 0, "stale": 0},
         )
         self.assertEqual(
             snapshot["initiators"],

@@ -125,6 +125,8 @@ class _StaleChecks:
         self.assertEqual(self.port.frames_stale, 2)
         self.assertEqual(self.port.frames_ignored, 2)
         self.assertEqual(self.port.frames_received, 1)
+        (interface,) = self.service.snapshot()["interfaces"]
+        self.assertEqual((interface["stale"], interface["ignored"]), (2, 2))
         lines = [formatEvent(e) for e in events if "receive ring" in formatEvent(e)]
         self.assertEqual(len(lines), 1)
         self.assertIn("dropped 2 frame(s) that waited more than 5 s", lines[0])

@@ -78,13 +78,14 @@ lines left out)::
     # HELP aoe_target_info The backend a target serves (always 1).
     # TYPE aoe_target_info gauge
     aoe_target_info{backend="file:/srv/aoe/disk0.img",target="e1.0"} 1.0
-    # HELP aoe_interface_frames_total Frames on an interface: received, sent, ignored, dropped (ring full), malformed.
+    # HELP aoe_interface_frames_total Frames on an interface: received, sent, ignored, dropped (ring full), malformed, stale (waited too long in the ring; also in ignored).
     # TYPE aoe_interface_frames_total counter
     aoe_interface_frames_total{direction="received",interface="eth0"} 23301.0
     aoe_interface_frames_total{direction="sent",interface="eth0"} 23229.0
     aoe_interface_frames_total{direction="ignored",interface="eth0"} 70.0
     aoe_interface_frames_total{direction="dropped",interface="eth0"} 0.0
     aoe_interface_frames_total{direction="malformed",interface="eth0"} 2.0
+    aoe_interface_frames_total{direction="stale",interface="eth0"} 0.0
     # HELP aoe_initiator_frames_total Frames an initiator sent to a target.
     # TYPE aoe_initiator_frames_total counter
     aoe_initiator_frames_total{initiator="52:54:00:12:34:56",target="e1.0"} 23229.0
@@ -147,6 +148,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from aoe_twisted.core.stats import INTERFACE_FIGURES
+
 __all__ = [
     "DEFAULT_METRICS_HOST",
     "INTERFACE_DIRECTIONS",
@@ -172,7 +175,7 @@ REQUEST_KINDS = (
 )
 
 #: Directions of ``aoe_interface_frames_total``, always exported (0 included).
-INTERFACE_DIRECTIONS = ("received", "sent", "ignored", "dropped", "malformed")
+INTERFACE_DIRECTIONS = INTERFACE_FIGURES
 
 _BYTE_DIRECTIONS = ("read", "write")
 
@@ -255,7 +258,8 @@ def _families(snapshot: Mapping[str, Any]) -> list[Metric]:
     )
     frames = CounterMetricFamily(
         "aoe_interface_frames",
-        "Frames on an interface: received, sent, ignored, dropped (ring full), malformed.",
+        "Frames on an interface: received, sent, ignored, dropped (ring full), malformed, "
+        "stale (waited too long in the ring; also in ignored).",
         labels=["interface", "direction"],
     )
     initiator_frames = CounterMetricFamily(

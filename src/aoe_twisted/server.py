@@ -1426,6 +1426,7 @@ class AoEService(service.Service):
                     "ignored": _ignored(port, counters),
                     "dropped": port.frames_dropped if port is not None else 0,
                     "malformed": counters.malformed if counters is not None else 0,
+                    "stale": port.frames_stale if port is not None else 0,
                 }
             )
         return {

@@ -50,6 +50,7 @@ from aoe_twisted.control.commands import (
     Set,
     Stats,
 )
+from aoe_twisted.core.stats import INTERFACE_FIGURES
 from aoe_twisted.units import parse_address
 
 __all__ = ["CtlError", "build_parser", "default_socket", "main", "rates", "run"]
@@ -366,13 +367,11 @@ def format_stats(stats: dict[str, Any]) -> str:
         parts.append("no targets")
     interfaces = stats.get("interfaces") or []
     if interfaces:
-        rows = [("INTERFACE", "MAC", "MTU", "RECEIVED", "SENT", "IGNORED", "DROPPED",
-                 "MALFORMED")]
+        rows = [("INTERFACE", "MAC", "MTU", *(key.upper() for key in INTERFACE_FIGURES))]
         for i in interfaces:
             rows.append((i.get("interface", "?"), i.get("mac", "?"), i.get("mtu", "?"),
-                         *(i.get(key, 0) for key in
-                           ("received", "sent", "ignored", "dropped", "malformed"))))
-        parts.append(_table(rows, "<<>>>>>>"))
+                         *(i.get(key, 0) for key in INTERFACE_FIGURES)))
+        parts.append(_table(rows, "<<>" + ">" * len(INTERFACE_FIGURES)))
     return "\n\n".join(parts)
 
 
@@ -443,7 +442,7 @@ def rates(previous: dict[str, Any], current: dict[str, Any],
     for i in current.get("interfaces") or []:
         old = before.get(i.get("interface"))
         row = {"interface": i.get("interface")}
-        for key in ("received", "sent", "ignored", "dropped", "malformed"):
+        for key in INTERFACE_FIGURES:
             row[f"{key}_per_s"] = (None if old is None
                                    else ((i.get(key) or 0) - (old.get(key) or 0)) / seconds)
         interfaces.append(row)
@@ -466,12 +465,12 @@ def format_rates(report: dict[str, Any]) -> str:
                      _rate(t["service_ms"], 3), _rate(t["errors_per_s"])))
     parts = [_table(rows, "<>>>>>>>")]
     if report["interfaces"]:
-        rows = [("interface", "rx/s", "tx/s", "ignored/s", "dropped/s", "malformed/s")]
+        rows = [("interface", "rx/s", "tx/s", "ignored/s", "dropped/s", "malformed/s",
+                 "stale/s")]
         for i in report["interfaces"]:
-            rows.append((i["interface"], *(_rate(i[f"{key}_per_s"]) for key in
-                                           ("received", "sent", "ignored", "dropped",
-                                            "malformed"))))
-        parts.append(_table(rows, "<>>>>>"))
+            rows.append((i["interface"],
+                         *(_rate(i[f"{key}_per_s"]) for key in INTERFACE_FIGURES)))
+        parts.append(_table(rows, "<" + ">" * len(INTERFACE_FIGURES)))
     return "\n".join(parts) + "\n"
 
 

@@ -40,6 +40,7 @@ from aoe_twisted import lane as _lane
 
 __all__ = [
     "AOE_ERROR_NAMES",
+    "INTERFACE_FIGURES",
     "REQUEST_KINDS",
     "SERVICE_BUCKETS",
     "Peer",
@@ -47,6 +48,13 @@ __all__ = [
     "failure_cause",
     "merge_snapshots",
 ]
+
+#: The frames an interface's entry in a snapshot counts (``AoEService.snapshot``):
+#: received, replies sent, ignored (not AoE, others' replies, not for a target
+#: here, or stale), dropped by the kernel (the receive ring was full), malformed,
+#: and stale (waited too long in the receive ring: ``AoEPort.stale_after``; also
+#: in ignored).
+INTERFACE_FIGURES = ("received", "sent", "ignored", "dropped", "malformed", "stale")
 
 SERVICE_BUCKETS = tuple((1 << k) / 1_000_000 for k in range(21))
 """
