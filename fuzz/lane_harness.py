@@ -61,11 +61,11 @@ from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import ETHERNET_HEADER_SIZE, MIN_FRAME_SIZE, SECTOR_SIZE
 from aoe_twisted.lane.storage import LaneStorage
 from aoe_twisted.lane.table import build_table
-from aoe_twisted.net.port import STALE_AFTER
 from aoe_twisted.net.ring import (
     RX_PKTTYPE_AT,
     RX_SLOT_HEADER,
     RX_SLOT_STAMPED,
+    STALE_AFTER,
     TP_STATUS_AVAILABLE,
     TP_STATUS_SEND_REQUEST,
     TP_STATUS_SENDING,

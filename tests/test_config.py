@@ -102,6 +102,10 @@ BAD_FILES = [
     ("[server]\nmax_sectors = 0\n", "aoe.toml: [server] max_sectors: must be 1..255, not 0"),
     ("[server]\nring_frames = 255\n",
      "aoe.toml: [server] ring_frames: must be 256..65536, not 255"),
+    ("[server]\nstale_after = 3601\n",
+     "aoe.toml: [server] stale_after: must be 0..3600, not 3601"),
+    ("[server]\nstale_after = 0.5\n",
+     "aoe.toml: [server] stale_after: expected an integer, found a float (0.5)"),
     ('[server]\ninterfaces = ["eth0"]\nring_frames = 256\n' + target(buffer_count="300"),
      "aoe.toml: [server] ring_frames: 256 frames do not hold one full window of buffer_count "
      "300 of [[target]] #1 (e1.0)"),
@@ -296,7 +300,7 @@ _TARGET_KEY_NAMES = [
 _SERVER_KEY_NAMES = [
     "interfaces", "control", "control_group", "metrics", "state_dir", "buffer_count",
     "max_sectors", "sync", "direct", "read_only", "workers", "ring_frames", "removed_grace",
-    "duplicate_wait", "bogus",
+    "duplicate_wait", "stale_after", "bogus",
 ]
 
 
@@ -357,6 +361,7 @@ workers = 4
 ring_frames = 1024
 removed_grace = 30
 duplicate_wait = 0.25
+stale_after = 2
 
 [[target]]
 address = "1.0"
@@ -405,6 +410,7 @@ class FullExampleTests(SynchronousTestCase):
             ring_frames=1024,
             removed_grace=30.0,
             duplicate_wait=0.25,
+            stale_after=2,
             targets=(
                 TargetConfig(1, 0, "file:/srv/aoe/disk0.img", **defaults),
                 TargetConfig(
@@ -550,7 +556,8 @@ class DiffTests(SynchronousTestCase):
     def test_restart(self) -> None:
         """Each [server] key a running server cannot change is named in ``restart``."""
         values = {"workers": 2, "control": "/run/c.sock", "control_group": "aoe",
-                  "metrics": ("127.0.0.1", 1), "state_dir": "/var/lib/x", "ring_frames": 512}
+                  "metrics": ("127.0.0.1", 1), "state_dir": "/var/lib/x", "ring_frames": 512,
+                  "stale_after": 0}
         self.assertEqual(set(values), set(RESTART_KEYS))
         for key, value in values.items():
             changes = diff_configs(_config(A), _config(A, **{key: value}))

@@ -18,13 +18,13 @@ from typing import ClassVar
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
 
 from aoe_twisted.backends.memory import MemoryBackend
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import SECTOR_SIZE, ATACmdStatus
 from aoe_twisted.net import port as port_module
-from aoe_twisted.net.port import STALE_AFTER
-from aoe_twisted.net.ring import TP_STATUS_USER
+from aoe_twisted.net.ring import STALE_AFTER, TP_STATUS_USER
 from aoe_twisted.server import AoEService
 from aoe_twisted.testing import (
     INITIATOR_MAC,
@@ -271,3 +271,20 @@ class CompiledLaneStaleTests(_StaleChecks, LaneChoice):
     """The compiled lane drops stale frames itself."""
 
     compiled = True
+
+
+class ServiceOptionTests(SynchronousTestCase):
+    """``AoEService(stale_after=...)`` (``--stale-after``, ``stale_after``) sets every port's."""
+
+    def test_every_port(self) -> None:
+        system = MemoryPacketSystem(rings=True)
+        for name in ("eth0", "eth1"):
+            system.add_interface(name, mtu=1500)
+        service = AoEService(
+            ["eth0", "eth1"], [Target(1, 2, MemoryBackend(SECTORS * SECTOR_SIZE))],
+            reactor=MemoryReactorClock(), system=system, stale_after=0,
+        )
+        service.privilegedStartService()
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual([port.stale_after for port in service.ports.values()], [0, 0])

@@ -118,6 +118,9 @@ class OptionsTests(SynchronousTestCase):
             ([*base, "--workers", "0"], "--workers"),
             ([*base, "--workers", "65"], "--workers"),
             ([*base, "--workers", "two"], "--workers"),
+            ([*base, "--stale-after", "-1"], "--stale-after"),
+            ([*base, "--stale-after", "3601"], "--stale-after"),
+            ([*base, "--stale-after", "0.5"], "--stale-after"),
             ([*base, "--bogus"], "bogus"),
         ]
         for argv, option in cases:
@@ -242,6 +245,19 @@ class MakeServiceTests(SynchronousTestCase):
             self.assertEqual(target.acl.mask_list, (bytes.fromhex("020000000001"),))
 
 
+    def test_stale_after(self) -> None:
+        """
+        --stale-after reaches every port the service opens (default 5 s; 0: never),
+        as the config file's ``stale_after`` does.
+        """
+        from aoe_twisted.net.ring import STALE_AFTER
+
+        self.assertEqual(makeService(parse("-i", "eth0", "-b", "memory:1M")).stale_after,
+                         STALE_AFTER)
+        for text, seconds in (("0", 0), ("12", 12)):
+            service = makeService(parse("-i", "eth0", "-b", "memory:1M", "--stale-after", text))
+            self.assertEqual(service.stale_after, seconds)
+
     def test_service_handles_sighup(self) -> None:
         """The service is the server's (``AoEService``), with SIGHUP handling mixed in."""
         from aoe_twisted.server import AoEService
@@ -282,5 +298,6 @@ class WorkersServiceTests(SynchronousTestCase):
         self.assertEqual(target.acl.config_string, b"cfg")
         self.assertEqual(target.acl.mask_list, (bytes.fromhex("020000000001"),))
         config = service.worker_config(1)
+        self.assertEqual(config["stale_after"], 5)
         self.assertEqual(config["targets"][0]["backend"]["handoff"]["size"], 1 << 20)
         self.assertEqual(config["targets"][0]["backend"]["fd"], target.backend.fileno())

@@ -66,6 +66,10 @@ as one table instead of ``[[target]]``.
 ``duplicate_wait`` (seconds, number 0..60, default 0.5)
     How long to wait for another server's answer for an address before
     serving it (duplicate address detection).
+``stale_after`` (seconds, integer 0..3600, default 5)
+    As ``--stale-after``: a request that waited in the receive ring longer
+    than this (the server was stopped or stalled) is dropped unanswered;
+    0 never drops one.
 ``buffer_count``, ``max_sectors``, ``read_only``, ``sync``, ``direct``
     Defaults for every target's key of the same name (below).
 
@@ -131,8 +135,9 @@ Reloading
 values: a target is unchanged only if every field is equal, so changing a
 ``[server]`` default (``interfaces``, ``buffer_count``, ``max_sectors``,
 ``read_only``, ``sync``, ``direct``) changes the targets that use it.
-``workers``, ``control``, ``control_group``, ``metrics``, ``state_dir`` and
-``ring_frames`` (``RESTART_KEYS``) only take effect at the next start;
+``workers``, ``control``, ``control_group``, ``metrics``, ``state_dir``,
+``ring_frames`` and ``stale_after`` (``RESTART_KEYS``) only take effect at
+the next start;
 the rest of ``[server]`` (``LIVE_KEYS``) is applied by a reload.
 """
 
@@ -151,7 +156,7 @@ from attrs import NOTHING, field, fields, frozen
 from aoe_twisted.core.acl import MASK_LIST_LIMIT
 from aoe_twisted.core.wire import MAX_CONFIG_STRING, format_mac, parse_mac
 from aoe_twisted.net.fanout import MAX_WORKERS
-from aoe_twisted.net.ring import MAX_RING_FRAMES, MIN_RING_FRAMES
+from aoe_twisted.net.ring import MAX_RING_FRAMES, MAX_STALE_AFTER, MIN_RING_FRAMES, STALE_AFTER
 from aoe_twisted.units import SECTOR_SIZE, parse_address, parse_byte_count
 
 __all__ = [
@@ -183,7 +188,9 @@ _MAX_DUPLICATE_WAIT = 60.0
 _MAX_BACKEND_TIMEOUT = 3600.0
 _DEFAULT_METRICS_HOST = "127.0.0.1"
 
-RESTART_KEYS = ("workers", "control", "control_group", "metrics", "state_dir", "ring_frames")
+RESTART_KEYS = (
+    "workers", "control", "control_group", "metrics", "state_dir", "ring_frames", "stale_after",
+)
 """``[server]`` keys a running server cannot change: a reload reports them in ``restart``."""
 
 LIVE_KEYS = (
@@ -417,6 +424,7 @@ class ServerConfig:
     removed_grace: float = 180.0
     duplicate_wait: float = 0.5
     backend_timeout: float = 30.0
+    stale_after: int = STALE_AFTER
     targets: tuple[TargetConfig, ...] = ()
     source: str | None = None
 
@@ -697,6 +705,7 @@ _SERVER_KEYS: dict[str, Callable[[object], object]] = {
     "removed_grace": _toml_seconds(_MAX_REMOVED_GRACE),
     "duplicate_wait": _toml_seconds(_MAX_DUPLICATE_WAIT),
     "backend_timeout": _toml_seconds(_MAX_BACKEND_TIMEOUT, low=0.001),
+    "stale_after": _toml_int(0, MAX_STALE_AFTER),
 }
 
 

@@ -50,7 +50,7 @@ from aoe_twisted.net.port import (
     ILinkAwareProtocol,
     max_sectors_for_mtu,
 )
-from aoe_twisted.net.ring import receive_ring_frames
+from aoe_twisted.net.ring import STALE_AFTER, receive_ring_frames
 
 __all__ = ["BACKEND_TIMEOUT", "MALFORMED_LOG_INTERVAL", "AoEProtocol", "AoEService"]
 
@@ -1096,6 +1096,7 @@ class AoEService(service.Service):
         duplicate_wait: float | None = None,
         removed_grace: float = 0.0,
         backend_timeout: float = BACKEND_TIMEOUT,
+        stale_after: int = STALE_AFTER,
     ) -> None:
         """
         @param interfaces: the Ethernet interface(s) to serve on.
@@ -1130,6 +1131,9 @@ class AoEService(service.Service):
             ``--workers`` process does).
         @param removed_grace: see ``AoEProtocol.remove_target``.
         @param backend_timeout: see ``AoEProtocol``.
+        @param stale_after: drop requests that waited in a port's receive
+            ring more than this many seconds (``--stale-after``; 0: never;
+            see ``AoEPort``).
         """
         self.interfaces = [interfaces] if isinstance(interfaces, str) else list(interfaces)
         if not self.interfaces:
@@ -1159,6 +1163,7 @@ class AoEService(service.Service):
         self.duplicate_wait = duplicate_wait if announce else None
         self.removed_grace = removed_grace
         self.backend_timeout = backend_timeout
+        self.stale_after = stale_after
         self.ports: dict[str, AoEPort] = {}
         self.protocols: dict[str, AoEProtocol] = {}
         self.monitor: LinkMonitor | None = None
@@ -1227,6 +1232,7 @@ class AoEService(service.Service):
             receive_frames=in_flight,
             socket_fd=None if self.socket_fds is None else self.socket_fds[interface],
             wait_for_interface=wait,
+            stale_after=self.stale_after,
         )
         port.startListening()
         self.protocols[interface] = protocol

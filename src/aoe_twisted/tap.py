@@ -31,6 +31,7 @@ from twisted.python import usage
 from aoe_twisted.config import ConfigError, ServerConfig
 from aoe_twisted.core.acl import MASK_LIST_LIMIT
 from aoe_twisted.core.wire import BROADCAST_MAJOR, BROADCAST_MINOR, MAX_CONFIG_STRING, parse_mac
+from aoe_twisted.net.ring import MAX_STALE_AFTER, STALE_AFTER
 from aoe_twisted.units import parse_address
 
 __all__ = ["HangupHandler", "Options", "ServesUnderTwistd", "makeService"]
@@ -119,6 +120,10 @@ class Options(usage.Options):
          "thread:) has to complete a request before it gets an ATA error."],
         ["duplicate-wait", None, "0.5", "Seconds to wait for another server answering for an "
          "address before serving it (duplicate address detection; 0: do not wait)."],
+        ["stale-after", None, str(STALE_AFTER), "Drop, unanswered, a request that waited in "
+         "the receive ring longer than this many seconds while the server was stopped or "
+         f"stalled (its initiator has retried it, perhaps elsewhere; 0..{MAX_STALE_AFTER}, "
+         "0: never)."],
         ["backend", "b", None, "The disk of the target SHELF.SLOT, as SCHEME:SPEC "
          "(e.g. file:disk.img, memory:64M, block:/dev/sdb)."],
         ["shelf", "s", "0", "The shelf (major) address of --backend, 0..65534."],
@@ -297,6 +302,7 @@ class Options(usage.Options):
         timeout = _seconds("backend-timeout", self["backend-timeout"], 3600.0)
         if timeout <= 0:
             raise usage.UsageError("--backend-timeout: must be more than 0 seconds")
+        stale_after = _int_in("stale-after", str(self["stale-after"]), 0, MAX_STALE_AFTER)
         defaults: dict[str, Any] = {
             "interfaces": tuple(self["iface"]),
             "buffer_count": self["buffer-count"],
@@ -355,6 +361,7 @@ class Options(usage.Options):
             removed_grace=grace,
             duplicate_wait=wait,
             backend_timeout=timeout,
+            stale_after=stale_after,
             targets=tuple(targets),
         )
 
@@ -364,6 +371,7 @@ _SERVING_OPTIONS = frozenset({
     "iface", "target", "backend", "shelf", "slot", "mask", "config-string", "read-only",
     "sync", "direct", "buffer-count", "ring-frames", "max-sectors", "workers", "state-dir",
     "control", "control-group", "metrics", "removed-grace", "duplicate-wait", "backend-timeout",
+    "stale-after",
 })
 
 
@@ -599,6 +607,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
             duplicate_wait=config.duplicate_wait,
             removed_grace=config.removed_grace,
             backend_timeout=config.backend_timeout,
+            stale_after=config.stale_after,
         )
     else:
         served = _under_twistd(AoEService)(
@@ -611,6 +620,7 @@ def makeService(options: Options | dict[str, Any]) -> service.IService:
             duplicate_wait=config.duplicate_wait,
             removed_grace=config.removed_grace,
             backend_timeout=config.backend_timeout,
+            stale_after=config.stale_after,
         )
     manager.service = served
     served.manager = manager

@@ -61,6 +61,7 @@ from aoe_twisted.net.bpf import address_filter, attach_filter, detach_filter, is
 from aoe_twisted.net.fanout import MAX_WORKERS, FanoutError, join_fanout
 from aoe_twisted.net.link import LinkEvent, LinkMonitor
 from aoe_twisted.net.packetsystem import CannotOpenInterface, open_packet_socket
+from aoe_twisted.net.ring import STALE_AFTER
 from aoe_twisted.server import BACKEND_TIMEOUT, AoEService
 from aoe_twisted.sharedacl import SharedState
 
@@ -314,6 +315,7 @@ class WorkersService(service.MultiService):
         duplicate_wait: float | None = None,
         removed_grace: float = 0.0,
         backend_timeout: float = BACKEND_TIMEOUT,
+        stale_after: int = STALE_AFTER,
     ) -> None:
         super().__init__()
         if not 2 <= workers <= MAX_WORKERS:
@@ -341,6 +343,7 @@ class WorkersService(service.MultiService):
         self.duplicate_wait = duplicate_wait
         self._removed_grace = removed_grace
         self.backend_timeout = backend_timeout
+        self.stale_after = stale_after
         #: Removed targets' addresses answered as removed until (wall clock), for new workers.
         self._removed: dict[tuple[int, int], float] = {}
         #: Each worker's latest stats snapshot, by worker number (sent once a second).
@@ -481,6 +484,7 @@ class WorkersService(service.MultiService):
             duplicate_wait=self.duplicate_wait,
             removed_grace=self._removed_grace,
             backend_timeout=self.backend_timeout,
+            stale_after=self.stale_after,
         )
         self.local.setServiceParent(self)
         super().privilegedStartService()
@@ -516,6 +520,7 @@ class WorkersService(service.MultiService):
             "ring_frames": self.ring_frames,
             "removed_grace": self.removed_grace,
             "backend_timeout": self.backend_timeout,
+            "stale_after": self.stale_after,
             "removed": [
                 [shelf, slot, until]
                 for (shelf, slot), until in self._removed.items()
@@ -953,6 +958,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         announce=False,
         removed_grace=config.get("removed_grace", 0.0),
         backend_timeout=config.get("backend_timeout", BACKEND_TIMEOUT),
+        stale_after=config.get("stale_after", STALE_AFTER),
         placement={
             (t["shelf"], t["slot"]): tuple(t["interfaces"])
             for t in config["targets"]

@@ -69,6 +69,7 @@ from aoe_twisted.net.ring import (
     RX_PKTTYPE_AT,
     RX_SLOT_STAMPED,
     SOCKADDR_LL,
+    STALE_AFTER,
     TP_STATUS_AVAILABLE,
     TP_STATUS_KERNEL,
     TP_STATUS_SEND_REQUEST,
@@ -131,21 +132,6 @@ _TX_BATCH = 8
 #: due) ends the wait at once, so this bounds only what nothing else needs:
 #: how soon an idle port hands the wait back to the reactor.
 LINGER_MS = 10
-
-#: Seconds a frame may have waited in the RX ring and still be answered.
-#:
-#: A process that stops running without dying while its kernel runs on
-#: (SIGSTOP, a debugger, a disk that blocks it) finds, when it runs again,
-#: every frame that came meanwhile in its ring.  Its initiators have retried
-#: those requests (the Linux initiator sends them through another server of
-#: the same disk after 10 s), and may have written newer data to the same
-#: sectors since: carrying out such a write now would put the older data
-#: back.  So a frame the kernel received more than this long ago (its
-#: timestamp in the slot) is dropped unanswered; an initiator still waiting
-#: for it sends it again.  Nothing waits this long in a ring of a process
-#: that runs.  (A paused virtual machine is not covered: its kernel is
-#: paused too, and stamps what arrived meanwhile when it resumes.)
-STALE_AFTER = 5
 
 #: A receive time more than this many seconds before the present is taken for
 #: no time at all: never a reason to drop a frame.  The kernel stamps ring

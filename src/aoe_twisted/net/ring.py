@@ -40,6 +40,7 @@ from attrs import frozen
 __all__ = [
     "DEFAULT_RING_FRAMES",
     "MAX_RING_FRAMES",
+    "MAX_STALE_AFTER",
     "MIN_RING_FRAMES",
     "PACKET_FANOUT",
     "PACKET_FANOUT_CBPF",
@@ -51,6 +52,7 @@ __all__ = [
     "RX_SLOT_STAMPED",
     "SOCKADDR_LL",
     "SOL_PACKET",
+    "STALE_AFTER",
     "TPACKET2_HDR",
     "TP_STATUS_AVAILABLE",
     "TP_STATUS_KERNEL",
@@ -109,6 +111,23 @@ RX_PKTTYPE_AT = TX_DATA_AT + 10
 RX_SLOT_HEADER = struct.Struct("=IIH")
 #: The same and ``tp_sec``, the second (``CLOCK_REALTIME``) the kernel received the frame.
 RX_SLOT_STAMPED = struct.Struct("=IIH2xI")
+
+#: Seconds a frame may have waited in the RX ring and still be answered.
+#:
+#: A process that stops running without dying while its kernel runs on
+#: (SIGSTOP, a debugger, a disk that blocks it) finds, when it runs again,
+#: every frame that came meanwhile in its ring.  Its initiators have retried
+#: those requests (the Linux initiator sends them through another server of
+#: the same disk after 10 s), and may have written newer data to the same
+#: sectors since: carrying out such a write now would put the older data
+#: back.  So a frame the kernel received more than this long ago (its
+#: timestamp in the slot) is dropped unanswered; an initiator still waiting
+#: for it sends it again.  Nothing waits this long in a ring of a process
+#: that runs.  (A paused virtual machine is not covered: its kernel is
+#: paused too, and stamps what arrived meanwhile when it resumes.)
+STALE_AFTER = 5
+#: The most ``stale_after`` may be (``--stale-after``), in seconds.
+MAX_STALE_AFTER = 3600
 #: ``tp_len`` of a TX slot, written at byte 4 of it.
 TX_LEN = struct.Struct("=I")
 #: Room before the frame in an RX slot: the kernel puts it 16 bytes past the aligned header.
