@@ -451,6 +451,9 @@ class InProcessTests(InProcessCase):
         self.assertEqual(
             tests, ["sequential read", "random read 1 sector", "random read 2 sectors"]
         )
+        self.assertEqual(out.splitlines()[1].split()[-2:], ["CPU", "us/op"])
+        for line in out.splitlines()[2:]:
+            self.assertGreater(float(line.split()[-1]), 0.0, line)  # this process's CPU per op
         self.target.backend.write(0, b"x" * 512)
         status, out, err = self.aoe("bench", "e1.0", "--size", "64K", "--count", "20", "--write")
         self.assertEqual(status, 0)

@@ -805,12 +805,19 @@ async def cmd_bench(reactor: Any, client: AoEClient, args: argparse.Namespace) -
     print(f"bench {disk.name} on {', '.join(client.interfaces)}: first {human(region)}, "
           f"{per} sectors per frame, window {disk.window}, "
           f"{args.depth or disk.window} random operations in flight")
-    print(f"{'test':<28}{'ops':>9}{'MiB':>10}{'seconds':>10}{'MB/s':>10}{'IOPS':>10}")
+    print(f"{'test':<28}{'ops':>9}{'MiB':>10}{'seconds':>10}{'MB/s':>10}{'IOPS':>10}"
+          f"{'CPU us/op':>11}")
+    # This process's CPU per operation: near 100 % of a CPU, the figures are
+    # bench's own ceiling rather than the target's (docs/cli.md).
+    cpu = [time.process_time()]
 
     def report(label: str, ops: int, nbytes: int, seconds: float) -> None:
+        now = time.process_time()
+        used, cpu[0] = now - cpu[0], now
         seconds = max(seconds, 1e-9)
         print(f"{label:<28}{ops:>9}{nbytes / (1 << 20):>10.1f}{seconds:>10.3f}"
-              f"{nbytes / seconds / 1e6:>10.2f}{ops / seconds:>10.0f}")
+              f"{nbytes / seconds / 1e6:>10.2f}{ops / seconds:>10.0f}"
+              f"{used / max(ops, 1) * 1e6:>11.1f}")
 
     frames = -(-region // (per * SECTOR_SIZE))
     done = {"read": 0, "write": 0}
@@ -838,6 +845,7 @@ async def cmd_bench(reactor: Any, client: AoEClient, args: argparse.Namespace) -
             report("sequential read", frames, region, seconds)
             if args.write:
                 current[0] = "sequential write"
+                cpu[0] = time.process_time()
                 seconds = await _timed(reactor, lambda: Deferred.fromCoroutine(sequential(True)))
                 report("sequential write", frames, region, seconds)
             tests = [(f"random read {n} sector{'s' if n > 1 else ''}", n, False)
@@ -847,6 +855,7 @@ async def cmd_bench(reactor: Any, client: AoEClient, args: argparse.Namespace) -
                           for n in dict.fromkeys((1, per))]
             for label, n, write in tests:
                 current[0] = label
+                cpu[0] = time.process_time()
                 ops, seconds = await _random_io(reactor, disk, n, region, write, args, rng,
                                                 done)
                 report(label, ops, ops * n * SECTOR_SIZE, seconds)
