@@ -40,6 +40,7 @@ from aoe_twisted.core.wire import (
 from aoe_twisted.initiator.client import (
     CLIENT_TAG_BIT,
     AoEClient,
+    AoEClientError,
     AoEClientProtocol,
     AoEProtocolError,
     AoETimeout,
@@ -602,6 +603,33 @@ class WindowTests(ClientTestCase):
         self.net.write = record  # type: ignore[method-assign]
         run(self.clock, disk.read(0, 100))
         self.assertEqual(max(seen), 6)
+
+
+class CloseTests(ClientTestCase):
+    """``AoEClient.close``: what is in flight and what is queued fails at once."""
+
+    def test_queued_operation_fails(self) -> None:
+        """
+        An operation queued behind a full window fails when the client closes, rather
+        than being sent on the closed port and retried there until its retries run
+        out; no retransmission timer is left.
+        """
+        target = make_target(1, 0, buffer_count=1)
+        self.net.add_host(1, target)
+        client = self.connect(RetryPolicy(0.5, 4.0, 4))
+        disk = self.open_disk(client)
+        self.net.latency = 1.0
+        first = disk.read(0, 1)  # in flight: the window is 1
+        second = disk.read(8, 1)  # queued
+        sent = len(self.net.sent)
+        client.close()
+        self.net.protocol.closing = True
+        self.net.protocol.doStop()  # the port stops, as it does after close()
+        self.failureResultOf(first, AoEClientError)
+        self.failureResultOf(second, AoEClientError)
+        self.assertEqual(len(self.net.sent), sent)
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()
+                          and getattr(c.func, "__name__", "") == "_expire_due"], [])
 
 
 class LossTests(ClientTestCase):

@@ -71,6 +71,15 @@ class HotPathCase(SynchronousTestCase):
         """Nothing is scheduled any more: no request left behind."""
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def rewrite_replies(self, change: Callable[[bytearray], bytes]) -> None:
+        """Pass every ATA reply frame through ``change`` before the client gets it."""
+        original = self.net.deliver
+
+        def deliver(frame: bytes) -> None:
+            original(change(bytearray(frame)))
+
+        self.net.deliver = deliver  # type: ignore[method-assign]
+
 
 class DeadlineTests(HotPathCase):
     """Requests share a timer per timeout, but each one times out at its own deadline."""
@@ -260,15 +269,6 @@ class EncodingTests(HotPathCase):
 class UnusualReplyTests(HotPathCase):
     """Replies the fixed-field reading does not take are decoded in full, as before."""
 
-    def rewrite_replies(self, change: Callable[[bytearray], bytes]) -> None:
-        """Pass every ATA reply frame through ``change`` before the client gets it."""
-        original = self.net.deliver
-
-        def deliver(frame: bytes) -> None:
-            original(change(bytearray(frame)))
-
-        self.net.deliver = deliver  # type: ignore[method-assign]
-
     def test_aoe_error(self) -> None:
         """A reply with the error flag fails the read with ``AoEProtocolError``."""
         def error(frame: bytearray) -> bytes:
@@ -334,3 +334,16 @@ class GarbageTests(HotPathCase):
                 if type(o).__name__ in ("_Operation", "_Chunk", "_Request")]
         self.assertEqual(left, [])
 
+    def test_no_cycles_left_by_failures(self) -> None:
+        """A failed operation (an ATA error on one of its frames) leaves no cycle either."""
+        gc.collect()
+        self.addCleanup(gc.set_debug, gc.get_debug())
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.garbage.clear)
+        self.rewrite_replies(lambda frame: bytes(frame[:27]) + b"\x41" + bytes(frame[28:]))
+        for lba in range(0, 40, 4):
+            self.failureResultOf(run(self.clock, self.disk.read(lba, 4)), ATAError)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage
+                if type(o).__name__ in ("_Operation", "_Chunk", "_Request")]
+        self.assertEqual(left, [])

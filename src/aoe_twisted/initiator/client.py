@@ -827,7 +827,19 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         return request.deferred
 
     def _transmit(self, request: _Request) -> None:
-        """Send (again) ``request`` under a new tag of this protocol and start its timer."""
+        """
+        Send (again) ``request`` under a new tag of this protocol and start its timer.
+
+        Once the client is closing nothing more is sent: the request fails at
+        once (a disk's queued operations too, as their turn comes), rather
+        than waiting for answers on a closed port until its retries run out.
+        """
+        if self.closing:
+            request.path = None
+            request.settle(
+                AoEClientError(f"{request.target}: {request.what} abandoned: the client closed")
+            )
+            return
         tag = self._new_tag()
         request.tag = tag
         request.attempts += 1
@@ -1842,13 +1854,15 @@ class AoEClient:
                    path_wait=path_wait)
 
     def close(self) -> Deferred[None]:
-        """Stop listening on every interface; outstanding requests fail."""
+        """Stop listening on every interface; outstanding and queued requests fail."""
+        # Closing first: what fails from here on sends nothing more (``_transmit``).
+        for link in self.links:
+            link.protocol.closing = True
         for paths in self._path_sets:
             paths.stop()
         self._path_sets.clear()
         stopping = []
         for link in self.links:
-            link.protocol.closing = True
             port, link.port = link.port, None
             if port is not None:
                 stopping.append(port.stopListening())
@@ -2655,5 +2669,8 @@ class RemoteDisk:
         for chunk in op.chunks:
             if chunk.request is not None:
                 self._chunk_done(Failure(CancelledError()), chunk)
+        # No operation <-> chunk cycle left for the garbage collector (its queued
+        # chunks, still in the queue, are skipped by ``_pump``).
+        op.chunks.clear()
         if not op.deferred.called:
             op.deferred.errback(failure)
