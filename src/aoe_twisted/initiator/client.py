@@ -905,6 +905,8 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         deadlines.cancel()
         if requests:
             deadline = next(iter(requests.values()))
+            # The clock again: expiring (resending) took time of its own.
+            now = self.reactor.seconds()
             deadlines.call = self.reactor.callLater(max(0.0, deadline - now), self._expire_due,
                                                     deadlines)
 
