@@ -73,6 +73,7 @@ from aoe_twisted.net.ring import (
     TPACKET2_HDRLEN,
     TX_DATA_AT,
     RingGeometry,
+    stale_window,
 )
 from fuzz.harness import (
     DISK_SECTORS,
@@ -466,12 +467,12 @@ class _Ring:
             return False, None
         length, snaplen, mac, received_at = RX_SLOT_STAMPED.unpack_from(buffer, offset + 4)
         pkttype = buffer[offset + RX_PKTTYPE_AT]
-        stale_before = int(time.time()) - STALE_AFTER
+        no_time, stale_before = stale_window(STALE_AFTER, time.time())
         if (
             pkttype == _PACKET_OUTGOING
             or (pkttype == _PACKET_OTHERHOST and not accept_other)
             or length > self.max_frame
-            or stale_before - 365 * 86400 <= received_at < stale_before
+            or no_time <= received_at < stale_before
         ):
             return True, None
         end = min(mac + snaplen, self.slot)

@@ -356,7 +356,7 @@ class Dispatcher:
             if error is None and pending.writes:
                 decision.written = pending.target
                 if self.hold_writes or pending.target.sync:
-                    decision.refusal = pending.refusal()
+                    decision.refusal = pending.refusal(self.mac)
             return decision
         frames = self._frames(pending.initiator, [pending.finish(result, error, elapsed)])
         if not frames:

@@ -308,7 +308,7 @@ class FastPending:
     needs (the request's tag, AFlags, LBA and sector count), instead of the
     request's decoded ``Header``; ``finish`` returns the whole reply frame,
     from the MAC the completing dispatcher gives (the interface's MAC may
-    have changed meanwhile; ``mac``, the accepting one's, otherwise).
+    have changed meanwhile; ``mac``, the accepting one's, if none is given).
     The replies are byte for byte the general path's (``Pending.finish``
     and ``ata.finish_ata``): ``tests.test_fastpath`` checks that they are.
     """
@@ -342,46 +342,34 @@ class FastPending:
         teaches them: no longer in flight, the service time, the bytes or
         the failure.
         """
-        if mac is not None:
-            self.mac = mac
         io = self.io
         stats = self.target.stats
         stats.in_flight -= 1
-        bucket = int(elapsed * 1_000_000).bit_length()
-        stats.buckets[bucket if bucket < _LAST_BUCKET else _LAST_BUCKET] += 1
-        stats.seconds += elapsed
+        stats.served(elapsed)
         if io.kind is IOKind.WRITE:
             if error is not None:
                 stats.failed("write", error)
-                return self._failed(_ABRT)
+                stats.ata_errors += 1
+                return self._reply(mac, _ABRT) + _PADDING
             stats.write_bytes += io.length
-            return self._header() + _PADDING
+            return self._reply(mac) + _PADDING
         if error is not None or result is None or len(result) != io.length:
             stats.failed("read", error)
-            return self._failed(_UNC)
+            stats.ata_errors += 1
+            return self._reply(mac, _UNC) + _PADDING
         stats.read_bytes += io.length
-        return self._header() + result
+        return self._reply(mac) + result
 
     def refusal(self, mac: bytes | None = None) -> bytes:
         """Return the ``ERR|DRDY``/``ABRT`` reply from ``mac`` refusing this write (no count)."""
-        if mac is not None:
-            self.mac = mac
-        return _header(
-            self.initiator, self.mac, self.target, self.tag, self.aflags, self.lba, _ABRT,
-            self.count,
-        ) + _PADDING
+        return self._reply(mac, _ABRT) + _PADDING
 
-    def _header(self) -> bytes:
-        """Return the successful reply's 36 header bytes."""
-        return _header(self.initiator, self.mac, self.target, self.tag, self.aflags, self.lba)
-
-    def _failed(self, error: int) -> bytes:
-        """Return the ``ERR|DRDY`` reply carrying ``error``, counted as an ATA error."""
-        self.target.stats.ata_errors += 1
+    def _reply(self, mac: bytes | None, error: int = 0) -> bytes:
+        """The reply's 36 header bytes from ``mac`` (the accepting one's if ``None``)."""
         return _header(
-            self.initiator, self.mac, self.target, self.tag, self.aflags, self.lba, error,
-            self.count,
-        ) + _PADDING
+            self.initiator, self.mac if mac is None else mac, self.target, self.tag,
+            self.aflags, self.lba, error, self.count if error else 0,
+        )
 
 
 def fast_pending(
@@ -411,12 +399,11 @@ def fast_pending(
         if target.backend.read_only or len(frame) < end:
             return None
         io = BackendIO(IOKind.WRITE, first * SECTOR_SIZE, length, bytes(frame[_HEADER_SIZE:end]))
-        stats.seen(src, tag)
         stats.write += 1
     else:
         io = BackendIO(IOKind.READ, first * SECTOR_SIZE, length)
-        stats.seen(src, tag)
         stats.read += 1
+    stats.seen(src, tag)
     stats.in_flight += 1
     return FastPending(target, src, io, mac, tag, aflags, lba, count)
 

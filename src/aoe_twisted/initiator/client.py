@@ -754,8 +754,18 @@ class AoEClientProtocol(AbstractDatagramProtocol):
         """
         if self.transport is None:
             raise OSError(errno.ENETDOWN, "the port is closed")
-        frame = EthernetFrame(dst, self.mac, ETHERTYPE, header.to_bytes()).to_bytes(pad=True)
-        self.transport.write(frame)  # type: ignore[union-attr]
+        self._write(EthernetFrame(dst, self.mac, ETHERTYPE, header.to_bytes()).to_bytes(pad=True))
+
+    def _write(self, frame: bytes) -> None:
+        """
+        Send ``frame`` (whole, padded) and count it.
+
+        @raise OSError: ``ENETDOWN`` if the port is closed (its interface went away).
+        """
+        transport = self.transport
+        if transport is None:
+            raise OSError(errno.ENETDOWN, "the port is closed")
+        transport.write(frame)  # type: ignore[attr-defined]
         self.frames_sent += 1
 
     def _source(self) -> bytes:
@@ -852,14 +862,10 @@ class AoEClientProtocol(AbstractDatagramProtocol):
             path.sent += 1
         self._arm(request, now)
         try:
-            transport = self.transport
-            if transport is None:
-                raise OSError(errno.ENETDOWN, "the port is closed")
-            transport.write(  # type: ignore[attr-defined]
+            self._write(
                 b"".join((request.dst, self._source(), request.head, _TAG.pack(tag),
                           request.body))
             )
-            self.frames_sent += 1
         except OSError as e:
             if request.paths is not None and e.errno == errno.ENETDOWN:
                 # The interface is gone for now: this copy is lost like a frame on

@@ -1107,7 +1107,7 @@ typedef struct {
     Py_ssize_t received, ignored, answered;
 } Walk;
 
-/* A receive time this many seconds before the present is no time at all (AoEPort._NO_TIME). */
+/* A receive time this many seconds before the present is no time at all (ring.NO_TIME). */
 #define NO_TIME_SECONDS (365u * 86400u)
 
 /*

@@ -78,6 +78,7 @@ from aoe_twisted.net.ring import (
     TX_LEN,
     PacketRings,
     RingGeometry,
+    stale_window,
 )
 
 __all__ = [
@@ -132,13 +133,6 @@ _TX_BATCH = 8
 #: due) ends the wait at once, so this bounds only what nothing else needs:
 #: how soon an idle port hands the wait back to the reactor.
 LINGER_MS = 10
-
-#: A receive time more than this many seconds before the present is taken for
-#: no time at all: never a reason to drop a frame.  The kernel stamps ring
-#: slots with ``CLOCK_REALTIME``; were a frame ever stamped from another clock
-#: (one counting from boot), every frame would look decades old, and a server
-#: that drops them all would look alive and serve nothing.
-_NO_TIME = 365 * 86400
 
 #: At most one "stale frames dropped" line per this many seconds (the rest are counted in it).
 _STALE_LOG_INTERVAL = 10.0
@@ -946,13 +940,8 @@ class AoEPort(abstract.FileDescriptor):
         slot_size = rings.rx.frame_size
         unpack_from = RX_SLOT_STAMPED.unpack_from
         stale_after = int(self.stale_after)
-        # Frames the kernel received before this second (tp_sec) are stale (0: none is),
-        # unless received so long before that the stamp cannot be a receive time.
-        if stale_after > 0:
-            stale_before = int(time.time()) - stale_after
-            no_time_before = stale_before - _NO_TIME
-        else:
-            stale_before = no_time_before = 0
+        # Frames the kernel received (tp_sec) in [no_time_before, stale_before) are stale.
+        no_time_before, stale_before = stale_window(stale_after, time.time())
         stale = 0
         max_frame = self._max_frame
         accept_other = self.accept_other_hosts
@@ -1028,8 +1017,7 @@ class AoEPort(abstract.FileDescriptor):
                     if stale_after > 0:
                         # The protocol may have waited on its disk: what comes after
                         # in the ring is judged by the time now.
-                        stale_before = int(time.time()) - stale_after
-                        no_time_before = stale_before - _NO_TIME
+                        no_time_before, stale_before = stale_window(stale_after, time.time())
                 status[offset >> 2] = TP_STATUS_KERNEL
                 index += 1
                 if index == slots:

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_RING_FRAMES",
     "MAX_STALE_AFTER",
     "MIN_RING_FRAMES",
+    "NO_TIME",
     "PACKET_FANOUT",
     "PACKET_FANOUT_CBPF",
     "PACKET_FANOUT_DATA",
@@ -64,6 +65,7 @@ __all__ = [
     "PacketRings",
     "RingGeometry",
     "receive_ring_frames",
+    "stale_window",
 ]
 
 #: ``SOL_PACKET`` and the ``PACKET_*`` socket options of this package (``linux/if_packet.h``).
@@ -128,6 +130,26 @@ RX_SLOT_STAMPED = struct.Struct("=IIH2xI")
 STALE_AFTER = 5
 #: The most ``stale_after`` may be (``--stale-after``), in seconds.
 MAX_STALE_AFTER = 3600
+#: A receive time more than this many seconds before the present is taken for
+#: no time at all: never a reason to drop a frame.  The kernel stamps ring
+#: slots with ``CLOCK_REALTIME``; were a frame ever stamped from another clock
+#: (one counting from boot), every frame would look decades old, and a server
+#: that drops them all would look alive and serve nothing.  (``_lane.c``'s
+#: ``NO_TIME_SECONDS`` is the same.)
+NO_TIME = 365 * 86400
+
+
+def stale_window(stale_after: int, now: float) -> tuple[int, int]:
+    """
+    The receive times (``tp_sec``) that are stale at ``now``: ``[low, high)``.
+
+    Received ``stale_after`` seconds or more before the present, but not more
+    than ``NO_TIME`` before; empty when ``stale_after`` is 0 (never stale).
+    """
+    if stale_after <= 0:
+        return 0, 0
+    high = int(now) - stale_after
+    return high - NO_TIME, high
 #: ``tp_len`` of a TX slot, written at byte 4 of it.
 TX_LEN = struct.Struct("=I")
 #: Room before the frame in an RX slot: the kernel puts it 16 bytes past the aligned header.
