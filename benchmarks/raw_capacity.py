@@ -20,6 +20,10 @@ needs about 2.5x the CPU per request and caps at 130-210k requests/s on one
 CPU of this machine.  ``--ceiling`` measures the generators themselves: Python
 and C in turn against ``loadgen.c``'s trivial echo target (no disk), or
 against ``--ceiling-target vblade``/``ours``; see docs/benchmarks-generator.md.
+``--with-echo`` runs the echo target as a third server, interleaved with the
+other two, and adds a table per MTU of what it reaches: a server that does no
+work at all, so echo / vblade is the most any server could show against
+vblade with this generator on this machine, row by row.
 
 The servers are interleaved: every repeat starts vblade and then our server
 (the order alternates), each for all the rows, and the table gives the median
@@ -30,6 +34,7 @@ server's, so a reader can see which side is saturated.
     sudo python benchmarks/raw_capacity.py [--quick] [--repeat 5] [--duration 3]
         [--mtu 1500 --mtu 9000] [--ours-args "--workers 2"] [--json out.json]
         [--python-generator] [--ceiling [--ceiling-target echo|vblade|ours]]
+        [--with-echo]
 
 Needs root (namespaces, raw sockets) and ``vblade``.
 """
@@ -405,8 +410,38 @@ def report(results: dict, servers: list[bc.ServerSpec], args: argparse.Namespace
         if any(spec.generator for spec in servers):
             out.append("")
             out.append(_generator_cost(per, a, b))
+        if "echo" in per and len(servers) > 2:
+            out.append("")
+            out.append(_ceiling_table(mtu, per, a, b))
         out.append("")
     return "\n".join(out)
+
+
+def _ceiling_table(mtu: int, per: dict, a: str, b: str) -> str:
+    """
+    For ``--with-echo``: the echo target's IOPS beside ``a``'s and ``b``'s, row by row.
+
+    The echo target answers without a disk and with almost no code, so on a
+    machine where the generator and the servers share the CPUs, echo / ``a``
+    bounds what any server could show against ``a`` with this generator, and
+    ``b`` / echo is how much of that bound ``b`` reaches.
+    """
+    rows_out = []
+    for pattern, size, op in ROWS:
+        key = f"{pattern} {size} {op}"
+        re_, ra, rb = (per[name].get(key, []) for name in ("echo", a, b))
+        if not (re_ and ra and rb):
+            continue
+        e, va, vb = (bc.Spread([r["iops"] for r in rs]) for rs in (re_, ra, rb))
+        label = f"{pattern} {re_[0]['sectors']}-sector {op}"
+        gen = statistics.median(1e6 * r["gen_cpu"] / r["iops"] for r in re_)
+        rows_out.append([label, e.fmt(0), f"{gen:.1f}", bc.ratio(e, va), bc.ratio(vb, e)])
+    return bc.table(
+        f"MTU {mtu}: the echo target (no disk), interleaved with both",
+        ["row", "echo IOPS", "gen CPU µs/req (echo)", f"echo / {a} (the bound)",
+         f"{b} / echo"],
+        rows_out,
+    )  # fmt: skip
 
 
 def _generator_cost(per: dict, a: str, b: str) -> str:
@@ -481,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loadgen-args", default="",
                         help="extra options for loadgen.c's generator, e.g. '--rx ring' or "
                              "'--spin 100'")
+    parser.add_argument("--with-echo", action="store_true",
+                        help="also run loadgen.c's echo target (no disk), interleaved with "
+                             "the two servers, and show what it reaches: the most any "
+                             "server could show against the first on this machine")
     parser.add_argument("--ceiling", action="store_true",
                         help="measure the generators, not the servers: the Python and the C "
                              "generator in turn against --ceiling-target")
@@ -505,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         servers[0] = bc.ServerSpec(
             label, "ours", tuple((args.against_args or "").split()), args.against_source
         )
+    if args.with_echo and not args.ceiling:
+        servers.append(bc.ServerSpec("echo", "echo", ()))
     if args.ceiling:
         extra = {"echo": "", "vblade": args.vblade_args, "ours": args.ours_args}
         target = args.ceiling_target

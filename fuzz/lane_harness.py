@@ -7,7 +7,8 @@ same counters and the same disk contents, and decline everything else
 without counting it.  A lane input is two bytes and a frames input
 (``fuzz.harness.parse_input``)::
 
-    byte 0   LaneOptions: the disks (memory, a memory slice, a memfd read with
+    byte 0   LaneOptions: the disks (memory, a memory slice, a memfd the lane
+             maps into memory or, if byte 1 has bit 6 clear, reads with
              pread/pwrite, a memfd slice read through the lane's O_DIRECT
              bounce buffer), faulty descriptors, writes held as under --sync,
              a target's own sync, answer() or the ring walk, when to sweep,
@@ -184,7 +185,8 @@ class _DirectSlice(SliceBackend):
 
     def lane_storage(self) -> LaneStorage:
         """The inner memfd, from the slice's first byte, as an O_DIRECT disk."""
-        return evolve(super().lane_storage(), direct=True, alignment=_DIRECT_ALIGNMENT)
+        return evolve(super().lane_storage(), direct=True, alignment=_DIRECT_ALIGNMENT,
+                      mapping=None)
 
 
 def _memfd(sectors: int, contents: bytes, at: int) -> SharedMemoryBackend:
@@ -210,8 +212,13 @@ def _faulty_memfd() -> SharedMemoryBackend:
     )
 
 
-def _disk_maker(options: LaneOptions, opened: list[Any]) -> Callable[[], Any]:
-    """Return the factory of ``options``'s disks; it notes each in ``opened`` to close."""
+def _disk_maker(options: LaneOptions, opened: list[Any], mapped: bool) -> Callable[[], Any]:
+    """
+    Return the factory of ``options``'s disks; it notes each in ``opened`` to close.
+
+    ``mapped``: a memfd disk is mapped into memory for the lane (mapped I/O),
+    else read and written with ``pread``/``pwrite``.
+    """
     size = DISK_SECTORS * SECTOR_SIZE
     at = _SLICE_AT * SECTOR_SIZE
 
@@ -225,6 +232,7 @@ def _disk_maker(options: LaneOptions, opened: list[Any]) -> Callable[[], Any]:
             disk = SliceBackend(inner, at, size)
         elif options.disk == 2:
             disk = _faulty_memfd() if options.faulty else _memfd(DISK_SECTORS, PATTERN, 0)
+            disk.mappable = mapped
         else:
             disk = _DirectSlice(_memfd(_INNER_SECTORS, PATTERN, at), at, size)
         opened.append(disk)
@@ -742,10 +750,10 @@ def _harvest(
 
 
 def _sides(
-    scenario: Scenario, options: LaneOptions, opened: list[Any]
+    scenario: Scenario, options: LaneOptions, opened: list[Any], seed: int
 ) -> tuple[list[_Side], Any]:
     """The lane's side, the Python lane's and the general path's; and the lane's table."""
-    make = _disk_maker(options, opened)
+    make = _disk_maker(options, opened, mapped=bool(seed & 0x40))
 
     def side(name: str, fast_path: bool) -> _Side:
         targets = build_targets(scenario, make)
@@ -781,7 +789,7 @@ def check_lane(data: bytes, lane_type: Any = None) -> dict[str, int] | None:
     options, seed, scenario, frames = parse_lane_input(data)
     opened: list[Any] = []
     try:
-        sides, table = _sides(scenario, options, opened)
+        sides, table = _sides(scenario, options, opened, seed)
         lane_native = native if lane_type is None else _Native(native, lane_type)
         if options.ring:
             _ring_walk(lane_native, table, sides, frames, seed, options, scenario.mtu)

@@ -105,7 +105,8 @@ CONTENTS = random.Random(14).randbytes(INNER_SECTORS * SECTOR_SIZE)
 MAX_FRAME = 9014
 
 #: The disks a target of the equivalence tests may have; ``python`` is one the lane cannot serve.
-KINDS = ("memory", "file", "direct", "memory-slice", "file-slice", "direct-slice", "python")
+KINDS = ("memory", "file", "pread", "direct", "memory-slice", "file-slice", "pread-slice",
+         "direct-slice", "python")
 
 
 def native_lane() -> Any:
@@ -159,6 +160,8 @@ def make_disk(kind: str, read_only: bool, directory: str, name: str) -> Any:
 
     A slice's disk is ``INNER_SECTORS`` long and the slice starts at
     ``SLICE_AT``; ``python`` is ``FailingBackend`` (no ``ILaneBackend``).
+    A ``file`` the compiled lane maps into memory (mapped I/O, the default);
+    a ``pread`` file it reads and writes with ``pread``/``pwrite``.
     """
     base = kind.removesuffix("-slice")
     sliced = kind.endswith("-slice")
@@ -174,6 +177,7 @@ def make_disk(kind: str, read_only: bool, directory: str, name: str) -> Any:
         with open(path, "wb") as f:
             f.write(CONTENTS[:size])
         disk = FileBackend.open(path, read_only=read_only, direct=base == "direct")
+        disk.mappable = base == "file"
         # The same name in every world (it comes from the file's inode): IDENTIFY agrees.
         disk.identity = name.encode()
     if sliced:

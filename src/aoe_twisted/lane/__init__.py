@@ -22,9 +22,18 @@ import importlib
 import os
 from types import ModuleType
 
-from aoe_twisted.lane.storage import LaneStorage, sliced
+from aoe_twisted.lane.storage import LANE_IO_VARIABLE, LaneStorage, mapped_io, sliced
 
-__all__ = ["PURE_PYTHON_VARIABLE", "LaneStorage", "describe", "lane_reason", "native", "sliced"]
+__all__ = [
+    "LANE_IO_VARIABLE",
+    "PURE_PYTHON_VARIABLE",
+    "LaneStorage",
+    "describe",
+    "lane_reason",
+    "mapped_io",
+    "native",
+    "sliced",
+]
 
 PURE_PYTHON_VARIABLE = "AOE_TWISTED_PURE_PYTHON"
 """The environment variable that, set to ``1``, keeps the compiled lane off."""
@@ -47,5 +56,10 @@ native, lane_reason = _load()
 def describe() -> str:
     """Say which data lane serves plain reads and writes, for the log."""
     if native is not None:
-        return "data lane: compiled (aoe_twisted.lane._lane answers plain reads and writes)"
+        how = (
+            "file and block disks mapped into memory"
+            if mapped_io()
+            else f"file and block disks with pread/pwrite, {LANE_IO_VARIABLE}=pread is set"
+        )
+        return f"data lane: compiled (aoe_twisted.lane._lane answers plain reads and writes; {how})"
     return f"data lane: Python ({lane_reason})"

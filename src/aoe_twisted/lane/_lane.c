@@ -4,8 +4,9 @@
  * What it does, and only that: walk a PACKET_MMAP receive ring, answer the
  * plain ATA READ/WRITE SECTORS (EXT) frames that aoe_twisted.core.fastpath
  * answers (the same frames, the same reply bytes, the same counters), with
- * pread/pwrite (or a copy for a memory disk) straight between the ring slots
- * and the disk, the reply written into a transmit ring slot and queued.
+ * pread/pwrite (or a copy, for a memory disk or a file mapped into memory)
+ * straight between the ring slots and the disk, the reply written into a
+ * transmit ring slot and queued.
  * Every other frame is handed back to Python untouched: the lane stops at it
  * and says so, and the Python path (the reference) decides about it.
  *
@@ -18,7 +19,8 @@
  *          calls Tally.seen, so a retransmission is recognised whichever
  *          path saw the first copy).
  *   Table  the targets the lane may answer for, by shelf.slot, each with its
- *          disk (a descriptor or a buffer) and its Tally.
+ *          disk (a descriptor, a buffer, or a descriptor and its mapping)
+ *          and its Tally.
  *   Lane   one port's rings: drain() walks them; answer() is the same
  *          decision for one frame and one reply buffer (tests, fuzzing).
  */
@@ -29,6 +31,8 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -427,6 +431,91 @@ static PyTypeObject TallyType = {
     .tp_methods = Tally_methods,
 };
 
+/* -- mapped files: copies that survive SIGBUS ------------------------------ */
+
+/*
+ * A copy to or from a file mapped into memory faults with SIGBUS where the
+ * file no longer has the page (it was truncated) or the kernel cannot give
+ * it (an I/O error reading it in, no space to allocate it on a write).  With
+ * pread/pwrite the same events are an errno; here the copy is guarded: the
+ * handler jumps back to the copy that faulted, inside the range it copies,
+ * which returns EIO, and the request is done again with pread/pwrite for
+ * its errno.  A SIGBUS anywhere else is passed to the handler that
+ * was there before (Python's faulthandler, say) or ends the process as it
+ * would have.
+ */
+static __thread sigjmp_buf *copy_guard;
+static __thread const uint8_t *guard_from, *guard_to;
+static struct sigaction sigbus_before;
+
+static void
+on_sigbus(int sig, siginfo_t *info, void *context)
+{
+    sigjmp_buf *guard = copy_guard;
+    const uint8_t *at = (const uint8_t *)info->si_addr;
+    if (guard != NULL && info->si_code > 0 && at >= guard_from && at < guard_to) {
+        copy_guard = NULL;
+        siglongjmp(*guard, 1);
+    }
+    if ((sigbus_before.sa_flags & SA_SIGINFO) && sigbus_before.sa_sigaction != NULL) {
+        sigbus_before.sa_sigaction(sig, info, context);
+        return;
+    }
+    if (!(sigbus_before.sa_flags & SA_SIGINFO) && sigbus_before.sa_handler != SIG_DFL
+        && sigbus_before.sa_handler != SIG_IGN) {
+        sigbus_before.sa_handler(sig);
+        return;
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+/* Install on_sigbus, unless it is the handler now (another one may have replaced it). */
+static int
+guard_sigbus(void)
+{
+    struct sigaction now, ours;
+    if (sigaction(SIGBUS, NULL, &now) < 0)
+        goto fail;
+    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_sigbus)
+        return 0;
+    memset(&ours, 0, sizeof(ours));
+    ours.sa_sigaction = on_sigbus;
+    /* SA_NODEFER: a jump out of the handler leaves SIGBUS unblocked (sigsetjmp(, 0)). */
+    ours.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+    sigemptyset(&ours.sa_mask);
+    if (sigaction(SIGBUS, &ours, &sigbus_before) < 0)
+        goto fail;
+    return 0;
+fail:
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
+/*
+ * memcpy, 0; or EIO if the mapped bytes at mapped..mapped+length faulted
+ * (SIGBUS).  The callers then do the same request with pread/pwrite, which
+ * gives the reason as an errno (ENOSPC, EIO) or succeeds if it now can.
+ */
+static int
+guarded_copy(uint8_t *to, const uint8_t *from, size_t length, const uint8_t *mapped)
+{
+    sigjmp_buf here;
+    if (sigsetjmp(here, 0)) {
+        /* The handler cleared copy_guard; some of the bytes may have been copied. */
+        return EIO;
+    }
+    guard_from = mapped;
+    guard_to = mapped + length;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    copy_guard = &here;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    memcpy(to, from, length);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    copy_guard = NULL;
+    return 0;
+}
+
 /* -- the table ---------------------------------------------------------- */
 
 enum { WRITES_DECLINED = 0, WRITES_SENT = 1, WRITES_HELD = 2 };
@@ -435,11 +524,11 @@ typedef struct {
     uint32_t key;           /* shelf << 8 | slot */
     uint32_t max_sectors;
     uint64_t sectors;       /* the disk's size in sectors */
-    int fd;                 /* -1: the disk is the buffer */
+    int fd;                 /* -1: the disk is the buffer; with a buffer, the mapped file */
     int direct;             /* O_DIRECT: whole aligned blocks through the bounce buffer */
     uint32_t alignment;
     uint64_t base;          /* the disk's first byte in the descriptor or buffer */
-    Py_buffer memory;       /* the buffer, when fd is -1 */
+    Py_buffer memory;       /* the buffer (memory.obj NULL: none): fd's mapping if fd >= 0 */
     int writes;             /* WRITES_DECLINED, WRITES_SENT or WRITES_HELD (group commit) */
     PyObject *target;       /* the Target: its acl and backend are read per frame */
     PyObject *backend;      /* the backend the table was built for */
@@ -463,7 +552,7 @@ Table_dealloc(Table *t)
 {
     for (Py_ssize_t i = 0; i < t->count; i++) {
         Entry *e = &t->entries[i];
-        if (e->fd < 0 && e->memory.obj != NULL)
+        if (e->memory.obj != NULL)
             PyBuffer_Release(&e->memory);
         Py_XDECREF(e->target);
         Py_XDECREF(e->backend);
@@ -492,7 +581,11 @@ table_find(const Table *t, uint32_t key)
  * Table(entries): each entry a tuple
  *   (shelf, slot, max_sectors, sectors, fd, buffer, base, direct, alignment, writes,
  *    target, backend, tally)
- * with fd -1 and a writable buffer for a memory disk, or fd >= 0 and None;
+ * with fd -1 and a writable buffer for a memory disk, fd >= 0 and None for a
+ * disk read with pread and written with pwrite, or fd >= 0 and a writable
+ * shared mapping of it (mapped I/O: copies, each guarded against SIGBUS, the
+ * fault a mapped file gives when it shrinks or its device fails, which then
+ * fails that request with EIO);
  * writes 0 (declined), 1 (answered at once) or 2 (answered, the reply held
  * for group commit until Lane.release).
  */
@@ -558,14 +651,23 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         e->alignment = (uint32_t)alignment;
         e->base = base;
         e->writes = writes;
-        if (fd < 0) {
-            e->fd = -1;
+        if (fd < 0 || buffer != Py_None) {
+            if (fd < 0)
+                e->fd = -1;
+            else if (direct) {
+                PyErr_SetString(PyExc_ValueError, "Table entry: an O_DIRECT disk is not mapped");
+                goto fail;
+            }
             if (PyObject_GetBuffer(buffer, &e->memory, PyBUF_WRITABLE) < 0)
                 goto fail;
             if (base > (unsigned long long)e->memory.len
                 || sectors > ((unsigned long long)e->memory.len - base) / SECTOR) {
                 PyErr_SetString(PyExc_ValueError, "Table entry: the disk overruns its buffer");
                 PyBuffer_Release(&e->memory);  /* not counted yet: dealloc skips it */
+                goto fail;
+            }
+            if (fd >= 0 && guard_sigbus() < 0) {
+                PyBuffer_Release(&e->memory);
                 goto fail;
             }
         }
@@ -669,9 +771,15 @@ pread_exact(int fd, uint8_t *buf, size_t length, uint64_t offset)
 static int
 disk_read(Table *t, Entry *e, uint64_t offset, uint8_t *into, size_t length)
 {
-    if (e->fd < 0) {
-        memcpy(into, (uint8_t *)e->memory.buf + e->base + offset, length);
-        return 0;
+    if (e->memory.obj != NULL) {
+        const uint8_t *from = (const uint8_t *)e->memory.buf + e->base + offset;
+        if (e->fd < 0) {
+            memcpy(into, from, length);
+            return 0;
+        }
+        if (guarded_copy(into, from, length, from) == 0)
+            return 0;
+        /* The mapping faulted: pread says why (or reads it, if it now can). */
     }
     offset += e->base;
     if (!e->direct)
@@ -692,9 +800,15 @@ disk_read(Table *t, Entry *e, uint64_t offset, uint8_t *into, size_t length)
 static int
 disk_write(Table *t, Entry *e, uint64_t offset, const uint8_t *data, size_t length)
 {
-    if (e->fd < 0) {
-        memcpy((uint8_t *)e->memory.buf + e->base + offset, data, length);
-        return 0;
+    if (e->memory.obj != NULL) {
+        uint8_t *to = (uint8_t *)e->memory.buf + e->base + offset;
+        if (e->fd < 0) {
+            memcpy(to, data, length);
+            return 0;
+        }
+        if (guarded_copy(to, data, length, to) == 0)
+            return 0;
+        /* The mapping faulted: pwrite says why (no space, say), or writes it if it can. */
     }
     offset += e->base;
     if (!e->direct)

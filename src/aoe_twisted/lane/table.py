@@ -64,7 +64,7 @@ def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
             target.max_sectors,
             backend.size // SECTOR_SIZE,
             storage.fd,
-            storage.buffer,
+            storage.buffer if storage.mapping is None else storage.mapping,
             storage.offset,
             storage.direct,
             storage.alignment,
@@ -91,9 +91,11 @@ def _check(storage: Any, size: int) -> None:
     alignment = storage.alignment
     if alignment <= 0 or alignment & (alignment - 1) or alignment > _MAX_ALIGNMENT:
         raise ValueError(f"O_DIRECT block size {alignment} is not a power of two up to 1 MiB")
-    if storage.buffer is not None:
-        length = memoryview(storage.buffer).nbytes
+    for name, held in (("buffer", storage.buffer), ("mapping", storage.mapping)):
+        if held is None:
+            continue
+        length = memoryview(held).nbytes
         if storage.offset + size > length:
             raise ValueError(
-                f"its buffer of {length} bytes does not hold {size} bytes from {storage.offset}"
+                f"its {name} of {length} bytes does not hold {size} bytes from {storage.offset}"
             )
