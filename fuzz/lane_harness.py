@@ -7,10 +7,10 @@ same counters and the same disk contents, and decline everything else
 without counting it.  A lane input is two bytes and a frames input
 (``fuzz.harness.parse_input``)::
 
-    byte 0   LaneOptions: the disks (memory, a memory slice, a memfd the lane
-             maps into memory or, if byte 1 has bit 6 clear, reads with
-             pread/pwrite, a memfd slice read through the lane's O_DIRECT
-             bounce buffer), faulty descriptors, writes held as under --sync,
+    byte 0   LaneOptions: the disks (memory, a memory slice, a memfd read with
+             pread and written through a mapping or, if byte 1 has bit 6
+             clear, with pwrite, a memfd slice read through the lane's
+             O_DIRECT bounce buffer), faulty descriptors, writes held as under --sync,
              a target's own sync, answer() or the ring walk, when to sweep,
              accept_other
     byte 1   the ring's seed: reply capacity (answer), start slots, batch size
@@ -186,7 +186,7 @@ class _DirectSlice(SliceBackend):
     def lane_storage(self) -> LaneStorage:
         """The inner memfd, from the slice's first byte, as an O_DIRECT disk."""
         return evolve(super().lane_storage(), direct=True, alignment=_DIRECT_ALIGNMENT,
-                      mapping=None)
+                      mapped=False)
 
 
 def _memfd(sectors: int, contents: bytes, at: int) -> SharedMemoryBackend:
@@ -196,19 +196,22 @@ def _memfd(sectors: int, contents: bytes, at: int) -> SharedMemoryBackend:
     return SharedMemoryBackend.create(len(data), contents=data)
 
 
-def _faulty_memfd() -> SharedMemoryBackend:
+def _faulty_memfd(mapped: bool) -> SharedMemoryBackend:
     """
-    A memfd disk opened read-only behind a backend that thinks it writable, its
-    file cut to half its size: every write fails (``EBADF``), reads past the half
-    fail (``EIO``), in the lane and in Python alike.
+    A memfd disk cut to half its size: reads past the half fail (``EIO``), in the
+    lane and in Python alike.  Unless ``mapped``, it is opened read-only behind a
+    backend that thinks it writable, so every write fails (``EBADF``); if
+    ``mapped`` a write past the half faults in the lane's mapping and is done
+    again with ``pwrite``, which succeeds, as Python's does.
     """
     disk = _memfd(DISK_SECTORS, PATTERN, 0)
     fd = disk.lane_storage().fd
     os.ftruncate(fd, DISK_SECTORS * SECTOR_SIZE // 2)
-    read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    flags = os.O_RDWR if mapped else os.O_RDONLY
+    reopened = os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
     disk.close()
     return SharedMemoryBackend(
-        path="memfd:faulty", size=DISK_SECTORS * SECTOR_SIZE, read_only=False, fd=read_only
+        path="memfd:faulty", size=DISK_SECTORS * SECTOR_SIZE, read_only=False, fd=reopened
     )
 
 
@@ -231,7 +234,7 @@ def _disk_maker(options: LaneOptions, opened: list[Any], mapped: bool) -> Callab
             inner.write(at, PATTERN)
             disk = SliceBackend(inner, at, size)
         elif options.disk == 2:
-            disk = _faulty_memfd() if options.faulty else _memfd(DISK_SECTORS, PATTERN, 0)
+            disk = _faulty_memfd(mapped) if options.faulty else _memfd(DISK_SECTORS, PATTERN, 0)
             disk.mappable = mapped
         else:
             disk = _DirectSlice(_memfd(_INNER_SECTORS, PATTERN, at), at, size)

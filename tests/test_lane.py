@@ -105,7 +105,7 @@ CONTENTS = random.Random(14).randbytes(INNER_SECTORS * SECTOR_SIZE)
 MAX_FRAME = 9014
 
 #: The disks a target of the equivalence tests may have; ``python`` is one the lane cannot serve.
-KINDS = ("memory", "file", "pread", "direct", "memory-slice", "file-slice", "pread-slice",
+KINDS = ("memory", "file", "pwrite", "direct", "memory-slice", "file-slice", "pwrite-slice",
          "direct-slice", "python")
 
 
@@ -160,8 +160,8 @@ def make_disk(kind: str, read_only: bool, directory: str, name: str) -> Any:
 
     A slice's disk is ``INNER_SECTORS`` long and the slice starts at
     ``SLICE_AT``; ``python`` is ``FailingBackend`` (no ``ILaneBackend``).
-    A ``file`` the compiled lane maps into memory (mapped I/O, the default);
-    a ``pread`` file it reads and writes with ``pread``/``pwrite``.
+    A ``file`` the compiled lane writes through a mapping (the default); a
+    ``pwrite`` file it writes with ``pwrite``.
     """
     base = kind.removesuffix("-slice")
     sliced = kind.endswith("-slice")

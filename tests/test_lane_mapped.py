@@ -1,17 +1,18 @@
 # -*- test-case-name: tests.test_lane_mapped -*-
 """
-Mapped I/O in the compiled lane: file and block disks copied through a shared mapping.
+Mapped writes in the compiled lane: file and block disks written through a mapping.
 
-The lane's answers on mapped disks are compared with the Python lane's by
-``tests.test_lane`` (the ``file`` kinds; ``pread`` kinds keep the
-``pread``/``pwrite`` path covered).  Here: which disks are mapped, that the
-copies really go through the mapping, and what a fault in the mapping
-(``SIGBUS``: the file shrank, no space left) does to a request and to the
-process.
+The lane's answers on such disks are compared with the Python lane's by
+``tests.test_lane`` (the ``file`` kinds; the ``pwrite`` kinds keep the
+``pwrite`` path covered) and by the lane fuzz target.  Here: which disks are
+mapped, that writes really go through the mapping, that its page tables are
+bounded, and what a fault in it (``SIGBUS``: the file shrank, no space
+left) does to a request and to the process.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -22,12 +23,13 @@ from typing import Any
 
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+import aoe_twisted
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.backends.slice import SliceBackend
 from aoe_twisted.core.target import Target
-from aoe_twisted.core.wire import MIN_FRAME_SIZE, SECTOR_SIZE, ATACmdStatus, ATAError
+from aoe_twisted.core.wire import MIN_FRAME_SIZE, SECTOR_SIZE, ATACmdStatus
 from aoe_twisted.lane import describe
-from aoe_twisted.lane.storage import LANE_IO_VARIABLE, LaneStorage, mapped_io
+from aoe_twisted.lane.storage import MAPPED_WRITES_VARIABLE, LaneStorage, mapped_writes
 from aoe_twisted.lane.table import build_table
 from aoe_twisted.testing import ata_request, ethernet_frame
 from tests.test_lane import (
@@ -39,12 +41,18 @@ from tests.test_lane import (
     one_frame_lane,
 )
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_SRC = os.path.join(os.path.dirname(_HERE), "src")
+#: Where this process imports ``aoe_twisted`` from: the child processes import the same.
+_SRC = os.path.dirname(os.path.dirname(os.path.abspath(aoe_twisted.__file__)))
 
 
 class _MappedCase(_NativeCase):
-    """Image files and the frames to read and write them through the lane."""
+    """Image files, and frames to read and write them through the lane."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        saved = os.environ.pop(MAPPED_WRITES_VARIABLE, None)
+        if saved is not None:
+            self.addCleanup(os.environ.__setitem__, MAPPED_WRITES_VARIABLE, saved)
 
     def image(self, sectors: int = SECTORS) -> str:
         """Return the path of a new image of ``sectors`` sectors holding ``CONTENTS``."""
@@ -53,252 +61,321 @@ class _MappedCase(_NativeCase):
             f.write(CONTENTS[: sectors * SECTOR_SIZE])
         return path
 
-    def table(self, backend: Any) -> Any:
-        """Return the lane's table serving ``backend`` as e1.0, closing the disk at the end."""
+    def opened(self, *args: Any, **kwargs: Any) -> FileBackend:
+        """``FileBackend.open``, closed at the end of the test."""
+        backend = FileBackend.open(*args, **kwargs)
         self.addCleanup(backend.close)
+        return backend
+
+    def table(self, *backends: Any) -> Any:
+        """Return the lane's table serving ``backends`` as e1.0, e1.1 ..."""
         with lane_module(self.native):
-            table = build_table([Target(1, 0, backend, max_sectors=4)])
+            table = build_table([Target(1, slot, backend, max_sectors=4)
+                                 for slot, backend in enumerate(backends)])  # fmt: skip
         self.assertIsNotNone(table)
         return table
 
-    def read(self, table: Any, lba: int, count: int) -> bytes:
-        """Answer a read of ``count`` sectors at ``lba``; return the whole reply."""
-        buffer = bytearray(36 + count * SECTOR_SIZE)
-        frame = ethernet_frame(ata_request(0x24, count=count, lba=lba))
-        length = one_frame_lane(self.native).answer(table, frame, buffer)
-        return bytes(buffer[:length])
-
-    def write(self, table: Any, lba: int, data: bytes) -> bytes:
+    def write(self, table: Any, lba: int, data: bytes, slot: int = 0) -> bytes:
         """Answer a write of ``data`` at ``lba``; return the reply."""
         buffer = bytearray(MIN_FRAME_SIZE)
         frame = ethernet_frame(ata_request(0x34, count=len(data) // SECTOR_SIZE, lba=lba,
-                                           data=data))  # fmt: skip
+                                           data=data, slot=slot))  # fmt: skip
         length = one_frame_lane(self.native).answer(table, frame, buffer)
+        self.assertEqual(length, MIN_FRAME_SIZE)
         return bytes(buffer[:length])
+
+    def assertWritten(self, reply: bytes) -> None:
+        """Check ``reply`` is a successful ATA reply (``DRDY``)."""
+        self.assertEqual(reply[27], int(ATACmdStatus.READY_STATUS), reply[:36].hex())
 
 
 class WhichDisksTests(_MappedCase):
-    """``FDBackend.lane_storage``: a writable, buffered disk is mapped; others are not."""
+    """``FDBackend.lane_storage`` and the table: a writable, buffered disk is mapped."""
 
-    def test_writable_file_mapped(self) -> None:
-        """A writable file: a shared mapping of the whole disk, made once, beside its descriptor."""
-        backend = FileBackend.open(self.image())
-        self.addCleanup(backend.close)
+    def test_writable_file(self) -> None:
+        """A writable file is ``mapped``; the table maps it, and a slice of it."""
+        backend = self.opened(self.image())
         storage = backend.lane_storage()
+        self.assertTrue(storage.mapped)
         self.assertEqual(storage.fd, backend.fileno())
-        self.assertIsNone(storage.buffer)
-        self.assertEqual(len(storage.mapping), SECTORS * SECTOR_SIZE)
-        self.assertIs(backend.lane_storage().mapping, storage.mapping)
-        self.assertEqual(storage.mapping[:SECTOR_SIZE], CONTENTS[:SECTOR_SIZE])
-
-    def test_slice_of_mapped(self) -> None:
-        """A slice keeps its disk's mapping and its own offset in it."""
-        backend = FileBackend.open(self.image())
-        self.addCleanup(backend.close)
-        storage = SliceBackend(backend, 3 * SECTOR_SIZE, 8 * SECTOR_SIZE).lane_storage()
-        self.assertIs(storage.mapping, backend.lane_storage().mapping)
-        self.assertEqual(storage.offset, 3 * SECTOR_SIZE)
+        sliced = SliceBackend(backend, 3 * SECTOR_SIZE, 8 * SECTOR_SIZE)
+        self.assertTrue(sliced.lane_storage().mapped)
+        table = self.table(backend, sliced)
+        self.assertEqual(table.mapped(), 2)
+        self.assertEqual(table.unmapped(), [])
 
     def test_not_mapped(self) -> None:
-        """Read-only, ``O_DIRECT``, and made with ``AOE_TWISTED_LANE_IO=pread``: no mapping."""
-        read_only = FileBackend.open(self.image(), read_only=True)
-        self.addCleanup(read_only.close)
-        self.assertIsNone(read_only.lane_storage().mapping)
-        problem = direct_problem(self.directory)
-        if problem is None:
-            direct = FileBackend.open(self.image(), direct=True)
-            self.addCleanup(direct.close)
-            self.assertIsNone(direct.lane_storage().mapping)
-        os.environ[LANE_IO_VARIABLE] = "pread"
+        """Read-only, ``O_DIRECT``, and made with ``AOE_TWISTED_MAPPED_WRITES=0``: not mapped."""
+        disks = [self.opened(self.image(), read_only=True)]
+        if direct_problem(self.directory) is None:
+            disks.append(self.opened(self.image(), direct=True))
+        os.environ[MAPPED_WRITES_VARIABLE] = "0"
         try:
-            told = FileBackend.open(self.image())
+            told = self.opened(self.image())
         finally:
-            del os.environ[LANE_IO_VARIABLE]
-        self.addCleanup(told.close)
+            del os.environ[MAPPED_WRITES_VARIABLE]
+        disks.append(told)
         self.assertFalse(told.mappable)
-        self.assertIsNone(told.lane_storage().mapping)
-        self.assertTrue(FileBackend.open(self.image()).mappable)
+        self.assertTrue(self.opened(self.image()).mappable)
+        for disk in disks:
+            self.assertFalse(disk.lane_storage().mapped, disk)
+        self.assertEqual(self.table(*disks).mapped(), 0)
 
     def test_cannot_map(self) -> None:
         """
-        A file already shorter than the disk cannot be mapped: said once, served with
-        ``pread``/``pwrite``, and not tried again.
+        A descriptor the kernel will not map for writing (open read-only behind a disk said
+        to be writable): written with ``pwrite``, said once however often the table is built.
         """
-        backend = FileBackend.open(self.image())
-        self.addCleanup(backend.close)
-        os.truncate(backend.path, SECTOR_SIZE)
+        path = self.image()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.addCleanup(os.close, fd)
+        backend = FileBackend(path=path, size=SECTORS * SECTOR_SIZE, read_only=False, fd=fd)
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         try:
-            first = backend.lane_storage()
-            second = backend.lane_storage()
+            first = self.table(backend)
+            self.table(backend)
         finally:
             globalLogPublisher.removeObserver(events.append)
+        self.assertEqual(first.mapped(), 0)
+        self.assertEqual([(t.backend, e) for t, e in first.unmapped()], [(backend, errno.EACCES)])
         lines = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
         self.assertEqual(len(lines), 1, lines)
-        self.assertIn(f"file {backend.path}: cannot be mapped into memory", lines[0])
-        self.assertIsNone(first.mapping)
-        self.assertIsNone(second.mapping)
-        self.assertFalse(backend.mappable)
+        self.assertIn("e1.0", lines[0])
+        self.assertIn("cannot be written through a mapping (Permission denied)", lines[0])
 
-    def test_storage_refuses(self) -> None:
-        """A mapping needs the descriptor it maps, and is never an ``O_DIRECT`` one."""
-        self.assertRaises(ValueError, LaneStorage, buffer=bytearray(512), mapping=bytearray(512))
-        self.assertRaises(ValueError, LaneStorage, fd=0, direct=True, mapping=bytearray(512))
-        self.assertIsNotNone(LaneStorage(fd=0, mapping=bytearray(512)).mapping)
-
-    def test_close(self) -> None:
-        """
-        ``close`` unmaps the disk; while a lane table holds the mapping it goes with the
-        table, which still answers from it.
-        """
-        backend = FileBackend.open(self.image())
-        mapping = backend.lane_storage().mapping
-        backend.close()
-        self.assertTrue(mapping.closed)
-        backend.close()
-
-        backend = FileBackend.open(self.image())
-        table = self.table(backend)
-        mapping = backend.lane_storage().mapping
-        backend.close()
-        self.assertFalse(mapping.closed)
-        reply = self.read(table, 2, 1)
-        self.assertEqual(reply[27], int(ATACmdStatus.READY_STATUS))
-        self.assertEqual(reply[36:], CONTENTS[2 * SECTOR_SIZE:3 * SECTOR_SIZE])
+    def test_refused(self) -> None:
+        """Only a descriptor that is not ``O_DIRECT`` is mapped; a table takes None or True."""
+        self.assertRaises(ValueError, LaneStorage, buffer=bytearray(512), mapped=True)
+        self.assertRaises(ValueError, LaneStorage, fd=0, direct=True, mapped=True)
+        self.assertTrue(LaneStorage(fd=0, mapped=True).mapped)
+        backend = self.opened(self.image())
+        target = Target(1, 0, backend)
+        for buffer, error in ((bytearray(SECTORS * SECTOR_SIZE), TypeError), (1, TypeError)):
+            entry = (1, 0, 2, SECTORS, backend.fileno(), buffer, 0, False, 512,
+                     self.native.WRITES_SENT, target, backend, target.stats.tally)  # fmt: skip
+            self.assertRaises(error, self.native.Table, [entry])
+        entry = (1, 0, 2, SECTORS, backend.fileno(), True, 0, True, 512,
+                 self.native.WRITES_SENT, target, backend, target.stats.tally)  # fmt: skip
+        self.assertRaises(ValueError, self.native.Table, [entry])
 
 
 class CopiesTests(_MappedCase):
-    """The lane copies through the mapping, and a fault in it fails only that request."""
+    """Writes go through the mapping; a fault in it fails nothing that ``pwrite`` would do."""
+
+    def append_only(self, mappable: bool) -> tuple[FileBackend, int]:
+        """A disk on an ``O_APPEND`` descriptor: ``pwrite`` appends, a mapping writes in place."""
+        path = self.image()
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        self.addCleanup(os.close, fd)
+        backend = FileBackend(path=path, size=SECTORS * SECTOR_SIZE, read_only=False, fd=fd,
+                              mappable=mappable)  # fmt: skip
+        return backend, fd
 
     def test_through_the_mapping(self) -> None:
         """
-        A table entry with a descriptor and a buffer standing in for its mapping: the lane
-        reads and writes the buffer, not the file (so the mapping is what it uses).
+        On an ``O_APPEND`` descriptor, where ``pwrite`` would append: the lane's write lands
+        in place, so it went through the mapping; not mapped, it is appended.
         """
-        path = self.image()
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        self.addCleanup(os.close, fd)
-        backend = FileBackend(path=path, size=SECTORS * SECTOR_SIZE, read_only=False, fd=fd)
-        stand_in = bytearray(b"\x5a" * (SECTORS * SECTOR_SIZE))
-        target = Target(1, 0, backend, max_sectors=4)
-        table = self.native.Table([(1, 0, 4, SECTORS, fd, stand_in, 0, False, 512,
-                                    self.native.WRITES_SENT, target, backend,
-                                    target.stats.tally)])  # fmt: skip
-        self.assertEqual(self.read(table, 4, 2)[36:], b"\x5a" * (2 * SECTOR_SIZE))
         data = bytes(range(256)) * 4
-        self.assertEqual(self.write(table, 9, data)[27], int(ATACmdStatus.READY_STATUS))
-        self.assertEqual(bytes(stand_in[9 * SECTOR_SIZE:11 * SECTOR_SIZE]), data)
-        self.assertEqual(os.pread(fd, 2 * SECTOR_SIZE, 9 * SECTOR_SIZE),
-                         CONTENTS[9 * SECTOR_SIZE:11 * SECTOR_SIZE])  # fmt: skip
+        backend, fd = self.append_only(mappable=True)
+        self.assertWritten(self.write(self.table(backend), 9, data))
+        self.assertEqual(os.pread(fd, len(data), 9 * SECTOR_SIZE), data)
+        self.assertEqual(os.fstat(fd).st_size, SECTORS * SECTOR_SIZE)
 
-    def test_mapped_writes_are_the_file(self) -> None:
-        """What the lane writes through the mapping is what ``pread`` reads, at once."""
-        backend = FileBackend.open(self.image())
-        table = self.table(backend)
-        data = os.urandom(4 * SECTOR_SIZE)
-        self.assertEqual(self.write(table, 60, data)[27], int(ATACmdStatus.READY_STATUS))
-        self.assertEqual(backend.read(60 * SECTOR_SIZE, 4 * SECTOR_SIZE), data)
-        backend.write(0, data)
-        self.assertEqual(self.read(table, 0, 4)[36:], data)
+        backend, fd = self.append_only(mappable=False)
+        self.assertWritten(self.write(self.table(backend), 9, data))
+        self.assertEqual(os.pread(fd, len(data), 9 * SECTOR_SIZE),
+                         CONTENTS[9 * SECTOR_SIZE:11 * SECTOR_SIZE])  # fmt: skip
+        self.assertEqual(os.fstat(fd).st_size, SECTORS * SECTOR_SIZE + len(data))
+
+    def test_slice(self) -> None:
+        """A slice off a page boundary writes its own sectors through its disk's file."""
+        backend = self.opened(self.image())
+        sliced = SliceBackend(backend, 3 * SECTOR_SIZE, 16 * SECTOR_SIZE)
+        table = self.table(sliced)
+        self.assertEqual(table.mapped(), 1)
+        data = os.urandom(2 * SECTOR_SIZE)
+        self.assertWritten(self.write(table, 14, data))
+        self.assertEqual(backend.read(17 * SECTOR_SIZE, 2 * SECTOR_SIZE), data)
+        self.assertEqual(backend.read(16 * SECTOR_SIZE, SECTOR_SIZE),
+                         CONTENTS[16 * SECTOR_SIZE:17 * SECTOR_SIZE])  # fmt: skip
 
     def test_file_shrinks(self) -> None:
         """
-        The file is truncated after it was mapped: a read past its new end faults in the
-        mapping and fails as ``pread`` fails it (``EIO``, answered ``UNC``); a write there
-        is done by ``pwrite``, which can, and the process goes on serving.
+        The file is cut to 2 sectors after it was mapped: a write past its new end faults in
+        the mapping and is done again with ``pwrite``, which succeeds, as it would have.
         """
-        backend = FileBackend.open(self.image())
+        backend = self.opened(self.image())
         table = self.table(backend)
         os.truncate(backend.path, 2 * SECTOR_SIZE)
-        reply = self.read(table, 10, 1)
-        self.assertEqual(reply[25:28], bytes([int(ATAError.UNC), 1, 0x41]))
-        self.assertEqual(self.read(table, 1, 1)[36:], CONTENTS[SECTOR_SIZE:2 * SECTOR_SIZE])
         data = os.urandom(SECTOR_SIZE)
-        self.assertEqual(self.write(table, 12, data)[27], int(ATACmdStatus.READY_STATUS))
+        self.assertWritten(self.write(table, 12, data))
         self.assertEqual(backend.read(12 * SECTOR_SIZE, SECTOR_SIZE), data)
+        self.assertEqual(os.stat(backend.path).st_size, 13 * SECTOR_SIZE)
+        self.assertWritten(self.write(table, 1, data))
+        self.assertEqual(backend.read(SECTOR_SIZE, SECTOR_SIZE), data)
+
+    def test_mapped_again(self) -> None:
+        """
+        After writes in 2048 regions of 2 MiB the disk is mapped afresh (its page tables
+        freed); every write before and after is on the disk.
+        """
+        path = tempfile.mktemp(dir=self.directory)
+        regions = 2100
+        with open(path, "wb") as f:
+            f.truncate(regions << 21)
+        backend = self.opened(path)
+        table = self.table(backend)
+
+        def mappings() -> set[str]:
+            with open("/proc/self/maps") as f:
+                return {line.split()[0] for line in f if line.rstrip().endswith(path)}
+
+        first = mappings()
+        self.assertEqual(len(first), 1)
+        for region in range(regions):
+            data = region.to_bytes(4, "big") * (SECTOR_SIZE // 4)
+            self.assertWritten(self.write(table, (region << 21) // SECTOR_SIZE + 1, data))
+            if region == 2046:
+                self.assertEqual(mappings(), first)
+        after = mappings()
+        self.assertEqual(len(after), 1)
+        self.assertNotEqual(after, first)
+        for region in (0, 2047, 2048, regions - 1):
+            self.assertEqual(backend.read((region << 21) + SECTOR_SIZE, 4),
+                             region.to_bytes(4, "big"))  # fmt: skip
 
 
 _SCRIPT = """
-import faulthandler, mmap, os, sys
+import faulthandler, mmap, os, signal, sys
 sys.path.insert(0, {src!r})
-if {faulthandler!r}:
-    faulthandler.enable()
 from aoe_twisted import lane
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.core.target import Target
 from aoe_twisted.lane.table import build_table
 from aoe_twisted.testing import ata_request, ethernet_frame
 
-path = {path!r}
+MAC = b"\\x02" * 6
+path, other, steps = {path!r}, {other!r}, {steps!r}
+if "ignore" in steps:
+    signal.signal(signal.SIGBUS, signal.SIG_IGN)
 backend = FileBackend.open(path)
 table = build_table([Target(1, 0, backend, max_sectors=2)])
-assert backend.lane_storage().mapping is not None
+assert table.mapped() == 1
+if "faulthandler" in steps:
+    faulthandler.enable()
+if "kill" in steps:
+    os.kill(os.getpid(), signal.SIGBUS)
+    print("killed and alive", flush=True)
+lane_ = lane.native.Lane(bytearray(4096), [0], 2048, [2048], 2048, MAC, 9014, False)
 os.truncate(path, 512)
-lane_ = lane.native.Lane(bytearray(4096), [0], 2048, [2048], 2048, b"\\x02" * 6, 9014, False)
-reply = bytearray(600)
-lane_.answer(table, ethernet_frame(ata_request(0x24, count=1, lba=10), dst=b"\\x02" * 6), reply)
-print("guarded", reply[25], flush=True)
-os.truncate(path, 8192)
-other = mmap.mmap(os.open(path, os.O_RDWR), 8192)
-os.truncate(path, 0)
-other[5000]
+reply = bytearray(60)
+frame = ethernet_frame(ata_request(0x34, count=1, lba=10, data=b"\\x5a" * 512), dst=MAC)
+lane_.answer(table, frame, reply)
+print("guarded", reply[27], os.path.getsize(path), flush=True)
+with open(other, "r+b") as f:
+    f.truncate(8192)
+    mapped = mmap.mmap(f.fileno(), 8192)
+if "source" in steps:
+    # A frame whose sectors lie in a page that faults: the copy faults reading them,
+    # outside the range it writes, so the fault is not the lane's to catch.
+    frame = ethernet_frame(ata_request(0x34, count=1, lba=3, data=b"\\x77" * 512), dst=MAC)
+    mapped[4096 - 36:4096 + 512] = frame
+    os.truncate(other, 4096)
+    lane_.answer(table, memoryview(mapped)[4096 - 36:4096 + 512], reply)
+else:
+    os.truncate(other, 0)
+    mapped[5000]
 print("survived", flush=True)
 """
 
 
 class ProcessTests(_MappedCase):
-    """The ``SIGBUS`` handler: a fault in a guarded copy is caught, any other is still fatal."""
+    """
+    The ``SIGBUS`` handler, in a child process: a fault in the lane's copy is caught,
+    any other is still fatal, whatever other handler there is.
+    """
 
-    def run_script(self, faulthandler: bool) -> subprocess.CompletedProcess[str]:
-        """Run ``_SCRIPT``: a guarded fault, then one of Python's own mappings faulting."""
-        path = self.image()
-        code = textwrap.dedent(_SCRIPT).format(src=_SRC, path=path, faulthandler=faulthandler)
-        env = dict(os.environ)
-        env.pop(LANE_IO_VARIABLE, None)
+    def run_script(self, *steps: str) -> subprocess.CompletedProcess[str]:
+        """Run ``_SCRIPT``: a guarded fault, then ``steps``, then a fault that is not ours."""
+        code = textwrap.dedent(_SCRIPT).format(
+            src=_SRC, path=self.image(), other=self.image(1), steps=steps
+        )
+        env = {k: v for k, v in os.environ.items()
+               if k not in (MAPPED_WRITES_VARIABLE, "PYTHONFAULTHANDLER")}  # fmt: skip
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=60, env=env, check=False)  # fmt: skip
 
+    def assertGuarded(self, done: subprocess.CompletedProcess[str]) -> None:
+        """The lane's write past the end faulted, was done again with ``pwrite``, and held."""
+        ready = int(ATACmdStatus.READY_STATUS)
+        self.assertIn(f"guarded {ready} {11 * SECTOR_SIZE}", done.stdout, done.stderr)
+
+    def assertDiedOfSigbus(self, done: subprocess.CompletedProcess[str]) -> None:
+        """The other fault ended the process, with ``SIGBUS``."""
+        self.assertNotIn("survived", done.stdout)
+        self.assertEqual(done.returncode, -signal.SIGBUS, done.stderr)
+
     def test_other_faults_fatal(self) -> None:
-        """
-        After the lane's guarded copy survived its fault (``UNC``), a fault anywhere else ends
-        the process with ``SIGBUS`` as it would have without the lane.
-        """
-        done = self.run_script(faulthandler=False)
-        self.assertIn(f"guarded {int(ATAError.UNC)}", done.stdout, done.stderr)
-        self.assertNotIn("survived", done.stdout)
-        self.assertEqual(done.returncode, -signal.SIGBUS, done.stderr)
+        """A fault of Python's own mapping ends the process with ``SIGBUS``, as it would."""
+        done = self.run_script()
+        self.assertGuarded(done)
+        self.assertDiedOfSigbus(done)
 
-    def test_with_faulthandler(self) -> None:
+    def test_fault_reading_the_frame(self) -> None:
         """
-        With Python's ``faulthandler`` on first: the guarded copy is still caught, and the
-        other fault still goes to ``faulthandler``, which reports it and ends the process.
+        A fault in the lane's own copy, but reading the frame rather than writing the disk:
+        not caught (it is outside the range written), so the process ends with ``SIGBUS``.
         """
-        done = self.run_script(faulthandler=True)
-        self.assertIn(f"guarded {int(ATAError.UNC)}", done.stdout, done.stderr)
-        self.assertNotIn("survived", done.stdout)
-        self.assertIn("Bus error", done.stderr)
-        self.assertEqual(done.returncode, -signal.SIGBUS, done.stderr)
+        done = self.run_script("source")
+        self.assertGuarded(done)
+        self.assertDiedOfSigbus(done)
 
+    def test_faulthandler_after(self) -> None:
+        """
+        ``faulthandler`` enabled after the table was made: the lane puts its handler back
+        before it writes, so its fault is still caught, and the other fault still reaches
+        ``faulthandler``, which reports it once, and the process ends with ``SIGBUS``.
+        """
+        done = self.run_script("faulthandler")
+        self.assertGuarded(done)
+        self.assertEqual(done.stderr.count("Fatal Python error: Bus error"), 1, done.stderr)
+        self.assertDiedOfSigbus(done)
+
+    def test_ignored_and_sent(self) -> None:
+        """
+        ``SIGBUS`` ignored before the lane's handler, then sent with ``kill``: still ignored
+        (the process goes on), and the lane's next fault is still caught.
+        """
+        done = self.run_script("ignore", "kill")
+        self.assertIn("killed and alive", done.stdout, done.stderr)
+        self.assertGuarded(done)
 
 
 class DescribeTests(_MappedCase):
-    """The log line at start says how the compiled lane reaches file and block disks."""
+    """The log line at start says how the compiled lane writes file and block disks."""
 
     def test_mapped(self) -> None:
-        """By default: mapped into memory."""
-        os.environ.pop(LANE_IO_VARIABLE, None)
-        self.assertTrue(mapped_io())
-        self.assertTrue(describe().endswith("; file and block disks mapped into memory)"))
+        """By default: through a mapping."""
+        self.assertTrue(mapped_writes())
+        self.assertTrue(describe().endswith("; file and block disks written through a mapping)"))
 
-    def test_pread(self) -> None:
-        """``AOE_TWISTED_LANE_IO=pread`` (any case, spaces around): ``pread``/``pwrite``."""
-        for value in ("pread", " PREAD "):
-            os.environ[LANE_IO_VARIABLE] = value
+    def test_pwrite(self) -> None:
+        """``AOE_TWISTED_MAPPED_WRITES=0`` (spaces around too): with ``pwrite``."""
+        for value in ("0", " 0 "):
+            os.environ[MAPPED_WRITES_VARIABLE] = value
             try:
-                self.assertFalse(mapped_io())
+                self.assertFalse(mapped_writes())
                 self.assertTrue(describe().endswith(
-                    "; file and block disks with pread/pwrite, AOE_TWISTED_LANE_IO=pread is set)"
+                    "; file and block disks written with pwrite, "
+                    "AOE_TWISTED_MAPPED_WRITES=0 is set)"
                 ))
             finally:
-                del os.environ[LANE_IO_VARIABLE]
+                del os.environ[MAPPED_WRITES_VARIABLE]
+        for value in ("", "1", "yes"):
+            os.environ[MAPPED_WRITES_VARIABLE] = value
+            try:
+                self.assertTrue(mapped_writes(), value)
+            finally:
+                del os.environ[MAPPED_WRITES_VARIABLE]

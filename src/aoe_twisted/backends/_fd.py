@@ -25,7 +25,6 @@ its edges: single-threaded, so no other write can slip in between.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import mmap
 import os
@@ -33,7 +32,6 @@ import stat
 from typing import Any, ClassVar, Self
 
 from attrs import define, field
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from aoe_twisted.backends._range import check_range
@@ -45,7 +43,7 @@ from aoe_twisted.interfaces import (
     ILaneBackend,
     IZeroCopyBackend,
 )
-from aoe_twisted.lane.storage import LaneStorage, mapped_io
+from aoe_twisted.lane.storage import LaneStorage, mapped_writes
 from aoe_twisted.units import check_disk_size
 
 __all__ = ["FDBackend", "describe_file_type"]
@@ -106,19 +104,15 @@ class FDBackend:
     alignment: int = field(default=SECTOR_SIZE, kw_only=True)
     """The block size, offset and length alignment that ``O_DIRECT`` I/O needs (bytes)."""
     identity: bytes | None = field(default=None, kw_only=True, repr=False)
-    mappable: bool = field(factory=mapped_io, kw_only=True, repr=False)
-    """
-    Whether ``lane_storage`` may map the disk into memory for the compiled lane
-    (not if ``AOE_TWISTED_LANE_IO=pread`` when it was made, or once mapping failed).
-    """
     """The disk's identity (``IDiskIdentity``), learnt once by ``open``; ``None`` if it has none."""
+    mappable: bool = field(factory=mapped_writes, kw_only=True, repr=False)
+    """
+    Whether the compiled lane may write the disk through a mapping of it (if
+    writable and not ``direct``); not if ``AOE_TWISTED_MAPPED_WRITES=0`` when
+    the backend was made.
+    """
     _buffer: mmap.mmap | None = field(default=None, init=False, repr=False)
     _view: memoryview | None = field(default=None, init=False, repr=False)
-    _mapping: mmap.mmap | None = field(default=None, init=False, repr=False)
-    """The disk mapped into memory for the compiled lane (``lane_storage``), once asked for."""
-
-
-    _log: ClassVar[Logger] = Logger()
 
     @classmethod
     def open(cls, path: str, read_only: bool = False, *, direct: bool = False) -> Self:
@@ -353,30 +347,16 @@ class FDBackend:
         """
         ``ILaneBackend``: the descriptor, ``O_DIRECT`` and its block size if ``direct``.
 
-        A writable disk that is not ``direct`` is also mapped into memory
-        (``MAP_SHARED``, once): the compiled lane then copies between the
-        rings and the page cache with no system call per request, and its
-        writes are in the page cache, as ``pwrite``'s, so ``flush`` and
-        ``sync_data`` make them durable.  ``AOE_TWISTED_LANE_IO=pread``
-        turns this off; a disk that cannot be mapped is served with
-        ``pread``/``pwrite``, said once in the log.
+        A writable disk that is not ``direct`` is ``mapped`` (unless made with
+        ``AOE_TWISTED_MAPPED_WRITES=0``): the compiled lane writes it through
+        a shared mapping, into the page cache as ``pwrite`` does, so ``flush``
+        and ``sync_data`` make those writes durable as any other.
         """
-        if self._mapping is None and self.mappable and not (self.direct or self.read_only):
-            try:
-                self._mapping = mmap.mmap(
-                    self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
-                )
-            except (OSError, ValueError, OverflowError) as e:
-                self._log.warn(
-                    "{kind} {path}: cannot be mapped into memory ({error}); the compiled "
-                    "lane reads and writes it with pread and pwrite",
-                    kind=self.kind,
-                    path=self.path,
-                    error=e,
-                )
-                self.mappable = False
         return LaneStorage(
-            fd=self._fd, direct=self.direct, alignment=self.alignment, mapping=self._mapping
+            fd=self._fd,
+            direct=self.direct,
+            alignment=self.alignment,
+            mapped=self.mappable and not (self.direct or self.read_only),
         )
 
     def flush(self) -> None:
@@ -395,18 +375,8 @@ class FDBackend:
         os.fdatasync(self._fd)
 
     def close(self) -> None:
-        """
-        Close the file descriptor, free the direct I/O buffer and drop the
-        mapping; a second call does nothing.
-
-        The mapping is unmapped here unless a lane table still holds it, in
-        which case it goes with the table.
-        """
+        """Close the file descriptor and free the direct I/O buffer; a second call does nothing."""
         self._free_buffer()
-        if self._mapping is not None:
-            mapping, self._mapping = self._mapping, None
-            with contextlib.suppress(BufferError):  # a table holds it: it goes with the table
-                mapping.close()
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)

@@ -22,15 +22,15 @@ import importlib
 import os
 from types import ModuleType
 
-from aoe_twisted.lane.storage import LANE_IO_VARIABLE, LaneStorage, mapped_io, sliced
+from aoe_twisted.lane.storage import MAPPED_WRITES_VARIABLE, LaneStorage, mapped_writes, sliced
 
 __all__ = [
-    "LANE_IO_VARIABLE",
+    "MAPPED_WRITES_VARIABLE",
     "PURE_PYTHON_VARIABLE",
     "LaneStorage",
     "describe",
     "lane_reason",
-    "mapped_io",
+    "mapped_writes",
     "native",
     "sliced",
 ]
@@ -57,9 +57,9 @@ def describe() -> str:
     """Say which data lane serves plain reads and writes, for the log."""
     if native is not None:
         how = (
-            "file and block disks mapped into memory"
-            if mapped_io()
-            else f"file and block disks with pread/pwrite, {LANE_IO_VARIABLE}=pread is set"
+            "file and block disks written through a mapping"
+            if mapped_writes()
+            else f"file and block disks written with pwrite, {MAPPED_WRITES_VARIABLE}=0 is set"
         )
         return f"data lane: compiled (aoe_twisted.lane._lane answers plain reads and writes; {how})"
     return f"data lane: Python ({lane_reason})"

@@ -4,9 +4,9 @@
  * What it does, and only that: walk a PACKET_MMAP receive ring, answer the
  * plain ATA READ/WRITE SECTORS (EXT) frames that aoe_twisted.core.fastpath
  * answers (the same frames, the same reply bytes, the same counters), with
- * pread/pwrite (or a copy, for a memory disk or a file mapped into memory)
- * straight between the ring slots and the disk, the reply written into a
- * transmit ring slot and queued.
+ * pread/pwrite (or a copy: for a memory disk, and for writes to a file or
+ * block disk the table maps) straight between the ring slots and the disk,
+ * the reply written into a transmit ring slot and queued.
  * Every other frame is handed back to Python untouched: the lane stops at it
  * and says so, and the Python path (the reference) decides about it.
  *
@@ -19,8 +19,8 @@
  *          calls Tally.seen, so a retransmission is recognised whichever
  *          path saw the first copy).
  *   Table  the targets the lane may answer for, by shelf.slot, each with its
- *          disk (a descriptor, a buffer, or a descriptor and its mapping)
- *          and its Tally.
+ *          disk (a descriptor, perhaps mapped for writes, or a buffer) and
+ *          its Tally.
  *   Lane   one port's rings: drain() walks them; answer() is the same
  *          decision for one frame and one reply buffer (tests, fuzzing).
  */
@@ -38,7 +38,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <pthread.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 
 /* -- the wire ------------------------------------------------------------ */
@@ -431,46 +433,68 @@ static PyTypeObject TallyType = {
     .tp_methods = Tally_methods,
 };
 
-/* -- mapped files: copies that survive SIGBUS ------------------------------ */
+/* -- mapped writes: copies that survive SIGBUS ----------------------------- */
 
 /*
- * A copy to or from a file mapped into memory faults with SIGBUS where the
- * file no longer has the page (it was truncated) or the kernel cannot give
- * it (an I/O error reading it in, no space to allocate it on a write).  With
- * pread/pwrite the same events are an errno; here the copy is guarded: the
- * handler jumps back to the copy that faulted, inside the range it copies,
- * which returns EIO, and the request is done again with pread/pwrite for
- * its errno.  A SIGBUS anywhere else is passed to the handler that
- * was there before (Python's faulthandler, say) or ends the process as it
- * would have.
+ * A writable file or block disk may be written through a shared mapping of
+ * it that the table makes (mmap, MADV_RANDOM: a fault reads the one page it
+ * needs, never a read-ahead window): one copy from the RX slot into the page
+ * cache, where pwrite is a system call and, for less than a page, the
+ * filesystem's per-call work.  Reads stay pread (the kernel's read-ahead,
+ * exact I/O for pages not cached).
+ *
+ * A copy into a mapping faults with SIGBUS where pwrite would return an
+ * error: the file was truncated, the device failed, a sparse file's
+ * filesystem is full.  The copy is guarded: the handler jumps back to it if
+ * the fault is in the range it writes, in the thread that runs it, and the
+ * write is then done with pwrite, which gives the errno (or succeeds).  Any
+ * other SIGBUS is given back to the disposition that was there before (the
+ * handler is taken out and the signal happens again); if that one brings it
+ * back to us, the process ends with SIGBUS, as it would have.  An "action
+ * optional" memory error (BUS_MCEERR_AO, early kill) in a page of the cache
+ * is ignored: the kernel has dealt with the page, and a copy that meets it
+ * faults again, guarded.
  */
-static __thread sigjmp_buf *copy_guard;
-static __thread const uint8_t *guard_from, *guard_to;
+static sigjmp_buf *volatile copy_guard;
+static pthread_t guard_thread;
+static const uint8_t *volatile guard_from, *volatile guard_to;
 static struct sigaction sigbus_before;
+static volatile sig_atomic_t sigbus_passed;
 
 static void
 on_sigbus(int sig, siginfo_t *info, void *context)
 {
-    sigjmp_buf *guard = copy_guard;
-    const uint8_t *at = (const uint8_t *)info->si_addr;
-    if (guard != NULL && info->si_code > 0 && at >= guard_from && at < guard_to) {
-        copy_guard = NULL;
-        siglongjmp(*guard, 1);
+    if (info->si_code > 0) {
+        sigjmp_buf *guard = copy_guard;
+        const uint8_t *at = (const uint8_t *)info->si_addr;
+        if (guard != NULL && pthread_equal(pthread_self(), guard_thread) && at >= guard_from
+            && at < guard_to) {
+            copy_guard = NULL;
+            siglongjmp(*guard, 1);
+        }
+#ifdef BUS_MCEERR_AO
+        if (info->si_code == BUS_MCEERR_AO)
+            return;
+#endif
     }
-    if ((sigbus_before.sa_flags & SA_SIGINFO) && sigbus_before.sa_sigaction != NULL) {
-        sigbus_before.sa_sigaction(sig, info, context);
+    if (sigbus_passed) {
+        /* Handed on once and back to us: end as the default disposition would. */
+        signal(sig, SIG_DFL);
+        raise(sig);
         return;
     }
-    if (!(sigbus_before.sa_flags & SA_SIGINFO) && sigbus_before.sa_handler != SIG_DFL
-        && sigbus_before.sa_handler != SIG_IGN) {
-        sigbus_before.sa_handler(sig);
-        return;
-    }
-    signal(sig, SIG_DFL);
-    raise(sig);
+    sigbus_passed = 1;
+    sigaction(sig, &sigbus_before, NULL);
+    if (info->si_code <= 0)
+        raise(sig);     /* sent, not a fault: send it to that disposition */
+    /* A fault: returning runs the faulting instruction again, under that disposition. */
 }
 
-/* Install on_sigbus, unless it is the handler now (another one may have replaced it). */
+/*
+ * Install on_sigbus unless it is the handler now: when a table with a mapped
+ * disk is made and before each walk of one, so that a handler installed
+ * since (faulthandler.enable(), signal.signal) does not take our faults.
+ */
 static int
 guard_sigbus(void)
 {
@@ -486,27 +510,25 @@ guard_sigbus(void)
     sigemptyset(&ours.sa_mask);
     if (sigaction(SIGBUS, &ours, &sigbus_before) < 0)
         goto fail;
+    sigbus_passed = 0;
     return 0;
 fail:
     PyErr_SetFromErrno(PyExc_OSError);
     return -1;
 }
 
-/*
- * memcpy, 0; or EIO if the mapped bytes at mapped..mapped+length faulted
- * (SIGBUS).  The callers then do the same request with pread/pwrite, which
- * gives the reason as an errno (ENOSPC, EIO) or succeeds if it now can.
- */
+/* memcpy into the mapped bytes at to, 0; or EIO if they faulted (SIGBUS). */
 static int
-guarded_copy(uint8_t *to, const uint8_t *from, size_t length, const uint8_t *mapped)
+guarded_copy(uint8_t *to, const uint8_t *from, size_t length)
 {
     sigjmp_buf here;
     if (sigsetjmp(here, 0)) {
         /* The handler cleared copy_guard; some of the bytes may have been copied. */
         return EIO;
     }
-    guard_from = mapped;
-    guard_to = mapped + length;
+    guard_from = to;
+    guard_to = to + length;
+    guard_thread = pthread_self();
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     copy_guard = &here;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
@@ -516,6 +538,19 @@ guarded_copy(uint8_t *to, const uint8_t *from, size_t length, const uint8_t *map
     return 0;
 }
 
+/*
+ * A mapping's page tables grow with the part of the disk written through it
+ * and are freed only when it is unmapped: a table maps each disk afresh (and
+ * unmaps the old mapping) once writes have touched MAP_REGIONS regions of
+ * 2 MiB (what one page of page table maps on x86-64) since it was mapped,
+ * so a process holds at most about 2 x MAP_REGIONS x 4 KiB of them per disk
+ * (16 MiB) however large the disk is.
+ */
+#define MAP_REGION_SHIFT 21
+#define MAP_REGIONS 2048
+/* A disk of more regions than this (256 TiB) is not mapped (the bitmap would be 16 MiB). */
+#define MAP_MAX_REGIONS (1ULL << 27)
+
 /* -- the table ---------------------------------------------------------- */
 
 enum { WRITES_DECLINED = 0, WRITES_SENT = 1, WRITES_HELD = 2 };
@@ -524,11 +559,20 @@ typedef struct {
     uint32_t key;           /* shelf << 8 | slot */
     uint32_t max_sectors;
     uint64_t sectors;       /* the disk's size in sectors */
-    int fd;                 /* -1: the disk is the buffer; with a buffer, the mapped file */
+    int fd;                 /* -1: the disk is the buffer */
     int direct;             /* O_DIRECT: whole aligned blocks through the bounce buffer */
     uint32_t alignment;
     uint64_t base;          /* the disk's first byte in the descriptor or buffer */
-    Py_buffer memory;       /* the buffer (memory.obj NULL: none): fd's mapping if fd >= 0 */
+    Py_buffer memory;       /* the buffer, when fd is -1 */
+    /* Writes through a mapping of fd (asked for with True in place of a buffer): */
+    int map_asked;
+    int map_error;          /* the errno of the last mmap that failed, 0 if none */
+    uint8_t *map;           /* NULL: written with pwrite */
+    size_t map_length;
+    uint64_t map_start;     /* the offset in fd mapped from: base rounded down to a page */
+    uint8_t *regions;       /* bitmap: the 2 MiB regions of the mapping written since made */
+    uint64_t region_bits;
+    uint32_t regions_touched;
     int writes;             /* WRITES_DECLINED, WRITES_SENT or WRITES_HELD (group commit) */
     PyObject *target;       /* the Target: its acl and backend are read per frame */
     PyObject *backend;      /* the backend the table was built for */
@@ -543,7 +587,84 @@ typedef struct {
     uint32_t index_capacity;
     uint8_t *bounce;        /* page-aligned, for O_DIRECT disks */
     size_t bounce_size;
+    int mapped;             /* an entry has a mapping: walks check the SIGBUS handler */
+    int guarded;            /* on_sigbus is the handler: mappings may be written */
 } Table;
+
+/*
+ * Map the entry's disk (again): a new mapping, then the old one unmapped, so
+ * a failure leaves the old one; -1 with map_error set if it cannot be made.
+ */
+static int
+entry_map(Entry *e)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t end = e->base + e->sectors * SECTOR;
+    uint64_t start = e->base - e->base % page;
+    if (e->sectors == 0 || end - start > SIZE_MAX || end - start > (uint64_t)INT64_MAX) {
+        e->map_error = EFBIG;
+        return -1;
+    }
+    size_t length = (size_t)(end - start);
+    uint64_t bits = (length >> MAP_REGION_SHIFT) + 2;   /* the mapping's start may be mid-region */
+    if (bits > MAP_MAX_REGIONS) {
+        e->map_error = EFBIG;
+        return -1;
+    }
+    if (e->regions == NULL) {
+        e->regions = calloc((size_t)((bits + 7) / 8), 1);
+        if (e->regions == NULL) {
+            e->map_error = ENOMEM;
+            return -1;
+        }
+        e->region_bits = bits;
+    }
+    void *m = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, e->fd, (off_t)start);
+    if (m == MAP_FAILED) {
+        e->map_error = errno;
+        return -1;
+    }
+    madvise(m, length, MADV_RANDOM);
+    if (e->map != NULL)
+        munmap(e->map, e->map_length);
+    e->map = (uint8_t *)m;
+    e->map_length = length;
+    e->map_start = start;
+    memset(e->regions, 0, (size_t)((e->region_bits + 7) / 8));
+    e->regions_touched = 0;
+    return 0;
+}
+
+/* Note the regions [to, to + length) of the mapping lie in; map again after MAP_REGIONS. */
+static void
+note_written(Entry *e, const uint8_t *to, size_t length)
+{
+    uintptr_t first = ((uintptr_t)to >> MAP_REGION_SHIFT) - ((uintptr_t)e->map >> MAP_REGION_SHIFT);
+    uintptr_t last = (((uintptr_t)to + length - 1) >> MAP_REGION_SHIFT)
+                     - ((uintptr_t)e->map >> MAP_REGION_SHIFT);
+    for (uintptr_t r = first; r <= last && r < e->region_bits; r++) {
+        if (!(e->regions[r / 8] & (1u << (r % 8)))) {
+            e->regions[r / 8] |= (uint8_t)(1u << (r % 8));
+            e->regions_touched++;
+        }
+    }
+    if (e->regions_touched >= MAP_REGIONS && entry_map(e) < 0) {
+        /* Kept as it is; try again after as many regions more. */
+        memset(e->regions, 0, (size_t)((e->region_bits + 7) / 8));
+        e->regions_touched = 0;
+    }
+}
+
+/* Before a walk: may the mappings be written (is on_sigbus the handler)? */
+static void
+table_guard(Table *t)
+{
+    if (!t->mapped)
+        return;
+    t->guarded = guard_sigbus() == 0;
+    if (!t->guarded)
+        PyErr_Clear();
+}
 
 static PyObject *s_acl, *s_backend, *s_mask_list, *s_reserve_list, *s_read_only, *s_sync;
 
@@ -554,6 +675,9 @@ Table_dealloc(Table *t)
         Entry *e = &t->entries[i];
         if (e->memory.obj != NULL)
             PyBuffer_Release(&e->memory);
+        if (e->map != NULL)
+            munmap(e->map, e->map_length);
+        free(e->regions);
         Py_XDECREF(e->target);
         Py_XDECREF(e->backend);
         Py_XDECREF((PyObject *)e->tally);
@@ -581,11 +705,10 @@ table_find(const Table *t, uint32_t key)
  * Table(entries): each entry a tuple
  *   (shelf, slot, max_sectors, sectors, fd, buffer, base, direct, alignment, writes,
  *    target, backend, tally)
- * with fd -1 and a writable buffer for a memory disk, fd >= 0 and None for a
- * disk read with pread and written with pwrite, or fd >= 0 and a writable
- * shared mapping of it (mapped I/O: copies, each guarded against SIGBUS, the
- * fault a mapped file gives when it shrinks or its device fails, which then
- * fails that request with EIO);
+ * with fd -1 and a writable buffer for a memory disk, or fd >= 0 and None
+ * (read with pread, written with pwrite) or True (read with pread, written
+ * through a mapping the table makes, or with pwrite if it cannot be made:
+ * see unmapped());
  * writes 0 (declined), 1 (answered at once) or 2 (answered, the reply held
  * for group commit until Lane.release).
  */
@@ -651,23 +774,27 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         e->alignment = (uint32_t)alignment;
         e->base = base;
         e->writes = writes;
-        if (fd < 0 || buffer != Py_None) {
-            if (fd < 0)
-                e->fd = -1;
-            else if (direct) {
+        if (fd >= 0 && buffer != Py_None) {
+            if (buffer != Py_True) {
+                PyErr_SetString(PyExc_TypeError,
+                                "Table entry: a disk with a descriptor has None, or True to be "
+                                "written through a mapping");
+                goto fail;
+            }
+            if (direct) {
                 PyErr_SetString(PyExc_ValueError, "Table entry: an O_DIRECT disk is not mapped");
                 goto fail;
             }
+            e->map_asked = 1;
+        }
+        if (fd < 0) {
+            e->fd = -1;
             if (PyObject_GetBuffer(buffer, &e->memory, PyBUF_WRITABLE) < 0)
                 goto fail;
             if (base > (unsigned long long)e->memory.len
                 || sectors > ((unsigned long long)e->memory.len - base) / SECTOR) {
                 PyErr_SetString(PyExc_ValueError, "Table entry: the disk overruns its buffer");
                 PyBuffer_Release(&e->memory);  /* not counted yet: dealloc skips it */
-                goto fail;
-            }
-            if (fd >= 0 && guard_sigbus() < 0) {
-                PyBuffer_Release(&e->memory);
                 goto fail;
             }
         }
@@ -678,6 +805,8 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_INCREF(tally);
         e->tally = (Tally *)tally;
         t->count = i + 1;
+        if (e->map_asked && entry_map(e) == 0)
+            t->mapped = 1;
         uint32_t mask = capacity - 1;
         uint32_t j = (uint32_t)hash64(e->key) & mask;
         while (t->index[j] >= 0)
@@ -685,12 +814,54 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         t->index[j] = (int32_t)i;
     }
     Py_DECREF(seq);
+    table_guard(t);
     return (PyObject *)t;
 fail:
     Py_DECREF(seq);
     Py_XDECREF(t);
     return NULL;
 }
+
+/* unmapped() -> [(target, errno)]: the disks asked to be written through a mapping that is not. */
+static PyObject *
+Table_unmapped(Table *t, PyObject *unused)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < t->count; i++) {
+        Entry *e = &t->entries[i];
+        if (!e->map_asked || e->map != NULL)
+            continue;
+        PyObject *item = Py_BuildValue("(Oi)", e->target, e->map_error);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+/* mapped() -> int: how many disks are written through a mapping now. */
+static PyObject *
+Table_mapped(Table *t, PyObject *unused)
+{
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; i < t->count; i++)
+        n += t->entries[i].map != NULL;
+    return PyLong_FromSsize_t(n);
+}
+
+static PyMethodDef Table_methods[] = {
+    {"unmapped", (PyCFunction)Table_unmapped, METH_NOARGS,
+     "unmapped() -> [(target, errno)]: disks asked to be written through a mapping that "
+     "could not be made (they are written with pwrite)."},
+    {"mapped", (PyCFunction)Table_mapped, METH_NOARGS,
+     "mapped() -> how many disks are written through a mapping."},
+    {NULL, NULL, 0, NULL},
+};
 
 static Py_ssize_t
 Table_length(Table *t)
@@ -711,6 +882,7 @@ static PyTypeObject TableType = {
     .tp_new = Table_new,
     .tp_dealloc = (destructor)Table_dealloc,
     .tp_as_sequence = &Table_as_sequence,
+    .tp_methods = Table_methods,
 };
 
 /* -- the disk ----------------------------------------------------------- */
@@ -771,15 +943,9 @@ pread_exact(int fd, uint8_t *buf, size_t length, uint64_t offset)
 static int
 disk_read(Table *t, Entry *e, uint64_t offset, uint8_t *into, size_t length)
 {
-    if (e->memory.obj != NULL) {
-        const uint8_t *from = (const uint8_t *)e->memory.buf + e->base + offset;
-        if (e->fd < 0) {
-            memcpy(into, from, length);
-            return 0;
-        }
-        if (guarded_copy(into, from, length, from) == 0)
-            return 0;
-        /* The mapping faulted: pread says why (or reads it, if it now can). */
+    if (e->fd < 0) {
+        memcpy(into, (uint8_t *)e->memory.buf + e->base + offset, length);
+        return 0;
     }
     offset += e->base;
     if (!e->direct)
@@ -800,14 +966,16 @@ disk_read(Table *t, Entry *e, uint64_t offset, uint8_t *into, size_t length)
 static int
 disk_write(Table *t, Entry *e, uint64_t offset, const uint8_t *data, size_t length)
 {
-    if (e->memory.obj != NULL) {
-        uint8_t *to = (uint8_t *)e->memory.buf + e->base + offset;
-        if (e->fd < 0) {
-            memcpy(to, data, length);
+    if (e->fd < 0) {
+        memcpy((uint8_t *)e->memory.buf + e->base + offset, data, length);
+        return 0;
+    }
+    if (e->map != NULL && t->guarded) {
+        uint8_t *to = e->map + (e->base - e->map_start) + offset;
+        if (guarded_copy(to, data, length) == 0) {
+            note_written(e, to, length);
             return 0;
         }
-        if (guarded_copy(to, data, length, to) == 0)
-            return 0;
         /* The mapping faulted: pwrite says why (no space, say), or writes it if it can. */
     }
     offset += e->base;
@@ -1394,6 +1562,7 @@ Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
     }
     if (walk_arguments(l, args, &t, &w) < 0)
         return NULL;
+    table_guard(t);
     int stop = lane_walk(l, t, &w);
     return Py_BuildValue("(innnnnn)", stop, w.rx_next, w.tx_next, w.received, w.ignored,
                          w.answered, w.unflushed);
@@ -1447,6 +1616,7 @@ Lane_linger(Lane *l, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "linger: no such descriptor, or wait_ms over 60000");
         return NULL;
     }
+    table_guard(t);
     /* What had been walked when the last wake-up came: a wake-up with no frame ends it. */
     Py_ssize_t budget = w.budget, wakeups = 0, at_wakeup = -1;
     int64_t deadline = monotonic_ns() + (int64_t)(wait_ms > 0 ? wait_ms : 0) * 1000000;
@@ -1514,6 +1684,7 @@ Lane_answer(Lane *l, PyObject *const *args, Py_ssize_t nargs)
     }
     int held;
     PyObject *target;
+    table_guard((Table *)args[0]);
     Py_ssize_t written = answer((Table *)args[0], frame.buf, frame.len, reply.buf, reply.len,
                                 l->mac, &held, &target);
     PyBuffer_Release(&frame);

@@ -8,20 +8,20 @@ from typing import Any
 
 from attrs import evolve, frozen
 
-__all__ = ["LANE_IO_VARIABLE", "LaneStorage", "mapped_io", "sliced"]
+__all__ = ["MAPPED_WRITES_VARIABLE", "LaneStorage", "mapped_writes", "sliced"]
 
-LANE_IO_VARIABLE = "AOE_TWISTED_LANE_IO"
-"""The environment variable that, set to ``pread``, keeps disks from being mapped for the lane."""
+MAPPED_WRITES_VARIABLE = "AOE_TWISTED_MAPPED_WRITES"
+"""The environment variable that, set to ``0``, has the lane write files and devices with pwrite."""
 
 
-def mapped_io() -> bool:
+def mapped_writes() -> bool:
     """
-    Whether file and block disks are mapped into memory for the compiled lane.
+    Whether the compiled lane writes file and block disks through a mapping of them.
 
-    Yes unless ``AOE_TWISTED_LANE_IO=pread``: then the lane reads and writes
-    them with ``pread``/``pwrite``, as before mapped I/O.
+    Yes unless ``AOE_TWISTED_MAPPED_WRITES=0``: then with ``pwrite``, as
+    before.  Read when a disk is opened (``FDBackend.mappable``).
     """
-    return os.environ.get(LANE_IO_VARIABLE, "").strip().lower() != "pread"
+    return os.environ.get(MAPPED_WRITES_VARIABLE, "").strip() != "0"
 
 
 @frozen
@@ -37,14 +37,12 @@ class LaneStorage:
     the lane then moves whole ``alignment``-byte blocks through an aligned
     buffer of its own, as ``FDBackend`` does.
 
-    ``mapping``, with ``fd`` (never ``direct``), is a writable shared
-    mapping of that descriptor from its byte 0 (an ``mmap.mmap``): the lane
-    then copies between the ring and the page cache through it, with no
-    system call per request, instead of ``pread``/``pwrite``.  Each copy is
-    guarded: where the file no longer has the bytes (it was truncated) or
-    the kernel cannot give them (an I/O error, no space left), the request
-    fails with ``EIO`` as a failed ``pread``/``pwrite`` would, and the
-    process goes on.  The mapping must hold ``offset`` plus the disk's size.
+    ``mapped``, with a writable ``fd`` that is not ``direct``: the lane may
+    write the disk through a shared mapping of the descriptor, which it
+    makes itself (one copy from the ring into the page cache, no system
+    call), instead of ``pwrite``; it still reads with ``pread``.  A copy that
+    faults (``SIGBUS``: the file was truncated, no space left, an I/O error)
+    is done again with ``pwrite``, which gives the errno.
     """
 
     fd: int = -1
@@ -52,15 +50,15 @@ class LaneStorage:
     offset: int = 0
     direct: bool = False
     alignment: int = 512
-    mapping: Any = None
+    mapped: bool = False
 
     def __attrs_post_init__(self) -> None:
         if (self.fd < 0) == (self.buffer is None):
             raise ValueError("a LaneStorage has a descriptor or a buffer, and only one")
         if self.offset < 0:
             raise ValueError(f"a LaneStorage offset must not be negative, not {self.offset}")
-        if self.mapping is not None and (self.fd < 0 or self.direct):
-            raise ValueError("a LaneStorage mapping maps its descriptor, which is not O_DIRECT")
+        if self.mapped and (self.fd < 0 or self.direct):
+            raise ValueError("only a descriptor that is not O_DIRECT is written through a mapping")
 
 
 def sliced(storage: LaneStorage, offset: int) -> LaneStorage:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +20,10 @@ from aoe_twisted.lane.storage import LaneStorage
 __all__ = ["build_table", "lane_served"]
 
 _log = Logger()
+
+#: The disks already said to be written with ``pwrite`` for want of a mapping (once
+#: each), by ``id`` (disks need not be hashable), weakly.
+_unmapped_said: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 #: The largest ``O_DIRECT`` block the lane moves through its aligned buffer.
 _MAX_ALIGNMENT = 1 << 20
@@ -64,7 +71,7 @@ def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
             target.max_sectors,
             backend.size // SECTOR_SIZE,
             storage.fd,
-            storage.buffer if storage.mapping is None else storage.mapping,
+            storage.buffer if storage.fd < 0 else (True if storage.mapped else None),
             storage.offset,
             storage.direct,
             storage.alignment,
@@ -75,7 +82,19 @@ def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
         ))
     if not entries:
         return None
-    return native.Table(entries)
+    table = native.Table(entries)
+    for target, error in table.unmapped():
+        backend = target.backend
+        if _unmapped_said.get(id(backend)) is not backend:
+            with contextlib.suppress(TypeError):  # a plugin's disk that takes no weak reference
+                _unmapped_said[id(backend)] = backend
+            _log.warn(
+                "{target}: cannot be written through a mapping ({error}); the compiled lane "
+                "writes it with pwrite",
+                target=target.name,
+                error=os.strerror(error) if error else "unknown error",
+            )
+    return table
 
 
 def _check(storage: Any, size: int) -> None:
@@ -91,11 +110,12 @@ def _check(storage: Any, size: int) -> None:
     alignment = storage.alignment
     if alignment <= 0 or alignment & (alignment - 1) or alignment > _MAX_ALIGNMENT:
         raise ValueError(f"O_DIRECT block size {alignment} is not a power of two up to 1 MiB")
-    for name, held in (("buffer", storage.buffer), ("mapping", storage.mapping)):
-        if held is None:
-            continue
-        length = memoryview(held).nbytes
-        if storage.offset + size > length:
+    if storage.buffer is not None:
+        view = memoryview(storage.buffer)
+        if view.readonly:
+            raise ValueError("its buffer is read-only")
+        if storage.offset + size > view.nbytes:
             raise ValueError(
-                f"its {name} of {length} bytes does not hold {size} bytes from {storage.offset}"
+                f"its buffer of {view.nbytes} bytes does not hold {size} bytes "
+                f"from {storage.offset}"
             )
