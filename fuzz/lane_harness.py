@@ -201,8 +201,9 @@ def _faulty_memfd(mapped: bool) -> SharedMemoryBackend:
     A memfd disk cut to half its size: reads past the half fail (``EIO``), in the
     lane and in Python alike.  Unless ``mapped``, it is opened read-only behind a
     backend that thinks it writable, so every write fails (``EBADF``); if
-    ``mapped`` a write past the half faults in the lane's mapping and is done
-    again with ``pwrite``, which succeeds, as Python's does.
+    ``mapped`` it is opened read-write, so a write past the half extends it,
+    in the lane (which does not map a file shorter than its disk, and writes
+    it with ``pwrite``) as in Python.
     """
     disk = _memfd(DISK_SECTORS, PATTERN, 0)
     fd = disk.lane_storage().fd

@@ -42,6 +42,7 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 /* -- the wire ------------------------------------------------------------ */
 
@@ -460,11 +461,12 @@ static pthread_t guard_thread;
 static const uint8_t *volatile guard_from, *volatile guard_to;
 static struct sigaction sigbus_before;
 static volatile sig_atomic_t sigbus_passed;
+static volatile sig_atomic_t sigbus_installed;
 
 static void
 on_sigbus(int sig, siginfo_t *info, void *context)
 {
-    if (info->si_code > 0) {
+    if (info->si_code > 0 && info->si_code < SI_KERNEL) {     /* a fault, not a sent signal */
         sigjmp_buf *guard = copy_guard;
         const uint8_t *at = (const uint8_t *)info->si_addr;
         if (guard != NULL && pthread_equal(pthread_self(), guard_thread) && at >= guard_from
@@ -484,6 +486,7 @@ on_sigbus(int sig, siginfo_t *info, void *context)
         return;
     }
     sigbus_passed = 1;
+    sigbus_installed = 0;
     sigaction(sig, &sigbus_before, NULL);
     if (info->si_code <= 0)
         raise(sig);     /* sent, not a fault: send it to that disposition */
@@ -492,8 +495,10 @@ on_sigbus(int sig, siginfo_t *info, void *context)
 
 /*
  * Install on_sigbus unless it is the handler now: when a table with a mapped
- * disk is made and before each walk of one, so that a handler installed
- * since (faulthandler.enable(), signal.signal) does not take our faults.
+ * disk is made and before each write through a mapping (a sigaction call,
+ * about 0.1 us), so that a handler installed since (faulthandler.enable(),
+ * signal.signal, by any thread, or by Python code the walk ran) or a SIGBUS
+ * handed on never leaves a guarded copy without its handler.
  */
 static int
 guard_sigbus(void)
@@ -501,16 +506,21 @@ guard_sigbus(void)
     struct sigaction now, ours;
     if (sigaction(SIGBUS, NULL, &now) < 0)
         goto fail;
-    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_sigbus)
+    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_sigbus && sigbus_installed)
         return 0;
     memset(&ours, 0, sizeof(ours));
     ours.sa_sigaction = on_sigbus;
     /* SA_NODEFER: a jump out of the handler leaves SIGBUS unblocked (sigsetjmp(, 0)). */
     ours.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
     sigemptyset(&ours.sa_mask);
-    if (sigaction(SIGBUS, &ours, &sigbus_before) < 0)
+    struct sigaction before;
+    if (sigaction(SIGBUS, &ours, &before) < 0)
         goto fail;
+    /* Ours already (handed on, then put back by the one it went to): keep the one before. */
+    if (!((before.sa_flags & SA_SIGINFO) && before.sa_sigaction == on_sigbus))
+        sigbus_before = before;
     sigbus_passed = 0;
+    sigbus_installed = 1;
     return 0;
 fail:
     PyErr_SetFromErrno(PyExc_OSError);
@@ -587,13 +597,17 @@ typedef struct {
     uint32_t index_capacity;
     uint8_t *bounce;        /* page-aligned, for O_DIRECT disks */
     size_t bounce_size;
-    int mapped;             /* an entry has a mapping: walks check the SIGBUS handler */
-    int guarded;            /* on_sigbus is the handler: mappings may be written */
+    int64_t sizes_checked;  /* when the mapped files' sizes were last looked at (ns) */
 } Table;
+
+/* map_error: the file is shorter than the disk (not an errno). */
+#define MAP_SHORT (-1)
 
 /*
  * Map the entry's disk (again): a new mapping, then the old one unmapped, so
  * a failure leaves the old one; -1 with map_error set if it cannot be made.
+ * A regular file shorter than the disk is not mapped: a write past its end
+ * but inside its last page would not fault, and the kernel would drop it.
  */
 static int
 entry_map(Entry *e)
@@ -618,6 +632,15 @@ entry_map(Entry *e)
             return -1;
         }
         e->region_bits = bits;
+    }
+    struct stat st;
+    if (fstat(e->fd, &st) < 0) {
+        e->map_error = errno;
+        return -1;
+    }
+    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < end) {
+        e->map_error = MAP_SHORT;
+        return -1;
     }
     void *m = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, e->fd, (off_t)start);
     if (m == MAP_FAILED) {
@@ -655,15 +678,35 @@ note_written(Entry *e, const uint8_t *to, size_t length)
     }
 }
 
-/* Before a walk: may the mappings be written (is on_sigbus the handler)? */
+/* How often the mapped files' sizes are looked at: see table_sizes. */
+#define SIZES_EVERY_NS 20000000
+
+/*
+ * A mapped regular file that has become shorter than its disk (truncated
+ * under the server) is unmapped and written with pwrite from then on, which
+ * extends it as before: a write through the mapping past its new end but
+ * inside its last page would not fault, and the kernel would drop it.  The
+ * sizes are looked at (fstat) at most every SIZES_EVERY_NS, before a write.
+ */
 static void
-table_guard(Table *t)
+table_sizes(Table *t)
 {
-    if (!t->mapped)
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    int64_t now = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    if (now - t->sizes_checked < SIZES_EVERY_NS)
         return;
-    t->guarded = guard_sigbus() == 0;
-    if (!t->guarded)
-        PyErr_Clear();
+    t->sizes_checked = now;
+    for (Py_ssize_t i = 0; i < t->count; i++) {
+        Entry *e = &t->entries[i];
+        struct stat st;
+        if (e->map == NULL || fstat(e->fd, &st) < 0 || !S_ISREG(st.st_mode)
+            || (uint64_t)st.st_size >= e->base + e->sectors * SECTOR)
+            continue;
+        munmap(e->map, e->map_length);
+        e->map = NULL;
+        e->map_error = MAP_SHORT;
+    }
 }
 
 static PyObject *s_acl, *s_backend, *s_mask_list, *s_reserve_list, *s_read_only, *s_sync;
@@ -805,8 +848,8 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_INCREF(tally);
         e->tally = (Tally *)tally;
         t->count = i + 1;
-        if (e->map_asked && entry_map(e) == 0)
-            t->mapped = 1;
+        if (e->map_asked && entry_map(e) == 0 && guard_sigbus() < 0)
+            PyErr_Clear();  /* then every write checks again, and uses pwrite while it fails */
         uint32_t mask = capacity - 1;
         uint32_t j = (uint32_t)hash64(e->key) & mask;
         while (t->index[j] >= 0)
@@ -814,7 +857,6 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         t->index[j] = (int32_t)i;
     }
     Py_DECREF(seq);
-    table_guard(t);
     return (PyObject *)t;
 fail:
     Py_DECREF(seq);
@@ -970,9 +1012,13 @@ disk_write(Table *t, Entry *e, uint64_t offset, const uint8_t *data, size_t leng
         memcpy((uint8_t *)e->memory.buf + e->base + offset, data, length);
         return 0;
     }
-    if (e->map != NULL && t->guarded) {
+    if (e->map != NULL)
+        table_sizes(t);
+    if (e->map != NULL) {
         uint8_t *to = e->map + (e->base - e->map_start) + offset;
-        if (guarded_copy(to, data, length) == 0) {
+        if (guard_sigbus() < 0)
+            PyErr_Clear();      /* no handler, no copy: pwrite */
+        else if (guarded_copy(to, data, length) == 0) {
             note_written(e, to, length);
             return 0;
         }
@@ -1562,7 +1608,6 @@ Lane_drain(Lane *l, PyObject *const *args, Py_ssize_t nargs)
     }
     if (walk_arguments(l, args, &t, &w) < 0)
         return NULL;
-    table_guard(t);
     int stop = lane_walk(l, t, &w);
     return Py_BuildValue("(innnnnn)", stop, w.rx_next, w.tx_next, w.received, w.ignored,
                          w.answered, w.unflushed);
@@ -1616,7 +1661,6 @@ Lane_linger(Lane *l, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "linger: no such descriptor, or wait_ms over 60000");
         return NULL;
     }
-    table_guard(t);
     /* What had been walked when the last wake-up came: a wake-up with no frame ends it. */
     Py_ssize_t budget = w.budget, wakeups = 0, at_wakeup = -1;
     int64_t deadline = monotonic_ns() + (int64_t)(wait_ms > 0 ? wait_ms : 0) * 1000000;
@@ -1684,7 +1728,6 @@ Lane_answer(Lane *l, PyObject *const *args, Py_ssize_t nargs)
     }
     int held;
     PyObject *target;
-    table_guard((Table *)args[0]);
     Py_ssize_t written = answer((Table *)args[0], frame.buf, frame.len, reply.buf, reply.len,
                                 l->mac, &held, &target);
     PyBuffer_Release(&frame);

@@ -25,6 +25,9 @@ _log = Logger()
 #: each), by ``id`` (disks need not be hashable), weakly.
 _unmapped_said: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
+#: ``Table.unmapped`` errors that are not an errno.
+_MAP_ERRORS = {0: "unknown error", -1: "the file is shorter than the disk"}
+
 #: The largest ``O_DIRECT`` block the lane moves through its aligned buffer.
 _MAX_ALIGNMENT = 1 << 20
 
@@ -65,17 +68,21 @@ def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
                 error=e,
             )
             continue
+        held = hold_writes or target.sync
+        # Under group commit each fdatasync write-protects the pages again, so every write
+        # through a mapping would fault (and the filesystem's page_mkwrite run): pwrite costs less.
+        mapped = True if storage.mapped and not held else None
         entries.append((
             target.shelf,
             target.slot,
             target.max_sectors,
             backend.size // SECTOR_SIZE,
             storage.fd,
-            storage.buffer if storage.fd < 0 else (True if storage.mapped else None),
+            storage.buffer if storage.fd < 0 else mapped,
             storage.offset,
             storage.direct,
             storage.alignment,
-            native.WRITES_HELD if hold_writes or target.sync else native.WRITES_SENT,
+            native.WRITES_HELD if held else native.WRITES_SENT,
             target,
             backend,
             target.stats.tally,
@@ -92,7 +99,7 @@ def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
                 "{target}: cannot be written through a mapping ({error}); the compiled lane "
                 "writes it with pwrite",
                 target=target.name,
-                error=os.strerror(error) if error else "unknown error",
+                error=_MAP_ERRORS.get(error) or os.strerror(error),
             )
     return table
 
@@ -112,8 +119,8 @@ def _check(storage: Any, size: int) -> None:
         raise ValueError(f"O_DIRECT block size {alignment} is not a power of two up to 1 MiB")
     if storage.buffer is not None:
         view = memoryview(storage.buffer)
-        if view.readonly:
-            raise ValueError("its buffer is read-only")
+        if view.readonly or not view.c_contiguous:
+            raise ValueError("its buffer is read-only or not contiguous")
         if storage.offset + size > view.nbytes:
             raise ValueError(
                 f"its buffer of {view.nbytes} bytes does not hold {size} bytes "
