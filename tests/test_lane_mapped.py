@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from typing import Any
 
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -254,20 +253,24 @@ class CopiesTests(_MappedCase):
 
     def test_truncated_inside_a_page(self) -> None:
         """
-        The file is cut to 1000 bytes, inside a page, after it was mapped: within 20 ms the
-        lane stops writing through the mapping, and a write into that page past the new end
-        (which would not fault) is done with ``pwrite``, so it is kept and the file extended.
+        The file is cut to 1000 bytes, inside a page, after a write through the mapping: the
+        next write, into that page past the new end (which does not fault, and which the
+        kernel would drop), is done again with ``pwrite``, so it is kept and the file
+        extended, and the disk is written with ``pwrite`` from then on.
         """
         backend = self.opened(self.image())
         table = self.table(backend)
+        self.assertWritten(self.write(table, 0, b"\x11" * SECTOR_SIZE))
         self.assertEqual(table.mapped(), 1)
         os.truncate(backend.path, 1000)
-        time.sleep(0.05)
         data = b"\x5a" * SECTOR_SIZE
-        self.assertWritten(self.write(table, 3, data))
+        self.assertWritten(self.write(table, 2, data))
         self.assertEqual(table.mapped(), 0)
-        self.assertEqual(os.stat(backend.path).st_size, 4 * SECTOR_SIZE)
-        self.assertEqual(backend.read(3 * SECTOR_SIZE, SECTOR_SIZE), data)
+        self.assertEqual(os.stat(backend.path).st_size, 3 * SECTOR_SIZE)
+        self.assertEqual(backend.read(2 * SECTOR_SIZE, SECTOR_SIZE), data)
+        self.assertEqual(backend.read(0, SECTOR_SIZE), b"\x11" * SECTOR_SIZE)
+        self.assertWritten(self.write(table, 5, data))
+        self.assertEqual(backend.read(5 * SECTOR_SIZE, SECTOR_SIZE), data)
 
     def test_mapped_again(self) -> None:
         """
@@ -321,6 +324,17 @@ if "faulthandler" in steps:
 if "kill" in steps:
     os.kill(os.getpid(), signal.SIGBUS)
     print("killed and alive", flush=True)
+if "kernel" in steps:
+    # A SIGBUS as the kernel sends one that is not a fault (si_code SI_KERNEL), queued to
+    # this process with rt_sigqueueinfo: not the lane's, so it ends the process.
+    import ctypes
+    class Info(ctypes.Structure):
+        _fields_ = [("signo", ctypes.c_int), ("errno", ctypes.c_int), ("code", ctypes.c_int),
+                    ("rest", ctypes.c_byte * 116)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(129, os.getpid(), signal.SIGBUS, ctypes.byref(Info(signal.SIGBUS, 0, 0x80)))
+    print("survived", flush=True)
+    sys.exit(0)
 lane_ = lane.native.Lane(bytearray(4096), [0], 2048, [2048], 2048, MAC, 9014, False)
 reply = bytearray(60)
 with open(other, "r+b") as f:
@@ -336,8 +350,8 @@ if "source" in steps:
     lane_.answer(table, memoryview(mapped)[4096 - 36:4096 + 512], reply)
     print("survived", flush=True)
     sys.exit(0)
-# A first write looks at the file's size; the next, within 20 ms, does not look again:
-# it faults past the new end and is done again with pwrite.
+# A first write through the mapping, then one past the new end, a page on: it faults and
+# is done again with pwrite.
 lane_.answer(table, ethernet_frame(ata_request(0x34, count=1, lba=0, data=bytes(512)), dst=MAC),
              reply)
 os.truncate(path, 512)
@@ -400,6 +414,14 @@ class ProcessTests(_MappedCase):
         done = self.run_script("faulthandler")
         self.assertGuarded(done)
         self.assertEqual(done.stderr.count("Fatal Python error: Bus error"), 1, done.stderr)
+        self.assertDiedOfSigbus(done)
+
+    def test_kernel_sent(self) -> None:
+        """
+        A ``SIGBUS`` the kernel sends without a fault (``SI_KERNEL``) is not the lane's: it
+        is handed back to the default disposition and ends the process.
+        """
+        done = self.run_script("kernel")
         self.assertDiedOfSigbus(done)
 
     def test_ignored_and_sent(self) -> None:

@@ -488,7 +488,7 @@ on_sigbus(int sig, siginfo_t *info, void *context)
     sigbus_passed = 1;
     sigbus_installed = 0;
     sigaction(sig, &sigbus_before, NULL);
-    if (info->si_code <= 0)
+    if (info->si_code <= 0 || info->si_code >= SI_KERNEL)
         raise(sig);     /* sent, not a fault: send it to that disposition */
     /* A fault: returning runs the faulting instruction again, under that disposition. */
 }
@@ -513,14 +513,23 @@ guard_sigbus(void)
     /* SA_NODEFER: a jump out of the handler leaves SIGBUS unblocked (sigsetjmp(, 0)). */
     ours.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
     sigemptyset(&ours.sa_mask);
+    /* SIGBUS blocked while the one before is noted, so it never meets a half-made note. */
+    sigset_t bus, was;
+    sigemptyset(&bus);
+    sigaddset(&bus, SIGBUS);
+    pthread_sigmask(SIG_BLOCK, &bus, &was);
     struct sigaction before;
-    if (sigaction(SIGBUS, &ours, &before) < 0)
-        goto fail;
+    int failed = sigaction(SIGBUS, &ours, &before) < 0;
     /* Ours already (handed on, then put back by the one it went to): keep the one before. */
-    if (!((before.sa_flags & SA_SIGINFO) && before.sa_sigaction == on_sigbus))
+    if (!failed && !((before.sa_flags & SA_SIGINFO) && before.sa_sigaction == on_sigbus))
         sigbus_before = before;
-    sigbus_passed = 0;
-    sigbus_installed = 1;
+    if (!failed) {
+        sigbus_passed = 0;
+        sigbus_installed = 1;
+    }
+    pthread_sigmask(SIG_SETMASK, &was, NULL);
+    if (failed)
+        goto fail;
     return 0;
 fail:
     PyErr_SetFromErrno(PyExc_OSError);
@@ -580,6 +589,7 @@ typedef struct {
     uint8_t *map;           /* NULL: written with pwrite */
     size_t map_length;
     uint64_t map_start;     /* the offset in fd mapped from: base rounded down to a page */
+    int regular;            /* fd is a regular file: its size is looked at after each write */
     uint8_t *regions;       /* bitmap: the 2 MiB regions of the mapping written since made */
     uint64_t region_bits;
     uint32_t regions_touched;
@@ -597,7 +607,6 @@ typedef struct {
     uint32_t index_capacity;
     uint8_t *bounce;        /* page-aligned, for O_DIRECT disks */
     size_t bounce_size;
-    int64_t sizes_checked;  /* when the mapped files' sizes were last looked at (ns) */
 } Table;
 
 /* map_error: the file is shorter than the disk (not an errno). */
@@ -642,6 +651,7 @@ entry_map(Entry *e)
         e->map_error = MAP_SHORT;
         return -1;
     }
+    e->regular = S_ISREG(st.st_mode);
     void *m = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, e->fd, (off_t)start);
     if (m == MAP_FAILED) {
         e->map_error = errno;
@@ -678,35 +688,27 @@ note_written(Entry *e, const uint8_t *to, size_t length)
     }
 }
 
-/* How often the mapped files' sizes are looked at: see table_sizes. */
-#define SIZES_EVERY_NS 20000000
-
 /*
- * A mapped regular file that has become shorter than its disk (truncated
- * under the server) is unmapped and written with pwrite from then on, which
- * extends it as before: a write through the mapping past its new end but
- * inside its last page would not fault, and the kernel would drop it.  The
- * sizes are looked at (fstat) at most every SIZES_EVERY_NS, before a write.
+ * After a copy into the mapping of a regular file: is the file still as long
+ * as the disk?  A write past the end of a file but inside its last page does
+ * not fault, and the kernel drops it; so a write that ends past the file's
+ * end (truncated under the server, even during the copy) is done again with
+ * pwrite, which extends the file, and the mapping goes: the disk is written
+ * with pwrite from then on.  1 if the copy stands; 0 if it must be done
+ * with pwrite (the mapping is gone).  A block device that shrinks is not
+ * looked at (its size is not in fstat): see docs/design.md.
  */
-static void
-table_sizes(Table *t)
+static int
+entry_still_long(Entry *e)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    int64_t now = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-    if (now - t->sizes_checked < SIZES_EVERY_NS)
-        return;
-    t->sizes_checked = now;
-    for (Py_ssize_t i = 0; i < t->count; i++) {
-        Entry *e = &t->entries[i];
-        struct stat st;
-        if (e->map == NULL || fstat(e->fd, &st) < 0 || !S_ISREG(st.st_mode)
-            || (uint64_t)st.st_size >= e->base + e->sectors * SECTOR)
-            continue;
-        munmap(e->map, e->map_length);
-        e->map = NULL;
-        e->map_error = MAP_SHORT;
-    }
+    struct stat st;
+    if (!e->regular || (fstat(e->fd, &st) == 0 && (uint64_t)st.st_size >= e->base
+                                                     + e->sectors * SECTOR))
+        return 1;
+    munmap(e->map, e->map_length);
+    e->map = NULL;
+    e->map_error = MAP_SHORT;
+    return 0;
 }
 
 static PyObject *s_acl, *s_backend, *s_mask_list, *s_reserve_list, *s_read_only, *s_sync;
@@ -1012,15 +1014,16 @@ disk_write(Table *t, Entry *e, uint64_t offset, const uint8_t *data, size_t leng
         memcpy((uint8_t *)e->memory.buf + e->base + offset, data, length);
         return 0;
     }
-    if (e->map != NULL)
-        table_sizes(t);
     if (e->map != NULL) {
         uint8_t *to = e->map + (e->base - e->map_start) + offset;
         if (guard_sigbus() < 0)
             PyErr_Clear();      /* no handler, no copy: pwrite */
         else if (guarded_copy(to, data, length) == 0) {
-            note_written(e, to, length);
-            return 0;
+            if (entry_still_long(e)) {
+                note_written(e, to, length);
+                return 0;
+            }
+            /* The file is shorter than the disk: the copy may be dropped; pwrite it. */
         }
         /* The mapping faulted: pwrite says why (no space, say), or writes it if it can. */
     }
