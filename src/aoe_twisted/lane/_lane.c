@@ -701,9 +701,16 @@ note_written(Entry *e, const uint8_t *to, size_t length)
 static int
 entry_still_long(Entry *e)
 {
-    struct stat st;
-    if (!e->regular || (fstat(e->fd, &st) == 0 && (uint64_t)st.st_size >= e->base
-                                                     + e->sectors * SECTOR))
+    /*
+     * lseek(SEEK_END) rather than fstat: it gives the size with nothing but the
+     * system call (about 0.1 us here, fstat about 0.8).  It moves the
+     * descriptor's offset, which nothing uses: every read and write of a disk
+     * is pread/pwrite.
+     */
+    if (!e->regular)
+        return 1;
+    off_t size = lseek(e->fd, 0, SEEK_END);
+    if (size >= 0 && (uint64_t)size >= e->base + e->sectors * SECTOR)
         return 1;
     munmap(e->map, e->map_length);
     e->map = NULL;
