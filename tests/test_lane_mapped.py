@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest
 
 import aoe_twisted
+from aoe_twisted.backends.block import BlockDeviceBackend
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.backends.slice import SliceBackend
 from aoe_twisted.core.target import Target
@@ -273,6 +275,32 @@ class CopiesTests(_MappedCase):
         self.assertEqual(backend.read(0, SECTOR_SIZE), b"\x11" * SECTOR_SIZE)
         self.assertWritten(self.write(table, 5, data))
         self.assertEqual(backend.read(5 * SECTOR_SIZE, SECTOR_SIZE), data)
+
+    def test_block_device_shrinks(self) -> None:
+        """
+        A loop device shrunk to 2 sectors after a write through its mapping: a write to its
+        third sector, inside the page of its new end (which does not fault), is not
+        acknowledged: it is done again with ``pwrite``, which fails past the end.
+        """
+        if shutil.which("losetup") is None:
+            raise SkipTest("needs losetup (util-linux)")
+        path = self.image()
+        try:
+            device = subprocess.run(["losetup", "--find", "--show", path], check=True,
+                                    capture_output=True, text=True).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SkipTest(f"cannot attach a loop device: {e}") from None
+        self.addCleanup(subprocess.run, ["losetup", "--detach", device], check=False)
+        backend = BlockDeviceBackend.open(device)
+        self.addCleanup(backend.close)
+        table = self.table(backend)
+        self.assertEqual(table.mapped(), 1)
+        self.assertWritten(self.write(table, 0, b"\x11" * SECTOR_SIZE))
+        os.truncate(path, 2 * SECTOR_SIZE)
+        subprocess.run(["losetup", "--set-capacity", device], check=True, capture_output=True)
+        reply = self.write(table, 2, b"\x5a" * SECTOR_SIZE)
+        self.assertEqual(reply[27], 0x41, "ERR|DRDY: the write past the new end failed")
+        self.assertEqual(table.mapped(), 0)
 
     def test_mapped_again(self) -> None:
         """

@@ -589,7 +589,7 @@ typedef struct {
     uint8_t *map;           /* NULL: written with pwrite */
     size_t map_length;
     uint64_t map_start;     /* the offset in fd mapped from: base rounded down to a page */
-    int regular;            /* fd is a regular file: its size is looked at after each write */
+    int sized;              /* a regular file or block device: its size is looked at after each write */
     uint8_t *regions;       /* bitmap: the 2 MiB regions of the mapping written since made */
     uint64_t region_bits;
     uint32_t regions_touched;
@@ -615,7 +615,7 @@ typedef struct {
 /*
  * Map the entry's disk (again): a new mapping, then the old one unmapped, so
  * a failure leaves the old one; -1 with map_error set if it cannot be made.
- * A regular file shorter than the disk is not mapped: a write past its end
+ * A file (or block device) shorter than the disk is not mapped: a write past its end
  * but inside its last page would not fault, and the kernel would drop it.
  */
 static int
@@ -647,11 +647,12 @@ entry_map(Entry *e)
         e->map_error = errno;
         return -1;
     }
-    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < end) {
+    e->sized = S_ISREG(st.st_mode) || S_ISBLK(st.st_mode);
+    off_t size = e->sized ? lseek(e->fd, 0, SEEK_END) : -1;
+    if (e->sized && size >= 0 && (uint64_t)size < end) {
         e->map_error = MAP_SHORT;
         return -1;
     }
-    e->regular = S_ISREG(st.st_mode);
     void *m = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, e->fd, (off_t)start);
     if (m == MAP_FAILED) {
         e->map_error = errno;
@@ -689,14 +690,13 @@ note_written(Entry *e, const uint8_t *to, size_t length)
 }
 
 /*
- * After a copy into the mapping of a regular file: is the file still as long
+ * After a copy into the mapping of a file or block device: is it still as long
  * as the disk?  A write past the end of a file but inside its last page does
  * not fault, and the kernel drops it; so a write that ends past the file's
  * end (truncated under the server, even during the copy) is done again with
  * pwrite, which extends the file, and the mapping goes: the disk is written
- * with pwrite from then on.  1 if the copy stands; 0 if it must be done
- * with pwrite (the mapping is gone).  A block device that shrinks is not
- * looked at (its size is not in fstat): see docs/design.md.
+ * with pwrite from then on.  The same for a block device that shrinks.  1 if
+ * the copy stands; 0 if it must be done with pwrite (the mapping is gone).
  */
 static int
 entry_still_long(Entry *e)
@@ -707,7 +707,7 @@ entry_still_long(Entry *e)
      * descriptor's offset, which nothing uses: every read and write of a disk
      * is pread/pwrite.
      */
-    if (!e->regular)
+    if (!e->sized)
         return 1;
     off_t size = lseek(e->fd, 0, SEEK_END);
     if (size >= 0 && (uint64_t)size >= e->base + e->sectors * SECTOR)
