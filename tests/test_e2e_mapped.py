@@ -12,17 +12,15 @@ maps, and must answer the same).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
 
 from twisted.internet import defer
-from twisted.trial.unittest import SkipTest
 
 from aoe_twisted.backends.file import FileBackend
 from aoe_twisted.core.target import Target
 from aoe_twisted.core.wire import SECTOR_SIZE, ATAError
 from tests.test_e2e import EndToEndCase, Gen
+from tests.test_lane import fill_filesystem, small_tmpfs
 
 #: The disk: 1024 sectors, sparse, on a filesystem the test then fills.
 SECTORS = 1024
@@ -35,32 +33,16 @@ class MappedDiskFailureTests(EndToEndCase):
 
     def disk(self) -> FileBackend:
         """Return a sparse 1024-sector file disk (sector 0 written) on a small tmpfs."""
-        mount = os.path.abspath(self.mktemp())
-        os.makedirs(mount)
-        try:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mount],
-                           check=True, capture_output=True)  # fmt: skip
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise SkipTest(f"cannot mount a tmpfs to fill: {e}") from None
-        self.addCleanup(subprocess.run, ["umount", "-l", mount], check=False)
-        path = os.path.join(mount, "disk.img")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.mount = small_tmpfs(self, directory, "256k")
+        path = os.path.join(self.mount, "disk.img")
         with open(path, "wb") as f:
             f.write(b"\x11" * SECTOR_SIZE)
             f.truncate(SECTORS * SECTOR_SIZE)
-        self.mount = mount
         backend = FileBackend.open(path)
         self.addCleanup(backend.close)
         return backend
-
-    def fill(self) -> None:
-        """Fill the tmpfs: a write to a hole of the disk then has no page to go to."""
-        filler = os.open(os.path.join(self.mount, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(filler, bytes(4096))
-        finally:
-            os.close(filler)
 
     @defer.inlineCallbacks
     def test_full_then_shrunk(self) -> Gen:
@@ -76,7 +58,7 @@ class MappedDiskFailureTests(EndToEndCase):
             lane_table = self.service.protocol.laneTable()  # type: ignore[union-attr]
             self.assertEqual(lane_table.mapped(), 1, "the lane writes the disk through a mapping")
         self.ata_ok((yield self.peer.read(self.server, 1, 0, 0)), b"\x11" * SECTOR_SIZE)
-        self.fill()
+        fill_filesystem(self.mount)
         hole = 700
         for _ in range(3):
             self.ata_failed((yield self.peer.write(self.server, 1, 0, hole, b"\x22" * 512)),

@@ -138,6 +138,33 @@ def one_frame_lane(native: Any, accept_other: bool = False) -> Any:
 _direct_problem: dict[str, str | None] = {}
 
 
+def small_tmpfs(case: Any, directory: str, size: str) -> str:
+    """
+    Mount a ``tmpfs`` of ``size`` (``"64k"``) in a new directory under ``directory``; return it.
+
+    Unmounted at the end of ``case``; the test is skipped if it cannot be mounted.
+    """
+    mount = tempfile.mkdtemp(dir=directory)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mount],
+                       check=True, capture_output=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SkipTest(f"cannot mount a tmpfs to fill: {e}") from None
+    case.addCleanup(subprocess.run, ["umount", "-l", mount], check=False)
+    return mount
+
+
+def fill_filesystem(mount: str) -> None:
+    """Write a file into ``mount`` until its filesystem has no room left."""
+    filler = os.open(os.path.join(mount, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(filler, bytes(4096))
+    finally:
+        os.close(filler)
+
+
 def direct_problem(directory: str) -> str | None:
     """Return why ``O_DIRECT`` files cannot be served from ``directory``, or ``None``."""
     if directory not in _direct_problem:
@@ -1332,13 +1359,7 @@ class BackendFailureTests(_NativeCase):
         A sparse image on a full filesystem (a 64 KiB ``tmpfs``): a write to a hole fails
         with ``ENOSPC``, answered ``ABRT`` and counted, as in Python.
         """
-        mount = tempfile.mkdtemp(dir=self.directory)
-        try:
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mount],
-                           check=True, capture_output=True)  # fmt: skip
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise SkipTest(f"cannot mount a tmpfs to fill: {e}") from None
-        self.addCleanup(subprocess.run, ["umount", "-l", mount], check=False)
+        mount = small_tmpfs(self, self.directory, "64k")
 
         def make() -> FileBackend:
             path = tempfile.mktemp(dir=mount)
@@ -1349,13 +1370,7 @@ class BackendFailureTests(_NativeCase):
         # Both disks exist before the filesystem is filled.
         backends = [make(), make()]
         made = iter(backends)
-        filler = os.open(os.path.join(mount, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(filler, bytes(4096))
-        finally:
-            os.close(filler)
+        fill_filesystem(mount)
         frame = ethernet_frame(ata_request(0x34, lba=700, data=sectors(1)))
         reply, stats = self.compare(lambda: next(made), frame)
         self.assertFailed(reply, int(ATAError.ABRT), 1)

@@ -452,9 +452,9 @@ static PyTypeObject TallyType = {
  * other SIGBUS is given back to the disposition that was there before (the
  * handler is taken out and the signal happens again); if that one brings it
  * back to us, the process ends with SIGBUS, as it would have.  An "action
- * optional" memory error (BUS_MCEERR_AO, early kill) in a page of the cache
- * is ignored: the kernel has dealt with the page, and a copy that meets it
- * faults again, guarded.
+ * optional" memory error (BUS_MCEERR_AO, sent only with early kill) is
+ * ignored wherever it is: the kernel has dealt with the page, and a copy
+ * that meets it faults again, guarded.
  */
 static sigjmp_buf *volatile copy_guard;
 static pthread_t guard_thread;
@@ -612,6 +612,13 @@ typedef struct {
 /* map_error: the file is shorter than the disk (not an errno). */
 #define MAP_SHORT (-1)
 
+/* Where the entry's disk ends in its descriptor: what a mapped file must still reach. */
+static uint64_t
+entry_end(const Entry *e)
+{
+    return e->base + e->sectors * SECTOR;
+}
+
 /*
  * Map the entry's disk (again): a new mapping, then the old one unmapped, so
  * a failure leaves the old one; -1 with map_error set if it cannot be made.
@@ -622,7 +629,7 @@ static int
 entry_map(Entry *e)
 {
     uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-    uint64_t end = e->base + e->sectors * SECTOR;
+    uint64_t end = entry_end(e);
     uint64_t start = e->base - e->base % page;
     if (e->sectors == 0 || end - start > SIZE_MAX || end - start > (uint64_t)INT64_MAX) {
         e->map_error = EFBIG;
@@ -710,7 +717,7 @@ entry_still_long(Entry *e)
     if (!e->sized)
         return 1;
     off_t size = lseek(e->fd, 0, SEEK_END);
-    if (size >= 0 && (uint64_t)size >= e->base + e->sectors * SECTOR)
+    if (size >= 0 && (uint64_t)size >= entry_end(e))
         return 1;
     munmap(e->map, e->map_length);
     e->map = NULL;
@@ -1822,7 +1829,8 @@ PyInit__lane(void)
         || PyModule_AddIntConstant(m, "STOP_FLUSH", STOP_FLUSH) < 0
         || PyModule_AddIntConstant(m, "WRITES_DECLINED", WRITES_DECLINED) < 0
         || PyModule_AddIntConstant(m, "WRITES_SENT", WRITES_SENT) < 0
-        || PyModule_AddIntConstant(m, "WRITES_HELD", WRITES_HELD) < 0) {
+        || PyModule_AddIntConstant(m, "WRITES_HELD", WRITES_HELD) < 0
+        || PyModule_AddIntConstant(m, "MAP_SHORT", MAP_SHORT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

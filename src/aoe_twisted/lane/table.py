@@ -25,9 +25,6 @@ _log = Logger()
 #: each), by ``id`` (disks need not be hashable), weakly.
 _unmapped_said: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
-#: ``Table.unmapped`` errors that are not an errno.
-_MAP_ERRORS = {0: "unknown error", -1: "the file is shorter than the disk"}
-
 #: The largest ``O_DIRECT`` block the lane moves through its aligned buffer.
 _MAX_ALIGNMENT = 1 << 20
 
@@ -99,9 +96,16 @@ def build_table(targets: Iterable[Target], hold_writes: bool = False) -> Any:
                 "{target}: cannot be written through a mapping ({error}); the compiled lane "
                 "writes it with pwrite",
                 target=target.name,
-                error=_MAP_ERRORS.get(error) or os.strerror(error),
+                error=_map_error(native, error),
             )
     return table
+
+
+def _map_error(native: Any, error: int) -> str:
+    """Say what ``Table.unmapped`` reported: an errno, or ``MAP_SHORT``."""
+    if error == native.MAP_SHORT:
+        return "the file is shorter than the disk"
+    return os.strerror(error) if error else "unknown error"
 
 
 def _check(storage: Any, size: int) -> None:
